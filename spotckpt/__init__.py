@@ -1,0 +1,23 @@
+"""spotckpt: managed-spot-style checkpointing for any training container.
+
+Public surface (everything else is internal):
+
+- :class:`Checkpointer`: context manager around a training loop.
+- :class:`Notice`: an interruption notice with its deadline.
+- the error types below.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ._checkpointer import Checkpointer
+from ._errors import (CheckpointLockedError, ConfigError, CorruptCheckpointError,
+                      LocalDirError, MissingDependencyError, NoCheckpointError, RemoteError,
+                      SpotckptError)
+from ._notices import Notice
+
+__all__ = [
+    "Checkpointer", "Notice", "SpotckptError", "ConfigError", "LocalDirError", "RemoteError",
+    "NoCheckpointError", "CorruptCheckpointError", "CheckpointLockedError",
+    "MissingDependencyError", "__version__",
+]

@@ -1,0 +1,277 @@
+"""The user API: :class:`Checkpointer`, a context manager around a training loop."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from . import _state
+from ._config import _UNSET, Config
+from ._engine import Engine, restore_newest
+from ._errors import RemoteError
+from ._events import EventLog, log
+from ._local import LocalDir
+from ._notices import Notice, NoticeBoard, SignalSource
+from ._policies import make_policy
+from ._store import RemoteStore
+from ._syncer import Syncer
+from ._writer import BackgroundWriter
+
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what a container runtime reports for a SIGTERM exit
+_FLUSH_MARGIN = 1.0     # seconds kept back from the deadline for process exit
+
+
+def supervised(env: Mapping[str, str] | None = None) -> bool:
+    """True when running under ``spotckpt run``, which owns the uploads."""
+    return (os.environ if env is None else env).get("SPOTCKPT_SUPERVISED") == "1"
+
+
+class Checkpointer:
+    """Checkpoint a training loop locally and to a remote; resume it after an interruption.
+
+    Args:
+        state: name -> object. Objects with ``state_dict``/``load_state_dict`` (modules,
+            optimizers, schedulers, GradScaler, your own) are saved and loaded through them;
+            other values (ints, lists, tensors) are saved as they are and, on restore,
+            replaced in this dict. Python, numpy and torch RNG states are always included.
+        local_dir: where checkpoints are committed (``SPOTCKPT_LOCAL_DIR``,
+            default ``/opt/ml/checkpoints``).
+        remote: fsspec URL to sync to (``SPOTCKPT_REMOTE``); ``None`` for local only.
+        every_steps, every_seconds: periodic save cadence (either, both or neither).
+        keep_last: committed checkpoints kept locally and remotely (default 2).
+        grace_seconds: time from a notice to the deadline (default 30; 120 on SageMaker).
+        exit_on_interrupt: leave the ``with`` block by ``SystemExit(143)`` after an
+            interruption save (set False to handle it yourself via :attr:`interrupted`).
+
+    Example:
+        >>> with Checkpointer({"model": model, "optim": opt}, every_steps=500) as ckpt:  # doctest: +SKIP
+        ...     for step in ckpt.steps(total=10_000):
+        ...         train_one_step(step)
+
+    Raises:
+        ConfigError, LocalDirError, RemoteError: on entry, for a bad setting, before any
+            training step runs.
+    """
+
+    def __init__(self, state: dict[str, Any], *, local_dir: str | os.PathLike[str] | None = None,
+                 remote: str | None = _UNSET, every_steps: int | None = None,
+                 every_seconds: float | None = None, keep_last: int | None = None,
+                 grace_seconds: float | None = None, signals: tuple[int | str, ...] | None = None,
+                 storage_options: Mapping[str, Any] | None = None, exit_on_interrupt: bool = True,
+                 framework: str = "torch", clock: Callable[[], float] = time.monotonic) -> None:
+        self.state = state
+        self._args = dict(local_dir=local_dir, remote=remote, every_steps=every_steps,
+                          every_seconds=every_seconds, keep_last=keep_last,
+                          grace_seconds=grace_seconds, signals=signals,
+                          storage_options=storage_options)
+        self.exit_on_interrupt = exit_on_interrupt
+        self.framework = framework
+        self.clock = clock
+        self.step = 0
+        self.restored_step: int | None = None
+        self.interrupted = False
+        self.config: Config | None = None
+        self._board = NoticeBoard(clock)
+        self._signals: SignalSource | None = None
+        self._syncer: Syncer | None = None
+        self._writer: BackgroundWriter | None = None
+        self._engine: Engine | None = None
+        self._local: LocalDir | None = None
+        self._last_saved: int | None = None
+        self._open = False
+        self.save_seconds: float | None = None  # duration of the last background write
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> Checkpointer:
+        self.open()
+        return self
+
+    def open(self) -> None:
+        """Validate settings, take the local dir, restore the newest checkpoint, start the
+        background threads and the signal handlers."""
+        cfg = self.config = Config.resolve(**self._args)
+        local = self._local = LocalDir(cfg.local_dir)
+        local.lock()
+        try:
+            local.clean_temp()
+            events = self.events = EventLog(local.meta / "events.jsonl")
+            store = None
+            if cfg.remote and not supervised():
+                store = RemoteStore(cfg.remote, cfg.storage_options)
+                store.probe()
+            self._policy = make_policy(cfg.every_steps, cfg.every_seconds, self.clock)
+            found = restore_newest(local, store, events=events)
+            if found is not None:
+                step, manifest, durable = found
+                payload = _state.read_state(local.path(step), manifest.serializer)
+                missing = _state.apply(self.state, payload)
+                if missing:
+                    log.warning("spotckpt: checkpoint step %d has no entry for %s; left as is", step, missing)
+                self.step = self.restored_step = self._last_saved = step
+                log.info("spotckpt: resumed from step %d", step)
+            if store is not None:
+                self._syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events)
+                self._syncer.start()
+                if found is not None and not found[2]:
+                    self._syncer.submit(found[0])
+            self._engine = Engine(local, syncer=self._syncer, keep_last=cfg.keep_last, events=events)
+            self._writer = BackgroundWriter()
+            self._signals = SignalSource(self._board, cfg.signals, cfg.grace_seconds)
+            self._signals.install()
+            self._open = True
+        except BaseException:
+            self._teardown()
+            raise
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and not issubclass(exc_type, (GeneratorExit, StopIteration)):
+            # The loop failed: keep what is committed, flush briefly, and let the error out.
+            self.close(timeout=min(self.config.grace_seconds if self.config else 30.0, 30.0), raise_errors=False)
+            return
+        self.close()
+        if self.interrupted and self.exit_on_interrupt:
+            raise SystemExit(EXIT_INTERRUPTED)
+
+    def close(self, timeout: float | None = None, *, raise_errors: bool = True) -> None:
+        """Finish background writes and uploads, restore signal handlers, release the dir.
+
+        Raises:
+            RemoteError: the last checkpoint could not be made durable (``raise_errors``).
+        """
+        if not self._open:
+            return
+        self._open = False
+        err: BaseException | None = None
+        try:
+            if self.notice is not None and not self.interrupted:
+                self._interrupt_save()  # a notice that came after the last step boundary
+            if self._writer is not None:
+                self._writer.wait()
+            if self._syncer is not None:
+                notice = self.notice
+                if notice is not None:
+                    timeout = max(0.0, notice.seconds_left(self.clock) - _FLUSH_MARGIN)
+                if not self._syncer.close(timeout):
+                    err = self._syncer.last_error or RemoteError(
+                        f"spotckpt: uploads to {self.config.remote} did not finish within {timeout:.0f} s")
+        except BaseException as e:  # noqa: BLE001
+            err = e
+        finally:
+            self._teardown()
+        if err is not None and raise_errors:
+            raise err
+
+    def _teardown(self) -> None:
+        if self._signals is not None:
+            self._signals.restore()
+        if self._writer is not None:
+            self._writer.close()
+        if self._local is not None:
+            self._local.unlock()
+
+    # -- the loop ----------------------------------------------------------------------------
+    @property
+    def notice(self) -> Notice | None:
+        """The interruption notice, once one has arrived."""
+        return self._board.notice
+
+    @property
+    def should_stop(self) -> bool:
+        """True once an interruption notice arrived: save (done for you by :meth:`steps`)
+        and leave the loop."""
+        return self._board.notice is not None
+
+    def steps(self, total: int) -> Iterator[int]:
+        """Yield step indices ``self.step .. total-1``; ``self.step`` counts completed steps.
+
+        After each step: on a notice, save, flush within the deadline and stop; otherwise
+        save when the policy is due. At the end, a final save.
+        """
+        self._require_open()
+        while self.step < total:
+            if self.should_stop:
+                self._interrupt_save()
+                return
+            yield self.step
+            self.step += 1
+            self.boundary()
+            if self.interrupted:
+                return
+        if not self.should_stop:
+            self.save()
+        else:
+            self._interrupt_save()
+
+    def boundary(self) -> None:
+        """Call after each completed step if you drive the loop yourself (``self.step``
+        already advanced): handles notices and periodic saves."""
+        if self.should_stop:
+            self._interrupt_save()
+        elif self._policy.due(self.step):
+            self.save()
+
+    def save(self, *, blocking: bool = False) -> None:
+        """Snapshot the state now (CPU copy in this thread); write and upload in the background.
+
+        Args:
+            blocking: also wait for the local commit.
+        """
+        self._require_open()
+        assert self._writer is not None and self._engine is not None
+        self._writer.wait()  # at most one snapshot in memory
+        step = self.step
+        if self._last_saved == step and (self._local.path(step) / "MANIFEST.json").exists():
+            return
+        payload = _state.snapshot(self.state)
+        payload_step = step
+        serializer = _state.serializer_name()
+        self._last_saved = step
+        self._policy.saved(step)
+
+        def job() -> None:
+            t0 = time.monotonic()
+            self._engine.commit(payload_step, lambda tmp: _state.write_state(tmp, payload, serializer),
+                                framework=self.framework, serializer=serializer)
+            self.save_seconds = time.monotonic() - t0
+
+        self._writer.submit(job)
+        if blocking:
+            self._writer.wait()
+
+    def _interrupt_save(self) -> None:
+        notice = self.notice
+        assert notice is not None
+        if self.interrupted:
+            return
+        self.interrupted = True
+        self.events.emit("notice", source=notice.source, step=self.step,
+                         seconds_left=round(notice.seconds_left(self.clock), 2))
+        log.warning("spotckpt: %s received; saving step %d", notice.source, self.step)
+        self.save(blocking=True)
+        if self._syncer is not None:
+            left = notice.seconds_left(self.clock) - _FLUSH_MARGIN
+            ok = self._syncer.flush(max(0.0, left))
+            self.events.emit("flush", step=self.step, durable=ok,
+                             seconds_left=round(notice.seconds_left(self.clock), 2))
+            if ok:
+                log.warning("spotckpt: step %d is durable at %s", self.step, self.config.remote)
+            else:
+                log.error("spotckpt: step %d is NOT durable at the deadline (%s)", self.step,
+                          self._syncer.last_error or "timeout")
+
+    def _require_open(self) -> None:
+        if not self._open:
+            raise RuntimeError("spotckpt: use the Checkpointer inside `with` (or call open())")
+
+    @property
+    def durable_step(self) -> int | None:
+        """Newest step known to be committed on the remote (None if none, or no remote)."""
+        return self._syncer.durable_step if self._syncer is not None else None
+
+    @property
+    def local_dir(self) -> Path:
+        assert self.config is not None
+        return self.config.local_dir

@@ -1,0 +1,199 @@
+"""Settings: arguments, then ``SPOTCKPT_*`` environment variables, then defaults.
+
+Everything is validated in :meth:`Config.resolve` so a wrong setting fails before the first
+training step, as one line that names the setting and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+from ._errors import ConfigError, LocalDirError
+
+DEFAULT_LOCAL_DIR = "/opt/ml/checkpoints"  # SageMaker's CheckpointConfig.LocalPath
+DEFAULT_KEEP_LAST = 2
+DEFAULT_GRACE = 30.0
+SAGEMAKER_GRACE = 120.0  # SageMaker gives two minutes between SIGTERM and SIGKILL
+
+_UNSET: Any = object()
+
+
+def on_sagemaker(env: Mapping[str, str] | None = None) -> bool:
+    """True inside a SageMaker training container (it sets these variables)."""
+    env = os.environ if env is None else env
+    return any(k in env for k in ("SM_TRAINING_ENV", "TRAINING_JOB_NAME", "SM_CURRENT_HOST"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Resolved, validated settings.
+
+    Example:
+        >>> cfg = Config.resolve(local_dir="/tmp/ck", remote="file:///tmp/remote/")  # doctest: +SKIP
+    """
+
+    local_dir: Path
+    remote: str | None
+    keep_last: int
+    every_steps: int | None
+    every_seconds: float | None
+    grace_seconds: float
+    signals: tuple[int, ...]
+    storage_options: dict[str, Any]
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        local_dir: str | os.PathLike[str] | None = None,
+        remote: str | None = _UNSET,
+        keep_last: int | None = None,
+        every_steps: int | None = None,
+        every_seconds: float | None = None,
+        grace_seconds: float | None = None,
+        signals: tuple[int | str, ...] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        check_local: bool = True,
+    ) -> Config:
+        """Merge arguments, environment and defaults, and validate the result.
+
+        Args:
+            remote: an fsspec URL; ``None`` explicitly means local only; unset reads
+                ``SPOTCKPT_REMOTE``.
+            check_local: create the local dir and probe that it is writable.
+
+        Raises:
+            ConfigError: a value is invalid.
+            LocalDirError: the local dir cannot be created or written.
+        """
+        env = os.environ if env is None else env
+
+        def pick(arg: Any, name: str) -> Any:
+            if arg is not None and arg is not _UNSET:
+                return arg
+            return env.get(name) or None
+
+        ld = pick(local_dir, "SPOTCKPT_LOCAL_DIR") or DEFAULT_LOCAL_DIR
+        rem = env.get("SPOTCKPT_REMOTE") or None if remote is _UNSET else remote
+        cfg = cls(
+            local_dir=Path(ld).expanduser().absolute(),
+            remote=_check_remote(rem),
+            keep_last=_int("keep_last", pick(keep_last, "SPOTCKPT_KEEP_LAST"), DEFAULT_KEEP_LAST, minimum=1),
+            every_steps=_int("every_steps", pick(every_steps, "SPOTCKPT_EVERY_STEPS"), None, minimum=1),
+            every_seconds=_float("every_seconds", pick(every_seconds, "SPOTCKPT_EVERY_SECONDS"), None),
+            grace_seconds=_float(
+                "grace_seconds",
+                pick(grace_seconds, "SPOTCKPT_GRACE_SECONDS"),
+                SAGEMAKER_GRACE if on_sagemaker(env) else DEFAULT_GRACE,
+            ),
+            signals=_signals(signals if signals is not None else env.get("SPOTCKPT_SIGNALS")),
+            storage_options=dict(storage_options or {}),
+        )
+        if check_local:
+            probe_local_dir(cfg.local_dir)
+        return cfg
+
+
+def _int(name: str, value: Any, default: int | None, *, minimum: int) -> int | None:
+    if value is None:
+        return default
+    try:
+        n = int(value)
+        if str(n) != str(value).strip() and not isinstance(value, int):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"spotckpt: {name}={value!r} is not a whole number; "
+                          f"pass an integer >= {minimum} (or SPOTCKPT_{name.upper()})") from None
+    if n < minimum:
+        raise ConfigError(f"spotckpt: {name}={n} must be >= {minimum}; "
+                          f"fix the argument or SPOTCKPT_{name.upper()}")
+    return n
+
+
+def _float(name: str, value: Any, default: float | None) -> float | None:
+    if value is None:
+        return default
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"spotckpt: {name}={value!r} is not a number of seconds; "
+                          f"fix the argument or SPOTCKPT_{name.upper()}") from None
+    if not x > 0 or x == float("inf"):
+        raise ConfigError(f"spotckpt: {name}={value!r} must be a positive number of seconds; "
+                          f"fix the argument or SPOTCKPT_{name.upper()}")
+    return x
+
+
+def _signals(value: Any) -> tuple[int, ...]:
+    if value is None or value == "":
+        return (int(signal.SIGTERM),)
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: list[int] = []
+    for item in items:
+        if isinstance(item, int):
+            out.append(int(item))
+            continue
+        name = str(item).strip().upper()
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        sig = getattr(signal, name, None)
+        if not isinstance(sig, signal.Signals) or name.startswith("SIG_"):
+            raise ConfigError(f"spotckpt: signals: unknown signal {item!r}; "
+                              "use names such as SIGTERM,SIGUSR1 (SPOTCKPT_SIGNALS)")
+        out.append(int(sig))
+    return tuple(dict.fromkeys(out))
+
+
+def _check_remote(url: str | None) -> str | None:
+    if url is None:
+        return None
+    url = str(url).strip()
+    if not url:
+        return None
+    if url.startswith("/"):
+        url = "file://" + url
+    if "://" not in url:
+        raise ConfigError(f"spotckpt: remote={url!r} is not a URL; use s3://bucket/prefix/, "
+                          "file:///path/ or another fsspec URL (SPOTCKPT_REMOTE)")
+    scheme = url.split("://", 1)[0].lower()
+    import fsspec  # local import: config must stay cheap to import
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ValueError:
+        raise ConfigError(f"spotckpt: remote={url!r}: unknown URL scheme '{scheme}://'; "
+                          "use s3://, file:// or an installed fsspec protocol") from None
+    except ImportError as e:
+        raise ConfigError(f"spotckpt: remote={url!r}: the '{scheme}' filesystem needs a package "
+                          f"that is not installed ({e})") from None
+    if scheme == "s3":
+        rest = url.split("://", 1)[1]
+        if not rest.split("/", 1)[0]:
+            raise ConfigError(f"spotckpt: remote={url!r} has no bucket; use s3://bucket/prefix/")
+    return url.rstrip("/") + "/"
+
+
+def probe_local_dir(path: Path) -> None:
+    """Create ``path`` and check a file can be written, synced and removed there.
+
+    Raises:
+        LocalDirError: naming the dir and what to do.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".spotckpt-probe-{uuid.uuid4().hex}.sagemaker-ignore"
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise LocalDirError(
+            f"spotckpt: local_dir '{path}' is not writable ({e.strerror or e}); "
+            "pass a writable local_dir= or set SPOTCKPT_LOCAL_DIR"
+        ) from e

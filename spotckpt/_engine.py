@@ -1,0 +1,126 @@
+"""The checkpoint engine: local commit with retention, and verified restore.
+
+Restore takes the newest committed checkpoint over local and remote, downloads what is
+missing, verifies sizes and checksums, quarantines a bad one and falls back to the next
+older one. Nothing unverified is ever returned.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ._errors import CorruptCheckpointError
+from ._events import EventLog, log
+from ._local import LocalDir
+from ._manifest import FileEntry, Manifest, build_manifest, check_relpath, step_dirname, verify_dir
+from ._store import RemoteStore
+from ._syncer import Syncer
+
+
+class Engine:
+    """Commits checkpoints into a :class:`LocalDir` and hands them to a :class:`Syncer`.
+
+    Example:
+        >>> eng = Engine(LocalDir(root), syncer=None, keep_last=2)  # doctest: +SKIP
+        >>> eng.commit(100, lambda tmp: [write_payload(tmp)], framework="torch", serializer="torch")
+    """
+
+    def __init__(self, local: LocalDir, *, syncer: Syncer | None, keep_last: int,
+                 events: EventLog | None = None, rank: int = 0, world_size: int = 1) -> None:
+        self.local, self.syncer, self.keep_last = local, syncer, keep_last
+        self.events = events or EventLog(None)
+        self.rank, self.world_size = rank, world_size
+
+    def commit(self, step: int, write: Callable[[Path], Iterable[FileEntry]], *,
+               framework: str, serializer: str, extra: dict | None = None) -> Path:
+        """Write a checkpoint with ``write(tmpdir)`` (which returns the file entries of
+        fsynced files), commit it locally, apply retention and queue the upload."""
+        if (self.local.path(step) / "MANIFEST.json").exists():
+            return self.local.path(step)
+        tmp = self.local.begin(step)
+        try:
+            entries = list(write(tmp))
+            manifest = build_manifest(step, entries, framework=framework, serializer=serializer,
+                                      rank=self.rank, world_size=self.world_size, extra=extra)
+            path = self.local.commit(tmp, manifest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.events.emit("commit", step=step, bytes=manifest.total_bytes)
+        if self.syncer is not None:
+            self.syncer.submit(step)
+        self.retention()
+        return path
+
+    def retention(self) -> None:
+        """Keep the ``keep_last`` newest local checkpoints; never delete the newest one or
+        one that is queued or uploading."""
+        steps = self.local.committed()
+        busy = self.syncer.busy_steps() if self.syncer is not None else set()
+        keep = set(steps[-self.keep_last:]) | busy
+        for s in steps[:-1]:
+            if s not in keep:
+                self.local.delete(s)
+                self.events.emit("local_deleted", step=s)
+
+
+def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest) -> Path:
+    tmp = local.begin(step)
+    base = tmp.resolve()
+    d = step_dirname(step)
+    for e in manifest.files:
+        target = (tmp / check_relpath(e.path)).resolve()
+        if base not in target.parents:
+            raise CorruptCheckpointError(f"spotckpt: manifest path {e.path!r} escapes the checkpoint dir")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.get_file(f"{d}/{e.path}", target)
+    return tmp
+
+
+def restore_newest(local: LocalDir, store: RemoteStore | None, *,
+                   events: EventLog | None = None) -> tuple[int, Manifest, bool] | None:
+    """Find, fetch and verify the newest committed checkpoint.
+
+    Returns:
+        ``(step, manifest, durable)`` with the checkpoint verified in ``local.path(step)``,
+        ``durable`` telling whether the remote has it; or None when nothing valid exists.
+    """
+    events = events or EventLog(None)
+    local_steps = set(local.committed())
+    remote_steps = set(store.committed()) if store is not None else set()
+    for step in sorted(local_steps | remote_steps, reverse=True):
+        if step in local_steps:
+            try:
+                m = local.read_manifest(step)
+                verify_dir(local.path(step), m)
+                events.emit("restore", step=step, source="local")
+                return step, m, step in remote_steps
+            except CorruptCheckpointError as e:
+                log.warning("%s; quarantined, trying an older checkpoint", e)
+                events.emit("quarantine", step=step, where="local", error=str(e))
+                local.quarantine(step)
+        if store is not None and step in remote_steps:
+            tmp: Path | None = None
+            try:
+                m = store.read_manifest(step)
+                tmp = _download(store, local, step, m)
+                verify_dir(tmp, m)
+            except CorruptCheckpointError as e:
+                log.warning("%s (remote %s); quarantined, trying an older checkpoint", e, step_dirname(step))
+                events.emit("quarantine", step=step, where="remote", error=str(e))
+                if tmp is not None:
+                    qdir = local.meta / "quarantine"
+                    qdir.mkdir(parents=True, exist_ok=True)
+                    os.rename(tmp, qdir / f"remote-{step_dirname(step)}-{os.getpid()}")
+                store.quarantine(step)
+                continue
+            except BaseException:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            local.commit(tmp, m)
+            events.emit("restore", step=step, source="remote", bytes=m.total_bytes)
+            return step, m, True
+    return None

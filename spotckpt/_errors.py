@@ -1,0 +1,57 @@
+"""Error types. Each subclasses the built-in that fits, so callers can catch either.
+
+Messages are one line that names the setting or the object and says what to do.
+"""
+from __future__ import annotations
+
+
+class SpotckptError(Exception):
+    """Base class of every error spotckpt raises on purpose."""
+
+
+class ConfigError(SpotckptError, ValueError):
+    """A setting is invalid (bad URL scheme, negative interval, ...)."""
+
+
+class LocalDirError(SpotckptError, PermissionError):
+    """The local checkpoint dir cannot be created or written."""
+
+
+class RemoteError(SpotckptError, OSError):
+    """The remote store failed (after retries) or cannot be used."""
+
+
+class RemoteNotFoundError(RemoteError, FileNotFoundError):
+    """The remote bucket or path does not exist."""
+
+
+class RemoteAccessError(RemoteError, PermissionError):
+    """The remote refused access (credentials or policy)."""
+
+
+class NoCheckpointError(SpotckptError, FileNotFoundError):
+    """No committed checkpoint exists where one was required."""
+
+
+class CorruptCheckpointError(SpotckptError, ValueError):
+    """A checkpoint failed verification (size, checksum or manifest)."""
+
+
+class CheckpointLockedError(SpotckptError, BlockingIOError):
+    """Another process already uses this local checkpoint dir."""
+
+
+class MissingDependencyError(SpotckptError, ImportError):
+    """An optional dependency is not installed; the message names the extra."""
+
+
+def missing(package: str, extra: str) -> MissingDependencyError:
+    """Build the error for a missing optional dependency.
+
+    Example:
+        >>> raise missing("xgboost", "xgboost")  # doctest: +SKIP
+    """
+    return MissingDependencyError(
+        f"spotckpt: this feature needs '{package}', which is not installed; "
+        f"run: pip install 'spotckpt[{extra}]'"
+    )

@@ -1,0 +1,238 @@
+"""The remote store: fsspec only, no ML imports.
+
+One :class:`RemoteStore` wraps an fsspec URL (``s3://bucket/prefix/``, ``file:///path/``,
+...). Every call retries transient failures with exponential backoff; when the budget runs
+out it raises :class:`RemoteError` naming the remote and the last cause. Credentials and
+presigned query strings never reach a message (:func:`redact`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import time
+import uuid
+from typing import Any, Callable, Mapping, TypeVar
+
+from ._errors import (CorruptCheckpointError, RemoteAccessError, RemoteError,
+                      RemoteNotFoundError)
+from ._manifest import MANIFEST, Manifest, parse_step_dirname, step_dirname
+
+log = logging.getLogger("spotckpt")
+T = TypeVar("T")
+
+_SECRET_RE = re.compile(
+    r"(?i)((?:X-Amz-(?:Signature|Credential|Security-Token))|Signature|AWSAccessKeyId|"
+    r"aws_secret_access_key|aws_session_token|secret(?:_access)?_key|password|token)"
+    r"([=:]\s*)([^&\s'\",]+)")
+
+
+def redact(text: str) -> str:
+    """Hide credentials and presigned-URL signatures in ``text``."""
+    text = _SECRET_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}<redacted>", text)
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if secret and len(secret) >= 8:
+        text = text.replace(secret, "<redacted>")
+    return text
+
+
+def _cause(e: BaseException) -> str:
+    return redact(f"{type(e).__name__}: {e}".strip())[:300]
+
+
+def _is_permanent(e: BaseException) -> bool:
+    name = type(e).__name__
+    if any(s in name for s in ("NoCredentials", "PartialCredentials", "InvalidAccessKey",
+                                "SignatureDoesNotMatch", "NoSuchBucket", "ParamValidation")):
+        return True
+    return isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError,
+                          NotADirectoryError, ValueError, TypeError, CorruptCheckpointError))
+
+
+def storage_options_for(url: str, given: Mapping[str, Any] | None = None,
+                        env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """fsspec options for ``url``, following the AWS variables users already set."""
+    env = os.environ if env is None else env
+    opts: dict[str, Any] = dict(given or {})
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "s3":
+        ck = dict(opts.get("client_kwargs") or {})
+        ep = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if ep and "endpoint_url" not in ck and "endpoint_url" not in opts:
+            ck["endpoint_url"] = ep
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        if region and "region_name" not in ck:
+            ck["region_name"] = region
+        opts["client_kwargs"] = ck
+        opts.setdefault("use_listings_cache", False)
+    elif scheme in ("file", "local"):
+        opts.setdefault("auto_mkdir", True)
+    opts.setdefault("skip_instance_cache", True)
+    return opts
+
+
+class RemoteStore:
+    """Files under one remote prefix, with retries and clear errors.
+
+    Args:
+        url: the remote prefix (``s3://bucket/prefix/``).
+        attempts: tries per operation before :class:`RemoteError`.
+        sleep: injected for tests.
+
+    Example:
+        >>> store = RemoteStore("file:///tmp/remote/")  # doctest: +SKIP
+        >>> store.probe(); store.committed()
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None, *,
+                 attempts: int = 6, base_delay: float = 0.2, max_delay: float = 5.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        import fsspec.core
+
+        self.url = url if url.endswith("/") else url + "/"
+        self.fs, root = fsspec.core.url_to_fs(self.url, **storage_options_for(self.url, storage_options))
+        self.root = root.rstrip("/")
+        self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.attempts, self.base_delay, self.max_delay, self._sleep = attempts, base_delay, max_delay, sleep
+
+    # -- plumbing --------------------------------------------------------------------------
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        delay = self.base_delay
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - classified below
+                if _is_permanent(e) or attempt == self.attempts:
+                    raise self._error(what, e, attempt) from None
+                log.debug("spotckpt: %s failed (%s), retry %d", what, _cause(e), attempt)
+                self._sleep(min(self.max_delay, delay) * (0.5 + random.random()))
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _error(self, what: str, e: BaseException, attempts: int) -> RemoteError:
+        cause = _cause(e)
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        msg = f"spotckpt: remote {self.url}: {what} failed{tries}: {cause}"
+        if isinstance(e, FileNotFoundError) or "NoSuchBucket" in cause:
+            return RemoteNotFoundError(msg + " (does the bucket exist? check SPOTCKPT_REMOTE)")
+        if isinstance(e, PermissionError) or _is_permanent(e) and "Credential" in cause:
+            return RemoteAccessError(msg + " (check AWS credentials and bucket policy)")
+        return RemoteError(msg)
+
+    # -- basic operations ------------------------------------------------------------------
+    def probe(self) -> None:
+        """Write and delete a small object, so a bad bucket or credentials fail up front."""
+        rel = f".spotckpt-probe-{uuid.uuid4().hex}.sagemaker-ignore"
+        try:
+            self._call("write probe", lambda: self.fs.pipe_file(self.path(rel), b"spotckpt probe"))
+            self._call("delete probe", lambda: self.fs.rm_file(self.path(rel)))
+        except RemoteError as e:
+            raise type(e)(str(e).replace("write probe failed", "write probe failed (is the remote writable?)")) from None
+
+    def put_file(self, local: str | os.PathLike[str], rel: str) -> int:
+        """Upload one file and confirm its size on the remote. Returns that size."""
+        want = os.path.getsize(local)
+
+        def go() -> int:
+            self.fs.put_file(os.fspath(local), self.path(rel))
+            got = self.size(rel, retry=False)
+            if got != want:
+                raise OSError(f"uploaded {rel} has {got} bytes, expected {want}")
+            return got
+
+        return self._call(f"upload of {rel}", go)
+
+    def put_bytes(self, rel: str, data: bytes) -> None:
+        """Write a small object atomically (temp + rename on local filesystems)."""
+        def go() -> None:
+            if self.is_local:
+                tmp = self.path(f"{rel}.{uuid.uuid4().hex[:8]}.tmp.sagemaker-ignore")
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, self.path(rel))
+            else:
+                self.fs.pipe_file(self.path(rel), data)
+        self._call(f"write of {rel}", go)
+
+    def get_file(self, rel: str, local: str | os.PathLike[str]) -> None:
+        self._call(f"download of {rel}", lambda: self.fs.get_file(self.path(rel), os.fspath(local)))
+
+    def cat(self, rel: str) -> bytes:
+        return self._call(f"read of {rel}", lambda: self.fs.cat_file(self.path(rel)))
+
+    def size(self, rel: str, *, retry: bool = True) -> int:
+        def go() -> int:
+            self.fs.invalidate_cache(self.path(rel))
+            return int(self.fs.info(self.path(rel))["size"])
+        return self._call(f"stat of {rel}", go) if retry else go()
+
+    def exists(self, rel: str) -> bool:
+        def go() -> bool:
+            self.fs.invalidate_cache(self.path(rel))
+            return bool(self.fs.exists(self.path(rel)))
+        return self._call(f"stat of {rel}", go)
+
+    def rm(self, rel: str, *, recursive: bool = False) -> None:
+        def go() -> None:
+            try:
+                self.fs.rm(self.path(rel), recursive=recursive)
+            except FileNotFoundError:
+                pass
+        self._call(f"delete of {rel}", go)
+
+    def find(self) -> dict[str, int]:
+        """Every object under the prefix: relative key -> size."""
+        def go() -> dict[str, int]:
+            self.fs.invalidate_cache()
+            try:
+                found = self.fs.find(self.root, detail=True)
+            except FileNotFoundError:
+                return {}
+            out = {}
+            for p, info in found.items():
+                p = p.rstrip("/")
+                rel = p[len(self.root) + 1:] if p.startswith(self.root + "/") else None
+                if rel and info.get("type", "file") == "file":
+                    out[rel] = int(info.get("size") or 0)
+            return out
+        return self._call("listing", go)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def committed(self) -> list[int]:
+        """Steps whose manifest exists on the remote, oldest first (found by listing)."""
+        def go() -> list[int]:
+            self.fs.invalidate_cache()
+            try:
+                hits = self.fs.glob(f"{self.root}/step-*/{MANIFEST}")
+            except FileNotFoundError:
+                return []
+            steps = []
+            for h in hits:
+                parts = h.rstrip("/").split("/")
+                step = parse_step_dirname(parts[-2]) if len(parts) >= 2 else None
+                if step is not None:
+                    steps.append(step)
+            return sorted(set(steps))
+        return self._call("listing of checkpoints", go)
+
+    def read_manifest(self, step: int) -> Manifest:
+        return Manifest.from_json(self.cat(f"{step_dirname(step)}/{MANIFEST}"), expect_step=step)
+
+    def delete_checkpoint(self, step: int) -> None:
+        """Un-commit (manifest first), then delete the payload."""
+        d = step_dirname(step)
+        self.rm(f"{d}/{MANIFEST}")
+        self.rm(d, recursive=True)
+
+    def quarantine(self, step: int) -> None:
+        """Make a damaged remote checkpoint invisible without deleting its data."""
+        d = step_dirname(step)
+        try:
+            data = self.cat(f"{d}/{MANIFEST}")
+        except RemoteError:
+            return
+        self.put_bytes(f"{d}/{MANIFEST}.quarantined", data)
+        self.rm(f"{d}/{MANIFEST}")

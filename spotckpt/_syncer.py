@@ -1,0 +1,257 @@
+"""The background Syncer: uploads committed checkpoints and mirrors free-form files.
+
+Sync layer: fsspec and the commit protocol's file order only, no ML imports.
+
+- A bounded queue of one: the newest committed checkpoint wins; one superseded before its
+  upload starts is skipped (and may then be deleted by local retention).
+- Payload files first, each confirmed by size, then ``MANIFEST.json``: a remote manifest
+  always names files that are there. Remote retention runs only after a newer commit is
+  durable, and deletes manifests before payload.
+- Free-form files (anything in the local dir that is not ours) are uploaded once their size
+  and mtime have been stable for ``stable_seconds`` and no process holds them open for
+  writing (psutil).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from ._errors import RemoteError, SpotckptError
+from ._events import EventLog, log
+from ._local import LocalDir, is_internal, write_atomic
+from ._manifest import MANIFEST, step_dirname
+from ._store import RemoteStore
+
+
+def open_for_writing(paths: set[str]) -> set[str]:
+    """The subset of ``paths`` that some process holds open with a writable mode."""
+    import psutil
+
+    out: set[str] = set()
+    if not paths:
+        return out
+    for proc in psutil.process_iter():
+        try:
+            files = proc.open_files()
+        except (psutil.Error, OSError):
+            continue
+        for f in files:
+            if f.path in paths and getattr(f, "mode", "w") != "r":
+                out.add(f.path)
+    return out
+
+
+class Syncer:
+    """Local dir -> remote, in a background thread.
+
+    Example:
+        >>> s = Syncer(LocalDir(root), RemoteStore(url), keep_last=2); s.start()  # doctest: +SKIP
+        >>> s.submit(100); s.flush(timeout=30); s.close()
+    """
+
+    def __init__(self, local: LocalDir, store: RemoteStore, *, keep_last: int,
+                 events: EventLog | None = None, mirror: bool = True,
+                 scan_interval: float = 2.0, stable_seconds: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.local, self.store, self.keep_last = local, store, keep_last
+        self.events = events or EventLog(None)
+        self.mirror, self.scan_interval, self.stable_seconds = mirror, scan_interval, stable_seconds
+        self.clock = clock
+        self._cv = threading.Condition()
+        self._pending: int | None = None
+        self._uploading: int | None = None
+        self._force_scan = 0      # generation counter of requested full mirror passes
+        self._scan_done = 0
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.durable_step: int | None = None
+        self.last_error: BaseException | None = None
+        self.bytes_uploaded = 0
+        self.upload_seconds = 0.0
+        self._seen: dict[str, tuple[tuple[int, int], float]] = {}
+        self._mirror_state_path = local.meta / "mirror.json"
+        self._uploaded = self._load_mirror_state()
+
+    # -- public ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="spotckpt-syncer", daemon=True)
+        self._thread.start()
+
+    def submit(self, step: int) -> None:
+        """Queue committed checkpoint ``step`` for upload; an older queued one is skipped."""
+        with self._cv:
+            if self._pending is not None and self._pending != step:
+                skipped = min(self._pending, step)
+                self.events.emit("upload_skipped", step=skipped, reason="superseded")
+            self._pending = step if self._pending is None else max(self._pending, step)
+            self._cv.notify_all()
+
+    def busy_steps(self) -> set[int]:
+        """Steps that local retention must not delete (queued or uploading)."""
+        with self._cv:
+            return {s for s in (self._pending, self._uploading) if s is not None}
+
+    def flush(self, timeout: float | None = None, *, mirror: bool = True) -> bool:
+        """Wait until every submitted checkpoint (and, with ``mirror``, every free-form
+        file not open for writing) is durable. Returns False on timeout or upload error."""
+        end = None if timeout is None else self.clock() + max(0.0, timeout)
+        with self._cv:
+            self.last_error = None
+            target = self._force_scan + 1 if (mirror and self.mirror) else self._scan_done
+            if mirror and self.mirror:
+                self._force_scan = target
+            self._cv.notify_all()
+            while True:
+                idle = self._pending is None and self._uploading is None and self._scan_done >= target
+                if idle or self.last_error is not None or not self._alive():
+                    break
+                left = None if end is None else end - self.clock()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(0.05 if left is None else min(0.05, left))
+            return self.last_error is None and self._pending is None
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the thread. Returns whether everything became durable."""
+        ok = self.flush(timeout)
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        return ok
+
+    # -- the thread ------------------------------------------------------------------------
+    def _alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if self._pending is None and self._force_scan == self._scan_done and not self._stop:
+                    self._cv.wait(self.scan_interval)
+                if self._stop and self._pending is None:
+                    return
+                step, self._pending = self._pending, None
+                self._uploading = step
+                scan_gen = self._force_scan
+            try:
+                if step is not None:
+                    self._upload_checkpoint(step)
+                if self.mirror:
+                    self._mirror_pass(force=scan_gen > self._scan_done)
+            except Exception as e:  # noqa: BLE001 - recorded, surfaced by flush()/close()
+                self.last_error = e
+                self.events.emit("upload_failed", step=step, error=str(e))
+                log.warning("%s", e)
+                with self._cv:
+                    if step is not None and self._pending is None:
+                        self._pending = step  # try again later; nothing newer arrived
+                    self._cv.notify_all()
+                time.sleep(min(self.scan_interval, 1.0))
+            finally:
+                with self._cv:
+                    self._uploading = None
+                    if self.last_error is None:
+                        self._scan_done = max(self._scan_done, scan_gen)
+                    self._cv.notify_all()
+
+    def _upload_checkpoint(self, step: int) -> None:
+        d = step_dirname(step)
+        path = self.local.path(step)
+        if not (path / MANIFEST).exists():
+            return  # deleted or quarantined meanwhile
+        manifest = self.local.read_manifest(step)
+        if self.store.exists(f"{d}/{MANIFEST}"):
+            self.durable_step = max(self.durable_step or -1, step)
+            return
+        t0 = time.monotonic()
+        self.events.emit("upload_start", step=step, bytes=manifest.total_bytes)
+        for e in manifest.files:
+            self.store.put_file(path / e.path, f"{d}/{e.path}")
+        self.store.put_bytes(f"{d}/{MANIFEST}", manifest.to_json())
+        dt = time.monotonic() - t0
+        self.bytes_uploaded += manifest.total_bytes
+        self.upload_seconds += dt
+        self.durable_step = max(self.durable_step or -1, step)
+        self.events.emit("upload_done", step=step, bytes=manifest.total_bytes, seconds=round(dt, 3))
+        self._remote_retention(step)
+
+    def _remote_retention(self, newest: int) -> None:
+        steps = self.store.committed()
+        keep = set(steps[-self.keep_last:]) | {newest}
+        for s in steps:
+            if s not in keep and s < newest:
+                self.store.delete_checkpoint(s)
+                self.events.emit("remote_deleted", step=s)
+
+    # -- free-form files -------------------------------------------------------------------
+    def _load_mirror_state(self) -> dict[str, tuple[int, int]]:
+        try:
+            raw = json.loads(self._mirror_state_path.read_text())
+            return {k: (int(v[0]), int(v[1])) for k, v in raw.items()}
+        except (OSError, ValueError, TypeError, IndexError):
+            return {}
+
+    def mark_mirrored(self, rel: str, local_path: Path) -> None:
+        """Record that ``rel`` as it is now matches the remote (after a pull)."""
+        st = local_path.stat()
+        self._uploaded[rel] = (st.st_size, st.st_mtime_ns)
+        self._save_mirror_state()
+
+    def _save_mirror_state(self) -> None:
+        try:
+            self.local.meta.mkdir(parents=True, exist_ok=True)
+            write_atomic(self._mirror_state_path, json.dumps(self._uploaded).encode())
+        except OSError:
+            pass
+
+    def _mirror_pass(self, *, force: bool) -> None:
+        root = self.local.root
+        now = self.clock()
+        candidates: dict[str, tuple[int, int]] = {}
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel_dir = os.path.relpath(dirpath, root)
+            rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
+            dirnames[:] = [d for d in dirnames if not is_internal(f"{rel_dir}/{d}".lstrip("/"))]
+            for name in filenames:
+                rel = f"{rel_dir}/{name}".lstrip("/")
+                full = os.path.join(dirpath, name)
+                if is_internal(rel) or os.path.islink(full):
+                    continue
+                try:
+                    st = os.stat(full)
+                except FileNotFoundError:
+                    continue
+                sig = (st.st_size, st.st_mtime_ns)
+                if self._uploaded.get(rel) == sig:
+                    continue
+                prev = self._seen.get(rel)
+                if prev is None or prev[0] != sig:
+                    self._seen[rel] = (sig, now)
+                    if not force:
+                        continue
+                elif not force and now - prev[1] < self.stable_seconds:
+                    continue
+                candidates[rel] = sig
+        if not candidates:
+            return
+        busy = open_for_writing({str(root / r) for r in candidates})
+        for rel, sig in sorted(candidates.items()):
+            full = root / rel
+            if str(full) in busy:
+                continue
+            t0 = time.monotonic()
+            size = self.store.put_file(full, rel)
+            st = full.stat()
+            if (st.st_size, st.st_mtime_ns) != sig:
+                continue  # changed while uploading: next pass uploads it again
+            self._uploaded[rel] = sig
+            self.bytes_uploaded += size
+            self.upload_seconds += time.monotonic() - t0
+            self.events.emit("mirror_upload", path=rel, bytes=size)
+        self._save_mirror_state()
