@@ -241,6 +241,27 @@ class Checkpointer:
         if blocking:
             self._writer.wait()
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every save so far is committed locally and durable on the remote.
+
+        Returns:
+            False if ``timeout`` passed or an upload failed (see :attr:`last_error`).
+        """
+        self._require_open()
+        assert self._writer is not None
+        t0 = time.monotonic()
+        if not self._writer.wait(timeout):
+            return False
+        if self._syncer is None:
+            return True
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
+        return self._syncer.flush(left)
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """The last upload error, if the remote is failing (uploads keep retrying)."""
+        return self._syncer.last_error if self._syncer is not None else None
+
     def _interrupt_save(self) -> None:
         notice = self.notice
         assert notice is not None

@@ -1,0 +1,90 @@
+"""Signal notices: record only, chain the previous handler, main thread only, restore."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import spotckpt
+from spotckpt._notices import NoticeBoard, SignalSource
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_handler_records_notice_with_deadline_and_chains() -> None:
+    calls: list[int] = []
+    prev = signal.signal(signal.SIGUSR1, lambda s, f: calls.append(s))
+    try:
+        clock = FakeClock()
+        board = NoticeBoard(clock)
+        src = SignalSource(board, (int(signal.SIGUSR1),), grace_seconds=30)
+        assert src.install()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert board.wait(5)
+        n = board.notice
+        assert n is not None and n.source == "SIGUSR1"
+        assert n.received_at == 1000.0 and n.deadline == 1030.0
+        clock.t = 1012.5
+        assert n.seconds_left(clock) == 17.5
+        assert calls == [signal.SIGUSR1]  # the previous handler still ran
+        src.restore()
+        assert signal.getsignal(signal.SIGUSR1) is not src._handle
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert calls == [signal.SIGUSR1, signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, prev)
+
+
+def test_earliest_deadline_wins() -> None:
+    clock = FakeClock()
+    board = NoticeBoard(clock)
+    board.post("SIGTERM", 30)
+    board.post("ec2", 120)
+    assert board.notice.source == "SIGTERM"
+    board.post("docker", 5)
+    assert board.notice.source == "docker" and board.notice.deadline == 1005.0
+
+
+def test_install_off_main_thread_does_nothing() -> None:
+    board = NoticeBoard()
+    src = SignalSource(board, (int(signal.SIGTERM),), 30)
+    before = signal.getsignal(signal.SIGTERM)
+    out: list[bool] = []
+    t = threading.Thread(target=lambda: out.append(src.install()))
+    t.start()
+    t.join()
+    assert out == [False] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_checkpointer_restores_handlers_on_close(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with spotckpt.Checkpointer({"x": 1}, local_dir=tmp_path, remote=None):
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_notice_stops_loop_after_saving_and_exits_143(tmp_path: Path) -> None:
+    state = {"n": 0}
+    seen: list[int] = []
+    try:
+        with spotckpt.Checkpointer(state, local_dir=tmp_path, remote=None, every_steps=1000) as ckpt:
+            for step in ckpt.steps(100):
+                seen.append(step)
+                state["n"] = step + 1
+                if step == 6:
+                    os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step
+    except SystemExit as e:
+        assert e.code == 143
+    else:
+        raise AssertionError("no SystemExit(143)")
+    assert seen == list(range(7))  # step 6 finished, nothing after it
+    state2 = {"n": -1}
+    with spotckpt.Checkpointer(state2, local_dir=tmp_path, remote=None) as ckpt:
+        assert ckpt.restored_step == 7 and state2["n"] == 7
