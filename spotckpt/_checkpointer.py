@@ -117,7 +117,8 @@ class Checkpointer:
                 self._syncer.start()
                 if found is not None and not found[2]:
                     self._syncer.submit(found[0])
-            self._engine = Engine(local, syncer=self._syncer, keep_last=cfg.keep_last, events=events)
+            self._engine = Engine(local, syncer=self._syncer, keep_last=cfg.keep_last, events=events,
+                                  local_retention=not supervised())
             self._writer = BackgroundWriter()
             self._signals = SignalSource(self._board, cfg.signals, cfg.grace_seconds)
             self._signals.install()

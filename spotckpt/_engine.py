@@ -28,8 +28,12 @@ class Engine:
     """
 
     def __init__(self, local: LocalDir, *, syncer: Syncer | None, keep_last: int,
-                 events: EventLog | None = None, rank: int = 0, world_size: int = 1) -> None:
+                 events: EventLog | None = None, rank: int = 0, world_size: int = 1,
+                 local_retention: bool = True) -> None:
         self.local, self.syncer, self.keep_last = local, syncer, keep_last
+        # Off under `spotckpt run`: the supervisor uploads from this dir in another process
+        # and applies local retention itself, after its uploads.
+        self.local_retention = local_retention
         self.events = events or EventLog(None)
         self.rank, self.world_size = rank, world_size
 
@@ -57,6 +61,8 @@ class Engine:
     def retention(self) -> None:
         """Keep the ``keep_last`` newest local checkpoints; never delete the newest one or
         one that is queued or uploading."""
+        if not self.local_retention:
+            return
         steps = self.local.committed()
         busy = self.syncer.busy_steps() if self.syncer is not None else set()
         keep = set(steps[-self.keep_last:]) | busy
