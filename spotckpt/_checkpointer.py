@@ -14,7 +14,9 @@ from ._engine import Engine, restore_newest
 from ._errors import RemoteError
 from ._events import EventLog, log
 from ._local import LocalDir
+from ._metadata import MetadataWatcher, sources_from_env
 from ._notices import Notice, NoticeBoard, SignalSource
+from ._planner import FlushPlanner
 from ._policies import make_policy
 from ._store import RemoteStore
 from ._syncer import Syncer
@@ -76,6 +78,8 @@ class Checkpointer:
         self.config: Config | None = None
         self._board = NoticeBoard(clock)
         self._signals: SignalSource | None = None
+        self._watcher: MetadataWatcher | None = None
+        self._planner = FlushPlanner()
         self._syncer: Syncer | None = None
         self._writer: BackgroundWriter | None = None
         self._engine: Engine | None = None
@@ -122,6 +126,13 @@ class Checkpointer:
             self._writer = BackgroundWriter()
             self._signals = SignalSource(self._board, cfg.signals, cfg.grace_seconds)
             self._signals.install()
+            self._planner = FlushPlanner(uploads=store is not None)
+            if self._syncer is not None:
+                self._syncer.on_upload = lambda step, nbytes, secs: self._planner.record_upload(nbytes, secs)
+            self._watcher = MetadataWatcher(
+                self._board, sources_from_env(), on_advise=self._board.advise,
+                interval=float(os.environ.get("SPOTCKPT_METADATA_INTERVAL") or 5.0))
+            self._watcher.start()
             self._open = True
         except BaseException:
             self._teardown()
@@ -166,6 +177,8 @@ class Checkpointer:
             raise err
 
     def _teardown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
         if self._signals is not None:
             self._signals.restore()
         if self._writer is not None:
@@ -211,6 +224,12 @@ class Checkpointer:
         already advanced): handles notices and periodic saves."""
         if self.should_stop:
             self._interrupt_save()
+            return
+        advisories = self._board.take_advisories()
+        if advisories:
+            self.events.emit("advisory", source=",".join(advisories), step=self.step)
+            log.warning("spotckpt: %s: checkpointing early, training goes on", ", ".join(advisories))
+            self.save()
         elif self._policy.due(self.step):
             self.save()
 
@@ -226,17 +245,31 @@ class Checkpointer:
         step = self.step
         if self._last_saved == step and (self._local.path(step) / "MANIFEST.json").exists():
             return
+        t0 = time.monotonic()
         payload = _state.snapshot(self.state)
+        snapshot_s = time.monotonic() - t0
         payload_step = step
         serializer = _state.serializer_name()
         self._last_saved = step
         self._policy.saved(step)
 
         def job() -> None:
-            t0 = time.monotonic()
-            self._engine.commit(payload_step, lambda tmp: _state.write_state(tmp, payload, serializer),
-                                framework=self.framework, serializer=serializer)
-            self.save_seconds = time.monotonic() - t0
+            t1 = time.monotonic()
+            nbytes = 0
+
+            def write(tmp: Path) -> list:
+                nonlocal nbytes
+                entries = _state.write_state(tmp, payload, serializer)
+                nbytes = sum(e.size for e in entries)
+                return entries
+
+            self._engine.commit(payload_step, write, framework=self.framework, serializer=serializer)
+            self.save_seconds = time.monotonic() - t1
+            self._planner.record_save(snapshot_s, self.save_seconds, nbytes)
+            est = self._planner.estimate()
+            self.events.emit("saved", step=payload_step, bytes=nbytes, snapshot_s=round(snapshot_s, 4),
+                             write_s=round(self.save_seconds, 4),
+                             flush_estimate_s=None if est is None else round(est, 3))
 
         self._writer.submit(job)
         if blocking:
@@ -269,20 +302,33 @@ class Checkpointer:
         if self.interrupted:
             return
         self.interrupted = True
-        self.events.emit("notice", source=notice.source, step=self.step,
-                         seconds_left=round(notice.seconds_left(self.clock), 2))
-        log.warning("spotckpt: %s received; saving step %d", notice.source, self.step)
-        self.save(blocking=True)
+        t0 = self.clock()
+        left = notice.seconds_left(self.clock)
+        self.events.emit("notice", source=notice.source, step=self.step, seconds_left=round(left, 2))
+        assert self._writer is not None
+        self._writer.wait()  # a periodic save in flight counts as committed for the plan
+        saved = self._last_saved == self.step
+        undurable = self._syncer is not None and bool(self._syncer.busy_steps())
+        plan = self._planner.decide(left, unsaved_work=not saved, undurable_commit=undurable)
+        self.events.emit("plan", action=plan.action, estimate_s=plan.estimate,
+                         seconds_left=round(left, 2), reason=plan.reason)
+        log.warning("spotckpt: %s received at step %d, %.1f s left: %s", notice.source, self.step,
+                    left, plan.reason)
+        if plan.action == "save":
+            self.save(blocking=True)
+        ok = True
         if self._syncer is not None:
-            left = notice.seconds_left(self.clock) - _FLUSH_MARGIN
-            ok = self._syncer.flush(max(0.0, left))
-            self.events.emit("flush", step=self.step, durable=ok,
-                             seconds_left=round(notice.seconds_left(self.clock), 2))
+            ok = self._syncer.flush(max(0.0, notice.seconds_left(self.clock) - _FLUSH_MARGIN))
+            durable = self._syncer.durable_step
             if ok:
-                log.warning("spotckpt: step %d is durable at %s", self.step, self.config.remote)
+                log.warning("spotckpt: step %s is durable at %s", durable, self.config.remote)
             else:
-                log.error("spotckpt: step %d is NOT durable at the deadline (%s)", self.step,
-                          self._syncer.last_error or "timeout")
+                log.error("spotckpt: uploads did NOT finish before the deadline (%s); durable step: %s",
+                          self._syncer.last_error or "timeout", durable)
+        self.events.emit("flush", action=plan.action, step=self.step, durable=ok,
+                         durable_step=self.durable_step, estimate_s=plan.estimate,
+                         actual_s=round(self.clock() - t0, 3),
+                         seconds_left=round(notice.seconds_left(self.clock), 2))
 
     def _require_open(self) -> None:
         if not self._open:

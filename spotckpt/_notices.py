@@ -39,14 +39,32 @@ class NoticeBoard:
         self.clock = clock
         self._notice: Notice | None = None
         self._event = threading.Event()
+        self._advisories: list[str] = []
+        self._lock = threading.Lock()  # advisories come from the watcher thread, not signals
 
     def post(self, source: str, grace_seconds: float) -> None:
-        now = self.clock()
-        n = Notice(source, now, now + grace_seconds)
+        """Record a notice whose deadline is ``grace_seconds`` from now."""
+        self.post_deadline(source, self.clock() + grace_seconds)
+
+    def post_deadline(self, source: str, deadline: float) -> None:
+        """Record a notice with an absolute (monotonic) deadline; the earliest one wins."""
+        n = Notice(source, self.clock(), deadline)
         cur = self._notice
         if cur is None or n.deadline < cur.deadline:
             self._notice = n
         self._event.set()
+
+    def advise(self, source: str) -> None:
+        """Record an advisory (e.g. an EC2 rebalance recommendation): checkpoint early,
+        but keep training."""
+        with self._lock:
+            self._advisories.append(source)
+
+    def take_advisories(self) -> list[str]:
+        """The advisories since the last call (called at step boundaries)."""
+        with self._lock:
+            out, self._advisories = self._advisories, []
+        return out
 
     @property
     def notice(self) -> Notice | None:

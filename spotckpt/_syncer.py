@@ -71,6 +71,7 @@ class Syncer:
         self.durable_step: int | None = None
         self.last_error: BaseException | None = None
         self.bytes_uploaded = 0
+        self.on_upload: Callable[[int, int, float], None] | None = None  # (step, bytes, seconds)
         self.upload_seconds = 0.0
         self._seen: dict[str, tuple[tuple[int, int], float]] = {}
         self._mirror_state_path = local.meta / "mirror.json"
@@ -179,6 +180,8 @@ class Syncer:
         self.upload_seconds += dt
         self.durable_step = max(self.durable_step or -1, step)
         self.events.emit("upload_done", step=step, bytes=manifest.total_bytes, seconds=round(dt, 3))
+        if self.on_upload is not None:
+            self.on_upload(step, manifest.total_bytes, dt)
         self._remote_retention(step)
 
     def _remote_retention(self, newest: int) -> None:
