@@ -73,6 +73,9 @@ class Syncer:
         self.bytes_uploaded = 0
         self.on_upload: Callable[[int, int, float], None] | None = None  # (step, bytes, seconds)
         self.upload_seconds = 0.0
+        # Free-form files not to upload (the supervisor holds back ones a crashed writer may
+        # have left half-written: the remote keeps its previous copy).
+        self.hold: set[str] = set()
         self._seen: dict[str, tuple[tuple[int, int], float]] = {}
         self._mirror_state_path = local.meta / "mirror.json"
         self._uploaded = self._load_mirror_state()
@@ -224,7 +227,7 @@ class Syncer:
             for name in filenames:
                 rel = f"{rel_dir}/{name}".lstrip("/")
                 full = os.path.join(dirpath, name)
-                if is_internal(rel) or os.path.islink(full):
+                if is_internal(rel) or rel in self.hold or os.path.islink(full):
                     continue
                 try:
                     st = os.stat(full)
