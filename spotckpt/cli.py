@@ -1,21 +1,160 @@
-"""The ``spotckpt`` command line."""
+"""The ``spotckpt`` command line: ``run``, ``spot``, ``ls``, ``status``, ``verify``, ``pull``, ``push``.
+
+Exit status: the command's own for ``run``; 0 only for Completed for ``spot``; 1 for damage
+(``verify``) or a failed upload (``push``); 2 for bad input (unknown option, a command
+that does not exist, max-wait <= max-run, an unreachable remote), always as one line.
+"""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from typing import Any, NoReturn
 
 from . import __version__
+from ._errors import SpotckptError
+
+EXIT_USAGE = 2
+
+_MAIN = """\
+Keep training state safe on preemptible machines: commit checkpoints locally, sync them to
+S3 (or any fsspec URL), flush on SIGTERM, resume exactly.
+
+Settings come from options, then SPOTCKPT_* variables (SPOTCKPT_LOCAL_DIR, SPOTCKPT_REMOTE,
+SPOTCKPT_KEEP_LAST, SPOTCKPT_GRACE_SECONDS, SPOTCKPT_SIGNALS), then defaults. The S3
+endpoint and credentials follow the AWS variables (AWS_ENDPOINT_URL_S3 for MinIO).
+"""
+
+_EXAMPLES = """\
+examples:
+  spotckpt run -- python train.py                    pull, supervise, flush on SIGTERM
+  spotckpt spot --interrupt-at 40,95 -- python train.py
+                                                     the managed-spot lifecycle, locally
+  spotckpt ls                                        what is committed, local and remote
+  spotckpt status --json                             how much work is not yet durable
+  spotckpt verify                                    checksum everything; 1 on damage
+"""
+
+_RUN = """\
+Run CMD under supervision, as the container entrypoint (safe as PID 1):
+
+  1. pull the newest verified checkpoint and the free-form files from the remote into the
+     local dir (a new machine starts empty);
+  2. start CMD with SPOTCKPT_SUPERVISED=1: a spotckpt.Checkpointer inside it then only
+     commits locally, and this process uploads each new step-*/ checkpoint and mirrors
+     any other file CMD writes there (checkpoint.pth, Keras files) once it is stable and
+     closed, so unmodified SageMaker-style scripts survive too;
+  3. on SIGTERM/SIGINT: forward it to CMD's process tree, upload what CMD saves, SIGKILL
+     CMD if it would overrun the deadline (grace minus the time the final upload needs),
+     flush, report what is durable, and exit with CMD's status (128+N if signal N killed it).
+"""
+
+_SPOT = """\
+Emulate SageMaker Managed Spot Training around `spotckpt run`: wait for capacity, start
+with an empty local dir, pull, train, get interrupted (SIGTERM, then SIGKILL after
+--grace), start again... Prints each status change as SageMaker reports it (InProgress:
+Starting, Downloading, Training, Interrupted, Uploading; Completed; or Stopping, then
+Stopped: MaxWaitTimeExceeded / MaxRuntimeExceeded) and writes a DescribeTrainingJob-like
+JSON report with training and billable seconds, savings, and the work lost per
+interruption. Exit status 0 only for Completed.
+
+Times: --max-run caps the seconds the instances run (all attempts together), --max-wait
+caps the wall-clock time from job creation (capacity waits included) and must be larger
+than --max-run. --interrupt-at counts seconds of training time.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad usage is one line (``spotckpt run: error: ...``) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    p.add_argument("--local-dir", metavar="DIR", help="local checkpoint dir (SPOTCKPT_LOCAL_DIR; default /opt/ml/checkpoints)")
+    p.add_argument("--remote", metavar="URL", help="s3://bucket/prefix/, file:///path/ ... (SPOTCKPT_REMOTE)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print one JSON document (for scripts)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="spotckpt",
-        description="Keep training state safe on preemptible machines: commit checkpoints "
-                    "locally, sync them to S3 (or any fsspec URL), flush on SIGTERM, resume exactly.",
-    )
+    p = _Parser(prog="spotckpt", description=_MAIN, epilog=_EXAMPLES,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"spotckpt {__version__}")
-    p.add_subparsers(dest="command", metavar="COMMAND")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    raw = argparse.RawDescriptionHelpFormatter
+
+    r = sub.add_parser("run", help="run a training command under supervision (pull, sync, flush on SIGTERM)",
+                       description=_RUN, formatter_class=raw,
+                       usage="spotckpt run [options] -- CMD [ARGS...]")
+    _common(r, json_flag=False)
+    r.add_argument("--keep-last", type=int, metavar="N", help="committed checkpoints kept (default 2)")
+    r.add_argument("--grace", type=float, metavar="S", help="seconds from SIGTERM to SIGKILL "
+                   "(SPOTCKPT_GRACE_SECONDS; default 30, 120 on SageMaker)")
+    r.add_argument("--signals", metavar="LIST", help="extra signals that mean 'interruption coming', "
+                   "e.g. SIGUSR1 (SPOTCKPT_SIGNALS)")
+    r.add_argument("--signal-scope", choices=("auto", "tree", "child"), default="auto",
+                   help="who gets forwarded signals: the whole tree except children of Python "
+                        "processes (auto, spares DataLoader workers), the whole tree, or the child only")
+    r.add_argument("--stable-seconds", type=float, default=2.0, metavar="S",
+                   help="a free-form file is uploaded once unchanged this long and closed (default 2)")
+    r.add_argument("--no-pull", action="store_true", help="do not pull from the remote before starting")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    s = sub.add_parser("spot", help="emulate SageMaker Managed Spot Training around `spotckpt run`",
+                       description=_SPOT, formatter_class=raw,
+                       usage="spotckpt spot [options] -- CMD [ARGS...]")
+    from ._spot import add_arguments
+    add_arguments(s)
+    s.add_argument("cmd", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    for name, text in (("ls", "list committed checkpoints and files, local and remote (step, size, age, durable)"),
+                       ("status", "last durable step, work not yet durable, upload throughput"),
+                       ("verify", "check sizes and checksums, local and remote; exit 1 on damage"),
+                       ("pull", "download the newest verified checkpoint and the free-form files"),
+                       ("push", "upload the newest local checkpoint and the free-form files")):
+        c = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        _common(c)
+        if name == "verify":
+            c.add_argument("--quick", action="store_true", help="remote: compare sizes only (no download)")
+            where = c.add_mutually_exclusive_group()
+            where.add_argument("--local-only", action="store_true")
+            where.add_argument("--remote-only", action="store_true")
     return p
+
+
+def _setup_logging(quiet: bool) -> None:
+    log = logging.getLogger("spotckpt")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+        log.propagate = False
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    cmd = list(args.cmd or [])
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        parser.error(f"{args.command}: no command given; usage: spotckpt {args.command} [options] -- CMD [ARGS...]")
+    return cmd
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ._config import _UNSET, Config
+    from ._supervisor import Supervisor
+
+    cmd = _command(args, parser)
+    cfg = Config.resolve(local_dir=args.local_dir, remote=args.remote if args.remote else _UNSET,
+                         keep_last=args.keep_last, grace_seconds=args.grace, signals=args.signals)
+    sup = Supervisor(cmd, cfg, scope=args.signal_scope, stable_seconds=args.stable_seconds,
+                     pull=not args.no_pull)
+    sup.prepare()
+    return sup.run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +163,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    _setup_logging(args.quiet)
+    try:
+        if args.command == "run":
+            return _run(args, parser)
+        if args.command == "spot":
+            from ._spot import run_spot
+            return run_spot(args, _command(args, parser))
+        from . import _cli_inspect
+        handler: Any = getattr(_cli_inspect, f"cmd_{args.command}")
+        return handler(args)
+    except SpotckptError as e:
+        # Configuration, local dir, lock and remote errors: one line, exit status 2.
+        print(str(e).splitlines()[0] if str(e) else type(e).__name__, file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,297 @@
+"""``spotckpt ls | status | verify | pull | push``: look at and move checkpoints by hand.
+
+Process layer: thin wrappers over the local dir, the remote store and the events log.
+Each returns an exit status and prints a table, or one JSON document with ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ._config import _UNSET, Config
+from ._errors import CorruptCheckpointError, RemoteError
+from ._events import EventLog
+from ._local import LocalDir
+from ._manifest import MANIFEST, Manifest, step_dirname, verify_dir
+from ._progress import Progress
+from ._pull import human_bytes, local_freeform, open_remote, pull, remote_freeform
+from ._store import RemoteStore
+from ._syncer import Syncer
+
+
+def _setup(args: argparse.Namespace, *, need_remote: bool = False, create_local: bool = False
+           ) -> tuple[Config, LocalDir, RemoteStore | None]:
+    cfg = Config.resolve(local_dir=args.local_dir, remote=args.remote if args.remote else _UNSET,
+                         check_local=create_local)
+    if need_remote and not cfg.remote:
+        raise SystemExit(_usage(f"spotckpt {args.command}: no remote; pass --remote s3://bucket/prefix/ "
+                                "or set SPOTCKPT_REMOTE"))
+    store = open_remote(cfg.remote, cfg.storage_options, probe=False, attempts=3) if cfg.remote else None
+    if store is not None:
+        try:
+            store.committed()  # reachable? fails fast with one clear line
+        except RemoteError:
+            store = open_remote(cfg.remote, cfg.storage_options, probe=True)  # the clearer error
+    return cfg, LocalDir(cfg.local_dir), store
+
+
+def _usage(msg: str) -> int:
+    print(msg, file=sys.stderr)
+    return 2
+
+
+def _emit(args: argparse.Namespace, doc: Any, lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(doc, indent=1, default=str))
+    else:
+        print("\n".join(lines))
+
+
+def _age(created: float | None, now: float) -> str:
+    if not created:
+        return "-"
+    s = max(0.0, now - created)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s / n:.1f}{unit}"
+    return f"{s:.0f}s"
+
+
+def _manifests(local: LocalDir, store: RemoteStore | None) -> tuple[dict[int, Manifest], dict[int, Manifest | None]]:
+    loc: dict[int, Manifest] = {}
+    for s in local.committed():
+        try:
+            loc[s] = local.read_manifest(s)
+        except CorruptCheckpointError:
+            pass
+    rem: dict[int, Manifest | None] = {}
+    if store is not None:
+        for s in store.committed():
+            try:
+                rem[s] = loc[s] if s in loc else store.read_manifest(s)
+            except (RemoteError, CorruptCheckpointError):
+                rem[s] = None
+    return loc, rem
+
+
+# -- ls ----------------------------------------------------------------------------------
+def cmd_ls(args: argparse.Namespace) -> int:
+    cfg, local, store = _setup(args)
+    now = time.time()
+    loc, rem = _manifests(local, store)
+    rows = []
+    for s in sorted(set(loc) | set(rem), reverse=True):
+        m = loc.get(s) or rem.get(s)
+        rows.append({"step": s, "bytes": m.total_bytes if m else None, "created": m.created if m else None,
+                     "local": s in loc, "remote": s in rem, "durable": s in rem})
+    lf = local_freeform(local.root)
+    rf = remote_freeform(store) if store is not None else {}
+    files = [{"path": p, "bytes": lf.get(p, rf.get(p)), "local": p in lf, "remote": p in rf,
+              "durable": p in rf and (p not in lf or rf[p] == lf[p])} for p in sorted(set(lf) | set(rf))]
+    doc = {"local_dir": str(cfg.local_dir), "remote": cfg.remote, "checkpoints": rows, "files": files}
+    yn = {True: "yes", False: "no"}
+    lines = [f"local dir: {cfg.local_dir}", f"remote:    {cfg.remote or '(none)'}"]
+    if rows:
+        lines.append(f"{'STEP':>12}  {'SIZE':>9}  {'AGE':>6}  LOCAL  REMOTE  DURABLE")
+        for r in rows:
+            lines.append(f"{r['step']:>12}  {human_bytes(r['bytes'] or 0):>9}  {_age(r['created'], now):>6}  "
+                         f"{yn[r['local']]:<5}  {yn[r['remote']]:<6}  {yn[r['durable']]}")
+    else:
+        lines.append("no committed checkpoints")
+    if files:
+        lines.append(f"{'FILE':<32}  {'SIZE':>9}  LOCAL  REMOTE  DURABLE")
+        for f in files:
+            lines.append(f"{f['path']:<32}  {human_bytes(f['bytes'] or 0):>9}  {yn[f['local']]:<5}  "
+                         f"{yn[f['remote']]:<6}  {yn[f['durable']]}")
+    _emit(args, doc, lines)
+    return 0
+
+
+# -- status --------------------------------------------------------------------------------
+def _throughput(events_path: Path) -> tuple[float | None, int]:
+    total_b, total_s, n = 0, 0.0, 0
+    try:
+        lines = events_path.read_text().splitlines()[-2000:]
+    except OSError:
+        return None, 0
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("event") == "upload_done" and e.get("seconds"):
+            total_b += int(e.get("bytes") or 0)
+            total_s += float(e["seconds"])
+            n += 1
+    return (total_b / total_s if total_s > 0 else None), n
+
+
+def _holder(local: LocalDir, role: str) -> int | None:
+    import psutil
+
+    try:
+        text = (local.meta / f"{role}.lock").read_text().strip()
+        pid = int(text.split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if psutil.pid_exists(pid) else None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg, local, store = _setup(args)
+    now = time.time()
+    loc, rem = _manifests(local, store)
+    durable = max(rem) if rem else None
+    durable_m = rem.get(durable) if durable is not None else None
+    newest = max(loc) if loc else None
+    pending_steps = [s for s in loc if durable is None or s > durable]
+    pending_bytes = sum(loc[s].total_bytes for s in pending_steps[-1:])
+    lf = local_freeform(local.root)
+    rf = remote_freeform(store) if store is not None else {}
+    pending_files = sorted(p for p in lf if rf.get(p) != lf[p])
+    pending_bytes += sum(lf[p] for p in pending_files)
+    since = None
+    if pending_steps or pending_files:
+        since = durable_m.created if durable_m is not None else None
+        if since is None:
+            stamps = [loc[s].created for s in pending_steps]
+            stamps += [(local.root / p).stat().st_mtime for p in pending_files if (local.root / p).exists()]
+            since = min(stamps) if stamps else None
+    rate, n = _throughput(local.meta / "events.jsonl")
+    doc = {
+        "local_dir": str(cfg.local_dir), "remote": cfg.remote,
+        "durable_step": durable, "durable_bytes": durable_m.total_bytes if durable_m else None,
+        "durable_age_seconds": round(now - durable_m.created, 1) if durable_m else None,
+        "newest_local_step": newest,
+        "not_durable_bytes": pending_bytes,
+        "not_durable_seconds": round(now - since, 1) if since else 0.0,
+        "not_durable_files": pending_files,
+        "upload_bytes_per_second": round(rate) if rate else None, "uploads_measured": n,
+        "supervisor_pid": _holder(local, "supervisor"), "trainer_pid": _holder(local, "trainer"),
+    }
+    lines = [
+        f"local dir:            {cfg.local_dir}",
+        f"remote:               {cfg.remote or '(none)'}",
+        f"last durable step:    {durable if durable is not None else '(none)'}"
+        + (f"  ({human_bytes(durable_m.total_bytes)}, {_age(durable_m.created, now)} ago)" if durable_m else ""),
+        f"newest local step:    {newest if newest is not None else '(none)'}",
+        f"not yet durable:      {human_bytes(pending_bytes)}, {doc['not_durable_seconds']:.0f} s of work"
+        + (f" ({len(pending_files)} file(s))" if pending_files else ""),
+        f"upload throughput:    " + (f"{human_bytes(rate)}/s over {n} upload(s)" if rate else "(no uploads logged)"),
+        f"running:              supervisor {doc['supervisor_pid'] or '-'}, trainer {doc['trainer_pid'] or '-'}",
+    ]
+    _emit(args, doc, lines)
+    return 0
+
+
+# -- verify --------------------------------------------------------------------------------
+def _verify_remote(store: RemoteStore, step: int, m: Manifest, quick: bool) -> str | None:
+    d = step_dirname(step)
+    listing = {k: v for k, v in store.find().items() if k.startswith(d + "/")} if quick else None
+    for e in m.files:
+        rel = f"{d}/{e.path}"
+        if listing is not None:
+            if listing.get(rel) != e.size:
+                return f"{rel}: size {listing.get(rel)} on the remote, manifest says {e.size}"
+            continue
+        h, size = hashlib.sha256(), 0
+        try:
+            with store.fs.open(store.path(rel), "rb") as f:
+                while chunk := f.read(8 << 20):
+                    h.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            return f"{rel} is missing on the remote"
+        if size != e.size:
+            return f"{rel}: {size} bytes on the remote, manifest says {e.size}"
+        if h.hexdigest() != e.sha256:
+            return f"{rel} fails its checksum on the remote"
+    return None
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    cfg, local, store = _setup(args)
+    results = []
+    if not args.remote_only:
+        for s in local.committed():
+            try:
+                verify_dir(local.path(s), local.read_manifest(s))
+                results.append({"where": "local", "step": s, "ok": True, "error": None})
+            except CorruptCheckpointError as e:
+                results.append({"where": "local", "step": s, "ok": False, "error": str(e)})
+    if store is not None and not args.local_only:
+        for s in store.committed():
+            try:
+                err = _verify_remote(store, s, store.read_manifest(s), args.quick)
+            except CorruptCheckpointError as e:
+                err = str(e)
+            results.append({"where": "remote", "step": s, "ok": err is None, "error": err})
+    bad = [r for r in results if not r["ok"]]
+    lines = [f"{r['where']:<6} step {r['step']:>12}  " + ("ok" if r["ok"] else f"DAMAGED: {r['error']}")
+             for r in results] or ["no committed checkpoints to verify"]
+    if bad:
+        lines.append(f"{len(bad)} damaged checkpoint(s); a restore skips (and quarantines) them "
+                     "and falls back to the next older one")
+    _emit(args, {"ok": not bad, "checked": results}, lines)
+    return 1 if bad else 0
+
+
+# -- pull / push ---------------------------------------------------------------------------
+def cmd_pull(args: argparse.Namespace) -> int:
+    cfg, local, store = _setup(args, need_remote=True, create_local=True)
+    assert store is not None
+    local.lock("supervisor")
+    try:
+        syncer = Syncer(local, store, keep_last=cfg.keep_last)
+        bar = Progress("pull", enabled=False if args.json else None)
+        store.progress = bar.add
+        res = pull(local, store, events=EventLog(local.meta / "events.jsonl"),
+                   on_pulled=syncer.mark_mirrored, on_total=bar.set_total)
+        bar.close()
+    finally:
+        local.unlock()
+    doc = {"local_dir": str(cfg.local_dir), "remote": cfg.remote, **res.__dict__}
+    _emit(args, doc, [f"pulled from {cfg.remote} into {cfg.local_dir}: {res.describe()}"])
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    cfg, local, store = _setup(args, need_remote=True)
+    assert store is not None
+    local.lock("supervisor")
+    t0 = time.monotonic()
+    try:
+        events = EventLog(local.meta / "events.jsonl")
+        syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events, stable_seconds=0.0)
+        steps = local.committed()
+        remote_steps = set(store.committed())
+        lf, rf = local_freeform(local.root), remote_freeform(store)
+        total = sum(v for k, v in lf.items() if rf.get(k) != v)
+        if steps and steps[-1] not in remote_steps:
+            total += local.read_manifest(steps[-1]).total_bytes
+        bar = Progress("push", enabled=False if args.json else None)
+        bar.set_total(total)
+        store.progress = bar.add
+        syncer.start()
+        if steps:
+            syncer.submit(steps[-1])
+        ok = syncer.close()
+        bar.close()
+    finally:
+        local.unlock()
+    doc = {"local_dir": str(cfg.local_dir), "remote": cfg.remote, "ok": ok,
+           "durable_step": syncer.durable_step, "bytes": syncer.bytes_uploaded,
+           "seconds": round(time.monotonic() - t0, 3),
+           "error": str(syncer.last_error) if syncer.last_error else None}
+    line = (f"pushed {human_bytes(syncer.bytes_uploaded)} to {cfg.remote}; durable step: {syncer.durable_step}"
+            if ok else f"spotckpt push: NOT durable: {syncer.last_error}")
+    _emit(args, doc, [line])
+    return 0 if ok else 1
+
+
+__all__ = ["cmd_ls", "cmd_status", "cmd_verify", "cmd_pull", "cmd_push", "MANIFEST"]

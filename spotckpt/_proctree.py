@@ -1,0 +1,166 @@
+"""Process trees for the supervisor: forward signals, reap zombies, leave no orphans.
+
+Process layer; psutil only.
+
+Who gets a forwarded signal (``scope``):
+
+- ``tree``: the child and every descendant.
+- ``child``: the child only (it is trusted to stop its own children).
+- ``auto`` (default): the child and every descendant *whose parent is not a Python
+  process*. A shell wrapper (``sh -c "python train.py"``) does not pass SIGTERM on, so its
+  children get it from us; but a Python parent manages its own children: a SIGTERM sent
+  straight to a PyTorch DataLoader worker kills it, and the training process then dies of
+  "DataLoader worker exited unexpectedly" before it can save. torchrun and
+  multiprocessing pools likewise shut their workers down themselves.
+
+Whatever the scope, when the deadline comes the whole tree is killed, and every process
+left behind after the child exits is terminated: nothing outlives the supervisor.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+SCOPES = ("auto", "tree", "child")
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants our children (Linux), so we can reap and stop them even
+    when we are not PID 1. Returns whether it worked."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _is_python(p: psutil.Process) -> bool:
+    try:
+        names = [p.name()]
+        try:
+            names.append(os.path.basename(p.exe()))
+        except (psutil.Error, OSError):
+            pass
+    except psutil.Error:
+        return False
+    return any(n.lower().startswith(("python", "pypy")) for n in names)
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and all its descendants (parents before children); [] if it is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def targets(pid: int, scope: str) -> list[psutil.Process]:
+    """The processes a forwarded signal goes to (see the module docstring)."""
+    procs = tree(pid)
+    if scope == "tree" or not procs:
+        return procs
+    if scope == "child":
+        return procs[:1]
+    out = procs[:1]
+    for p in procs[1:]:
+        try:
+            parent = p.parent()
+        except psutil.Error:
+            continue
+        if parent is None or not _is_python(parent):
+            out.append(p)
+    return out
+
+
+def send(procs: list[psutil.Process], sig: int) -> int:
+    """Send ``sig`` to each process still alive. Returns how many got it."""
+    n = 0
+    for p in procs:
+        try:
+            p.send_signal(sig)
+            n += 1
+        except psutil.Error:
+            pass
+    return n
+
+
+def reap(exclude: int | None = None) -> list[int]:
+    """Collect exited children of this process (orphans re-parented to us), except
+    ``exclude`` (the child whose status subprocess.Popen collects). Never blocks."""
+    reaped = []
+    try:
+        kids = psutil.Process().children()
+    except psutil.Error:
+        return reaped
+    for k in kids:
+        if k.pid == exclude:
+            continue
+        try:
+            pid, _ = os.waitpid(k.pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        if pid:
+            reaped.append(pid)
+    return reaped
+
+
+def stop_descendants(exclude: int | None = None, *, timeout: float = 2.0) -> int:
+    """SIGTERM every remaining descendant of this process, SIGKILL what is left after
+    ``timeout``, and reap them. Returns how many there were."""
+    try:
+        left = [p for p in psutil.Process().children(recursive=True) if p.pid != exclude]
+    except psutil.Error:
+        return 0
+    if not left:
+        return 0
+    send(left, signal.SIGTERM)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        reap(exclude)
+        if not any(_alive(p) for p in left):
+            break
+        time.sleep(0.05)
+    send([p for p in left if _alive(p)], signal.SIGKILL)
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end and any(_alive(p) for p in left):
+        reap(exclude)
+        time.sleep(0.02)
+    reap(exclude)
+    return len(left)
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def writing_under(procs: list[psutil.Process], root: Path) -> set[str]:
+    """Files under ``root`` (absolute paths) that ``procs`` hold open for writing."""
+    prefix = str(root.resolve()) + os.sep
+    out: set[str] = set()
+    for p in procs:
+        try:
+            files = p.open_files()
+        except (psutil.Error, OSError):
+            continue
+        for f in files:
+            if f.path.startswith(prefix) and getattr(f, "mode", "w") != "r":
+                out.add(f.path)
+    return out
+
+
+def exit_status(returncode: int) -> int:
+    """A Popen return code as a shell reports it (killed by signal N -> 128 + N)."""
+    return 128 - returncode if returncode < 0 else returncode

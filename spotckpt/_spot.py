@@ -1,0 +1,377 @@
+"""``spotckpt spot -- CMD``: SageMaker Managed Spot Training, emulated on this machine.
+
+Process layer. Each start of the job is a new "instance": wait for capacity, empty the
+local dir, run ``spotckpt run -- CMD`` (which pulls, supervises and flushes) in its own
+session, interrupt it with SIGTERM and SIGKILL after ``--grace`` at the scheduled points
+of training time, and start again, until the command completes or a limit is reached.
+
+The vocabulary is SageMaker's (``DescribeTrainingJob``): ``TrainingJobStatus`` InProgress,
+Completed, Failed, Stopping, Stopped; ``SecondaryStatus`` Starting, Downloading, Training,
+Interrupted, Uploading, Completed, Failed, Stopping, MaxRuntimeExceeded, MaxWaitTimeExceeded.
+Timing follows SageMaker's definitions:
+
+- MaxRuntimeInSeconds caps TrainingTimeInSeconds, the seconds instances ran (all starts).
+- MaxWaitTimeInSeconds caps the wall-clock time from job creation, capacity waits and
+  interruptions included; it must be larger than MaxRuntimeInSeconds.
+- BillableTimeInSeconds is TrainingTimeInSeconds at the spot price, so
+  savings = (1 - Billable / Training) * 100, as SageMaker reports it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from ._config import _UNSET, Config
+from ._errors import ConfigError
+from ._local import META
+from ._pull import open_remote
+from ._spot_report import Job
+from ._supervisor import resolve_command
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--local-dir", metavar="DIR", help="the instance's checkpoint dir, emptied before each "
+                   "start (default: <workdir>/checkpoints; must be empty if given)")
+    p.add_argument("--remote", metavar="URL", help="checkpoint S3 URI (SPOTCKPT_REMOTE; default file://<workdir>/remote/)")
+    p.add_argument("--max-run", type=float, default=3600.0, metavar="S",
+                   help="MaxRuntimeInSeconds: instance seconds, all starts together (default 3600)")
+    p.add_argument("--max-wait", type=float, metavar="S",
+                   help="MaxWaitTimeInSeconds: wall clock incl. capacity waits; > --max-run (default 2 x max-run)")
+    p.add_argument("--interrupt-at", metavar="T1,T2", default="",
+                   help="interrupt at these seconds of training time (all starts together)")
+    p.add_argument("--interrupt-rate", type=float, default=0.0, metavar="N",
+                   help="also interrupt at random, N times per hour of training on average")
+    p.add_argument("--seed", type=int, default=0, help="seed for --interrupt-rate (default 0)")
+    p.add_argument("--capacity-wait", default="0.5", metavar="S[,S...]",
+                   help="seconds to wait for capacity before each start, the last value repeats; "
+                        "'inf' never gets capacity (default 0.5)")
+    p.add_argument("--grace", type=float, default=120.0, metavar="S",
+                   help="seconds from SIGTERM to SIGKILL at an interruption or stop (default 120, as SageMaker)")
+    p.add_argument("--spot-discount", type=float, default=0.7, metavar="F",
+                   help="spot price discount for the bill, 0..1 (default 0.7)")
+    p.add_argument("--job-name", help="TrainingJobName (default spotckpt-<time>)")
+    p.add_argument("--workdir", metavar="DIR", help="where the report, logs and default dirs go (default: a new temp dir)")
+    p.add_argument("--report", metavar="FILE", help="write the DescribeTrainingJob-like JSON here "
+                   "(default <workdir>/describe-training-job.json)")
+    p.add_argument("--stable-seconds", type=float, default=2.0, metavar="S",
+                   help="passed to `spotckpt run`: free-form file stability before upload")
+    p.add_argument("--json", action="store_true", help="print the JSON report to stdout at the end")
+
+
+def _floats(name: str, text: str, *, allow_inf: bool = False) -> list[float]:
+    out = []
+    for item in filter(None, (t.strip() for t in str(text).split(","))):
+        try:
+            x = float(item)
+        except ValueError:
+            raise ConfigError(f"spotckpt spot: {name} {item!r} is not a number of seconds") from None
+        if x < 0 or (math.isinf(x) and not allow_inf) or math.isnan(x):
+            raise ConfigError(f"spotckpt spot: {name} {item!r} must be a number of seconds >= 0")
+        out.append(x)
+    return out
+
+
+def interruption_schedule(at: list[float], rate_per_hour: float, seed: int, horizon: float) -> list[tuple[float, str]]:
+    """Points of training time at which to interrupt: the given ones plus a Poisson process
+    of ``rate_per_hour`` (seeded), up to ``horizon`` seconds."""
+    points = [(t, "interrupt-at") for t in at]
+    if rate_per_hour > 0:
+        rng, t = random.Random(seed), 0.0
+        while True:
+            t += rng.expovariate(rate_per_hour / 3600.0)
+            if t >= horizon:
+                break
+            points.append((round(t, 3), "interrupt-rate"))
+    return sorted(points)
+
+
+class _Events:
+    """Reads one attempt's events.jsonl as it grows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.buf = path, 0, ""
+
+    def new(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path) as f:
+                f.seek(self.offset)
+                data = f.read()
+                self.offset = f.tell()
+        except OSError:
+            return []
+        self.buf += data
+        *lines, self.buf = self.buf.split("\n")
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+
+class SpotEmulator:
+    """The job's lifecycle; :meth:`run` returns the exit status (0 only for Completed)."""
+
+    def __init__(self, cmd: list[str], args: argparse.Namespace) -> None:
+        self.cmd, self.args = cmd, args
+        self.max_run = args.max_run
+        self.max_wait = args.max_wait if args.max_wait is not None else 2 * args.max_run
+        if not self.max_run > 0:
+            raise ConfigError("spotckpt spot: --max-run must be a positive number of seconds")
+        if not self.max_wait > self.max_run:
+            raise ConfigError(f"spotckpt spot: --max-wait ({self.max_wait:g}) must be larger than --max-run "
+                              f"({self.max_run:g}): it is the time for capacity waits plus the run "
+                              "(MaxWaitTimeInSeconds > MaxRuntimeInSeconds)")
+        if not 0 <= args.spot_discount < 1:
+            raise ConfigError("spotckpt spot: --spot-discount must be in [0, 1), e.g. 0.7 for 70% off")
+        if args.grace <= 0:
+            raise ConfigError("spotckpt spot: --grace must be a positive number of seconds")
+        self.waits = _floats("--capacity-wait", args.capacity_wait, allow_inf=True) or [0.0]
+        self.schedule = interruption_schedule(_floats("--interrupt-at", args.interrupt_at),
+                                              args.interrupt_rate, args.seed, self.max_run)
+        self.cmd = resolve_command(cmd)
+        name = args.job_name or time.strftime("spotckpt-%Y%m%d-%H%M%S")
+        self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix=f"{name}-")).absolute()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.local_dir = Path(args.local_dir or self.workdir / "checkpoints").absolute()
+        if args.local_dir and self.local_dir.exists() and any(self.local_dir.iterdir()):
+            raise ConfigError(f"spotckpt spot: --local-dir {self.local_dir} is not empty; each start of "
+                              "the emulated job empties it, as a new instance would: give an empty dir")
+        remote = args.remote or os.environ.get("SPOTCKPT_REMOTE") or f"file://{self.workdir / 'remote'}/"
+        self.cfg = Config.resolve(local_dir=self.local_dir, remote=remote if remote else _UNSET, check_local=True)
+        open_remote(self.cfg.remote, self.cfg.storage_options)  # unreachable: one line, exit 2, now
+        self.report_path = Path(args.report or self.workdir / "describe-training-job.json")
+        self.job = Job(name, self.max_run, self.max_wait, self.cfg.remote, str(self.local_dir),
+                       args.spot_discount)
+        self.proc: subprocess.Popen | None = None
+        self._stop_requested: str | None = None
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _now(self) -> float:
+        return time.monotonic()
+
+    def _over_wait(self) -> bool:
+        return self._now() - self.job.t0 >= self.max_wait
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_requested = signal.Signals(signum).name
+
+    def _start_container(self) -> _Events:
+        if self.local_dir.exists():
+            shutil.rmtree(self.local_dir)
+        self.local_dir.mkdir(parents=True)
+        a = self.args
+        argv = [sys.executable, "-m", "spotckpt", "run", "--local-dir", str(self.local_dir),
+                "--remote", str(self.cfg.remote), "--grace", str(a.grace),
+                "--stable-seconds", str(a.stable_seconds), "--", *self.cmd]
+        self.proc = subprocess.Popen(argv, start_new_session=True)  # a "container": its own session
+        return _Events(self.local_dir / META / "events.jsonl")
+
+    def _kill_container(self) -> None:
+        """SIGKILL everything in the container's session, like a terminated instance."""
+        assert self.proc is not None
+        try:
+            procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.Error:
+            procs = []
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        self.proc.wait()
+
+    def _terminate_container(self, events: _Events, attempt: dict[str, Any]) -> tuple[int, bool]:
+        """SIGTERM the supervisor, SIGKILL the container after the grace. Returns (status, killed)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        end = self._now() + self.args.grace
+        while self.proc.poll() is None and self._now() < end:
+            self._absorb(events.new(), attempt)
+            time.sleep(0.05)
+        killed = self.proc.poll() is None
+        self._kill_container()  # the instance is gone: its leftovers too
+        self._absorb(events.new(), attempt)
+        rc = self.proc.returncode
+        return (128 - rc if rc < 0 else rc), killed
+
+    def _absorb(self, evs: list[dict[str, Any]], attempt: dict[str, Any]) -> None:
+        for e in evs:
+            kind = e.get("event")
+            if kind == "pull":
+                attempt["ResumedFromStep"] = e.get("step")
+                attempt["PulledFiles"] = e.get("files")
+                last = self.job.interruptions[-1] if self.job.interruptions else None
+                if last is not None and last["Attempt"] == attempt["Number"] - 1:
+                    last["ResumedFromStep"] = e.get("step")
+                    if last.get("StepAtNotice") is not None and e.get("step") is not None:
+                        last["LostSteps"] = max(0, int(last["StepAtNotice"]) - int(e["step"]))
+            elif kind == "child_start":
+                attempt["child_started"] = True
+            elif kind == "child_exit":
+                attempt["child_exited"] = True
+            elif kind == "notice" and e.get("step") is not None:
+                attempt["StepAtNotice"] = e.get("step")
+            elif kind == "upload_done":
+                attempt["DurableStep"] = max(e.get("step", -1), attempt.get("DurableStep") or -1)
+                if e.get("created"):
+                    self.job.state_time = max(self.job.state_time or 0.0, float(e["created"]))
+            elif kind == "mirror_upload" and e.get("mtime"):
+                self.job.state_time = max(self.job.state_time or 0.0, float(e["mtime"]))
+
+    # -- the lifecycle ---------------------------------------------------------------------
+    def run(self) -> int:
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            result = self._lifecycle()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if self.proc is not None and self.proc.poll() is None:
+                self._kill_container()
+        self.job.finish(self.report_path)
+        if self.args.json:
+            print(json.dumps(self.job.describe(), indent=1), flush=True)
+        return 0 if result == "Completed" else 1
+
+    def _lifecycle(self) -> str:
+        job = self.job
+        n = 0
+        while True:
+            wait = self.waits[min(n, len(self.waits) - 1)]
+            msg = ("Launching requested ML instances" if n == 0
+                   else "Restarting the training job after a spot interruption")
+            if wait > 0:
+                msg += f"; waiting for spot capacity ({'never available' if math.isinf(wait) else f'{wait:g} s'})"
+            job.status("InProgress", "Starting", msg)
+            end = self._now() + wait
+            while self._now() < end:
+                if self._over_wait():
+                    return self._stop("MaxWaitTimeExceeded")
+                if self._stop_requested:
+                    return self._stop("Stopped")
+                time.sleep(min(0.05, max(0.0, end - self._now())))
+            if self._over_wait():
+                return self._stop("MaxWaitTimeExceeded")
+            outcome = self._attempt(n, wait)
+            if outcome != "Interrupted":
+                return outcome
+            n += 1
+
+    def _attempt(self, n: int, wait: float) -> str:
+        job = self.job
+        attempt: dict[str, Any] = {"Number": n + 1, "CapacityWaitSeconds": None if math.isinf(wait) else wait}
+        job.attempts.append(attempt)
+        events = self._start_container()
+        started = self._now()
+        job.status("InProgress", "Downloading", f"Downloading checkpoints from {self.cfg.remote} "
+                   f"to {self.local_dir}")
+        trained_before, train_t0 = job.training_seconds, None
+        while True:
+            self._absorb(events.new(), attempt)
+            now = self._now()
+            if train_t0 is None and attempt.get("child_started"):
+                train_t0 = now
+                step = attempt.get("ResumedFromStep")
+                files = attempt.get("PulledFiles") or 0
+                what = (f"resumed from checkpoint step {step}" if step is not None else
+                        f"resumed from {files} checkpoint file(s)" if files else "no checkpoint to resume from")
+                job.status("InProgress", "Training", f"Training in progress ({what})")
+            if train_t0 is not None and not attempt.get("uploading") and attempt.get("child_exited"):
+                attempt["uploading"] = True
+                job.status("InProgress", "Uploading", f"Uploading checkpoints to {self.cfg.remote}")
+            if train_t0 is not None and not attempt.get("uploading"):
+                job.training_seconds = trained_before + (now - train_t0)
+            instance = job.instance_seconds + (now - started)
+            rc = self.proc.poll() if self.proc is not None else None
+            if rc is not None:
+                self._absorb(events.new(), attempt)
+                job.instance_seconds = instance
+                self._kill_container()  # nothing may outlive the instance
+                attempt["ExitStatus"] = 128 - rc if rc < 0 else rc
+                attempt["InstanceSeconds"] = round(now - started, 3)
+                if rc == 0:
+                    job.status("Completed", "Completed", "Training job completed")
+                    return "Completed"
+                job.failure = f"AlgorithmError: the command exited with status {attempt['ExitStatus']}"
+                job.status("Failed", "Failed", job.failure)
+                return "Failed"
+            point = self.schedule[0] if self.schedule else None
+            if point is not None and train_t0 is not None and job.training_seconds >= point[0]:
+                self.schedule.pop(0)
+                return self._interrupt(attempt, events, started, train_t0, point)
+            if instance >= self.max_run:
+                job.instance_seconds = instance
+                return self._stop("MaxRuntimeExceeded", events, attempt, started)
+            if self._over_wait():
+                job.instance_seconds = instance
+                return self._stop("MaxWaitTimeExceeded", events, attempt, started)
+            if self._stop_requested:
+                job.instance_seconds = instance
+                return self._stop("Stopped", events, attempt, started)
+            time.sleep(0.05)
+
+    def _interrupt(self, attempt: dict[str, Any], events: _Events, started: float, train_t0: float,
+                   point: tuple[float, str]) -> str:
+        job = self.job
+        at_wall = time.time()
+        job.status("InProgress", "Interrupted", f"Spot instance interrupted at {point[0]:g} s of training "
+                   f"({point[1]}): SIGTERM sent, {self.args.grace:g} s until SIGKILL")
+        train_wall_start = at_wall - (self._now() - train_t0)
+        status, killed = self._terminate_container(events, attempt)
+        job.instance_seconds += self._now() - started
+        attempt.update(ExitStatus=status, Killed=killed, InstanceSeconds=round(self._now() - started, 3))
+        state = job.state_time
+        lost = at_wall - max(state or 0.0, train_wall_start)
+        job.interruptions.append({
+            "Number": len(job.interruptions) + 1, "Time": job.iso(at_wall), "Source": point[1],
+            "AtTrainingSeconds": round(point[0], 3), "Attempt": attempt["Number"],
+            "StepAtNotice": attempt.get("StepAtNotice"), "DurableStep": attempt.get("DurableStep"),
+            "ExitStatus": status, "KilledAfterGrace": killed,
+            "LostSeconds": round(max(0.0, lost), 2), "LostSteps": None, "ResumedFromStep": None,
+        })
+        return "Interrupted"
+
+    def _stop(self, reason: str, events: _Events | None = None, attempt: dict[str, Any] | None = None,
+              started: float | None = None) -> str:
+        job = self.job
+        self._stop_at = self._now()
+        job.status("Stopping", "Stopping", "Stopping the training job")
+        if self.proc is not None and self.proc.poll() is None and events is not None and attempt is not None:
+            status, killed = self._terminate_container(events, attempt)
+            attempt.update(ExitStatus=status, Killed=killed)
+            if started is not None:  # the instance runs (and bills) until it is gone
+                job.instance_seconds += self._now() - self._stop_at
+                attempt["InstanceSeconds"] = round(self._now() - started, 3)
+        messages = {
+            "MaxRuntimeExceeded": f"Training job runtime exceeded MaxRuntimeInSeconds provided ({self.max_run:g} s)",
+            "MaxWaitTimeExceeded": f"Training job exceeded MaxWaitTimeInSeconds ({self.max_wait:g} s) "
+                                   "waiting for spot capacity or after interruptions",
+            "Stopped": f"Training job stopped ({self._stop_requested})",
+        }
+        job.status("Stopped", reason, messages[reason])
+        return reason
+
+
+def run_spot(args: argparse.Namespace, cmd: list[str]) -> int:
+    emu = SpotEmulator(cmd, args)
+    print(f"[spot] job {emu.job.name}: workdir {emu.workdir}, remote {emu.cfg.remote}", flush=True)
+    return emu.run()
