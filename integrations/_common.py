@@ -1,0 +1,60 @@
+"""Shared plumbing of the framework adapters: lazy framework imports, the options every
+adapter passes through to :class:`spotckpt.Checkpointer`, and array (de)serialisation that
+loads under both of the core's serialisers."""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Any, Mapping
+
+from spotckpt._config import _UNSET
+from spotckpt._errors import missing
+
+
+def require(module: str, package: str, extra: str) -> ModuleType:
+    """Import ``module`` or raise :class:`spotckpt.MissingDependencyError` naming the extra.
+
+    Example:
+        >>> xgb = require("xgboost", "xgboost", "xgboost")  # doctest: +SKIP
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise missing(package, extra) from e
+
+
+def checkpointer_options(*, local_dir: str | os.PathLike[str] | None, remote: Any,
+                         keep_last: int | None, grace_seconds: float | None,
+                         signals: tuple[int | str, ...] | None,
+                         storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The :class:`spotckpt.Checkpointer` settings an adapter takes as they are.
+
+    ``remote`` keeps the core's meaning: unset reads ``SPOTCKPT_REMOTE``, ``None`` is local only.
+    """
+    opts: dict[str, Any] = dict(local_dir=local_dir, keep_last=keep_last, grace_seconds=grace_seconds,
+                                signals=signals, storage_options=storage_options)
+    if remote is not _UNSET:
+        opts["remote"] = remote
+    return opts
+
+
+UNSET: Any = _UNSET
+
+
+# -- arrays -------------------------------------------------------------------------------
+# ``torch.load(weights_only=True)`` (the core's serialiser whenever torch is imported, as it is
+# under Keras' torch backend) refuses numpy arrays, and the ``pickle-safe`` one admits them.
+# Plain (dtype, shape, bytes) records load under both, and cost one copy, which the snapshot
+# needs anyway.
+def pack_array(a: Any) -> dict[str, Any]:
+    import numpy as np
+
+    a = np.ascontiguousarray(a)
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
+
+
+def unpack_array(rec: Mapping[str, Any]) -> Any:
+    import numpy as np
+
+    return np.frombuffer(rec["data"], dtype=np.dtype(rec["dtype"])).reshape(rec["shape"]).copy()

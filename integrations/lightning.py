@@ -1,0 +1,276 @@
+"""PyTorch Lightning: one callback makes ``Trainer.fit`` survive spot interruptions.
+
+    import lightning as L                      # or: import pytorch_lightning as L
+    from spotckpt.integrations.lightning import SpotCheckpoint
+
+    trainer = L.Trainer(max_epochs=10, callbacks=[SpotCheckpoint(every_n_steps=500)])
+    trainer.fit(model, train_loader)           # resumes by itself; ckpt_path="last" works too
+
+What it does:
+
+- Periodic saves of Lightning's full training checkpoint (model, optimizers, LR schedulers,
+  loops, callbacks, precision state, resumable dataloader state) plus the Python, numpy and
+  torch RNG states, every ``every_n_steps`` optimizer steps and/or ``every_seconds``,
+  through :class:`spotckpt.Checkpointer` (local commit, upload to the remote, retention).
+- On an interruption notice (SIGTERM, or any source the core watches), it saves at the next
+  optimizer-step boundary (never mid gradient accumulation), makes the save durable within
+  the deadline, stops the trainer and, by default, ends the process with status 143.
+- On the next ``fit`` it finds the newest checkpoint, locally or on the remote (an empty
+  local dir on a new machine is the normal case), verifies it and resumes step-exactly. A
+  first run with nothing to restore starts from scratch.
+
+How the resume is wired: Lightning resolves ``fit(ckpt_path=None)`` to ``"last"`` when an
+``OnExceptionCheckpoint`` is present and asks it for its ``ckpt_path``. The callback is one
+(it never writes Lightning's on-exception file); its ``ckpt_path`` is the verified spotckpt
+checkpoint, written back as a Lightning checkpoint file in a temp dir under the local dir.
+So neither ``fit(model)`` nor ``fit(model, ckpt_path="last")`` needs a change, and passing
+another explicit ``ckpt_path`` while a spotckpt checkpoint exists is refused.
+
+What is exact: with ``torch.use_deterministic_algorithms``-grade settings (CPU, fixed threads)
+the weights after an interrupted and resumed run are bitwise those of an uninterrupted one,
+when the interruption falls at an epoch boundary, or anywhere if the train dataloader is
+resumable (``state_dict``/``load_state_dict``, e.g. torchdata's ``StatefulDataLoader`` or the
+loader in ``examples/train_lightning.py``); Lightning cannot fast-forward a plain shuffled
+``DataLoader`` mid-epoch. The RNG states are put back just before the first resumed batch.
+Single process (one device) only; hyperparameters saved in checkpoints must be plain values
+(checkpoints load with ``weights_only=True``).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+from spotckpt import Checkpointer
+from spotckpt import _state
+from spotckpt._checkpointer import EXIT_INTERRUPTED
+from spotckpt._errors import ConfigError
+from spotckpt._events import log
+
+from ._common import UNSET, checkpointer_options, require
+
+__all__ = ["SpotCheckpoint"]
+
+# Under the local dir, so on the same disk; the suffix makes the Syncer and SageMaker skip it
+# and the core's clean_temp() remove it after a crash.
+_RESUME_DIR = ".lightning-resume.tmp.sagemaker-ignore"
+
+
+def _package() -> str:
+    """``lightning.pytorch`` or ``pytorch_lightning``: the one the user's Trainer comes from.
+
+    The two ship separate class hierarchies, and a Trainer accepts only callbacks of its own.
+    """
+    if "pytorch_lightning" in sys.modules and "lightning.pytorch" not in sys.modules:
+        return "pytorch_lightning"
+    try:
+        require("lightning.pytorch", "lightning", "lightning")
+        return "lightning.pytorch"
+    except ImportError:
+        require("pytorch_lightning", "lightning", "lightning")
+        return "pytorch_lightning"
+
+
+@functools.lru_cache(maxsize=None)
+def _implementation(package: str) -> type:
+    callbacks = require(f"{package}.callbacks", "lightning", "lightning")
+
+    class _SpotCheckpoint(SpotCheckpoint, callbacks.OnExceptionCheckpoint):
+        pass
+
+    _SpotCheckpoint.__name__ = _SpotCheckpoint.__qualname__ = "SpotCheckpoint"
+    return _SpotCheckpoint
+
+
+class _TrainerState:
+    """The Checkpointer's view of a trainer: Lightning's own full checkpoint plus RNG."""
+
+    def __init__(self) -> None:
+        self.trainer: Any = None
+        self.restored: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # What Trainer.save_checkpoint writes, kept in memory so that the core writes it in
+        # the background. The RNG is also kept here (not only in the core's copy) because it
+        # must be put back later than the restore, just before the first resumed batch.
+        ckpt = self.trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        return {"checkpoint": ckpt, "rng": _state.rng_state()}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.restored = dict(sd)
+
+
+class SpotCheckpoint:
+    """Lightning callback: periodic and notice-triggered saves, and exact resume.
+
+    Args:
+        every_n_steps: save every N optimizer steps (``trainer.global_step``).
+        every_seconds: save every S seconds (either, both or neither; with neither, only
+            interruptions and the end of training save).
+        local_dir, remote, keep_last, grace_seconds, signals, storage_options: as for
+            :class:`spotckpt.Checkpointer` (and their ``SPOTCKPT_*`` variables).
+        exit_on_interrupt: after an interruption save, end the process with status 143 once
+            ``fit`` has cleaned up. With False, ``fit`` returns and :attr:`interrupted` is True.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[SpotCheckpoint(every_n_steps=500)])  # doctest: +SKIP
+        >>> trainer.fit(model, loader)
+
+    Raises:
+        spotckpt.MissingDependencyError: neither ``lightning`` nor ``pytorch_lightning`` is
+            installed.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SpotCheckpoint:
+        # Build the real class on first use, on the Lightning package the user imported:
+        # importing this module imports no framework.
+        if cls is SpotCheckpoint:
+            cls = _implementation(_package())
+        return object.__new__(cls)
+
+    def __init__(self, every_n_steps: int | None = None, every_seconds: float | None = None, *,
+                 local_dir: str | os.PathLike[str] | None = None, remote: str | None = UNSET,
+                 keep_last: int | None = None, grace_seconds: float | None = None,
+                 signals: tuple[int | str, ...] | None = None,
+                 storage_options: Mapping[str, Any] | None = None,
+                 exit_on_interrupt: bool = True) -> None:
+        super().__init__(dirpath=str(local_dir or "."), filename="spotckpt-resume")  # type: ignore[call-arg]
+        self.every_n_steps, self.every_seconds = every_n_steps, every_seconds
+        self.exit_on_interrupt = exit_on_interrupt
+        self._options = checkpointer_options(local_dir=local_dir, remote=remote, keep_last=keep_last,
+                                             grace_seconds=grace_seconds, signals=signals,
+                                             storage_options=storage_options)
+        self.checkpointer: Checkpointer | None = None
+        self._state = _TrainerState()
+        self._resume_file: Path | None = None
+        self.interrupted = False
+        # Lightning's notes for OnExceptionCheckpoint users do not apply to this callback.
+        for text in (r".*ckpt_path=None\)` was called without a model",
+                     r'.*ckpt_path="last"\) is set, but there is no last checkpoint available'):
+            warnings.filterwarnings("ignore", message=text)
+
+    # -- the checkpoint Lightning loads ------------------------------------------------------
+    @property
+    def ckpt_path(self) -> str | None:  # type: ignore[override]
+        """The newest verified checkpoint as a Lightning checkpoint file, or None.
+
+        Lightning reads this while it resolves ``fit(ckpt_path=None | "last")``, before any
+        hook runs, so this is where the Checkpointer opens and restores.
+        """
+        self._open()
+        return str(self._resume_file) if self._resume_file is not None else None
+
+    def _open(self) -> Checkpointer:
+        if self.checkpointer is not None:
+            return self.checkpointer
+        self.interrupted = False
+        self._state.restored = None
+        ckpt = Checkpointer({"lightning": self._state}, every_steps=self.every_n_steps,
+                            every_seconds=self.every_seconds, exit_on_interrupt=False,
+                            framework="lightning", **self._options)
+        ckpt.open()
+        self.checkpointer = ckpt
+        if self._state.restored is not None:
+            import torch
+
+            d = ckpt.local_dir / _RESUME_DIR
+            d.mkdir(exist_ok=True)
+            self._resume_file = d / f"step-{ckpt.restored_step}.ckpt"
+            torch.save(self._state.restored["checkpoint"], self._resume_file)
+            log.warning("spotckpt: resuming Lightning from step %d", ckpt.restored_step)
+        return ckpt
+
+    def _drop_resume_file(self) -> None:
+        if self._resume_file is not None:
+            shutil.rmtree(self._resume_file.parent, ignore_errors=True)
+            self._resume_file = None
+
+    # -- hooks -------------------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._state.trainer = trainer
+        if stage == "fit":
+            self._open()  # when fit(ckpt_path=<a path>) did not ask for ckpt_path
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        ckpt = self.checkpointer
+        if ckpt is None or ckpt.restored_step is None:
+            return
+        loaded = trainer.ckpt_path
+        if self._resume_file is None or loaded is None or \
+                os.path.abspath(str(loaded)) != os.path.abspath(str(self._resume_file)):
+            raise ConfigError(
+                f"spotckpt: a checkpoint at step {ckpt.restored_step} exists in {ckpt.local_dir} "
+                f"(or the remote) but fit(ckpt_path={str(loaded)!r}) loads another one; call "
+                "fit(model) or fit(model, ckpt_path='last') to resume it")
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        restored = self._state.restored
+        if restored is not None:
+            # Lightning has restored everything else by now; the RNG goes back here, where
+            # the uninterrupted run stood when it saved: before fetching the next batch.
+            _state.set_rng_state(restored["rng"])
+            self._state.restored = None
+        self._drop_resume_file()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        ckpt = self.checkpointer
+        if ckpt is None or self.interrupted or _accumulating(trainer, batch_idx):
+            return
+        ckpt.step = trainer.global_step
+        ckpt.boundary()
+        if ckpt.interrupted:
+            self.interrupted = True
+            trainer.should_stop = True
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # Lightning ends a SIGTERMed fit by raising SIGTERMException (a SystemExit with no
+        # status, i.e. exit 0) after the batch; other exceptions end here too. The trainer's
+        # `teardown` hooks do not run on this path, so close here.
+        ckpt = self.checkpointer
+        if ckpt is not None:
+            if ckpt.should_stop and not ckpt.interrupted:
+                ckpt.step = trainer.global_step  # e.g. SIGTERM during validation
+            self._close(raise_errors=False)
+        if self.interrupted and self.exit_on_interrupt and isinstance(exception, SystemExit):
+            exception.code = EXIT_INTERRUPTED
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        ckpt = self.checkpointer
+        if ckpt is None:
+            return
+        if stage == "fit":
+            ckpt.step = trainer.global_step
+            if not ckpt.should_stop:
+                ckpt.save()  # the end of training (skipped if this step is already saved)
+        self._close(raise_errors=True)
+        if stage == "fit" and self.interrupted and self.exit_on_interrupt:
+            raise SystemExit(EXIT_INTERRUPTED)
+
+    def _close(self, *, raise_errors: bool) -> None:
+        ckpt, self.checkpointer = self.checkpointer, None
+        self._drop_resume_file()
+        self._state.restored = None
+        if ckpt is None:
+            return
+        try:
+            ckpt.close(raise_errors=raise_errors)
+        finally:
+            self.interrupted = self.interrupted or ckpt.interrupted
+
+    # Lightning's OnExceptionCheckpoint state is not ours to keep.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
+def _accumulating(trainer: Any, batch_idx: int) -> bool:
+    """True between the batches of one gradient accumulation: not a step boundary."""
+    n = trainer.accumulate_grad_batches
+    return n > 1 and (batch_idx + 1) % n != 0 and (batch_idx + 1) != trainer.num_training_batches
