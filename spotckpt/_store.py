@@ -1,7 +1,9 @@
 """The remote store: fsspec only, no ML imports.
 
 One :class:`RemoteStore` wraps an fsspec URL (``s3://bucket/prefix/``, ``file:///path/``,
-...). Every call retries transient failures with exponential backoff; when the budget runs
+...). For ``s3://`` the bytes of uploads, downloads and single-object reads and writes go
+through a boto3/s3transfer fast path (:mod:`._s3fast`: parallel multipart parts, ranged
+GETs) built from the same settings; listing and deletes stay on s3fs. Every call retries transient failures with exponential backoff; when the budget runs
 out it raises :class:`RemoteError` naming the remote and the last cause. Credentials and
 presigned query strings never reach a message (:func:`redact`).
 """
@@ -95,6 +97,17 @@ class RemoteStore:
         self.root = root.rstrip("/")
         self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.attempts, self.base_delay, self.max_delay, self._sleep = attempts, base_delay, max_delay, sleep
+        # Optional: called with byte counts as uploads/downloads progress (progress bars).
+        self.progress: Callable[[int], None] | None = None
+        self.fast = None
+        if "s3" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
+            from ._s3fast import S3Fast
+
+            self.fast = S3Fast.for_fs(self.fs, self.root)
+
+    def _key(self, rel: str) -> str:
+        """The S3 key of ``rel`` (the root without its bucket)."""
+        return self.path(rel).split("/", 1)[1]
 
     # -- plumbing --------------------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -138,7 +151,11 @@ class RemoteStore:
         want = os.path.getsize(local)
 
         def go() -> int:
-            self.fs.put_file(os.fspath(local), self.path(rel))
+            if self.fast is not None:
+                self.fast.put_file(os.fspath(local), self._key(rel), self.progress)
+            else:
+                with _Transfer(self.progress, want) as cb:
+                    self.fs.put_file(os.fspath(local), self.path(rel), **cb.kwargs)
             got = self.size(rel, retry=False)
             if got != want:
                 raise OSError(f"uploaded {rel} has {got} bytes, expected {want}")
@@ -153,24 +170,44 @@ class RemoteStore:
                 tmp = self.path(f"{rel}.{uuid.uuid4().hex[:8]}.tmp.sagemaker-ignore")
                 self.fs.pipe_file(tmp, data)
                 self.fs.mv(tmp, self.path(rel))
+            elif self.fast is not None:
+                self.fast.put_bytes(self._key(rel), data)
             else:
                 self.fs.pipe_file(self.path(rel), data)
         self._call(f"write of {rel}", go)
 
     def get_file(self, rel: str, local: str | os.PathLike[str]) -> None:
-        self._call(f"download of {rel}", lambda: self.fs.get_file(self.path(rel), os.fspath(local)))
+        def go() -> None:
+            if self.fast is not None:
+                self.fast.get_file(self._key(rel), os.fspath(local), self.progress)
+                return
+            with _Transfer(self.progress, None) as cb:
+                self.fs.get_file(self.path(rel), os.fspath(local), **cb.kwargs)
+                cb.total = os.path.getsize(local)
+        self._call(f"download of {rel}", go)
 
     def cat(self, rel: str) -> bytes:
+        if self.fast is not None:
+            return self._call(f"read of {rel}", lambda: self.fast.cat(self._key(rel)))
         return self._call(f"read of {rel}", lambda: self.fs.cat_file(self.path(rel)))
 
     def size(self, rel: str, *, retry: bool = True) -> int:
         def go() -> int:
+            if self.fast is not None:
+                return self.fast.size(self._key(rel))
             self.fs.invalidate_cache(self.path(rel))
             return int(self.fs.info(self.path(rel))["size"])
         return self._call(f"stat of {rel}", go) if retry else go()
 
     def exists(self, rel: str) -> bool:
+        """Whether the object ``rel`` exists (a file, not a prefix)."""
         def go() -> bool:
+            if self.fast is not None:
+                try:
+                    self.fast.size(self._key(rel))
+                    return True
+                except FileNotFoundError:
+                    return False
             self.fs.invalidate_cache(self.path(rel))
             return bool(self.fs.exists(self.path(rel)))
         return self._call(f"stat of {rel}", go)
@@ -236,3 +273,34 @@ class RemoteStore:
             return
         self.put_bytes(f"{d}/{MANIFEST}.quarantined", data)
         self.rm(f"{d}/{MANIFEST}")
+
+
+class _Transfer:
+    """Reports the bytes of one transfer to a progress hook (fsspec callback where the
+    filesystem supports one; the whole size at the end where it does not, as for file://)."""
+
+    def __init__(self, hook: Callable[[int], None] | None, total: int | None) -> None:
+        self.hook, self.total, self.done = hook, total, 0
+        self.kwargs: dict[str, Any] = {}
+        if hook is not None:
+            from fsspec.callbacks import Callback
+
+            outer = self
+
+            class _CB(Callback):
+                def relative_update(self, inc: int = 1) -> None:
+                    outer._add(int(inc))
+
+            self.kwargs = {"callback": _CB()}
+
+    def _add(self, n: int) -> None:
+        if self.hook is not None and n > 0:
+            self.done += n
+            self.hook(n)
+
+    def __enter__(self) -> _Transfer:
+        return self
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is None and self.total is not None and self.total > self.done:
+            self._add(self.total - self.done)

@@ -1,0 +1,198 @@
+"""Fast S3 transfers for checkpoint payloads: boto3 + s3transfer, no ML imports.
+
+s3fs's ``put_file`` sends a big file's parts one request after another and its sync wrapper
+costs a few ms per call; ``bench/`` measured it at about half the throughput of a tuned
+boto3 multipart upload. So for ``s3://`` remotes the store moves bytes through this module:
+multipart uploads with parallel parts, parallel ranged downloads, and single requests
+(``put_object``/``head_object``) for small objects, where latency is what counts. Listing
+and deletes stay on s3fs. The client is built from the same settings s3fs resolved (key,
+secret, token, profile, anon, endpoint, ``client_kwargs``, ``config_kwargs``), so both see
+the same bucket with the same credentials and signing; settings this module does not
+understand (``s3_additional_kwargs``, requester pays, versioning, a custom session) turn it
+off and everything goes through s3fs.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable
+
+# Part size and parallelism, from bench/'s sweep: on loopback and on EC2 to S3 alike,
+# 16 MiB parts with 8 in flight keep the link busy while bounding memory to ~128 MiB per
+# transfer, and stay far below S3's 10,000-part limit up to 156 GiB files (bigger files get
+# bigger parts, see _part_size).
+PART_SIZE = 16 << 20
+CONCURRENCY = 8
+MAX_PARTS = 10_000
+
+
+def _part_size(size: int) -> int:
+    part = PART_SIZE
+    while size > part * MAX_PARTS:
+        part *= 2
+    return part
+
+
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket", "NoSuchUpload"}
+_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+           "InvalidToken", "ExpiredToken"}
+
+
+def translate(e: BaseException) -> BaseException:
+    """botocore's ClientError as the built-in error it means (as s3fs's ``errors.py`` does)."""
+    resp = getattr(e, "response", None)
+    if not isinstance(resp, dict):
+        return e
+    err = resp.get("Error") or {}
+    code = str(err.get("Code") or resp.get("ResponseMetadata", {}).get("HTTPStatusCode") or "")
+    msg = f"{code}: {err.get('Message') or e}"
+    if code in _NOT_FOUND:
+        return FileNotFoundError(msg)
+    if code in _DENIED:
+        return PermissionError(msg)
+    return e
+
+
+class S3Fast:
+    """Big-file transfers for one bucket, sharing the settings of an s3fs filesystem.
+
+    Example:
+        >>> fast = S3Fast.for_fs(fs, "bucket/prefix")  # doctest: +SKIP
+        >>> fast.put_file("/tmp/state.pt", "prefix/step-000000000100/state.pt")
+    """
+
+    def __init__(self, bucket: str, *, session_kwargs: dict[str, Any], client_kwargs: dict[str, Any],
+                 config_kwargs: dict[str, Any]) -> None:
+        self.bucket = bucket
+        self._session_kwargs, self._client_kwargs, self._config_kwargs = session_kwargs, client_kwargs, config_kwargs
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._manager: Any = None
+
+    @classmethod
+    def for_fs(cls, fs: Any, root: str) -> S3Fast | None:
+        """A fast path matching ``fs`` (an s3fs filesystem), or None if it cannot match it."""
+        try:
+            import boto3  # noqa: F401
+            import s3transfer.manager  # noqa: F401
+        except ImportError:
+            return None
+        if (getattr(fs, "s3_additional_kwargs", None) or getattr(fs, "req_kw", None)
+                or getattr(fs, "version_aware", False) or getattr(fs, "session", None) is not None):
+            return None
+        extra = dict(getattr(fs, "kwargs", {}) or {})
+        profile = extra.pop("profile", None)
+        if extra:
+            return None  # session settings we would not reproduce faithfully
+        bucket = root.split("/", 1)[0]
+        if not bucket:
+            return None
+        session_kwargs: dict[str, Any] = {}
+        if profile:
+            session_kwargs["profile_name"] = profile
+        ck = dict(getattr(fs, "client_kwargs", {}) or {})
+        if getattr(fs, "endpoint_url", None) and "endpoint_url" not in ck:
+            ck["endpoint_url"] = fs.endpoint_url
+        if getattr(fs, "key", None):
+            ck.setdefault("aws_access_key_id", fs.key)
+        if getattr(fs, "secret", None):
+            ck.setdefault("aws_secret_access_key", fs.secret)
+        if getattr(fs, "token", None):
+            ck.setdefault("aws_session_token", fs.token)
+        if getattr(fs, "use_ssl", True) is False:
+            ck.setdefault("use_ssl", False)
+        cfg = dict(getattr(fs, "config_kwargs", {}) or {})
+        if getattr(fs, "anon", False):
+            from botocore import UNSIGNED
+
+            cfg["signature_version"] = UNSIGNED
+        return cls(bucket, session_kwargs=session_kwargs, client_kwargs=ck, config_kwargs=cfg)
+
+    # -- clients (built on first use: boto3 costs ~0.3 s to import) ----------------------------
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                cfg = dict(self._config_kwargs)
+                cfg.setdefault("max_pool_connections", 2 * CONCURRENCY)
+                session = boto3.session.Session(**self._session_kwargs)
+                self._client = session.client("s3", config=Config(**cfg), **self._client_kwargs)
+            return self._client
+
+    def _transfer_manager(self, part: int) -> Any:
+        from s3transfer.manager import TransferConfig, TransferManager
+
+        client = self.client
+        conf = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
+                              max_request_concurrency=CONCURRENCY, max_io_queue_size=1000,
+                              io_chunksize=1 << 20)
+        return TransferManager(client, conf)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - mapped to built-ins, re-raised
+            t = translate(e)
+            if t is e:
+                raise
+            raise t from e
+
+    # -- operations ------------------------------------------------------------------------
+    def put_file(self, local: str, key: str, progress: Callable[[int], None] | None = None) -> None:
+        """Upload ``local`` to ``key``: one PUT up to a part size, multipart above."""
+        size = os.path.getsize(local)
+        part = _part_size(size)
+        if size <= part:
+            def one() -> None:
+                with open(local, "rb") as f:
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=f)
+            self._call(one)
+            if progress is not None and size:
+                progress(size)
+            return
+        self._transfer(lambda m, subs: m.upload(local, self.bucket, key, subscribers=subs), part, progress)
+
+    def get_file(self, key: str, local: str, progress: Callable[[int], None] | None = None) -> None:
+        """Download ``key`` to ``local`` with parallel ranged GETs (part-sized ranges)."""
+        self._transfer(lambda m, subs: m.download(self.bucket, key, local, subscribers=subs), PART_SIZE,
+                       progress)
+
+    def _transfer(self, start: Callable[[Any, list], Any], part: int,
+                  progress: Callable[[int], None] | None) -> None:
+        subs = []
+        if progress is not None:
+            from s3transfer.subscribers import BaseSubscriber
+
+            class _Progress(BaseSubscriber):
+                def on_progress(self, future: Any, bytes_transferred: int, **kw: Any) -> None:
+                    if bytes_transferred > 0:
+                        progress(bytes_transferred)
+
+            subs.append(_Progress())
+
+        def go() -> None:
+            manager = self._transfer_manager(part)
+            try:
+                start(manager, subs).result()
+            finally:
+                manager.shutdown()
+        self._call(go)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call(lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data))
+
+    def cat(self, key: str) -> bytes:
+        def go() -> bytes:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            try:
+                return body.read()
+            finally:
+                body.close()
+        return self._call(go)
+
+    def size(self, key: str) -> int:
+        """The object's size. Raises FileNotFoundError if it does not exist."""
+        return int(self._call(lambda: self.client.head_object(Bucket=self.bucket, Key=key))["ContentLength"])
