@@ -85,6 +85,7 @@ class Checkpointer:
         self._engine: Engine | None = None
         self._local: LocalDir | None = None
         self._last_saved: int | None = None
+        self._pool = _state.SnapshotPool()  # CPU copy of the state, refilled each save
         self._open = False
         self.save_seconds: float | None = None  # duration of the last background write
 
@@ -167,8 +168,14 @@ class Checkpointer:
                 if notice is not None:
                     timeout = max(0.0, notice.seconds_left(self.clock) - _FLUSH_MARGIN)
                 if not self._syncer.close(timeout):
-                    err = self._syncer.last_error or RemoteError(
+                    problem = self._syncer.last_error or RemoteError(
                         f"spotckpt: uploads to {self.config.remote} did not finish within {timeout:.0f} s")
+                    if self.interrupted:
+                        # Past the deadline the process must exit (143) now; what is durable
+                        # was logged by the interruption flush.
+                        log.error("%s", problem)
+                    else:
+                        err = problem
         except BaseException as e:  # noqa: BLE001
             err = e
         finally:
@@ -246,7 +253,7 @@ class Checkpointer:
         if self._last_saved == step and (self._local.path(step) / "MANIFEST.json").exists():
             return
         t0 = time.monotonic()
-        payload = _state.snapshot(self.state)
+        payload = _state.snapshot(self.state, pool=self._pool)  # buffers reused: a memcpy
         snapshot_s = time.monotonic() - t0
         payload_step = step
         serializer = _state.serializer_name()
@@ -309,7 +316,13 @@ class Checkpointer:
         self._writer.wait()  # a periodic save in flight counts as committed for the plan
         saved = self._last_saved == self.step
         undurable = self._syncer is not None and bool(self._syncer.busy_steps())
-        plan = self._planner.decide(left, unsaved_work=not saved, undurable_commit=undurable)
+        queued_s = 0.0
+        if self._syncer is not None:
+            nbytes, since = self._syncer.in_flight()
+            total = self._planner.upload_seconds(nbytes) if nbytes else None
+            queued_s = max(0.0, total - since) if total is not None else 0.0
+        plan = self._planner.decide(left, unsaved_work=not saved, undurable_commit=undurable,
+                                    queued_s=queued_s)
         self.events.emit("plan", action=plan.action, estimate_s=plan.estimate,
                          seconds_left=round(left, 2), reason=plan.reason)
         log.warning("spotckpt: %s received at step %d, %.1f s left: %s", notice.source, self.step,
@@ -318,7 +331,16 @@ class Checkpointer:
             self.save(blocking=True)
         ok = True
         if self._syncer is not None:
-            ok = self._syncer.flush(max(0.0, notice.seconds_left(self.clock) - _FLUSH_MARGIN))
+            budget = max(0.0, notice.seconds_left(self.clock) - _FLUSH_MARGIN)
+            if plan.action == "finish-upload":
+                # finish what is in flight; whatever is queued behind it would not fit
+                target = self._syncer.uploading_step()
+                busy = self._syncer.busy_steps()
+                if target is None and busy:
+                    target = max(busy)
+                ok = target is None or self._syncer.wait_durable(target, budget)
+            else:
+                ok = self._syncer.flush(budget)
             durable = self._syncer.durable_step
             if ok:
                 log.warning("spotckpt: step %s is durable at %s", durable, self.config.remote)

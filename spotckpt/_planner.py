@@ -46,19 +46,28 @@ class FlushPlanner:
             # smooth, but let a slowdown show quickly: the deadline cares about the worst case
             self.bytes_per_s = bps if self.bytes_per_s is None else min(bps, 0.5 * (bps + self.bytes_per_s))
 
-    def estimate(self) -> float | None:
-        """Seconds for a new full save until it is durable, or None before any measurement."""
+    def upload_seconds(self, nbytes: int) -> float | None:
+        return None if not self.bytes_per_s else nbytes / self.bytes_per_s
+
+    def estimate(self, *, queued_s: float = 0.0) -> float | None:
+        """Seconds for a new full save until it is durable, or None before any measurement.
+
+        Args:
+            queued_s: seconds the upload already in flight still needs (a new upload waits
+                for it).
+        """
         if self.snapshot_s is None or self.write_s is None:
             return None
-        t = self.snapshot_s + self.write_s
+        t = self.snapshot_s + self.write_s + queued_s
         if self.uploads:
             if self.bytes_per_s is None or self.bytes is None:
                 return None
             t += self.bytes / self.bytes_per_s
         return t * SAFETY + OVERHEAD
 
-    def decide(self, seconds_left: float, *, unsaved_work: bool, undurable_commit: bool) -> Plan:
-        est = self.estimate()
+    def decide(self, seconds_left: float, *, unsaved_work: bool, undurable_commit: bool,
+               queued_s: float = 0.0) -> Plan:
+        est = self.estimate(queued_s=queued_s)
         if not unsaved_work:
             return Plan("finish-upload" if undurable_commit else "nothing", est, seconds_left,
                         "the current step is already saved")

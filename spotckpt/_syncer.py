@@ -64,6 +64,8 @@ class Syncer:
         self._cv = threading.Condition()
         self._pending: int | None = None
         self._uploading: int | None = None
+        self._uploading_bytes = 0
+        self._uploading_since: float | None = None
         self._force_scan = 0      # generation counter of requested full mirror passes
         self._scan_done = 0
         self._stop = False
@@ -93,6 +95,30 @@ class Syncer:
                 self.events.emit("upload_skipped", step=skipped, reason="superseded")
             self._pending = step if self._pending is None else max(self._pending, step)
             self._cv.notify_all()
+
+    def in_flight(self) -> tuple[int, float]:
+        """Bytes of the checkpoint being uploaded and seconds since its upload started
+        (``(0, 0.0)`` when idle): the planner's view of the upload queue."""
+        with self._cv:
+            if self._uploading is None or self._uploading_since is None:
+                return 0, 0.0
+            return self._uploading_bytes, time.monotonic() - self._uploading_since
+
+    def uploading_step(self) -> int | None:
+        with self._cv:
+            return self._uploading
+
+    def wait_durable(self, step: int, timeout: float | None = None) -> bool:
+        """Wait until checkpoint ``step`` (or a newer one) is committed on the remote,
+        without waiting for anything queued behind it. False on timeout."""
+        end = None if timeout is None else self.clock() + max(0.0, timeout)
+        with self._cv:
+            while (self.durable_step is None or self.durable_step < step) and self._alive():
+                left = None if end is None else end - self.clock()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(0.05 if left is None else min(0.05, left))
+            return self.durable_step is not None and self.durable_step >= step
 
     def busy_steps(self) -> set[int]:
         """Steps that local retention must not delete (queued or uploading)."""
@@ -124,9 +150,12 @@ class Syncer:
         ok = self.flush(timeout)
         with self._cv:
             self._stop = True
+            self._pending = None  # past the flush, nothing new starts
             self._cv.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            # An upload still running after a failed flush is abandoned: the thread is a
+            # daemon, and without its manifest the partial upload does not exist.
+            self._thread.join(timeout=5 if ok else 0.2)
         return ok
 
     # -- the thread ------------------------------------------------------------------------
@@ -160,6 +189,7 @@ class Syncer:
             finally:
                 with self._cv:
                     self._uploading = None
+                    self._uploading_since = None
                     if self.last_error is None:
                         self._scan_done = max(self._scan_done, scan_gen)
                     self._cv.notify_all()
@@ -174,6 +204,8 @@ class Syncer:
             self.durable_step = max(self.durable_step or -1, step)
             return
         t0 = time.monotonic()
+        with self._cv:
+            self._uploading_bytes, self._uploading_since = manifest.total_bytes, t0
         self.events.emit("upload_start", step=step, bytes=manifest.total_bytes)
         for e in manifest.files:
             self.store.put_file(path / e.path, f"{d}/{e.path}")
