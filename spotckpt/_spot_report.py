@@ -54,7 +54,7 @@ class Job:
         print(f"[spot {elapsed:7.1f}s] {primary:<10} {secondary:<20} {message}", file=self.out, flush=True)
 
     def billable_seconds(self) -> int:
-        return int(math.ceil(round(self.instance_seconds) * (1.0 - self.discount)))
+        return int(round(round(self.instance_seconds) * (1.0 - self.discount)))
 
     def describe(self) -> dict[str, Any]:
         training = int(round(self.instance_seconds))

@@ -35,7 +35,7 @@ from ._engine import Engine
 from ._errors import ConfigError
 from ._events import EventLog, log
 from ._local import META, LocalDir
-from ._pull import human_bytes, open_remote, pull
+from ._pull import human_bytes, is_freeform, open_remote, pull
 from ._store import RemoteStore
 from ._syncer import Syncer
 
@@ -299,15 +299,14 @@ class Supervisor:
 
     def _final_flush(self, rc: int | None) -> None:
         assert self.syncer is not None
-        torn = set()
+        torn: set[str] = set()
         if rc not in (None, 0) and self._writers:
             # The command died while these were open for writing: they may be torn. Keep
             # the previous remote copy rather than overwrite it with a partial file.
             root = str(self.local.root.resolve()) + os.sep
-            torn = {p[len(root):] for p in self._writers if p.startswith(root)}
-            hold = getattr(self.syncer, "hold", None)
-            if isinstance(hold, set):
-                hold.update(torn)
+            torn = {p[len(root):] for p in self._writers if p.startswith(root) and is_freeform(p[len(root):])}
+        if torn:
+            self.syncer.hold.update(torn)
             log.warning("spotckpt run: not uploading %s: it was being written when the command "
                         "died; the remote keeps its previous version", ", ".join(sorted(torn)))
         timeout = None if self.deadline is None else self._seconds_left(default=0.0)
