@@ -17,7 +17,7 @@ from ._config import _UNSET, Config
 from ._errors import CorruptCheckpointError, RemoteError
 from ._events import EventLog
 from ._local import LocalDir
-from ._manifest import MANIFEST, Manifest, step_dirname, verify_dir
+from ._manifest import Manifest, step_dirname, verify_dir
 from ._progress import Progress
 from ._pull import human_bytes, local_freeform, open_remote, pull, remote_freeform
 from ._store import RemoteStore
@@ -31,12 +31,10 @@ def _setup(args: argparse.Namespace, *, need_remote: bool = False, create_local:
     if need_remote and not cfg.remote:
         raise SystemExit(_usage(f"spotckpt {args.command}: no remote; pass --remote s3://bucket/prefix/ "
                                 "or set SPOTCKPT_REMOTE"))
-    store = open_remote(cfg.remote, cfg.storage_options, probe=False, attempts=3) if cfg.remote else None
-    if store is not None:
-        try:
-            store.committed()  # reachable? fails fast with one clear line
-        except RemoteError:
-            store = open_remote(cfg.remote, cfg.storage_options, probe=True)  # the clearer error
+    # Fail within seconds, in one line, when the remote is unreachable: a write probe for
+    # commands that upload, a listing for the read-only ones.
+    probe = "write" if args.command == "push" else "read"
+    store = open_remote(cfg.remote, cfg.storage_options, probe=probe, attempts=3) if cfg.remote else None
     return cfg, LocalDir(cfg.local_dir), store
 
 
@@ -294,4 +292,4 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-__all__ = ["cmd_ls", "cmd_status", "cmd_verify", "cmd_pull", "cmd_push", "MANIFEST"]
+__all__ = ["cmd_ls", "cmd_status", "cmd_verify", "cmd_pull", "cmd_push"]

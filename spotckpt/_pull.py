@@ -174,22 +174,31 @@ def pull(local: LocalDir, store: RemoteStore, *, events: EventLog | None = None,
 
 
 
-def open_remote(url: str, storage_options: dict | None = None, *, probe: bool = True,
+def quick_store(url: str, storage_options: dict | None = None) -> RemoteStore:
+    """A :class:`RemoteStore` with few retries and a short connect timeout, for checks
+    that must fail within seconds (a wrong endpoint, bucket or credentials)."""
+    quick = dict(storage_options or {})
+    if url.lower().startswith("s3://"):
+        ck = dict(quick.get("config_kwargs") or {})
+        ck.setdefault("retries", {"max_attempts": 2})
+        ck.setdefault("connect_timeout", 5)
+        quick["config_kwargs"] = ck
+    return RemoteStore(url, quick, attempts=2, base_delay=0.2)
+
+
+def open_remote(url: str, storage_options: dict | None = None, *, probe: str | None = "write",
                 attempts: int = 6) -> RemoteStore:
     """A :class:`RemoteStore` for ``url``, checked up front by a quick probe.
 
-    The probe uses few retries and a short connect timeout, so a wrong endpoint, bucket or
-    credentials is one clear error within seconds rather than after minutes of backoff.
+    Args:
+        probe: ``"write"`` (write and delete a small object: for commands that upload),
+            ``"read"`` (list the checkpoints: for read-only commands), or None.
 
     Raises:
-        RemoteError: the remote cannot be written.
+        RemoteError: the remote cannot be reached (or written).
     """
-    if probe:
-        quick = dict(storage_options or {})
-        if url.lower().startswith("s3://"):
-            ck = dict(quick.get("config_kwargs") or {})
-            ck.setdefault("retries", {"max_attempts": 2})
-            ck.setdefault("connect_timeout", 5)
-            quick["config_kwargs"] = ck
-        RemoteStore(url, quick, attempts=2, base_delay=0.2).probe()
+    if probe == "write":
+        quick_store(url, storage_options).probe()
+    elif probe == "read":
+        quick_store(url, storage_options).committed()
     return RemoteStore(url, storage_options, attempts=attempts)

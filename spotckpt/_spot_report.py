@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import sys
 import time
 from pathlib import Path
