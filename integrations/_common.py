@@ -50,7 +50,7 @@ UNSET: Any = _UNSET
 def pack_array(a: Any) -> dict[str, Any]:
     import numpy as np
 
-    a = np.ascontiguousarray(a)
+    a = np.asarray(a, order="C")  # (not ascontiguousarray, which makes 0-d arrays 1-d)
     return {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
 
 
