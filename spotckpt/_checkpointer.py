@@ -1,6 +1,7 @@
 """The user API: :class:`Checkpointer`, a context manager around a training loop."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -8,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from . import _state
+from . import _distributed, _state
+from ._layout import RankLayout, rank_dirname
 from ._config import _UNSET, Config
 from ._engine import Engine, restore_newest
 from ._errors import RemoteError
@@ -16,7 +18,7 @@ from ._events import EventLog, log
 from ._local import LocalDir
 from ._metadata import MetadataWatcher, sources_from_env
 from ._notices import Notice, NoticeBoard, SignalSource
-from ._planner import FlushPlanner
+from ._planner import PLAN_ACTIONS, FlushPlanner
 from ._policies import make_policy
 from ._store import RemoteStore
 from ._syncer import Syncer
@@ -79,6 +81,7 @@ class Checkpointer:
         self._board = NoticeBoard(clock)
         self._signals: SignalSource | None = None
         self._watcher: MetadataWatcher | None = None
+        self._dist: _distributed.Dist | None = None
         self._planner = FlushPlanner()
         self._syncer: Syncer | None = None
         self._writer: BackgroundWriter | None = None
@@ -98,17 +101,25 @@ class Checkpointer:
         """Validate settings, take the local dir, restore the newest checkpoint, start the
         background threads and the signal handlers."""
         cfg = self.config = Config.resolve(**self._args)
-        local = self._local = LocalDir(cfg.local_dir)
+        d = self._dist = _distributed.detect()
+        # one rank of many: its own part dir, so ranks sharing a host never collide
+        local = self._local = LocalDir(cfg.local_dir if d is None else cfg.local_dir / rank_dirname(d.rank))
         local.lock()
         try:
             local.clean_temp()
             events = self.events = EventLog(local.meta / "events.jsonl")
             store = None
-            if cfg.remote and not supervised():
-                store = RemoteStore(cfg.remote, cfg.storage_options)
+            remote = cfg.remote
+            if d is not None and not remote:  # ranks on one host commit through a shared dir
+                remote = f"file://{cfg.local_dir}/shared/"
+            if remote and not supervised():
+                store = RemoteStore(remote, cfg.storage_options)
                 store.probe()
             self._policy = make_policy(cfg.every_steps, cfg.every_seconds, self.clock)
-            found = restore_newest(local, store, events=events)
+            if d is None:
+                found = restore_newest(local, store, events=events)
+            else:
+                found = _distributed.restore(d, local, store, events=events)
             if found is not None:
                 step, manifest, durable = found
                 payload = _state.read_state(local.path(step), manifest.serializer)
@@ -118,12 +129,17 @@ class Checkpointer:
                 self.step = self.restored_step = self._last_saved = step
                 log.info("spotckpt: resumed from step %d", step)
             if store is not None:
-                self._syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events)
+                self._syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events,
+                                      mirror=d is None)
+                if d is not None:
+                    self._syncer.layout = RankLayout(d.rank, d.world_size, wait_seconds=cfg.grace_seconds)
                 self._syncer.start()
                 if found is not None and not found[2]:
                     self._syncer.submit(found[0])
             self._engine = Engine(local, syncer=self._syncer, keep_last=cfg.keep_last, events=events,
-                                  local_retention=not supervised())
+                                  local_retention=not supervised(),
+                                  rank=0 if d is None else d.rank,
+                                  world_size=1 if d is None else d.world_size)
             self._writer = BackgroundWriter()
             self._signals = SignalSource(self._board, cfg.signals, cfg.grace_seconds)
             self._signals.install()
@@ -212,32 +228,43 @@ class Checkpointer:
         save when the policy is due. At the end, a final save.
         """
         self._require_open()
+        if self.step < total and self._flags(consume=False)[0]:
+            self._interrupt_save()  # the notice came before the first step
+            return
         while self.step < total:
-            if self.should_stop:
-                self._interrupt_save()
-                return
             yield self.step
             self.step += 1
             self.boundary()
             if self.interrupted:
                 return
-        if not self.should_stop:
-            self.save()
-        else:
+        if self._flags(consume=False)[0]:
             self._interrupt_save()
+        else:
+            self.save()
+
+    def _flags(self, *, consume: bool = True) -> tuple[bool, bool, list[str]]:
+        """(stop, periodic save due, advisories) at this boundary, agreed by all ranks."""
+        stop = self.should_stop
+        adv = self._board.take_advisories() if consume else []
+        due = consume and self._policy.due(self.step)
+        if self._dist is not None:
+            s, a, du = self._dist.agree_max([stop, bool(adv), due], where=f"step {self.step}")
+            stop, due = bool(s), bool(du)
+            adv = adv or (["peer-rank-advisory"] if a else [])
+        return stop, due, adv
 
     def boundary(self) -> None:
         """Call after each completed step if you drive the loop yourself (``self.step``
         already advanced): handles notices and periodic saves."""
-        if self.should_stop:
+        stop, due, advisories = self._flags()
+        if stop:
             self._interrupt_save()
             return
-        advisories = self._board.take_advisories()
         if advisories:
             self.events.emit("advisory", source=",".join(advisories), step=self.step)
             log.warning("spotckpt: %s: checkpointing early, training goes on", ", ".join(advisories))
             self.save()
-        elif self._policy.due(self.step):
+        elif due:
             self.save()
 
     def save(self, *, blocking: bool = False) -> None:
@@ -304,10 +331,12 @@ class Checkpointer:
         return self._syncer.last_error if self._syncer is not None else None
 
     def _interrupt_save(self) -> None:
-        notice = self.notice
-        assert notice is not None
         if self.interrupted:
             return
+        if self.notice is None:  # another rank got the notice; the deadline is agreed below
+            self._board.post("peer-rank", self.config.grace_seconds)
+        notice = self.notice
+        assert notice is not None
         self.interrupted = True
         t0 = self.clock()
         left = notice.seconds_left(self.clock)
@@ -323,6 +352,14 @@ class Checkpointer:
             queued_s = max(0.0, total - since) if total is not None else 0.0
         plan = self._planner.decide(left, unsaved_work=not saved, undurable_commit=undurable,
                                     queued_s=queued_s)
+        if self._dist is not None:  # every rank follows the most careful plan, earliest deadline
+            neg_left, code = self._dist.agree_max([-left, PLAN_ACTIONS.index(plan.action)],
+                                                  where="the interruption plan")
+            if -neg_left < left:
+                left = -neg_left
+                self._board.post_deadline(notice.source, self.clock() + left)
+                notice = self.notice
+            plan = dataclasses.replace(plan, action=PLAN_ACTIONS[int(code)], seconds_left=left)
         self.events.emit("plan", action=plan.action, estimate_s=plan.estimate,
                          seconds_left=round(left, 2), reason=plan.reason)
         log.warning("spotckpt: %s received at step %d, %.1f s left: %s", notice.source, self.step,
@@ -351,6 +388,8 @@ class Checkpointer:
                          durable_step=self.durable_step, estimate_s=plan.estimate,
                          actual_s=round(self.clock() - t0, 3),
                          seconds_left=round(notice.seconds_left(self.clock), 2))
+        if self._dist is not None:  # leave together, so no rank is killed mid-flush
+            self._dist.agree_max([0], where="exit after the interruption save")
 
     def _require_open(self) -> None:
         if not self._open:

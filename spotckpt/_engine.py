@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ._errors import CorruptCheckpointError
+from ._errors import ConfigError, CorruptCheckpointError
 from ._events import EventLog, log
 from ._local import LocalDir
 from ._manifest import FileEntry, Manifest, build_manifest, check_relpath, step_dirname, verify_dir
@@ -72,10 +72,11 @@ class Engine:
                 self.events.emit("local_deleted", step=s)
 
 
-def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest) -> Path:
+def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest,
+              prefix: str | None = None) -> Path:
     tmp = local.begin(step)
     base = tmp.resolve()
-    d = step_dirname(step)
+    d = step_dirname(step) if prefix is None else prefix
     for e in manifest.files:
         target = (tmp / check_relpath(e.path)).resolve()
         if base not in target.parents:
@@ -130,3 +131,41 @@ def restore_newest(local: LocalDir, store: RemoteStore | None, *,
             events.emit("restore", step=step, source="remote", bytes=m.total_bytes)
             return step, m, True
     return None
+
+
+def restore_part(local: LocalDir, store: RemoteStore, step: int, rank: int, world_size: int, *,
+                 events: EventLog | None = None) -> Manifest:
+    """Make this rank's part of the committed multi-rank checkpoint ``step`` present and
+    verified in ``local.path(step)`` (downloading it when the local copy is missing or bad).
+
+    Raises:
+        CorruptCheckpointError: the checkpoint is damaged or was written by another world size.
+    """
+    from ._layout import part_of, rank_dirname
+
+    events = events or EventLog(None)
+    combined = store.read_manifest(step)
+    if combined.world_size != world_size:
+        raise ConfigError(
+            f"spotckpt: step {step} was written by {combined.world_size} ranks and this job has "
+            f"{world_size}; resume with the same world size")
+    want = part_of(combined, rank)
+    if step in local.committed():
+        try:
+            m = local.read_manifest(step)
+            if sorted(m.files) == sorted(want.files):
+                verify_dir(local.path(step), m)
+                events.emit("restore", step=step, source="local", rank=rank)
+                return m
+        except CorruptCheckpointError as e:
+            events.emit("quarantine", step=step, where="local", error=str(e))
+        local.quarantine(step)
+    tmp = _download(store, local, step, want, prefix=f"{step_dirname(step)}/{rank_dirname(rank)}")
+    try:
+        verify_dir(tmp, want)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    local.commit(tmp, want)
+    events.emit("restore", step=step, source="remote", rank=rank, bytes=want.total_bytes)
+    return want

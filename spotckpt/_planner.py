@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+PLAN_ACTIONS = ("save", "finish-upload", "nothing")  # ordered from least to most careful
 SAFETY = 1.25      # estimates are multiplied by this
 OVERHEAD = 0.5     # seconds for manifests, listings and process exit
 

@@ -1,0 +1,91 @@
+"""Where a checkpoint's files go on the remote, for one process or for many ranks.
+
+Sync layer (no ML imports). With one process, ``step-N/<file>`` and ``step-N/MANIFEST.json``.
+With ``world_size`` ranks (torch.distributed, several hosts sharing one prefix), each rank
+uploads its own part under ``step-N/rank-<R>/`` and marks it with ``rank-<R>/PART.json`` (its
+local manifest). Rank 0 then waits, with a bound, for every part's marker and writes the one
+``step-N/MANIFEST.json`` that lists every rank's files: the checkpoint exists only when all
+parts are durable. Ranks never write each other's keys, so hosts cannot overwrite each other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+from ._errors import RemoteError
+from ._manifest import MANIFEST, FileEntry, Manifest, step_dirname
+from ._store import RemoteStore
+
+PART = "PART.json"
+
+
+def rank_dirname(rank: int) -> str:
+    return f"rank-{rank:05d}"
+
+
+class SingleLayout:
+    """One process: the plain commit protocol."""
+
+    rank, world_size = 0, 1
+    owns_retention = True
+
+    def payload_key(self, step: int, rel: str) -> str:
+        return f"{step_dirname(step)}/{rel}"
+
+    def marker_key(self, step: int) -> str:
+        return f"{step_dirname(step)}/{MANIFEST}"
+
+    def after_marker(self, store: RemoteStore, step: int, manifest: Manifest) -> None:
+        """Called once this process's files and marker are durable."""
+
+
+class RankLayout(SingleLayout):
+    """One rank of ``world_size``; rank 0 commits the combined manifest.
+
+    Args:
+        wait_seconds: how long rank 0 waits for the other ranks' parts before it gives up
+            on this step with a clear error (the step then stays uncommitted).
+    """
+
+    def __init__(self, rank: int, world_size: int, *, wait_seconds: float = 120.0,
+                 poll: float = 0.1, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.rank, self.world_size, self.wait_seconds = rank, world_size, wait_seconds
+        self.poll, self._sleep = poll, sleep
+        self.owns_retention = rank == 0
+
+    def payload_key(self, step: int, rel: str) -> str:
+        return f"{step_dirname(step)}/{rank_dirname(self.rank)}/{rel}"
+
+    def marker_key(self, step: int) -> str:
+        return f"{step_dirname(step)}/{rank_dirname(self.rank)}/{PART}"
+
+    def after_marker(self, store: RemoteStore, step: int, manifest: Manifest) -> None:
+        if self.rank != 0:
+            return
+        d = step_dirname(step)
+        end = time.monotonic() + self.wait_seconds
+        missing = list(range(self.world_size))
+        while True:
+            missing = [r for r in missing if not store.exists(f"{d}/{rank_dirname(r)}/{PART}")]
+            if not missing:
+                break
+            if time.monotonic() > end:
+                raise RemoteError(
+                    f"spotckpt: step {step}: rank(s) {missing} did not upload their part within "
+                    f"{self.wait_seconds:.0f} s; this step is not committed (did a rank die?)")
+            self._sleep(self.poll)
+        files: list[FileEntry] = []
+        for r in range(self.world_size):
+            part = Manifest.from_json(store.cat(f"{d}/{rank_dirname(r)}/{PART}"), expect_step=step)
+            files += [FileEntry(f"{rank_dirname(r)}/{e.path}", e.size, e.sha256) for e in part.files]
+        combined = dataclasses.replace(manifest, files=tuple(files), world_size=self.world_size, rank=0)
+        store.put_bytes(f"{d}/{MANIFEST}", combined.to_json())
+
+
+def part_of(manifest: Manifest, rank: int) -> Manifest:
+    """The files of ``rank`` in a combined manifest, with paths relative to its part dir."""
+    prefix = rank_dirname(rank) + "/"
+    files = tuple(FileEntry(e.path[len(prefix):], e.size, e.sha256)
+                  for e in manifest.files if e.path.startswith(prefix))
+    return dataclasses.replace(manifest, files=files, rank=rank)
