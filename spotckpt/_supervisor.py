@@ -199,7 +199,8 @@ class Supervisor:
                 self.syncer.submit(self._submitted)
         env = dict(os.environ, SPOTCKPT_SUPERVISED="1", SPOTCKPT_LOCAL_DIR=str(self.cfg.local_dir),
                    SPOTCKPT_GRACE_SECONDS=str(self.cfg.grace_seconds),
-                   SPOTCKPT_KEEP_LAST=str(self.cfg.keep_last))
+                   SPOTCKPT_KEEP_LAST=str(self.cfg.keep_last),
+                   SPOTCKPT_SIGNALS=",".join(signal.Signals(s).name for s in self.cfg.signals))
         if self.cfg.remote:
             env["SPOTCKPT_REMOTE"] = self.cfg.remote
         # Own process group: a terminal's Ctrl-C reaches us only, and we forward it once.
