@@ -24,7 +24,7 @@ MANIFEST = "MANIFEST.json"
 FORMAT = "spotckpt/1"
 _STEP_RE = re.compile(r"^step-(\d{12})$")
 _MAX_FILE_SIZE = 1 << 44  # 16 TiB: anything larger in a manifest is hostile or broken
-_CHUNK = 8 << 20
+_CHUNK = 256 << 10
 
 
 def step_dirname(step: int) -> str:
@@ -136,10 +136,14 @@ class Manifest:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
+    # One small buffer, reused: a fresh multi-MiB bytes per read pays page faults, and a
+    # buffer that stays in cache hashes ~30% faster (bench/).
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
