@@ -1,7 +1,7 @@
 """A Lightning Trainer that survives spot interruptions with one callback.
 
-A small MLP (with dropout, so the RNG matters), Adam and a step LR scheduler, on synthetic
-data. The train loader is resumable (``state_dict``/``load_state_dict``), so a checkpoint taken
+A small MLP (built in ``configure_model``, with dropout, so the RNG matters), Adam and a
+step LR scheduler, on synthetic data with a validation set. The train loader is resumable (``state_dict``/``load_state_dict``), so a checkpoint taken
 mid-epoch resumes at the next batch and the final weights are bitwise those of an
 uninterrupted run.
 
@@ -18,12 +18,12 @@ import time
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from spotckpt.integrations.lightning import SpotCheckpoint
 
 
-def make_data(n: int = 1024, dim: int = 16) -> TensorDataset:
+def make_data(n: int = 1280, dim: int = 16) -> TensorDataset:
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(n, dim, generator=g)
     w = torch.randn(dim, 1, generator=g)
@@ -60,8 +60,14 @@ class ShuffledBatches:
 class Regressor(L.LightningModule):
     def __init__(self, sleep: float = 0.0) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1))
+        self.net: nn.Module | None = None
         self.sleep = sleep
+
+    def configure_model(self) -> None:
+        # Lightning's hook for building layers at fit time; their random initialisation draws
+        # from the global RNG after the checkpoint is restored, which the callback accounts for.
+        if self.net is None:
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -71,6 +77,10 @@ class Regressor(L.LightningModule):
         if self.sleep:
             time.sleep(self.sleep)
         return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=1e-3)
@@ -97,7 +107,9 @@ def main() -> None:
     trainer = L.Trainer(max_epochs=args.max_epochs, accelerator="cpu", devices=1, deterministic=True,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[SpotCheckpoint(every_n_steps=args.every_steps)])
-    trainer.fit(model, ShuffledBatches(make_data(), args.batch_size))
+    data = make_data()
+    train, val = TensorDataset(*data[:1024]), TensorDataset(*data[1024:])
+    trainer.fit(model, ShuffledBatches(train, args.batch_size), DataLoader(val, batch_size=64))
     print(f"finished at step {trainer.global_step}", flush=True)
     if args.out:
         torch.save(model.state_dict(), args.out)
