@@ -129,6 +129,23 @@ def _throughput(events_path: Path) -> tuple[float | None, int]:
     return (total_b / total_s if total_s > 0 else None), n
 
 
+def _last_events(events_path: Path, names: set[str]) -> dict[str, dict]:
+    """The newest event of each name in ``names``."""
+    out: dict[str, dict] = {}
+    try:
+        lines = events_path.read_text().splitlines()[-2000:]
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("event") in names:
+            out[e["event"]] = e
+    return out
+
+
 def _holder(local: LocalDir, role: str) -> int | None:
     import psutil
 
@@ -161,6 +178,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             stamps += [(local.root / p).stat().st_mtime for p in pending_files if (local.root / p).exists()]
             since = min(stamps) if stamps else None
     rate, n = _throughput(local.meta / "events.jsonl")
+    last = _last_events(local.meta / "events.jsonl", {"saved", "flush"})
+    estimate = last.get("saved", {}).get("flush_estimate_s")
+    flush = last.get("flush")
     doc = {
         "local_dir": str(cfg.local_dir), "remote": cfg.remote,
         "durable_step": durable, "durable_bytes": durable_m.total_bytes if durable_m else None,
@@ -171,6 +191,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "not_durable_files": pending_files,
         "upload_bytes_per_second": round(rate) if rate else None, "uploads_measured": n,
         "supervisor_pid": _holder(local, "supervisor"), "trainer_pid": _holder(local, "trainer"),
+        "flush_estimate_seconds": estimate,
+        "last_interruption_flush": flush,
     }
     lines = [
         f"local dir:            {cfg.local_dir}",
@@ -182,7 +204,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         + (f" ({len(pending_files)} file(s))" if pending_files else ""),
         f"upload throughput:    " + (f"{human_bytes(rate)}/s over {n} upload(s)" if rate else "(no uploads logged)"),
         f"running:              supervisor {doc['supervisor_pid'] or '-'}, trainer {doc['trainer_pid'] or '-'}",
+        "flush estimate:       " + (f"{estimate:.1f} s for a full save until durable (planner)"
+                                    if estimate is not None else "(no save with an upload measured yet)"),
     ]
+    if flush:
+        lines.append(f"last interruption:    plan {flush.get('action')}, estimated {flush.get('estimate_s')} s, "
+                     f"took {flush.get('actual_s')} s, durable step {flush.get('durable_step')}")
     _emit(args, doc, lines)
     return 0
 

@@ -80,6 +80,13 @@ def test_throttled_upload_plan_and_durable_at_deadline(tmp_path: Path, s3_server
     assert flush["durable"] is True, flush
     committed = RemoteStore(s3_remote).committed()
     assert flush["durable_step"] in committed
+    # `spotckpt status` shows the planner's estimate and what the last interruption did
+    st = subprocess.run([sys.executable, "-m", "spotckpt", "status", "--json", "--local-dir", str(local),
+                         "--remote", s3_remote], env=run_env(), capture_output=True, text=True, timeout=60)
+    assert st.returncode == 0, st.stderr
+    doc = json.loads(st.stdout)
+    assert doc["flush_estimate_seconds"] > 0
+    assert doc["last_interruption_flush"]["action"] == want
     if want == "finish-upload":
         assert elapsed < grace + 1.0  # a durable checkpoint existed at the deadline
         assert flush["durable_step"] < flush["step"]  # the older checkpoint, as planned
