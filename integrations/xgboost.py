@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 from spotckpt import Checkpointer
 from spotckpt._checkpointer import EXIT_INTERRUPTED
 from spotckpt._errors import SpotckptError
+from spotckpt._events import log
 
 from ._common import UNSET, checkpointer_options, require
 
@@ -263,6 +264,8 @@ def train(params: dict[str, Any], dtrain: Any, num_boost_round: int = 10, *,
             stopped = _replay_early_stopping(callbacks, booster, restored["history"], done,
                                              restored["start_rounds"])
             xgb_model, rounds = booster, 0 if stopped else max(0, num_boost_round - done)
+            log.warning("spotckpt: resuming XGBoost at round %d%s", done,
+                        " (early stopping had ended training)" if stopped else "")
         bst = xgb.train(params, dtrain, rounds, evals=evals, obj=obj, maximize=maximize,
                         early_stopping_rounds=None, evals_result=None, verbose_eval=False,
                         xgb_model=xgb_model, callbacks=callbacks, custom_metric=custom_metric)
