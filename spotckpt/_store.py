@@ -67,6 +67,13 @@ def storage_options_for(url: str, given: Mapping[str, Any] | None = None,
         if region and "region_name" not in ck:
             ck["region_name"] = region
         opts["client_kwargs"] = ck
+        # One retry budget, RemoteStore's (attempts, backoff). botocore may retry a request
+        # once, so one failed multipart part does not restart a whole upload; s3fs's own
+        # loop is off (RemoteStore.__init__). Nested, the three multiplied to 150 requests
+        # and four minutes before an error when S3 answered 503 to everything.
+        cfg = dict(opts.get("config_kwargs") or {})
+        cfg.setdefault("retries", {"total_max_attempts": 2, "mode": "standard"})
+        opts["config_kwargs"] = cfg
         opts.setdefault("use_listings_cache", False)
     elif scheme in ("file", "local"):
         opts.setdefault("auto_mkdir", True)
@@ -104,6 +111,7 @@ class RemoteStore:
             from ._s3fast import S3Fast
 
             self.fast = S3Fast.for_fs(self.fs, self.root)
+            self.fs.retries = 1  # s3fs's retry loop: RemoteStore._call owns the budget
 
     def _key(self, rel: str) -> str:
         """The S3 key of ``rel`` (the root without its bucket)."""
@@ -254,6 +262,18 @@ class RemoteStore:
                     steps.append(step)
             return sorted(set(steps))
         return self._call("listing of checkpoints", go)
+
+    def step_dirs(self) -> list[int]:
+        """Steps with anything under ``step-N/``, committed or not, oldest first."""
+        def go() -> list[int]:
+            self.fs.invalidate_cache()
+            try:
+                names = self.fs.ls(self.root, detail=False)
+            except FileNotFoundError:
+                return []
+            steps = {parse_step_dirname(str(n).rstrip("/").rsplit("/", 1)[-1]) for n in names}
+            return sorted(s for s in steps if s is not None)
+        return self._call("listing of checkpoint dirs", go)
 
     def read_manifest(self, step: int) -> Manifest:
         return Manifest.from_json(self.cat(f"{step_dirname(step)}/{MANIFEST}"), expect_step=step)

@@ -237,6 +237,13 @@ class Syncer:
             if s not in keep and s < newest:
                 self.store.delete_checkpoint(s)
                 self.events.emit("remote_deleted", step=s)
+        # Payload without a manifest, older than every kept checkpoint: left by a process
+        # killed between payload and manifest upload, or between a delete's two halves. It
+        # never was a checkpoint and nothing else would ever remove it (quarantined ones stay).
+        for s in self.store.step_dirs():
+            if s < min(keep) and not self.store.exists(f"{step_dirname(s)}/{MANIFEST}.quarantined"):
+                self.store.rm(step_dirname(s), recursive=True)
+                self.events.emit("remote_orphan_deleted", step=s)
 
     # -- free-form files -------------------------------------------------------------------
     def _load_mirror_state(self) -> dict[str, tuple[int, int]]:
