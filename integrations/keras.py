@@ -27,7 +27,8 @@ torch) with ``shuffle=True`` or ``False``, or any input whose order depends only
 and the global RNGs, and the backend computes deterministically (CPU, fixed threads). With
 TensorFlow, ``tf.data`` shuffles with TF's own random state, which is not captured: resume
 is then exact at epoch boundaries only. Skipping the finished batches uses the same
-mechanism on the TensorFlow and JAX backends, which are untested here.
+mechanism on the TensorFlow and JAX backends, which are untested here. The state of other
+callbacks (``EarlyStopping``'s patience, ``ReduceLROnPlateau``) is not saved.
 """
 from __future__ import annotations
 

@@ -33,7 +33,9 @@ resumable (``state_dict``/``load_state_dict``, e.g. torchdata's ``StatefulDataLo
 loader in ``examples/train_lightning.py``); Lightning cannot fast-forward a plain shuffled
 ``DataLoader`` mid-epoch. The RNG states are put back just before the first resumed batch.
 Single process (one device) only; hyperparameters saved in checkpoints must be plain values
-(checkpoints load with ``weights_only=True``).
+(checkpoints load with ``weights_only=True``). Being a Lightning ``Checkpoint`` callback, it
+needs ``enable_checkpointing=True`` (the default) and replaces the default
+``ModelCheckpoint``; add one yourself if you also want Lightning's own ``.ckpt`` files.
 """
 from __future__ import annotations
 

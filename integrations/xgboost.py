@@ -158,6 +158,9 @@ class SpotCheckpoint:
 
     # -- TrainingCallback --------------------------------------------------------------------
     def before_training(self, model: Any) -> Any:
+        if not isinstance(model, _xgb().Booster):
+            raise SpotckptError("spotckpt: SpotCheckpoint works with xgboost.train (and this module's "
+                                "train), not with xgboost.cv")
         restored = self.open()
         if restored is not None and not self._managed:
             self.close(raise_errors=False)
