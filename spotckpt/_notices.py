@@ -7,6 +7,7 @@ handlers on close. The save happens later, at a step boundary, in ordinary code.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import threading
 import time
@@ -87,6 +88,8 @@ class SignalSource:
         self.signals = signals
         self.grace = grace_seconds
         self._previous: dict[int, Any] = {}
+        self._original: dict[int, Any] = {}
+        self._closed = False
 
     def install(self) -> bool:
         """Register the handlers. Returns False (and does nothing) off the main thread."""
@@ -95,15 +98,28 @@ class SignalSource:
         for sig in self.signals:
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
+        self._original = dict(self._previous)
+        self._closed = False
         return True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._closed:
+            # Someone (e.g. a framework's own signal connector) re-installed this handler
+            # after we restored the original: behave as the original would.
+            prev = self._original.get(signum, signal.SIG_DFL)
+            if callable(prev) and prev is not self._handle:
+                prev(signum, frame)
+            elif prev == signal.SIG_DFL or prev is None:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
         self.board.post(signal.Signals(signum).name, self.grace)
         prev = self._previous.get(signum)
         if callable(prev) and prev is not self._handle:
             prev(signum, frame)
 
     def restore(self) -> None:
+        self._closed = True
         for sig, prev in self._previous.items():
             try:
                 if signal.getsignal(sig) == self._handle:

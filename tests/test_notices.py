@@ -88,3 +88,34 @@ def test_notice_stops_loop_after_saving_and_exits_143(tmp_path: Path) -> None:
     state2 = {"n": -1}
     with spotckpt.Checkpointer(state2, local_dir=tmp_path, remote=None) as ckpt:
         assert ckpt.restored_step == 7 and state2["n"] == 7
+
+
+def test_stale_handler_after_close_acts_like_the_original() -> None:
+    """A framework that re-installs our handler after we closed must not make the process
+    ignore the signal: the stale handler defers to the handler that was there before."""
+    calls: list[int] = []
+    prev = signal.signal(signal.SIGUSR2, lambda s, f: calls.append(s))
+    try:
+        board = NoticeBoard()
+        src = SignalSource(board, (int(signal.SIGUSR2),), 30)
+        src.install()
+        src.restore()
+        signal.signal(signal.SIGUSR2, src._handle)  # what a framework's teardown may do
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert calls == [signal.SIGUSR2] and board.notice is None
+    finally:
+        signal.signal(signal.SIGUSR2, prev)
+
+
+def test_stale_handler_with_default_original_terminates(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, time\n"
+        "from spotckpt._notices import NoticeBoard, SignalSource\n"
+        "src = SignalSource(NoticeBoard(), (int(signal.SIGTERM),), 30); src.install(); src.restore()\n"
+        "signal.signal(signal.SIGTERM, src._handle)\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(5); print('survived')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert p.returncode == -signal.SIGTERM and "survived" not in p.stdout
