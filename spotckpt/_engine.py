@@ -77,12 +77,23 @@ def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest
     tmp = local.begin(step)
     base = tmp.resolve()
     d = step_dirname(step) if prefix is None else prefix
-    for e in manifest.files:
-        target = (tmp / check_relpath(e.path)).resolve()
-        if base not in target.parents:
-            raise CorruptCheckpointError(f"spotckpt: manifest path {e.path!r} escapes the checkpoint dir")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        store.get_file(f"{d}/{e.path}", target)
+    try:
+        for e in manifest.files:
+            target = (tmp / check_relpath(e.path)).resolve()
+            if base not in target.parents:
+                raise CorruptCheckpointError(f"spotckpt: manifest path {e.path!r} escapes the checkpoint dir")
+            key = f"{d}/{e.path}"
+            if store.is_local and os.path.islink(store.path(key)):
+                raise CorruptCheckpointError(f"spotckpt: remote {key} is a symlink; refusing it")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                store.get_file(key, target)
+            except FileNotFoundError as err:  # the bucket is there: we just read the manifest
+                raise CorruptCheckpointError(
+                    f"spotckpt: remote {key} is named by its manifest but missing") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return tmp
 
 

@@ -121,6 +121,9 @@ class Manifest:
                     raise ValueError(f"bad checksum for {path!r}")
                 seen.add(path)
                 files.append(FileEntry(path, size, digest))
+            dirs = {"/".join(p.split("/")[:i]) for p in seen for i in range(1, p.count("/") + 1)}
+            if dirs & seen:
+                raise ValueError(f"{sorted(dirs & seen)[0]!r} is listed both as a file and as a dir")
             return cls(
                 step=step, files=tuple(files), created=float(d.get("created", 0.0)),
                 host=str(d.get("host", "")), rank=int(d.get("rank", 0)),
@@ -131,8 +134,9 @@ class Manifest:
             )
         except CorruptCheckpointError:
             raise
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptCheckpointError(f"spotckpt: invalid manifest: {e}") from e
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
+            # (OverflowError: int(1e400); RecursionError: deeply nested JSON)
+            raise CorruptCheckpointError(f"spotckpt: invalid manifest: {type(e).__name__}: {e}"[:300]) from e
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

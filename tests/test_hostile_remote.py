@@ -1,0 +1,215 @@
+"""Hostile remote content: manifests with escaping paths, absurd sizes, invalid JSON, unknown
+versions; object keys that escape the prefix; payloads that would run code when loaded.
+
+Each is refused with a clear error (and, for a checkpoint, quarantined so restore falls back
+to the next older one); nothing is written outside the local dir and nothing is executed.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+import spotckpt
+from chaoslib import events
+from conftest import S3Server
+from spotckpt._local import LocalDir
+from spotckpt._manifest import MANIFEST, step_dirname
+from spotckpt._pull import pull_files
+from spotckpt._store import RemoteStore
+
+D10 = step_dirname(10)
+
+
+def trained(tmp_path: Path, remote: str) -> dict:
+    """Checkpoints 5 and 10 on the remote; returns the state as of step 5."""
+    state = {"n": 0, "hist": []}
+    at5: dict = {}
+    with spotckpt.Checkpointer(state, local_dir=tmp_path / "train", remote=remote, every_steps=5) as ckpt:
+        for step in ckpt.steps(10):
+            state["n"] += 1
+            state["hist"] = state["hist"] + [step]
+            if step == 4:
+                at5.update(n=state["n"] + 0, hist=list(state["hist"]))
+            assert ckpt.flush(30)
+    return at5
+
+
+def canary(tmp_path: Path) -> Path:
+    return tmp_path / "outside" / "pwned"
+
+
+def put(s3: S3Server, bucket: str, key: str, data: bytes) -> None:
+    s3.client().put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def manifest_dict(s3: S3Server, bucket: str) -> dict:
+    return json.loads(s3.client().get_object(Bucket=bucket, Key=f"run/{D10}/{MANIFEST}")["Body"].read())
+
+
+def files_with(path: Any, size: Any = None, sha: Any = None) -> Callable[[dict], None]:
+    def edit(d: dict) -> None:
+        f = dict(d["files"][0])
+        f["path"] = path
+        if size is not None:
+            f["size"] = size
+        if sha is not None:
+            f["sha256"] = sha
+        d["files"] = [f]
+    return edit
+
+
+# name -> edit of the manifest dict (or raw bytes), and the payload key to plant (so that a
+# download would succeed if the path were not refused)
+CASES: dict[str, Any] = {
+    "dotdot": files_with("../../outside/pwned"),
+    "nested-dotdot": files_with("a/../../../outside/pwned"),
+    "absolute": "ABSOLUTE",
+    "backslash": files_with("..\\..\\outside\\pwned"),
+    "empty-path": files_with(""),
+    "dot-path": files_with("./state.pkl"),
+    "manifest-as-payload": files_with(MANIFEST),
+    "nul-byte": files_with("state\x00.pkl"),
+    "absurd-size": files_with("state.pkl", size=2**62),
+    "negative-size": files_with("state.pkl", size=-1),
+    "string-size": files_with("state.pkl", size="12"),
+    "float-size": files_with("state.pkl", size=1e400),
+    "bad-checksum": files_with("state.pkl", sha="zz" * 32),
+    "file-and-dir": lambda d: d.update(files=[dict(d["files"][0], path="a"), dict(d["files"][0], path="a/b")]),
+    "duplicate": lambda d: d.update(files=[d["files"][0], d["files"][0]]),
+    "files-not-list": lambda d: d.update(files={"state.pkl": 1}),
+    "unknown-version": lambda d: d.update(format="spotckpt/99"),
+    "no-version": lambda d: d.pop("format"),
+    "wrong-step": lambda d: d.update(step=11),
+    "rank-overflow": lambda d: d.update(rank=1e400),
+    "versions-not-dict": lambda d: d.update(versions=7),
+    "invalid-json": b'{"format": "spotckpt/1", "step": 10, "files": [',
+    "not-an-object": b"[1, 2, 3]",
+    "deep-nesting": b"[" * 100_000 + b"]" * 100_000,
+    "not-utf8": b"\xff\xfe{\x00",
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_manifest_is_refused_and_restore_falls_back(tmp_path: Path, s3_server: S3Server, s3_env: dict,
+                                                            case: str) -> None:
+    bucket = s3_server.new_bucket()
+    remote = f"s3://{bucket}/run/"
+    at5 = trained(tmp_path, remote)
+    edit = CASES[case]
+    payload = s3_server.client().get_object(Bucket=bucket, Key=f"run/{D10}/state.pkl")["Body"].read()
+    if isinstance(edit, bytes):
+        raw = edit
+    else:
+        d = manifest_dict(s3_server, bucket)
+        if edit == "ABSOLUTE":
+            edit = files_with(str(canary(tmp_path)))
+        edit(d)
+        raw = json.dumps(d).encode()
+        for f in d["files"] if isinstance(d["files"], list) else []:
+            if isinstance(f.get("path"), str) and f["path"]:
+                put(s3_server, bucket, f"run/{D10}/{f['path'].lstrip('/')}", payload)
+    put(s3_server, bucket, f"run/{D10}/{MANIFEST}", raw)
+
+    state = {"n": -1, "hist": None}
+    with spotckpt.Checkpointer(state, local_dir=tmp_path / "new", remote=remote) as ckpt:
+        assert ckpt.restored_step == 5
+    assert state == at5
+    q = [e for e in events(tmp_path / "new") if e["event"] == "quarantine"]
+    assert q and q[0]["step"] == 10 and q[0]["error"].startswith("spotckpt:"), q
+    assert "\n" not in q[0]["error"]
+    assert not canary(tmp_path).exists()
+    assert not [p for p in tmp_path.rglob("pwned")]
+    keys = RemoteStore(remote).find()
+    assert f"{D10}/{MANIFEST}.quarantined" in keys and f"{D10}/state.pkl" in keys  # kept, not deleted
+
+
+def test_missing_remote_payload_falls_back(tmp_path: Path, s3_server: S3Server, s3_env: dict) -> None:
+    """A manifest whose payload object is gone (a lifecycle rule, a manual delete) is a
+    damaged checkpoint like any other: quarantine it and restore the older one."""
+    bucket = s3_server.new_bucket()
+    remote = f"s3://{bucket}/run/"
+    at5 = trained(tmp_path, remote)
+    s3_server.client().delete_object(Bucket=bucket, Key=f"run/{D10}/state.pkl")
+    state = {"n": -1, "hist": None}
+    with spotckpt.Checkpointer(state, local_dir=tmp_path / "new", remote=remote) as ckpt:
+        assert ckpt.restored_step == 5
+    assert state == at5
+
+
+def test_symlinked_payload_on_a_file_remote_is_refused(tmp_path: Path) -> None:
+    remote_dir = tmp_path / "remote"
+    remote = f"file://{remote_dir}/"
+    at5 = trained(tmp_path, remote)
+    secret = tmp_path / "secret.bin"
+    real = remote_dir / D10 / "state.pkl"
+    secret.write_bytes(real.read_bytes())  # same bytes, so only the link itself is wrong
+    real.unlink()
+    real.symlink_to(secret)
+    state = {"n": -1, "hist": None}
+    with spotckpt.Checkpointer(state, local_dir=tmp_path / "new", remote=remote) as ckpt:
+        assert ckpt.restored_step == 5
+    assert state == at5
+    q = [e for e in events(tmp_path / "new") if e["event"] == "quarantine"]
+    assert q and "symlink" in q[0]["error"]
+
+
+@pytest.mark.parametrize("key", ["run/../escape.txt", "run/sub/../../escape.txt", "run/./x/../../escape.txt"])
+def test_object_keys_escaping_the_prefix_are_refused(tmp_path: Path, s3_server: S3Server, s3_env: dict,
+                                                     key: str) -> None:
+    bucket = s3_server.new_bucket()
+    put(s3_server, bucket, key, b"hostile")
+    put(s3_server, bucket, "run/ok.txt", b"fine")
+    store = RemoteStore(f"s3://{bucket}/run/")
+    local = LocalDir(tmp_path / "deep" / "local")
+    local.root.mkdir(parents=True)
+    with pytest.raises(spotckpt.CorruptCheckpointError, match="unsafe path|escapes"):
+        pull_files(local, store)
+    assert not list(tmp_path.rglob("escape.txt"))
+
+
+class _RunsCode:
+    """Unpickling this would create a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("serializer", ["torch", "pickle-safe"])
+def test_payload_that_would_run_code_does_not_load(tmp_path: Path, s3_server: S3Server, s3_env: dict,
+                                                   serializer: str) -> None:
+    """A remote checkpoint whose manifest is valid (sizes and checksums match) but whose
+    payload is a pickle that runs code: loading fails, the code never runs."""
+    import hashlib
+
+    bucket = s3_server.new_bucket()
+    remote = f"s3://{bucket}/run/"
+    trained(tmp_path, remote)
+    marker = tmp_path / "code-ran"
+    evil = {"n": _RunsCode(marker), "hist": []}
+    name = "state.pt" if serializer == "torch" else "state.pkl"
+    f = tmp_path / name
+    if serializer == "torch":
+        import torch
+
+        torch.save(evil, f)
+    else:
+        f.write_bytes(pickle.dumps(evil))
+    data = f.read_bytes()
+    d = manifest_dict(s3_server, bucket)
+    d["serializer"] = serializer
+    d["files"] = [{"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}]
+    put(s3_server, bucket, f"run/{D10}/{name}", data)
+    put(s3_server, bucket, f"run/{D10}/{MANIFEST}", json.dumps(d).encode())
+    with pytest.raises(spotckpt.CorruptCheckpointError) as ei:
+        with spotckpt.Checkpointer({"n": 0, "hist": []}, local_dir=tmp_path / "new", remote=remote):
+            pass
+    assert "spotckpt" in str(ei.value) and "\n" not in str(ei.value)
+    assert not marker.exists()
