@@ -297,7 +297,8 @@ class Checkpointer:
                 nbytes = sum(e.size for e in entries)
                 return entries
 
-            self._engine.commit(payload_step, write, framework=self.framework, serializer=serializer)
+            self._engine.commit(payload_step, write, framework=self.framework, serializer=serializer,
+                                stream=_state.SEQUENTIAL_FILES)  # uploaded while written
             self.save_seconds = time.monotonic() - t1
             self._planner.record_save(snapshot_s, self.save_seconds, nbytes)
             est = self._planner.estimate()

@@ -11,10 +11,11 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ._errors import ConfigError, CorruptCheckpointError
+from ._errors import ConfigError, CorruptCheckpointError, LocalDirError, SpotckptError
 from ._events import EventLog, log
 from ._local import LocalDir
-from ._manifest import FileEntry, Manifest, build_manifest, check_relpath, step_dirname, verify_dir
+from ._manifest import (MANIFEST, FileEntry, Manifest, build_manifest, check_relpath, step_dirname,
+                        verify_dir)
 from ._store import RemoteStore
 from ._syncer import Syncer
 
@@ -38,25 +39,59 @@ class Engine:
         self.rank, self.world_size = rank, world_size
 
     def commit(self, step: int, write: Callable[[Path], Iterable[FileEntry]], *,
-               framework: str, serializer: str, extra: dict | None = None) -> Path:
+               framework: str, serializer: str, extra: dict | None = None,
+               stream: Iterable[str] = ()) -> Path:
         """Write a checkpoint with ``write(tmpdir)`` (which returns the file entries of
-        fsynced files), commit it locally, apply retention and queue the upload."""
+        fsynced files), commit it locally, apply retention and queue the upload.
+
+        Args:
+            stream: names of files ``write`` produces strictly front to back (never seeking
+                back); with an idle ``s3://`` Syncer they are uploaded while being written.
+        """
         if (self.local.path(step) / "MANIFEST.json").exists():
             return self.local.path(step)
         tmp = self.local.begin(step)
+        ups = self._start_streams(step, tmp, stream)
         try:
             entries = list(write(tmp))
+            sizes = {e.path: e.size for e in entries}
+            for name, up in ups.items():
+                if name in sizes:
+                    up.finish(sizes[name])
+                else:
+                    up.abort()
             manifest = build_manifest(step, entries, framework=framework, serializer=serializer,
                                       rank=self.rank, world_size=self.world_size, extra=extra)
             path = self.local.commit(tmp, manifest)
-        except BaseException:
+        except BaseException as e:
+            for up in ups.values():
+                up.abort()
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and not isinstance(e, SpotckptError):
+                raise _write_error(self.local, step, e) from e
             raise
         self.events.emit("commit", step=step, bytes=manifest.total_bytes)
         if self.syncer is not None:
             self.syncer.submit(step)
         self.retention()
         return path
+
+    def _start_streams(self, step: int, tmp: Path, names: Iterable[str]) -> dict:
+        """Upload-while-writing for ``names`` when the Syncer will take this step next (it
+        is idle) and the remote has a fast path; otherwise the Syncer uploads after commit."""
+        syncer = self.syncer
+        store = getattr(syncer, "store", None)
+        names = list(names)
+        if not names or store is None or getattr(store, "fast", None) is None or syncer.busy_steps():
+            return {}
+        layout = getattr(syncer, "layout", None)
+        ups = {}
+        for name in names:
+            rel = layout.payload_key(step, name) if layout is not None else f"{step_dirname(step)}/{name}"
+            up = store.stream_file(tmp / name, rel)
+            if up is not None:
+                ups[name] = up
+        return ups
 
     def retention(self) -> None:
         """Keep the ``keep_last`` newest local checkpoints; never delete the newest one or
@@ -70,6 +105,26 @@ class Engine:
             if s not in keep:
                 self.local.delete(s)
                 self.events.emit("local_deleted", step=s)
+
+
+def _write_error(local: LocalDir, step: int, e: OSError) -> LocalDirError:
+    """A failed local save (full disk, quota, I/O error) as one line that says what is safe.
+
+    The policy is to stop: training on without being able to save would turn the next
+    interruption into lost work. The step's partial files are gone; older checkpoints are
+    untouched.
+    """
+    final = local.path(step)
+    if final.exists() and not (final / MANIFEST).exists():
+        shutil.rmtree(final, ignore_errors=True)  # renamed into place, manifest write failed
+    prev = [s for s in local.committed() if s < step]
+    kept = f"checkpoint step {prev[-1]} is intact" if prev else "no earlier checkpoint exists"
+    err = LocalDirError(
+        f"spotckpt: cannot write checkpoint step {step} to local_dir '{local.root}': "
+        f"{e.strerror or e}; {kept}. Free space there or use a bigger local_dir "
+        "(SPOTCKPT_LOCAL_DIR), then restart to resume")
+    err.errno = e.errno
+    return err
 
 
 def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest,

@@ -193,6 +193,9 @@ class S3Fast:
                 body.close()
         return self._call(go)
 
+    def delete(self, key: str) -> None:
+        self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
+
     def size(self, key: str) -> int:
         """The object's size. Raises FileNotFoundError if it does not exist."""
         return int(self._call(lambda: self.client.head_object(Bucket=self.bucket, Key=key))["ContentLength"])

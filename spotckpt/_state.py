@@ -193,6 +193,11 @@ def set_rng_state(st: Mapping[str, Any]) -> None:
 
 
 # -- files -------------------------------------------------------------------------------
+# The files write_state produces, all written strictly front to back (torch.save and
+# pickle.dump into an open file never seek), so they may be uploaded while being written.
+SEQUENTIAL_FILES = ("state.pt", "state.pkl")
+
+
 def write_state(tmpdir: Path, payload: Any, serializer: str) -> list[FileEntry]:
     """Serialise ``payload`` into ``tmpdir``, fsync, checksum, and return its entries.
 

@@ -9,12 +9,15 @@ presigned query strings never reach a message (:func:`redact`).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import re
+import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 from ._errors import (CorruptCheckpointError, RemoteAccessError, RemoteError,
@@ -44,6 +47,8 @@ def _cause(e: BaseException) -> str:
 
 
 def _is_permanent(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True  # the local disk is full: retrying the download cannot help
     name = type(e).__name__
     if any(s in name for s in ("NoCredentials", "PartialCredentials", "InvalidAccessKey",
                                 "SignatureDoesNotMatch", "NoSuchBucket", "ParamValidation")):
@@ -112,6 +117,8 @@ class RemoteStore:
 
             self.fast = S3Fast.for_fs(self.fs, self.root)
             self.fs.retries = 1  # s3fs's retry loop: RemoteStore._call owns the budget
+        self._streams: dict[str, Any] = {}  # rel -> StreamUpload started before put_file
+        self._streams_lock = threading.Lock()
 
     def _key(self, rel: str) -> str:
         """The S3 key of ``rel`` (the root without its bucket)."""
@@ -154,12 +161,43 @@ class RemoteStore:
         except RemoteError as e:
             raise type(e)(str(e).replace("write probe failed", "write probe failed (is the remote writable?)")) from None
 
+    def stream_file(self, local: str | os.PathLike[str], rel: str) -> Any:
+        """Start uploading ``local`` while its writer is still appending to it, so that a
+        later :meth:`put_file` of the same file only confirms it (``s3://`` only; None
+        elsewhere). See :mod:`._stream` for which files qualify."""
+        if self.fast is None:
+            return None
+        from ._stream import StreamUpload
+
+        up = StreamUpload(self.fast, self._key(rel), Path(local))
+        with self._streams_lock:
+            # Forget streams nobody will ask for: aborted ones, and beyond the few newest
+            # (a step superseded before the Syncer took it; remote retention removes its data).
+            for k in [k for k, v in self._streams.items() if v.cancelled][:]:
+                del self._streams[k]
+            while len(self._streams) >= 8:
+                del self._streams[next(iter(self._streams))]
+            self._streams[rel] = up
+        return up
+
+    def _streamed(self, local: str | os.PathLike[str], rel: str) -> bool:
+        """Whether a stream already uploaded exactly this file to ``rel``."""
+        with self._streams_lock:
+            up = self._streams.pop(rel, None)
+        return up is not None and up.wait() and up.matches(local)
+
     def put_file(self, local: str | os.PathLike[str], rel: str) -> int:
         """Upload one file and confirm its size on the remote. Returns that size."""
         want = os.path.getsize(local)
+        streamed = self._streamed(local, rel)
 
         def go() -> int:
-            if self.fast is not None:
+            nonlocal streamed
+            if streamed:
+                streamed = False  # a retry uploads for real
+                if self.progress is not None and want:
+                    self.progress(want)
+            elif self.fast is not None:
                 self.fast.put_file(os.fspath(local), self._key(rel), self.progress)
             else:
                 with _Transfer(self.progress, want) as cb:

@@ -1,0 +1,166 @@
+"""Performance properties that hold on any machine (the ratios live in bench/ and BENCHMARKS.md).
+
+- Nothing unchanged is uploaded again: not the free-form files of an unchanged tree, not a
+  checkpoint already durable, not a payload that was streamed while it was written. Counted
+  at the S3 server (moto's request recorder), not in our own code.
+- The training thread's stall in ``save()`` does not grow with the upload time: with the
+  uploads throttled to a crawl, saves cost what they cost with a fast remote.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import pytest
+from conftest import S3Server, start_moto
+from throttle_proxy import ThrottleProxy
+
+import spotckpt
+
+torch = pytest.importorskip("torch")
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def recorded_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Server, Path]]:
+    """A moto server of our own whose request recorder writes into a temp dir."""
+    rec = tmp_path_factory.mktemp("moto") / "recording.jsonl"
+    old = os.environ.get("MOTO_RECORDER_FILEPATH")
+    os.environ["MOTO_RECORDER_FILEPATH"] = str(rec)
+    try:
+        server = start_moto()
+    finally:
+        if old is None:
+            os.environ.pop("MOTO_RECORDER_FILEPATH")
+        else:
+            os.environ["MOTO_RECORDER_FILEPATH"] = old
+    try:
+        yield server, rec
+    finally:
+        assert server.proc is not None
+        server.proc.terminate()
+        try:
+            server.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+
+
+class Recording:
+    def __init__(self, server: S3Server) -> None:
+        self.server = server
+
+    def _api(self, what: str) -> str:
+        req = urllib.request.Request(f"{self.server.endpoint}/moto-api/recorder/{what}", method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.read().decode()
+
+    def __enter__(self) -> Recording:
+        self._api("reset-recording")
+        self._api("start-recording")
+        self.requests: list[tuple[str, str, dict]] = []
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._api("stop-recording")
+        for line in self._api("download-recording").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                self.requests.append((r["method"], urlparse(r["url"]).path, r.get("headers", {})))
+
+    def writes(self) -> list[tuple[str, str]]:
+        return [(m, p) for m, p, _ in self.requests if m in ("PUT", "POST", "DELETE")]
+
+
+@pytest.fixture
+def env(recorded_s3: tuple[S3Server, Path], monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    server, _ = recorded_s3
+    for k, v in server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return server
+
+
+def test_nothing_unchanged_is_uploaded_again(tmp_path: Path, env: S3Server) -> None:
+    bucket = env.new_bucket()
+    remote = f"s3://{bucket}/run/"
+    local = tmp_path / "ckpt"
+    for i in range(200):
+        f = local / "logs" / f"d{i // 50}" / f"f{i}.txt"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x" * (i + 1))
+    state = {"w": torch.rand(5 * MiB)}  # 20 MiB: more than one upload part, so it is streamed
+    with spotckpt.Checkpointer(state, local_dir=local, remote=remote) as ck:
+        with Recording(env) as first:
+            for _ in ck.steps(total=3):
+                pass
+            assert ck.flush(60)
+        step = ck.step
+        with Recording(env) as idle:
+            assert ck.flush(30)  # a full mirror pass over an unchanged tree
+            time.sleep(2.5)      # and the Syncer's own idle passes
+        assert idle.requests == []
+        (local / "logs" / "d0" / "f0.txt").write_bytes(b"changed")
+        with Recording(env) as one:
+            assert ck.flush(30)
+        assert {p for _, p in one.writes()} == {f"/{bucket}/run/logs/d0/f0.txt"}
+    # The payload went up once, part by part while it was written; the Syncer only confirmed it.
+    key = f"/{bucket}/run/step-{step:012d}/state.pt"
+    parts = [h for m, p, h in first.requests if p == key and m == "PUT"]
+    assert len(parts) == 2, [(m, p) for m, p, _ in first.requests]  # no second whole-file upload
+    size = (local / f"step-{step:012d}" / "state.pt").stat().st_size
+    assert sum(int(h.get("Content-Length", 0)) for h in parts) == size
+
+    # A restart on the same dir: the checkpoint is durable and the files are mirrored.
+    with Recording(env) as restart:
+        with spotckpt.Checkpointer({"w": torch.zeros(1)}, local_dir=local, remote=remote) as ck:
+            assert ck.restored_step == step
+            assert ck.flush(30)
+    assert [w for w in restart.writes() if "/.spotckpt-probe-" not in w[1]] == []
+
+
+def _stalls(ck: spotckpt.Checkpointer, n: int, *, settle: bool) -> list[float]:
+    out = []
+    it = ck.steps(total=ck.step + n + 1)
+    for _ in range(n):
+        next(it)
+        if settle:
+            assert ck.flush(60)
+        t = time.perf_counter()
+        ck.save()
+        out.append(time.perf_counter() - t)
+    it.close()
+    return out
+
+
+def test_save_stall_does_not_grow_with_upload_time(tmp_path: Path, env: S3Server,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    state = {"w": torch.rand(2 * MiB)}  # 8 MiB
+    bucket = env.new_bucket()
+    with spotckpt.Checkpointer(state, local_dir=tmp_path / "fast", remote=f"s3://{bucket}/fast/") as ck:
+        fast = _stalls(ck, 4, settle=True)[1:]  # the first save allocates the snapshot buffers
+    u = urlparse(env.endpoint)
+    proxy = ThrottleProxy((u.hostname, u.port), up_bps=2 * MiB)  # one 8 MiB upload: >= 4 s
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        with spotckpt.Checkpointer(state, local_dir=tmp_path / "slow", remote=f"s3://{bucket}/slow/",
+                                   grace_seconds=120) as ck:
+            t0 = time.perf_counter()
+            slow = _stalls(ck, 4, settle=False)[1:]
+            saving = time.perf_counter() - t0
+            assert ck.durable_step is None  # the uploads really were still running
+            assert ck.flush(120)
+            upload = time.perf_counter() - t0
+    finally:
+        proxy.close()
+    assert upload > 3.0, upload
+    assert saving < upload / 2
+    assert statistics.median(slow) < statistics.median(fast) + 0.25, (slow, fast)
+    assert max(slow) < 0.5, slow
