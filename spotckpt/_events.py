@@ -12,6 +12,23 @@ from typing import Any
 log = logging.getLogger("spotckpt")
 
 
+class _RedactFilter(logging.Filter):
+    """Every record of the ``spotckpt`` logger goes out through :func:`redact`, so no log
+    line of ours can carry a credential or a presigned URL, whatever exception it quotes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ._store import redact
+
+        msg = record.getMessage()
+        clean = redact(msg)
+        if clean != msg:
+            record.msg, record.args = clean, ()
+        return True
+
+
+log.addFilter(_RedactFilter())
+
+
 class EventLog:
     """Append-only ``events.jsonl``; each line ``{"ts":..., "event":..., ...}``.
 

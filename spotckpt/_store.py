@@ -19,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
+from urllib.parse import quote
 
 from ._errors import (CorruptCheckpointError, RemoteAccessError, RemoteError,
                       RemoteNotFoundError)
@@ -33,12 +34,17 @@ _SECRET_RE = re.compile(
     r"([=:]\s*)([^&\s'\",]+)")
 
 
+_USERINFO_RE = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")
+
+
 def redact(text: str) -> str:
     """Hide credentials and presigned-URL signatures in ``text``."""
     text = _SECRET_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}<redacted>", text)
-    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if secret and len(secret) >= 8:
-        text = text.replace(secret, "<redacted>")
+    text = _USERINFO_RE.sub("<redacted>@", text)  # https://user:password@host/
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        secret = os.environ.get(var)
+        if secret and len(secret) >= 8:  # as it is, and as it appears in a URL's query
+            text = text.replace(secret, "<redacted>").replace(quote(secret, safe=""), "<redacted>")
     return text
 
 

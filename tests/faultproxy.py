@@ -8,7 +8,9 @@ requests, answers with a fault instead of (or after) passing the request on:
   half the time, after the server applied it (the client cannot tell which);
 - ``stall``: nothing is sent for ``stall_seconds``, then the connection closes;
 - ``truncate``: the server's answer with its full ``Content-Length`` but half the body, then
-  the connection closes (on answers without a body: a reset after the server applied it).
+  the connection closes (on answers without a body: a reset after the server applied it);
+- ``leak`` (only when asked for): a 403 whose message echoes the request's ``Authorization``
+  header and ``leak_text`` (say, a presigned URL), as an over-helpful server might.
 
 Example:
     >>> with FaultProxy("http://127.0.0.1:5000", rate=0.3) as proxy:  # doctest: +SKIP
@@ -28,6 +30,7 @@ import urllib.parse
 from typing import Any, Callable, Iterable
 
 KINDS = ("500", "503", "reset", "stall", "truncate")
+LEAK = "leak"  # not drawn by default: 403 whose message echoes the request's credentials
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade",
         "content-length"}
 _XML = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
@@ -52,14 +55,15 @@ class FaultProxy:
 
     def __init__(self, upstream: str, *, rate: float = 0.0, kinds: Iterable[str] = KINDS,
                  stall_seconds: float = 3.0, match: Callable[[str, str], bool] | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, leak_text: str = "") -> None:
         u = urllib.parse.urlsplit(upstream)
         self.up_host, self.up_port = u.hostname or "127.0.0.1", u.port or 80
         self.rate, self.kinds, self.stall_seconds, self.match = rate, tuple(kinds), stall_seconds, match
         for k in self.kinds:
-            if k not in KINDS:
+            if k not in KINDS + (LEAK,):
                 raise ValueError(f"unknown fault kind {k!r}")
         self.rng = random.Random(seed)
+        self.leak_text = leak_text
         self.requests = 0
         self.faults: collections.Counter[str] = collections.Counter()
         self.log: list[tuple[str, str, str]] = []
@@ -134,6 +138,16 @@ class FaultProxy:
     def _handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
         body = _read_body(h)
         fault = self._draw(h.command, h.path)
+        if fault == LEAK:
+            msg = f"Access Denied for {h.headers.get('Authorization', '')}; presigned: {self.leak_text}"
+            data = _XML.format(code="AccessDenied", msg=msg.replace("&", "&amp;")).encode()
+            h.send_response(403)
+            h.send_header("Content-Type", "application/xml")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            if h.command != "HEAD":
+                h.wfile.write(data)
+            return
         if fault in ("500", "503"):
             code, msg = (("InternalError", "We encountered an internal error. Please try again.")
                          if fault == "500" else ("SlowDown", "Please reduce your request rate."))
