@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PIP     := $(VPY) -m pip install --disable-pip-version-check -q
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo bench chaos clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,18 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VPY) examples/demo.py
+
+# Benchmarks against the S3 test server on loopback; writes BENCHMARKS.md (see bench/run.py).
+# QUICK=1: scaled-down sizes, under 10 minutes.
+bench: $(STAMP)
+	$(VPY) bench/run.py $(if $(filter-out 0,$(QUICK)),--quick)
+
+# The reliability suites with more iterations: 500 random SIGKILLs and longer S3-fault runs
+# (about 20 minutes). Figures print as [chaos] and [faults] lines (README "Guarantees").
+chaos: $(STAMP)
+	SPOTCKPT_CHAOS_ITERATIONS=500 $(VPY) -m pytest -q -s --timeout=3600 tests/test_chaos_crash.py \
+		tests/test_faults_s3.py tests/test_faults_disk.py tests/test_corruption.py \
+		tests/test_hostile_remote.py tests/test_concurrency.py tests/test_secrets.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-work

@@ -67,15 +67,35 @@ def wait_for_line(path: Path, prefix: str, proc: subprocess.Popen, timeout: floa
     raise AssertionError(f"no {prefix!r} line within {timeout} s: {path.read_text()[-2000:]}")
 
 
-def launch(tmp: Path, name: str, remote: str | None, total: int, *args: str) -> tuple[subprocess.Popen, Path, Path]:
+def launch(tmp: Path, name: str, remote: str | None, total: int, *args: str,
+           supervised: bool = False) -> tuple[subprocess.Popen, Path, Path]:
     local, out = tmp / f"{name}-local", tmp / f"{name}.out"
     env = run_env(SPOTCKPT_LOCAL_DIR=str(local), SPOTCKPT_KEEP_LAST="2")
     if remote:
         env["SPOTCKPT_REMOTE"] = remote
+    cmd = [sys.executable, SCRIPT, "--total", str(total), *args]
+    if supervised:  # `spotckpt run` owns the uploads; the script only commits locally
+        cmd = [sys.executable, "-m", "spotckpt", "run", "--stable-seconds", "0.5", "--", *cmd]
     with open(out, "w") as f:
-        proc = subprocess.Popen([sys.executable, SCRIPT, "--total", str(total), *args], env=env,
-                                stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     return proc, local, out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and every descendant at once, as when the machine goes away."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(30)
+    psutil.wait_procs(procs, timeout=30)
 
 
 def last_done(out: Path) -> int | None:
@@ -85,6 +105,17 @@ def last_done(out: Path) -> int | None:
 
 def test_random_sigkills_resume_valid_and_bitwise_identical(tmp_path: Path, s3_server: S3Server,
                                                             s3_env: dict, capsys: pytest.CaptureFixture) -> None:
+    chaos(tmp_path, s3_server, capsys, ITERATIONS, supervised=False)
+
+
+def test_random_sigkills_of_supervisor_and_script(tmp_path: Path, s3_server: S3Server,
+                                                  s3_env: dict, capsys: pytest.CaptureFixture) -> None:
+    """The same under ``spotckpt run``: the supervisor uploads, the whole tree is killed."""
+    chaos(tmp_path, s3_server, capsys, max(15, ITERATIONS // 3), supervised=True)
+
+
+def chaos(tmp_path: Path, s3_server: S3Server, capsys: pytest.CaptureFixture, iterations: int, *,
+          supervised: bool) -> None:
     rng = random.Random()
     bucket = s3_server.new_bucket()
     prefix = "run/"
@@ -95,8 +126,8 @@ def test_random_sigkills_resume_valid_and_bitwise_identical(tmp_path: Path, s3_s
     expect_resume: int | None = None
     t0 = time.monotonic()
     startup = 1.0
-    for i in range(ITERATIONS):
-        proc, local, out = launch(tmp_path, f"r{i}", remote, BIG, "--sleep", "0.002")
+    for i in range(iterations):
+        proc, local, out = launch(tmp_path, f"r{i}", remote, BIG, "--sleep", "0.002", supervised=supervised)
         t_spawn = time.monotonic()
         early = rng.random() < 0.15  # some kills land during startup and restore
         if early:
@@ -107,8 +138,7 @@ def test_random_sigkills_resume_valid_and_bitwise_identical(tmp_path: Path, s3_s
             startup = 0.8 * startup + 0.2 * (time.monotonic() - t_spawn)
             time.sleep(rng.uniform(0.0, 0.5))
         assert proc.poll() is None, f"run {i} ended by itself: {out.read_text()[-2000:]}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        kill_tree(proc)
         kills += 1
         text = out.read_text()
         # the restart (run i) resumed exactly where the remote said it should
@@ -141,7 +171,8 @@ def test_random_sigkills_resume_valid_and_bitwise_identical(tmp_path: Path, s3_s
 
     assert expect_resume is not None and expect_resume > 0, "no progress through the kills"
     total = expect_resume + 10
-    proc, local, out = launch(tmp_path, "final", remote, total, "--out", str(tmp_path / "final.json"))
+    proc, local, out = launch(tmp_path, "final", remote, total, "--out", str(tmp_path / "final.json"),
+                              supervised=supervised)
     assert proc.wait(120) == 0, out.read_text()[-3000:]
     assert f"resumed {expect_resume}" in out.read_text()
     resumes += 1
@@ -155,7 +186,7 @@ def test_random_sigkills_resume_valid_and_bitwise_identical(tmp_path: Path, s3_s
     assert committed[-1] == total and len(committed) == 2, committed
     assert orphans == 0, f"{orphans} manifest-less step dirs left on the remote by the kills"
     with capsys.disabled():
-        print(f"\n[chaos] crash anywhere: {kills} SIGKILLs, {resumes} resumes, 0 invalid resumes, "
+        print(f"\n[chaos] crash anywhere{' (spotckpt run)' if supervised else ''}: {kills} SIGKILLs, {resumes} resumes, 0 invalid resumes, "
               f"{redone} steps redone ({redone / kills:.1f}/kill), {manifests_checked} remote manifests "
               f"and {local_checked} local checkpoints verified after kills, final step {total} "
               f"bitwise equal to an uninterrupted run; uploader at kill: {dict(phases)}; {kills_with_orphan} kills left a payload without manifest; "
