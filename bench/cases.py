@@ -85,7 +85,7 @@ def transfer_manager(part_mib: int, concurrency: int) -> Any:
     from s3transfer.manager import TransferConfig, TransferManager
 
     conf = TransferConfig(multipart_threshold=part_mib * MiB, multipart_chunksize=part_mib * MiB,
-                          max_request_concurrency=concurrency, max_io_queue_size=1000, io_chunksize=MiB)
+                          max_request_concurrency=concurrency)
     return TransferManager(client(), conf)
 
 
@@ -203,11 +203,16 @@ def _one_step() -> None:
         a = torch.tanh(a @ b)
 
 
-def _plain_loop(steps: int) -> float:
-    t = now()
+def _idle_step() -> None:
+    """A step that leaves the CPU idle, as when the GPU computes and the host waits."""
+    time.sleep(0.004)
+
+
+def _plain_loop(steps: int, step: Callable[[], None] = _one_step) -> tuple[float, float]:
+    t, c = now(), cpu_seconds()
     for _ in range(steps):
-        _one_step()
-    return now() - t
+        step()
+    return now() - t, cpu_seconds() - c
 
 
 def case_slowdown(p: dict[str, Any]) -> dict[str, Any]:
@@ -216,13 +221,15 @@ def case_slowdown(p: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     n, interval, seconds, pairs = p["bytes"], p["interval"], p["seconds"], p["pairs"]
-    steps = max(50, int(seconds / (_plain_loop(50) / 50)))
+    work = _one_step if p.get("work", "cpu") == "cpu" else _idle_step
+    steps = max(50, int(seconds / (_plain_loop(50, work)[0] / 50)))
     state = make_state(n)
-    base, ckpt, saves = [], [], []
+    base, ckpt, saves, extra_cpu = [], [], [], []
     wd, bucket = workdir(), new_bucket()
     try:
         for rep in range(pairs):
-            base.append(_plain_loop(steps))
+            bt, bc = _plain_loop(steps, work)
+            base.append(bt)
             local = wd / f"ckpt{rep}"
             with checkpointer({"model": state}, local, f"s3://{bucket}/run{rep}/",
                               every_seconds=interval) as ck:
@@ -230,20 +237,23 @@ def case_slowdown(p: dict[str, Any]) -> dict[str, Any]:
                 assert ck.flush()
                 first = ck.step
                 t0 = t1 = now()
+                c0 = c1 = cpu_seconds()
                 for step in ck.steps(total=first + steps):
-                    _one_step()
+                    work()
                     if step == first + steps - 1:
-                        t1 = now()  # before steps()' final save
+                        t1, c1 = now(), cpu_seconds()  # before steps()' final save
                 ck.flush()
                 saves.append(sum(1 for e in _events(local) if e.get("event") == "saved") - 1)
             ckpt.append(t1 - t0)
+            extra_cpu.append((c1 - c0 - bc) / max(1, saves[-1]))
             shutil.rmtree(local, ignore_errors=True)
     finally:
         shutil.rmtree(wd, ignore_errors=True)
         drop_bucket(bucket)
     b, c = median(base), median(ckpt)
     return {"base": b, "ckpt": c, "slowdown": c / b - 1, "bases": base, "ckpts": ckpt, "saves": saves,
-            "steps": steps, "bytes": n, "interval": interval}
+            "steps": steps, "bytes": n, "interval": interval, "work": p.get("work", "cpu"),
+            "cpu_per_save": median(extra_cpu), "cpu_per_gib": median(extra_cpu) * (1 << 30) / n}
 
 
 def _events(local: Path) -> list[dict[str, Any]]:
@@ -291,11 +301,15 @@ def case_upload(p: dict[str, Any]) -> dict[str, Any]:
                 assert ck.flush()
                 times.append(now() - t)
             it.close()
+            ev = _events(wd / "ckpt")
     finally:
         shutil.rmtree(wd, ignore_errors=True)
         drop_bucket(bucket)
     b, s = median(base), median(times)
-    return {"base": b, "spotckpt": s, "ratio": b / s, "base_mbps": size / b / 1e6, "mbps": size / s / 1e6,
+    writes = [e["write_s"] for e in ev if e.get("event") == "saved"][1:]
+    uploads = [e["seconds"] for e in ev if e.get("event") == "upload_done"][1:]
+    return {"write": median(writes) if writes else None, "upload_stage": median(uploads) if uploads else None,
+            "base": b, "spotckpt": s, "ratio": b / s, "base_mbps": size / b / 1e6, "mbps": size / s / 1e6,
             "best": best, "sweep": {k: median(v) for k, v in sweep.items()}, "bytes": size,
             "times": times, "bases": base}
 

@@ -130,6 +130,8 @@ def run(quick: bool) -> dict[str, Any]:
         res["idle"] = b.case("idle", files=p["files"], seconds=p["idle_seconds"])
         res["slowdown"] = b.case("slowdown", bytes=p["slow_bytes"], interval=p["slow_interval"],
                                  seconds=p["slow_seconds"], pairs=p["slow_pairs"])
+        res["slowdown_idle"] = b.case("slowdown", bytes=p["slow_bytes"], interval=p["slow_interval"],
+                                      seconds=p["slow_seconds"], pairs=p["slow_pairs"], work="idle")
     finally:
         b.close()
     res["elapsed"] = time.monotonic() - t0
@@ -167,11 +169,15 @@ def rows(r: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
     row("1", "training-thread stall per `save()`", f"{ms(s['stall'])} (first save {ms(s['stall_first'])})",
         f"memcpy {ms(s['memcpy'])}", f"{s['stall'] / s['memcpy']:.2f}×", "≤ 1.25× + 10 ms "
         f"(= {ms(limit)})", human(s["bytes"]), s["stall"] <= limit, WHY.get("stall", ""))
-    d = r["slowdown"]
-    row("2", f"training slowdown, save every {d['interval']:.0f} s", f"{d['ckpt']:.2f} s loop",
+    d, di = r["slowdown"], r.get("slowdown_idle")
+    row("2", f"training slowdown, save every {d['interval']:g} s (CPU-bound step)", f"{d['ckpt']:.2f} s loop",
         f"{d['base']:.2f} s, no checkpoints", f"{100 * d['slowdown']:+.1f}%", "≤ 3.5%",
         f"{human(d['bytes'])} state, {d['steps']} steps, {med(d['saves']):.0f} saves/run", d["slowdown"] <= 0.035,
-        WHY.get("slowdown", ""))
+        why_slowdown(r))
+    if di:
+        row("2r", f"same, step leaves the CPU idle (as when a GPU computes)", f"{di['ckpt']:.2f} s loop",
+            f"{di['base']:.2f} s, no checkpoints", f"{100 * di['slowdown']:+.1f}%", "(reference)",
+            f"{human(di['bytes'])} state, {di['steps']} steps, {med(di['saves']):.0f} saves/run", None)
     u = r["upload"]
     row("3", "upload throughput, `save()` → manifest committed", f"{u['mbps']:.0f} MB/s ({sec(u['spotckpt'])})",
         f"{u['base_mbps']:.0f} MB/s ({sec(u['base'])}), boto3 {u['best'].replace('x', ' MiB parts × ')}",
@@ -203,6 +209,24 @@ def rows(r: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
 # Why a row misses and what would close the gap: filled in from what the measurements show
 # (kept here so the next run's report carries them).
 WHY: dict[str, str] = {}
+
+
+def why_slowdown(r: dict[str, Any]) -> str:
+    d, di = r["slowdown"], r.get("slowdown_idle")
+    per_s = d["cpu_per_gib"] * d["bytes"] / (1 << 30) / d["interval"]
+    text = (f"the client has one core (the S3 server has the other) and the loop keeps it 100% busy, so every "
+            f"CPU-second the background pipeline spends is taken from training. Measured: "
+            f"{d['cpu_per_gib']:.2f} CPU-s per GiB saved ({d['cpu_per_save']:.2f} s per save), i.e. "
+            f"{100 * per_s:.1f}% of a core at this cadence. Per GiB the parts are: the snapshot memcpy (~0.06 s), "
+            "`torch.save` into the page cache (~0.4 s), SHA-256 of the file (~0.55 s at 2 GB/s with SHA-NI), "
+            "and the upload (socket copies, botocore's CRC32, ~0.6 s).")
+    if di:
+        text += (f" With the same saves and a step that leaves the CPU idle (row 2r, the GPU case) the slowdown is "
+                 f"{100 * di['slowdown']:+.1f}%: the pipeline itself does not block training.")
+    text += (" What would close the gap on this machine: a second client core (any real training host has "
+             "several), or a cheaper checksum than SHA-256 in the manifest (CRC32C/XXH3 run at >10 GB/s; a "
+             "manifest format change), which alone would remove ~35% of the CPU.")
+    return text
 
 
 def durable_within(r: dict[str, Any]) -> list[str]:

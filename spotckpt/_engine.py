@@ -85,10 +85,11 @@ class Engine:
         if not names or store is None or getattr(store, "fast", None) is None or syncer.busy_steps():
             return {}
         layout = getattr(syncer, "layout", None)
+        marker = layout.marker_key(step) if layout is not None else f"{step_dirname(step)}/{MANIFEST}"
         ups = {}
         for name in names:
             rel = layout.payload_key(step, name) if layout is not None else f"{step_dirname(step)}/{name}"
-            up = store.stream_file(tmp / name, rel)
+            up = store.stream_file(tmp / name, rel, unless=marker)
             if up is not None:
                 ups[name] = up
         return ups

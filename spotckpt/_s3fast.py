@@ -127,8 +127,7 @@ class S3Fast:
 
         client = self.client
         conf = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
-                              max_request_concurrency=CONCURRENCY, max_io_queue_size=1000,
-                              io_chunksize=1 << 20)
+                              max_request_concurrency=CONCURRENCY)
         return TransferManager(client, conf)
 
     def _call(self, fn: Callable[[], Any]) -> Any:

@@ -167,15 +167,18 @@ class RemoteStore:
         except RemoteError as e:
             raise type(e)(str(e).replace("write probe failed", "write probe failed (is the remote writable?)")) from None
 
-    def stream_file(self, local: str | os.PathLike[str], rel: str) -> Any:
+    def stream_file(self, local: str | os.PathLike[str], rel: str, *, unless: str | None = None) -> Any:
         """Start uploading ``local`` while its writer is still appending to it, so that a
-        later :meth:`put_file` of the same file only confirms it (``s3://`` only; None
-        elsewhere). See :mod:`._stream` for which files qualify."""
+        later :meth:`put_file` of the same file finds it there, confirmed (``s3://`` only;
+        None elsewhere). Nothing is sent if object ``unless`` (the checkpoint's manifest)
+        exists. See :mod:`._stream` for which files qualify."""
         if self.fast is None:
             return None
         from ._stream import StreamUpload
 
-        up = StreamUpload(self.fast, self._key(rel), Path(local))
+        up = StreamUpload(self.fast, self._key(rel), Path(local),
+                          guard=None if unless is None else self._key(unless))
+        up.guard_rel = unless
         with self._streams_lock:
             # Forget streams nobody will ask for: aborted ones, and beyond the few newest
             # (a step superseded before the Syncer took it; remote retention removes its data).
@@ -192,6 +195,13 @@ class RemoteStore:
             up = self._streams.pop(rel, None)
         return up is not None and up.wait() and up.matches(local)
 
+    def _known_absent(self, rel: str) -> bool:
+        """Whether a stream just checked that ``rel`` does not exist (saves the Syncer's
+        HEAD of the manifest before it uploads a freshly committed checkpoint)."""
+        with self._streams_lock:
+            return any(getattr(up, "guard_rel", None) == rel and up.guard_absent.is_set()
+                       for up in self._streams.values())
+
     def put_file(self, local: str | os.PathLike[str], rel: str) -> int:
         """Upload one file and confirm its size on the remote. Returns that size."""
         want = os.path.getsize(local)
@@ -203,7 +213,8 @@ class RemoteStore:
                 streamed = False  # a retry uploads for real
                 if self.progress is not None and want:
                     self.progress(want)
-            elif self.fast is not None:
+                return want  # the stream confirmed the size on the remote
+            if self.fast is not None:
                 self.fast.put_file(os.fspath(local), self._key(rel), self.progress)
             else:
                 with _Transfer(self.progress, want) as cb:
@@ -253,6 +264,9 @@ class RemoteStore:
 
     def exists(self, rel: str) -> bool:
         """Whether the object ``rel`` exists (a file, not a prefix)."""
+        if self._known_absent(rel):
+            return False
+
         def go() -> bool:
             if self.fast is not None:
                 try:

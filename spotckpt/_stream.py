@@ -71,8 +71,10 @@ class StreamUpload:
         >>> up.finish(size); up.wait(); up.matches(final_path)
     """
 
-    def __init__(self, fast: S3Fast, key: str, path: Path, *, part: int = PART_SIZE) -> None:
-        self.fast, self.key, self.path, self.part = fast, key, path, part
+    def __init__(self, fast: S3Fast, key: str, path: Path, *, part: int = PART_SIZE,
+                 guard: str | None = None) -> None:
+        self.fast, self.key, self.path, self.part, self.guard = fast, key, path, part, guard
+        self.guard_absent = threading.Event()  # the guard key was checked: it does not exist
         self._final: int | None = None        # set by finish(): the writer is done
         self._cancel = threading.Event()
         self._wake = threading.Event()         # finish() or abort() happened
@@ -106,7 +108,7 @@ class StreamUpload:
 
     # -- the Syncer's side -------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the stream; True if the whole file went up."""
+        """Wait for the stream; True if the whole file went up and its size was confirmed."""
         return self._done.wait(timeout) and self.error is None and self.identity is not None
 
     def matches(self, local: str | os.PathLike[str]) -> bool:
@@ -121,6 +123,14 @@ class StreamUpload:
     def _run(self) -> None:
         client = None
         try:
+            if self.guard is not None:
+                # Never overwrite the payload of a checkpoint already committed remotely
+                # (the Syncer then finds its manifest and leaves it as it is).
+                try:
+                    self.fast.size(self.guard)
+                    raise FileExistsError(f"{self.guard} exists")
+                except FileNotFoundError:
+                    self.guard_absent.set()
             fd = self._open()
             if fd is None:
                 return
@@ -129,6 +139,9 @@ class StreamUpload:
                 if not self._upload(client, fd):
                     return  # cancelled before anything was sent
                 st = os.fstat(fd)
+                got = self.fast.size(self.key)  # the commit protocol's confirmation, done here
+                if got != st.st_size:
+                    raise OSError(f"streamed {self.key} has {got} bytes, expected {st.st_size}")
                 self.identity = (st.st_size, st.st_ino, st.st_mtime_ns)
             finally:
                 os.close(fd)
