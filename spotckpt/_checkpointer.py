@@ -145,7 +145,7 @@ class Checkpointer:
             self._signals.install()
             self._planner = FlushPlanner(uploads=store is not None)
             if self._syncer is not None:
-                self._syncer.on_upload = lambda step, nbytes, secs: self._planner.record_upload(nbytes, secs)
+                self._syncer.on_upload = self._after_upload
             self._watcher = MetadataWatcher(
                 self._board, sources_from_env(), on_advise=self._board.advise,
                 interval=float(os.environ.get("SPOTCKPT_METADATA_INTERVAL") or 5.0))
@@ -154,6 +154,13 @@ class Checkpointer:
         except BaseException:
             self._teardown()
             raise
+
+    def _after_upload(self, step: int, nbytes: int, seconds: float) -> None:
+        """Syncer thread: learn the upload rate; drop local checkpoints that were kept only
+        because they were still uploading."""
+        self._planner.record_upload(nbytes, seconds)
+        if self._engine is not None:
+            self._engine.retention()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and not issubclass(exc_type, (GeneratorExit, StopIteration)):

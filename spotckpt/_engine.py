@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -37,6 +38,7 @@ class Engine:
         self.local_retention = local_retention
         self.events = events or EventLog(None)
         self.rank, self.world_size = rank, world_size
+        self._retention_lock = threading.Lock()
 
     def commit(self, step: int, write: Callable[[Path], Iterable[FileEntry]], *,
                framework: str, serializer: str, extra: dict | None = None,
@@ -99,13 +101,14 @@ class Engine:
         one that is queued or uploading."""
         if not self.local_retention:
             return
-        steps = self.local.committed()
-        busy = self.syncer.busy_steps() if self.syncer is not None else set()
-        keep = set(steps[-self.keep_last:]) | busy
-        for s in steps[:-1]:
-            if s not in keep:
-                self.local.delete(s)
-                self.events.emit("local_deleted", step=s)
+        with self._retention_lock:  # the writer thread after a commit, the Syncer after an upload
+            steps = self.local.committed()
+            busy = self.syncer.busy_steps() if self.syncer is not None else set()
+            keep = set(steps[-self.keep_last:]) | busy
+            for s in steps[:-1]:
+                if s not in keep:
+                    self.local.delete(s)
+                    self.events.emit("local_deleted", step=s)
 
 
 def _write_error(local: LocalDir, step: int, e: OSError) -> LocalDirError:

@@ -191,3 +191,15 @@ def test_torch_checkpoint_that_runs_code_does_not_load(tmp_path: Path) -> None:
     torch.save({"x": Evil()}, tmp_path / "state.pt")
     with pytest.raises(CorruptCheckpointError):
         read_state(tmp_path, "torch")
+
+
+def test_local_retention_catches_up_after_slow_uploads(tmp_path: Path, remote_url: str) -> None:
+    """Checkpoints kept locally only because they were uploading are removed once their
+    upload is done: at the end exactly keep_last remain, whatever the upload timing."""
+    state = {"w": torch.zeros(200_000)}
+    with spotckpt.Checkpointer(state, local_dir=tmp_path / "a", remote=remote_url, every_steps=1,
+                               keep_last=1) as ckpt:
+        for _ in ckpt.steps(25):
+            state["w"] += 1
+    assert LocalDir(tmp_path / "a").committed() == [25]
+    assert RemoteStore(remote_url).committed() == [25]
