@@ -309,11 +309,13 @@ class RemoteStore:
         def go() -> list[int]:
             self.fs.invalidate_cache()
             try:
-                hits = self.fs.glob(f"{self.root}/step-*/{MANIFEST}")
+                hits = self.fs.glob(f"{self.root}/step-*/{MANIFEST}", detail=True)
             except FileNotFoundError:
                 return []
             steps = []
-            for h in hits:
+            for h, info in hits.items():
+                if info.get("type", "file") != "file":
+                    continue  # a key step-N/MANIFEST.json/x makes a dir of that name: not a commit
                 parts = h.rstrip("/").split("/")
                 step = parse_step_dirname(parts[-2]) if len(parts) >= 2 else None
                 if step is not None:

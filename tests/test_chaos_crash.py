@@ -111,7 +111,7 @@ def test_random_sigkills_resume_valid_and_bitwise_identical(tmp_path: Path, s3_s
 def test_random_sigkills_of_supervisor_and_script(tmp_path: Path, s3_server: S3Server,
                                                   s3_env: dict, capsys: pytest.CaptureFixture) -> None:
     """The same under ``spotckpt run``: the supervisor uploads, the whole tree is killed."""
-    chaos(tmp_path, s3_server, capsys, max(15, ITERATIONS // 3), supervised=True)
+    chaos(tmp_path, s3_server, capsys, max(15, ITERATIONS // 5), supervised=True)
 
 
 def chaos(tmp_path: Path, s3_server: S3Server, capsys: pytest.CaptureFixture, iterations: int, *,

@@ -23,7 +23,7 @@ from spotckpt._local import LocalDir
 from spotckpt._manifest import verify_dir
 
 # steps per run: 6 in `make test`, more in `make chaos`
-STEPS = 6 if int(os.environ.get("SPOTCKPT_CHAOS_ITERATIONS", "50")) <= 50 else 30
+STEPS = 6 if int(os.environ.get("SPOTCKPT_CHAOS_ITERATIONS", "50")) <= 50 else 18
 
 
 def options(proxy: FaultProxy) -> dict:

@@ -128,6 +128,22 @@ def test_hostile_manifest_is_refused_and_restore_falls_back(tmp_path: Path, s3_s
     assert f"{D10}/{MANIFEST}.quarantined" in keys and f"{D10}/state.pkl" in keys  # kept, not deleted
 
 
+def test_manifest_name_used_as_a_dir_is_not_a_checkpoint(tmp_path: Path, s3_server: S3Server,
+                                                          s3_env: dict) -> None:
+    """Regression: a key ``step-N/MANIFEST.json/x`` made step N look committed, and restore
+    then failed with 'does the bucket exist?' instead of using the older checkpoint."""
+    bucket = s3_server.new_bucket()
+    remote = f"s3://{bucket}/run/"
+    at5 = trained(tmp_path, remote)
+    put(s3_server, bucket, f"run/{step_dirname(20)}/{MANIFEST}/x", b"not a manifest")
+    assert RemoteStore(remote).committed() == [5, 10]
+    s3_server.client().delete_object(Bucket=bucket, Key=f"run/{D10}/{MANIFEST}")
+    state = {"n": -1, "hist": None}
+    with spotckpt.Checkpointer(state, local_dir=tmp_path / "new", remote=remote) as ckpt:
+        assert ckpt.restored_step == 5
+    assert state == at5
+
+
 def test_missing_remote_payload_falls_back(tmp_path: Path, s3_server: S3Server, s3_env: dict) -> None:
     """A manifest whose payload object is gone (a lifecycle rule, a manual delete) is a
     damaged checkpoint like any other: quarantine it and restore the older one."""
