@@ -305,7 +305,7 @@ class Checkpointer:
                 return entries
 
             self._engine.commit(payload_step, write, framework=self.framework, serializer=serializer,
-                                stream=_state.SEQUENTIAL_FILES)  # uploaded while written
+                                stream=[_state.payload_name(serializer)])  # uploaded while written
             self.save_seconds = time.monotonic() - t1
             self._planner.record_save(snapshot_s, self.save_seconds, nbytes)
             est = self._planner.estimate()

@@ -193,9 +193,11 @@ def set_rng_state(st: Mapping[str, Any]) -> None:
 
 
 # -- files -------------------------------------------------------------------------------
-# The files write_state produces, all written strictly front to back (torch.save and
-# pickle.dump into an open file never seek), so they may be uploaded while being written.
-SEQUENTIAL_FILES = ("state.pt", "state.pkl")
+def payload_name(serializer: str) -> str:
+    """The file :func:`write_state` writes for ``serializer``. It is written strictly front to
+    back (``torch.save`` and ``pickle.dump`` into an open file never seek), so it may be
+    uploaded while it is being written (``Engine.commit(stream=...)``)."""
+    return "state.pt" if serializer == "torch" else "state.pkl"
 
 
 def write_state(tmpdir: Path, payload: Any, serializer: str) -> list[FileEntry]:
@@ -206,7 +208,7 @@ def write_state(tmpdir: Path, payload: Any, serializer: str) -> list[FileEntry]:
     checksum then reads the file back from the page cache while another thread waits for
     the fsync, so the disk flush and the hashing overlap.
     """
-    name = "state.pt" if serializer == "torch" else "state.pkl"
+    name = payload_name(serializer)
     path = tmpdir / name
     with open(path, "wb") as f:
         if serializer == "torch":
