@@ -6,6 +6,7 @@ older one. Nothing unverified is ever returned.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -69,8 +70,9 @@ class Engine:
             for up in ups.values():
                 up.abort()
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError) and not isinstance(e, SpotckptError):
-                raise _write_error(self.local, step, e) from e
+            os_err = _disk_error(e)
+            if os_err is not None:
+                raise _write_error(self.local, step, os_err) from e
             raise
         self.events.emit("commit", step=step, bytes=manifest.total_bytes)
         if self.syncer is not None:
@@ -109,6 +111,20 @@ class Engine:
                 if s not in keep:
                     self.local.delete(s)
                     self.events.emit("local_deleted", step=s)
+
+
+def _disk_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: ``e`` itself, or (torch.save reports a full disk
+    as ``RuntimeError: unexpected pos``) a disk error in its chain."""
+    if isinstance(e, OSError):
+        return None if isinstance(e, SpotckptError) else e
+    for _ in range(8):
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+        if e is None:
+            break
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+            return e
+    return None
 
 
 def _write_error(local: LocalDir, step: int, e: OSError) -> LocalDirError:

@@ -257,6 +257,25 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"spotckpt: refusing to load {module}.{name} from a checkpoint")
 
 
+def _torch_safe_globals() -> list[Any]:
+    """What ``weights_only`` loading must also admit for the plain values a state may hold
+    and the pickle-safe reader admits: without it, a state with a numpy array or scalar, a
+    frozenset, a range, a slice or ``b""`` saved fine and then could never be restored."""
+    import _codecs
+
+    out: list[Any] = [bytes, bytearray, set, frozenset, complex, range, slice, _codecs.encode]
+    try:
+        import numpy as np
+    except ImportError:
+        return out
+    core = getattr(np, "_core", None) or np.core
+    out += [(core.multiarray._reconstruct, f"{core.__name__}.multiarray._reconstruct"),
+            (core.multiarray.scalar, f"{core.__name__}.multiarray.scalar"), np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    out += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")] if dtypes else []
+    return out
+
+
 def read_state(ckpt_dir: Path, serializer: str) -> Any:
     """Load a payload written by :func:`write_state` without running code from it.
 
@@ -268,7 +287,8 @@ def read_state(ckpt_dir: Path, serializer: str) -> Any:
             torch = _torch()
             if torch is None:
                 import torch  # noqa: F811 - the checkpoint was written by torch
-            return torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_torch_safe_globals()):
+                return torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=True)
         if serializer == "pickle-safe":
             with open(ckpt_dir / "state.pkl", "rb") as f:
                 return _SafeUnpickler(io.BufferedReader(f)).load()

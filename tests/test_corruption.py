@@ -47,6 +47,12 @@ DAMAGE: dict[str, Callable[[bytes], bytes]] = {
     "bitflip": flip_bit, "truncate": truncate, "checksum": flip_checksum, "size": flip_size}
 
 
+def payload_name(local_or_store: Path | RemoteStore) -> str:
+    if isinstance(local_or_store, RemoteStore):
+        return json.loads(local_or_store.cat(f"{D10}/{MANIFEST}"))["files"][0]["path"]
+    return json.loads((local_or_store / D10 / MANIFEST).read_text())["files"][0]["path"]
+
+
 def train(local: Path, remote: str | None) -> dict:
     state = {"n": 0, "w": [0.0] * 64}
     at5: dict = {}
@@ -61,7 +67,9 @@ def train(local: Path, remote: str | None) -> dict:
     return at5
 
 
-CASES = [("state.pkl", "truncate"), (MANIFEST, "bitflip"), (MANIFEST, "truncate"), (MANIFEST, "checksum"),
+PAYLOAD = "payload"  # the payload file, whatever the serializer named it
+
+CASES = [(PAYLOAD, "truncate"), (MANIFEST, "bitflip"), (MANIFEST, "truncate"), (MANIFEST, "checksum"),
          (MANIFEST, "size")]
 
 
@@ -69,6 +77,7 @@ CASES = [("state.pkl", "truncate"), (MANIFEST, "bitflip"), (MANIFEST, "truncate"
 def test_local_damage_is_quarantined_and_restore_falls_back(tmp_path: Path, target: str, damage: str) -> None:
     local = tmp_path / "ck"
     at5 = train(local, None)
+    target = payload_name(local) if target == PAYLOAD else target
     p = local / D10 / target
     p.write_bytes(DAMAGE[damage](p.read_bytes()))
     state = {"n": -1, "w": None}
@@ -80,12 +89,13 @@ def test_local_damage_is_quarantined_and_restore_falls_back(tmp_path: Path, targ
     assert any(e["event"] == "quarantine" and e["step"] == 10 for e in events(local))
 
 
-@pytest.mark.parametrize("target,damage", [("state.pkl", "truncate"), (MANIFEST, "checksum"), (MANIFEST, "size"),
+@pytest.mark.parametrize("target,damage", [(PAYLOAD, "truncate"), (MANIFEST, "checksum"), (MANIFEST, "size"),
                                            (MANIFEST, "bitflip")])
 def test_remote_damage_is_quarantined_and_restore_falls_back(tmp_path: Path, remote_url: str, target: str,
                                                              damage: str) -> None:
     at5 = train(tmp_path / "a", remote_url)
     store = RemoteStore(remote_url)
+    target = payload_name(store) if target == PAYLOAD else target
     key = f"{D10}/{target}"
     store.put_bytes(key, DAMAGE[damage](store.cat(key)))
     state = {"n": -1, "w": None}
@@ -104,7 +114,7 @@ def test_damaged_local_copy_restores_the_same_step_from_the_remote(tmp_path: Pat
     """A bit flip in the local copy costs nothing when the remote copy is good."""
     local = tmp_path / "a"
     train(local, remote_url)
-    p = local / D10 / "state.pkl"
+    p = local / D10 / payload_name(local)
     p.write_bytes(flip_bit(p.read_bytes()))
     state = {"n": -1, "w": None}
     with spotckpt.Checkpointer(state, local_dir=local, remote=remote_url) as ckpt:
@@ -116,10 +126,11 @@ def test_damaged_local_copy_restores_the_same_step_from_the_remote(tmp_path: Pat
 def test_newest_damaged_everywhere_falls_back_to_older(tmp_path: Path, remote_url: str) -> None:
     local = tmp_path / "a"
     at5 = train(local, remote_url)
-    p = local / D10 / "state.pkl"
+    name = payload_name(local)
+    p = local / D10 / name
     p.write_bytes(truncate(p.read_bytes()))
     store = RemoteStore(remote_url)
-    store.put_bytes(f"{D10}/state.pkl", flip_bit(store.cat(f"{D10}/state.pkl")))
+    store.put_bytes(f"{D10}/{name}", flip_bit(store.cat(f"{D10}/{name}")))
     state = {"n": -1, "w": None}
     with spotckpt.Checkpointer(state, local_dir=local, remote=remote_url) as ckpt:
         assert ckpt.restored_step == 5

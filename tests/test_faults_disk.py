@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -41,7 +42,14 @@ def leftovers(root: Path) -> list[str]:
                   (p.name.startswith("step-") and not (p / "MANIFEST.json").exists()))
 
 
-def test_full_disk_during_save_stops_with_clear_error(tmp_path: Path, small_disk: Path) -> None:
+@pytest.mark.parametrize("serializer", ["torch", "pickle-safe"])
+def test_full_disk_during_save_stops_with_clear_error(tmp_path: Path, small_disk: Path, serializer: str) -> None:
+    """Regression (torch): torch.save reports a full disk as ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos``; it now surfaces as the same clear LocalDirError."""
+    if serializer == "pickle-safe":
+        return run_without_torch(tmp_path, small_disk)
+    import torch  # noqa: F401 - with torch imported, spotckpt saves with torch.save
+
     remote = f"file://{tmp_path / 'remote'}/"
     state = {"n": 0, "blob": b""}
     with pytest.raises(spotckpt.LocalDirError) as ei:
@@ -63,6 +71,32 @@ def test_full_disk_during_save_stops_with_clear_error(tmp_path: Path, small_disk
     with spotckpt.Checkpointer(state2, local_dir=tmp_path / "big", remote=remote) as ckpt2:
         assert ckpt2.restored_step == 5
     assert state2 == {"n": 5, "blob": b""}
+
+
+def run_without_torch(tmp_path: Path, disk: Path) -> None:
+    """The same in a process that never imports torch (spotckpt then pickles)."""
+    code = f"""
+import random, sys, spotckpt
+state = {{"n": 0, "blob": b""}}
+try:
+    with spotckpt.Checkpointer(state, local_dir={str(disk)!r}, remote={f"file://{tmp_path}/remote/"!r},
+                               every_steps=5) as ckpt:
+        for step in ckpt.steps(20):
+            state["n"] += 1
+            if step == 7:
+                state["blob"] = random.randbytes(3_000_000)
+except spotckpt.LocalDirError as e:
+    assert "torch" not in sys.modules
+    print("LocalDirError:", e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    msg = r.stdout.strip()
+    assert "No space left on device" in msg and "step 10" in msg and "checkpoint step 5 is intact" in msg, msg
+    local = LocalDir(disk)
+    assert local.committed() == [5] and leftovers(disk) == []
+    verify_dir(local.path(5), local.read_manifest(5))
+    assert RemoteStore(f"file://{tmp_path}/remote/").committed() == [5]
 
 
 def test_restore_that_does_not_fit_fails_at_once(tmp_path: Path, small_disk: Path) -> None:

@@ -101,7 +101,8 @@ def test_hostile_manifest_is_refused_and_restore_falls_back(tmp_path: Path, s3_s
     remote = f"s3://{bucket}/run/"
     at5 = trained(tmp_path, remote)
     edit = CASES[case]
-    payload = s3_server.client().get_object(Bucket=bucket, Key=f"run/{D10}/state.pkl")["Body"].read()
+    name = manifest_dict(s3_server, bucket)["files"][0]["path"]  # state.pt or state.pkl
+    payload = s3_server.client().get_object(Bucket=bucket, Key=f"run/{D10}/{name}")["Body"].read()
     if isinstance(edit, bytes):
         raw = edit
     else:
@@ -125,7 +126,7 @@ def test_hostile_manifest_is_refused_and_restore_falls_back(tmp_path: Path, s3_s
     assert not canary(tmp_path).exists()
     assert not [p for p in tmp_path.rglob("pwned")]
     keys = RemoteStore(remote).find()
-    assert f"{D10}/{MANIFEST}.quarantined" in keys and f"{D10}/state.pkl" in keys  # kept, not deleted
+    assert f"{D10}/{MANIFEST}.quarantined" in keys and f"{D10}/{name}" in keys  # kept, not deleted
 
 
 def test_manifest_name_used_as_a_dir_is_not_a_checkpoint(tmp_path: Path, s3_server: S3Server,
@@ -150,7 +151,8 @@ def test_missing_remote_payload_falls_back(tmp_path: Path, s3_server: S3Server, 
     bucket = s3_server.new_bucket()
     remote = f"s3://{bucket}/run/"
     at5 = trained(tmp_path, remote)
-    s3_server.client().delete_object(Bucket=bucket, Key=f"run/{D10}/state.pkl")
+    name = manifest_dict(s3_server, bucket)["files"][0]["path"]
+    s3_server.client().delete_object(Bucket=bucket, Key=f"run/{D10}/{name}")
     state = {"n": -1, "hist": None}
     with spotckpt.Checkpointer(state, local_dir=tmp_path / "new", remote=remote) as ckpt:
         assert ckpt.restored_step == 5
@@ -162,7 +164,7 @@ def test_symlinked_payload_on_a_file_remote_is_refused(tmp_path: Path) -> None:
     remote = f"file://{remote_dir}/"
     at5 = trained(tmp_path, remote)
     secret = tmp_path / "secret.bin"
-    real = remote_dir / D10 / "state.pkl"
+    real = remote_dir / D10 / json.loads((remote_dir / D10 / MANIFEST).read_text())["files"][0]["path"]
     secret.write_bytes(real.read_bytes())  # same bytes, so only the link itself is wrong
     real.unlink()
     real.symlink_to(secret)
@@ -229,3 +231,26 @@ def test_payload_that_would_run_code_does_not_load(tmp_path: Path, s3_server: S3
             pass
     assert "spotckpt" in str(ei.value) and "\n" not in str(ei.value)
     assert not marker.exists()
+
+
+PLAIN = {"empty-bytes": b"", "frozenset": frozenset({1, 2}), "range": range(3), "slice": slice(1, 5),
+         "numpy-array": "np.arange(6, dtype=np.float32).reshape(2, 3)", "numpy-scalar": "np.float64(0.25)",
+         "numpy-int": "np.int64(7)", "numpy-strings": "np.array(['a', 'bc'])"}
+
+
+@pytest.mark.parametrize("name", list(PLAIN))
+def test_plain_values_restore_under_weights_only(tmp_path: Path, name: str) -> None:
+    """Regression: with torch imported (so saved by torch.save, loaded weights_only=True), a
+    state holding a numpy array or scalar, a frozenset, a range, a slice or b"" was saved but
+    could never be restored ("Unsupported global"), so the job could not resume."""
+    import numpy as np
+    import torch  # noqa: F401 - selects the torch serializer
+
+    value = eval(PLAIN[name]) if isinstance(PLAIN[name], str) else PLAIN[name]
+    with spotckpt.Checkpointer({"v": value}, local_dir=tmp_path, remote=None) as ckpt:
+        ckpt.save(blocking=True)
+    state = {"v": None}
+    with spotckpt.Checkpointer(state, local_dir=tmp_path, remote=None) as ckpt:
+        assert ckpt.restored_step == 0
+    assert type(state["v"]) is type(value)
+    assert np.array_equal(state["v"], value) if isinstance(value, np.ndarray) else state["v"] == value
