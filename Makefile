@@ -33,7 +33,7 @@ bench: $(STAMP)
 # The reliability suites with more iterations: 500 random SIGKILLs and longer S3-fault runs
 # (about 20 minutes). Figures print as [chaos] and [faults] lines (README "Guarantees").
 chaos: $(STAMP)
-	SPOTCKPT_CHAOS_ITERATIONS=500 $(VPY) -m pytest -q -s --timeout=3600 tests/test_chaos_crash.py \
+	SPOTCKPT_CHAOS_ITERATIONS=500 $(VPY) -m pytest -q -s --timeout=7200 tests/test_chaos_crash.py \
 		tests/test_faults_s3.py tests/test_faults_disk.py tests/test_corruption.py \
 		tests/test_hostile_remote.py tests/test_concurrency.py tests/test_secrets.py $(PYTEST_ARGS)
 

@@ -164,6 +164,10 @@ def chaos(tmp_path: Path, s3_server: S3Server, capsys: pytest.CaptureFixture, it
             assert expect_resume is None or committed[-1] >= expect_resume, "remote went backwards"
             expect_resume = committed[-1]
         most_committed = max(most_committed, len(committed))
+        if kills % 50 == 0 and iterations > 50:
+            with capsys.disabled():
+                print(f"\n[chaos] {kills}/{iterations} kills, {resumes} resumes, 0 invalid, "
+                      f"{time.monotonic() - t0:.0f} s", flush=True)
         if (local / ".spotckpt.sagemaker-ignore").exists() and i % 10:
             import shutil
 

@@ -33,7 +33,8 @@ def check_dir(local: Path) -> list[int]:
 
 def test_second_process_on_same_dir_exits_clearly(tmp_path: Path) -> None:
     local, remote = tmp_path / "ck", f"file://{tmp_path / 'remote'}/"
-    a = start(local, remote, tmp_path / "a.json", "--total", "30", "--sleep", "0.05")
+    # A holds the dir for 8 s after its restore: long enough for B to start, even on a busy machine
+    a = start(local, remote, tmp_path / "a.json", "--total", "30", "--hold", "8")
     assert a.stdout.readline().startswith("resumed None")  # A holds the lock and trains
     t0 = time.monotonic()
     b = start(local, remote, tmp_path / "b.json", "--total", "30")
@@ -51,9 +52,9 @@ def test_second_process_on_same_dir_exits_clearly(tmp_path: Path) -> None:
 
 
 def test_simultaneous_starts_exactly_one_wins(tmp_path: Path) -> None:
-    for round_ in range(3):
+    for round_ in range(2):
         local, remote = tmp_path / f"ck{round_}", f"file://{tmp_path / f'remote{round_}'}/"
-        procs = [start(local, remote, tmp_path / f"{round_}-{i}.json", "--total", "20", "--hold", "2")
+        procs = [start(local, remote, tmp_path / f"{round_}-{i}.json", "--total", "20", "--hold", "6")
                  for i in range(2)]
         results = [p.communicate(timeout=120) for p in procs]
         codes = sorted(p.returncode for p in procs)
