@@ -32,16 +32,28 @@ when the interruption falls at an epoch boundary, or anywhere if the train datal
 resumable (``state_dict``/``load_state_dict``, e.g. torchdata's ``StatefulDataLoader`` or the
 loader in ``examples/train_lightning.py``); Lightning cannot fast-forward a plain shuffled
 ``DataLoader`` mid-epoch. The RNG states are put back just before the first resumed batch.
-Single process (one device) only; hyperparameters saved in checkpoints must be plain values
-(checkpoints load with ``weights_only=True``). Being a Lightning ``Checkpoint`` callback, it
+Hyperparameters saved in checkpoints must be plain values (checkpoints load with
+``weights_only=True``). Being a Lightning ``Checkpoint`` callback, it
 needs ``enable_checkpointing=True`` (the default) and replaces the default
 ``ModelCheckpoint``; add one yourself if you also want Lightning's own ``.ckpt`` files.
+
+Multi-process (DDP; Lightning launching the other ranks itself, or torchrun): Lightning reads
+``ckpt_path`` before it creates the process group, so in a multi-process run the callback
+opens the Checkpointer in ``setup`` instead, once the group exists, and hands the restored
+checkpoint to Lightning in memory (``fit`` must then not load another checkpoint: an explicit
+``ckpt_path``, or a ``ModelCheckpoint``'s last file for ``"last"``, is refused). Every rank
+saves its own part (its model and optimizer copy, loops, dataloader state, RNG); a notice on
+any rank stops every rank after the same batch. Lightning's own SIGTERM handling is bypassed
+while the callback owns SIGTERM: it acts on rank 0's signal only and broadcasts from inside
+the signal handler. The ranks Lightning's launcher started exit after the launching process,
+whose watchdog would otherwise SIGKILL it when it sees a rank exit with status 143.
 """
 from __future__ import annotations
 
 import functools
 import os
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -54,6 +66,8 @@ from spotckpt._errors import ConfigError
 from spotckpt._events import log
 
 from ._common import UNSET, checkpointer_options, require
+from ._lightning_dist import (bypass_sigterm_notifier, exit_after_launcher, hand_to_lightning,
+                               multi_process, restore_sigterm_notifier)
 
 __all__ = ["SpotCheckpoint"]
 
@@ -149,6 +163,7 @@ class SpotCheckpoint:
         self.checkpointer: Checkpointer | None = None
         self._state = _TrainerState()
         self._resume_file: Path | None = None
+        self._grace_left = 0.0  # seconds to the deadline when the Checkpointer closed
         self.interrupted = False
         # Lightning's notes for OnExceptionCheckpoint users do not apply to this callback.
         for text in (r".*ckpt_path=None\)` was called without a model",
@@ -161,12 +176,18 @@ class SpotCheckpoint:
         """The newest verified checkpoint as a Lightning checkpoint file, or None.
 
         Lightning reads this while it resolves ``fit(ckpt_path=None | "last")``, before any
-        hook runs, so this is where the Checkpointer opens and restores.
+        hook runs, so this is where the Checkpointer opens and restores; except in a
+        multi-process run, whose process group does not exist yet: None, and ``setup`` opens.
         """
+        if multi_process():
+            return None
         self._open()
         return str(self._resume_file) if self._resume_file is not None else None
 
-    def _open(self) -> Checkpointer:
+    def _open(self, trainer: Any = None) -> Checkpointer:
+        """Open the Checkpointer and restore. Without ``trainer`` (from :attr:`ckpt_path`), the
+        restored checkpoint becomes a file for Lightning to load; with it (from ``setup``),
+        Lightning gets it in memory."""
         if self.checkpointer is not None:
             return self.checkpointer
         self.interrupted = False
@@ -177,12 +198,15 @@ class SpotCheckpoint:
         ckpt.open()
         self.checkpointer = ckpt
         if self._state.restored is not None:
-            import torch
+            if trainer is None:
+                import torch
 
-            d = ckpt.local_dir / _RESUME_DIR
-            d.mkdir(exist_ok=True)
-            self._resume_file = d / f"step-{ckpt.restored_step}.ckpt"
-            torch.save(self._state.restored["checkpoint"], self._resume_file)
+                d = ckpt.local_dir / _RESUME_DIR
+                d.mkdir(exist_ok=True)
+                self._resume_file = d / f"step-{ckpt.restored_step}.ckpt"
+                torch.save(self._state.restored["checkpoint"], self._resume_file)
+            else:
+                hand_to_lightning(trainer, self._state.restored["checkpoint"])
             log.warning("spotckpt: resuming Lightning from step %d", ckpt.restored_step)
         return ckpt
 
@@ -194,20 +218,39 @@ class SpotCheckpoint:
     # -- hooks -------------------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._state.trainer = trainer
-        if stage == "fit":
-            self._open()  # when fit(ckpt_path=<a path>) did not ask for ckpt_path
+        if stage != "fit":
+            return
+        if self.checkpointer is None:
+            # a multi-process run (the process group exists now), or fit(ckpt_path=<a path>)
+            # did not ask for ckpt_path
+            self._open(trainer)
+        elif trainer.world_size > 1:
+            raise ConfigError(
+                "spotckpt: this multi-process run was not recognised before Lightning created its "
+                "process group (neither WORLD_SIZE nor LOCAL_RANK was set); launch it with "
+                "Lightning's strategy='ddp' or with torchrun")
+        if trainer.world_size > 1 and signal.SIGTERM in self.checkpointer.config.signals:
+            bypass_sigterm_notifier(trainer)  # the Checkpointer's agreement replaces it; see _stop
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         ckpt = self.checkpointer
-        if ckpt is None or ckpt.restored_step is None:
+        if ckpt is None:
             return
         loaded = trainer.ckpt_path
-        if self._resume_file is None or loaded is None or \
-                os.path.abspath(str(loaded)) != os.path.abspath(str(self._resume_file)):
+        expected = self._resume_file
+        other = ckpt.restored_step is not None and not (
+            (loaded is None and expected is None) or
+            (loaded is not None and expected is not None and
+             os.path.abspath(str(loaded)) == os.path.abspath(str(expected))))
+        if trainer.world_size > 1:  # refuse on every rank, or the others would wait for it
+            other = bool(trainer.strategy.reduce_boolean_decision(other, all=False))
+        if other:
             raise ConfigError(
                 f"spotckpt: a checkpoint at step {ckpt.restored_step} exists in {ckpt.local_dir} "
                 f"(or the remote) but fit(ckpt_path={str(loaded)!r}) loads another one; call "
-                "fit(model) or fit(model, ckpt_path='last') to resume it")
+                "fit(model) or fit(model, ckpt_path='last') to resume it"
+                + (" (and give no ModelCheckpoint with save_last=True in a multi-process run)"
+                   if trainer.world_size > 1 else ""))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         restored = self._state.restored
@@ -224,10 +267,18 @@ class SpotCheckpoint:
         if ckpt is None or self.interrupted or _accumulating(trainer, batch_idx):
             return
         ckpt.step = trainer.global_step
-        ckpt.boundary()
+        ckpt.boundary()  # with several ranks, all of them agree here on a notice any one got
         if ckpt.interrupted:
-            self.interrupted = True
-            trainer.should_stop = True
+            self._stop(trainer)
+
+    def _stop(self, trainer: Any) -> None:
+        self.interrupted = True
+        trainer.should_stop = True
+        if self.exit_on_interrupt:
+            # End fit right after this batch, on every rank alike, the way Lightning ends it on
+            # its own SIGTERM (SIGTERMException): `should_stop` alone would run a validation
+            # epoch first, and is ignored until min_epochs/min_steps are reached.
+            trainer._signal_connector.received_sigterm = True
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # Lightning ends a SIGTERMed fit by raising SIGTERMException (a SystemExit with no
@@ -240,6 +291,7 @@ class SpotCheckpoint:
             self._close(raise_errors=False)
         if self.interrupted and self.exit_on_interrupt and isinstance(exception, SystemExit):
             exception.code = EXIT_INTERRUPTED
+            exit_after_launcher(trainer, min(self._grace_left, 30.0))
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         ckpt = self.checkpointer
@@ -247,22 +299,31 @@ class SpotCheckpoint:
             return
         if stage == "fit":
             ckpt.step = trainer.global_step
-            if not ckpt.should_stop:
+            ckpt.boundary()  # a notice that came after the last batch (agreed by all ranks)
+            if ckpt.interrupted:
+                self.interrupted = True
+            else:
                 ckpt.save()  # the end of training (skipped if this step is already saved)
         self._close(raise_errors=True)
         if stage == "fit" and self.interrupted and self.exit_on_interrupt:
+            exit_after_launcher(trainer, min(self._grace_left, 30.0))
             raise SystemExit(EXIT_INTERRUPTED)
 
     def _close(self, *, raise_errors: bool) -> None:
         ckpt, self.checkpointer = self.checkpointer, None
         self._drop_resume_file()
         self._state.restored = None
+        trainer = self._state.trainer
+        if trainer is not None:
+            restore_sigterm_notifier(trainer)  # (see setup)
         if ckpt is None:
             return
+        notice = ckpt.notice
         try:
             ckpt.close(raise_errors=raise_errors)
         finally:
             self.interrupted = self.interrupted or ckpt.interrupted
+            self._grace_left = max(0.0, notice.seconds_left() - 1.0) if notice else 0.0
 
     # Lightning's OnExceptionCheckpoint state is not ours to keep.
     def state_dict(self) -> dict[str, Any]:
