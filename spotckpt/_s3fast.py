@@ -24,7 +24,7 @@ from typing import Any, Callable
 PART_SIZE = 16 << 20
 CONCURRENCY = 8
 MAX_PARTS = 10_000
-MAX_RANGE = 256 << 20
+MIN_RANGE, MAX_RANGE = 64 << 20, 256 << 20  # ranged GETs of a download
 
 
 def _part_size(size: int) -> int:
@@ -158,12 +158,12 @@ class S3Fast:
     def get_file(self, key: str, local: str, progress: Callable[[int], None] | None = None) -> None:
         """Download ``key`` to ``local`` with CONCURRENCY parallel ranged GETs.
 
-        One range per connection (at least a part): S3 serves each connection at a steady
+        One range per connection (64-256 MiB): S3 serves each connection at a steady
         rate, so more, smaller ranges only add requests, and servers that copy the object for
         every range request (moto does) slow down with each one (bench/).
         """
         size = self.size(key)
-        part = min(max(PART_SIZE, -(-size // CONCURRENCY)), MAX_RANGE)  # big files: a straggler costs less
+        part = min(max(MIN_RANGE, -(-size // CONCURRENCY)), MAX_RANGE)  # big files: a straggler costs less
         part = -(-part // (1 << 20)) << 20
         self._transfer(lambda m, subs: m.download(self.bucket, key, local, subscribers=subs), part,
                        progress, size=size)

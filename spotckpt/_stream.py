@@ -24,7 +24,10 @@ from ._events import log
 from ._s3fast import CONCURRENCY, PART_SIZE, S3Fast
 
 _POLL = 0.005  # seconds between looks at how far the writer got
-_BLOCK = 1 << 20  # bytes per read of a part while it is sent
+# Bytes per read of a part while it is sent. Kept below glibc's mmap threshold (128 KiB):
+# 1 MiB blocks were mmapped and unmapped per read, and the page faults and mmap-lock
+# traffic slowed the writer thread five-fold (bench/).
+_BLOCK = 64 << 10
 
 
 class _PartReader:
@@ -36,8 +39,8 @@ class _PartReader:
 
     def read(self, amt: int | None = None) -> bytes:
         # At least _BLOCK bytes per call, whatever ``amt`` asks: http.client's send loop and
-        # botocore's checksum take blocks of any size, and asking for 16 KiB at a time meant
-        # a GIL round trip per 16 KiB, which delays the training thread (bench/ row 2r).
+        # botocore's checksum take blocks of any size, and 16 KiB at a time meant a GIL round
+        # trip per 16 KiB, which delays the training thread (bench/ row 2r).
         left = self._len - self._pos
         n = left if amt is None or amt < 0 else min(max(amt, _BLOCK), left)
         if n <= 0:
