@@ -238,6 +238,14 @@ class RemoteStore:
             else:
                 self.fs.pipe_file(self.path(rel), data)
         self._call(f"write of {rel}", go)
+        self._forget_absent(rel)
+
+    def _forget_absent(self, rel: str) -> None:
+        """``rel`` was just written: a stream's earlier "absent" answer no longer holds."""
+        with self._streams_lock:
+            for up in self._streams.values():
+                if getattr(up, "guard_rel", None) == rel:
+                    up.guard_rel = None
 
     def get_file(self, rel: str, local: str | os.PathLike[str]) -> None:
         def go() -> None:
@@ -285,6 +293,22 @@ class RemoteStore:
             except FileNotFoundError:
                 pass
         self._call(f"delete of {rel}", go)
+
+    def rm_many(self, rels: list[str]) -> None:
+        """Delete several objects; missing ones are fine (S3: one request per 1,000 keys)."""
+        if not rels:
+            return
+
+        def go() -> None:
+            if self.is_local:
+                for rel in rels:
+                    try:
+                        self.fs.rm_file(self.path(rel))
+                    except FileNotFoundError:
+                        pass
+            else:
+                self.fs.rm([self.path(rel) for rel in rels])
+        self._call(f"delete of {len(rels)} objects", go)
 
     def find(self) -> dict[str, int]:
         """Every object under the prefix: relative key -> size."""
