@@ -301,10 +301,19 @@ class RemoteStore:
 
         def go() -> None:
             if self.is_local:
+                dirs = set()
                 for rel in rels:
                     try:
                         self.fs.rm_file(self.path(rel))
                     except FileNotFoundError:
+                        pass
+                    while "/" in rel:  # and the dirs this leaves empty (never the root)
+                        rel = rel.rsplit("/", 1)[0]
+                        dirs.add(rel)
+                for d in sorted(dirs, key=len, reverse=True):
+                    try:
+                        os.rmdir(self.path(d))
+                    except OSError:
                         pass
             else:
                 self.fs.rm([self.path(rel) for rel in rels])

@@ -24,7 +24,7 @@ from ._errors import RemoteError, SpotckptError
 from ._events import EventLog, log
 from ._layout import SingleLayout
 from ._local import LocalDir, is_internal, write_atomic
-from ._manifest import MANIFEST, step_dirname
+from ._manifest import MANIFEST, parse_step_dirname, step_dirname
 from ._store import RemoteStore
 
 _IDLE_CPU = 0.005          # share of a core an idle Syncer may spend scanning the local dir
@@ -231,19 +231,35 @@ class Syncer:
             self._remote_retention(step)
 
     def _remote_retention(self, newest: int) -> None:
+        """Un-commit the checkpoints past ``keep_last`` (all manifests in one request), then
+        delete every payload older than the oldest kept checkpoint in one more: a few
+        requests whatever the backlog, so a process killed again and again soon after
+        each upload still catches up (one delete after another, it fell behind by one
+        checkpoint per kill). Payload without a manifest there was left by a process killed
+        between payload and manifest upload, or between these two requests: it never was a
+        checkpoint, and nothing else would ever remove it. Quarantined checkpoints stay."""
         steps = self.store.committed()
         keep = set(steps[-self.keep_last:]) | {newest}
-        for s in steps:
-            if s not in keep and s < newest:
-                self.store.delete_checkpoint(s)
-                self.events.emit("remote_deleted", step=s)
-        # Payload without a manifest, older than every kept checkpoint: left by a process
-        # killed between payload and manifest upload, or between a delete's two halves. It
-        # never was a checkpoint and nothing else would ever remove it (quarantined ones stay).
-        for s in self.store.step_dirs():
-            if s < min(keep) and not self.store.exists(f"{step_dirname(s)}/{MANIFEST}.quarantined"):
-                self.store.rm(step_dirname(s), recursive=True)
-                self.events.emit("remote_orphan_deleted", step=s)
+        old = [s for s in steps if s not in keep and s < newest]
+        self.store.rm_many([f"{step_dirname(s)}/{MANIFEST}" for s in old])
+        for s in old:
+            self.events.emit("remote_deleted", step=s)
+        dirs = self.store.step_dirs()
+        if not dirs or dirs[0] >= min(keep):
+            return  # nothing below the kept checkpoints: skip the full listing
+        doomed: dict[int, list[str]] = {}
+        quarantined = set()
+        for rel in self.store.find():
+            s = parse_step_dirname(rel.split("/", 1)[0])
+            if s is not None and s < min(keep):
+                doomed.setdefault(s, []).append(rel)
+                if rel.endswith(f"/{MANIFEST}.quarantined"):
+                    quarantined.add(s)
+        for s in quarantined:
+            doomed.pop(s)
+        self.store.rm_many([rel for rels in doomed.values() for rel in rels])
+        for s in sorted(set(doomed) - set(old)):
+            self.events.emit("remote_orphan_deleted", step=s)
 
     # -- free-form files -------------------------------------------------------------------
     def _load_mirror_state(self) -> dict[str, tuple[int, int]]:

@@ -219,3 +219,40 @@ def test_retention_removes_payload_left_without_manifest(tmp_path: Path, remote_
     assert not any(k.startswith((step_dirname(3), step_dirname(7))) for k in keys), keys
     assert f"{step_dirname(4)}/state.pkl" in keys  # quarantined: kept for inspection
     assert f"{step_dirname(30)}/state.pkl" in keys  # newer than what is kept: maybe in flight
+
+
+def test_retention_catches_up_with_a_backlog_in_a_few_requests(tmp_path: Path, s3_server: S3Server,
+                                                               s3_env: dict) -> None:
+    """Regression: retention deleted one checkpoint at a time (3 requests each). A process
+    killed soon after each upload never finished a pass, so with 500 kills the remote held
+    over 100 checkpoints and every pass took longer. Now a backlog goes in two bulk deletes."""
+    import hashlib
+
+    from faultproxy import FaultProxy
+    from spotckpt._manifest import FileEntry, build_manifest, step_dirname
+    from spotckpt._store import RemoteStore
+    from spotckpt._syncer import Syncer
+
+    bucket = s3_server.new_bucket()
+    client = s3_server.client()
+    entry = FileEntry("state.pkl", 1, hashlib.sha256(b"p").hexdigest())
+    for s in range(1, 41):  # 30 committed checkpoints, then 10 orphaned payloads
+        client.put_object(Bucket=bucket, Key=f"run/{step_dirname(s)}/state.pkl", Body=b"p")
+        if s <= 30:
+            m = build_manifest(s, [entry], framework="t", serializer="x")
+            client.put_object(Bucket=bucket, Key=f"run/{step_dirname(s)}/{MANIFEST}", Body=m.to_json())
+    local = LocalDir(tmp_path / "ck")
+    tmp = local.begin(50)
+    (tmp / "state.pkl").write_bytes(b"p")
+    local.commit(tmp, build_manifest(50, [entry], framework="t", serializer="x"))
+    with FaultProxy(s3_server.endpoint) as proxy:
+        store = RemoteStore(f"s3://{bucket}/run/", {"client_kwargs": {"endpoint_url": proxy.endpoint}})
+        syncer = Syncer(local, store, keep_last=2, mirror=False)
+        syncer.start()
+        syncer.submit(50)
+        assert syncer.close(60)
+        deletes = [(m, p) for m, p, _ in proxy.log if m == "DELETE" or (m == "POST" and "delete" in p)]
+    committed, orphans = remote_audit(s3_server, bucket, "run/")
+    # 31..40 are newer than the oldest kept checkpoint (30): they might still be in flight
+    assert committed == [30, 50] and orphans == 10, (committed, orphans)
+    assert len(deletes) <= 4, deletes
