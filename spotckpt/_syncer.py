@@ -232,7 +232,7 @@ class Syncer:
 
     def _remote_retention(self, newest: int) -> None:
         """Un-commit the checkpoints past ``keep_last`` (all manifests in one request), then
-        delete every payload older than the oldest kept checkpoint in one more: a few
+        delete every other payload older than the newest in one more: a few
         requests whatever the backlog, so a process killed again and again soon after
         each upload still catches up (one delete after another, it fell behind by one
         checkpoint per kill). Payload without a manifest there was left by a process killed
@@ -245,13 +245,13 @@ class Syncer:
         for s in old:
             self.events.emit("remote_deleted", step=s)
         dirs = self.store.step_dirs()
-        if not dirs or dirs[0] >= min(keep):
-            return  # nothing below the kept checkpoints: skip the full listing
+        if not any(s < newest and s not in keep for s in dirs):
+            return  # nothing older that is not kept: skip the full listing
         doomed: dict[int, list[str]] = {}
         quarantined = set()
         for rel in self.store.find():
             s = parse_step_dirname(rel.split("/", 1)[0])
-            if s is not None and s < min(keep):
+            if s is not None and s < newest and s not in keep:
                 doomed.setdefault(s, []).append(rel)
                 if rel.endswith(f"/{MANIFEST}.quarantined"):
                     quarantined.add(s)
