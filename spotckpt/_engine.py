@@ -149,6 +149,11 @@ def _write_error(local: LocalDir, step: int, e: OSError) -> LocalDirError:
 
 def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest,
               prefix: str | None = None) -> Path:
+    free = shutil.disk_usage(local.root).free
+    if manifest.total_bytes > free:
+        raise LocalDirError(
+            f"spotckpt: restoring step {step} needs {manifest.total_bytes} bytes but "
+            f"local_dir '{local.root}' has {free} free; free space or use a bigger local_dir")
     tmp = local.begin(step)
     base = tmp.resolve()
     d = step_dirname(step) if prefix is None else prefix
@@ -162,6 +167,12 @@ def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest
                 raise CorruptCheckpointError(f"spotckpt: remote {key} is a symlink; refusing it")
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
+                # Compare sizes before downloading: an object larger than its manifest says
+                # (hostile or damaged) must not fill the disk.
+                remote_size = store.size(key)
+                if remote_size != e.size:
+                    raise CorruptCheckpointError(
+                        f"spotckpt: remote {key} has {remote_size} bytes, its manifest says {e.size}")
                 store.get_file(key, target)
             except FileNotFoundError as err:  # the bucket is there: we just read the manifest
                 raise CorruptCheckpointError(

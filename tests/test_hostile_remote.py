@@ -159,6 +159,24 @@ def test_missing_remote_payload_falls_back(tmp_path: Path, s3_server: S3Server, 
     assert state == at5
 
 
+def test_oversized_remote_payload_is_not_downloaded(tmp_path: Path, s3_server: S3Server, s3_env: dict) -> None:
+    """An object larger than its manifest says is refused by size before any byte is
+    downloaded, so a hostile or damaged remote cannot fill the local disk."""
+    bucket = s3_server.new_bucket()
+    remote = f"s3://{bucket}/run/"
+    at5 = trained(tmp_path, remote)
+    name = manifest_dict(s3_server, bucket)["files"][0]["path"]
+    put(s3_server, bucket, f"run/{D10}/{name}", b"\0" * (8 << 20))
+    state = {"n": -1, "hist": None}
+    with spotckpt.Checkpointer(state, local_dir=tmp_path / "new", remote=remote) as ckpt:
+        assert ckpt.restored_step == 5
+    assert state == at5
+    written = sum(p.stat().st_size for p in (tmp_path / "new").rglob("*") if p.is_file())
+    assert written < 1 << 20, written
+    ev = [e for e in events(tmp_path / "new") if e["event"] == "quarantine"]
+    assert ev and "bytes, its manifest says" in ev[0]["error"]
+
+
 def test_symlinked_payload_on_a_file_remote_is_refused(tmp_path: Path) -> None:
     remote_dir = tmp_path / "remote"
     remote = f"file://{remote_dir}/"
