@@ -225,37 +225,46 @@ def why(r: dict[str, Any], row: str) -> str:
     load = r["load_before"][0]
     noisy = (f" The machine was shared (load average {load:.1f} on {len(r['cores'])} cores when the run "
              "started), which adds noise to every time here." if load > 1.0 else "")
+    u, g, gs = r["upload"], r["sigterm"], r["sigterm_small"]
     if row == "stall":
         s = r["stall"]
         return (f"the steady-state save copies {human(s['bytes'])} into reused buffers; the memcpy baseline took "
-                f"{ms(s['memcpy'])} and the save {ms(s['stall'])}. The remainder is `state_dict()` traversal and the "
-                "RNG states; a slower first save allocates the buffers." + noisy)
-    if row in ("upload", "sigterm"):
-        u = r["upload"]
-        g = r["sigterm"]
-        return (f"moto, on one core, takes the bytes at ~{u['base_mbps']:.0f} MB/s, and the client core does "
-                f"everything else at once: `torch.save` + SHA-256 + fsync (the writer took {u['write'] or 0:.2f} s "
-                f"per {human(u['bytes'])} while the payload streamed) compete with the upload threads for the same "
-                "core, so the streamed upload runs slower than the raw one that has the core to itself; then come "
-                "the fixed requests (size HEAD, manifest PUT, retention LIST). For SIGTERM the baseline "
-                f"({sec(g['base'])}) counts only the memcpy and the upload, not writing the checkpoint locally. "
-                "What would close it: a second client core (the writer and the uploader would not share one), or "
-                "letting the remote commit skip the local one (upload from the snapshot in memory), which the "
-                "design does not allow (the local commit comes first)." + noisy)
+                f"{ms(s['memcpy'])} and the save {ms(s['stall'])} (runs: "
+                + ", ".join(ms(x) for x in s["stalls"][1:]) + "): preemption by other processes on the client "
+                "core shows up here first." + noisy)
+    if row == "sigterm":
+        small_ok = gs["spotckpt"] <= gs["limit"]
+        return ("as for #3: after the notice the whole save runs, and the writer and the upload share the client "
+                "core; the baseline counts only the memcpy and a raw upload, not writing the checkpoint locally. "
+                + (f"At {human(gs['bytes'])} the row meets its target ({sec(gs['spotckpt'])} against "
+                   f"{sec(gs['limit'])}); the gap opens at 1 GiB, where the writer slows most. " if small_ok else "")
+                + "What would close it: the same as for #3." + noisy)
+    if row == "upload":
+        return (f"the client core does everything at once while moto takes the bytes on the other: the writer "
+                f"(`torch.save`, SHA-256, fsync: {sec(u['write'] or 0)} for {human(u['bytes'])} here, against "
+                f"{sec(r['stall']['torch_save'])} for `torch.save` + fsync alone) shares it with the upload threads "
+                f"that stream the payload, and {sec(u['upload_stage'] or 0)} of upload remained after the local "
+                "commit. The upload itself is likely slower than the raw one for a reason outside spotckpt: moto "
+                "keeps objects in memory and copies the whole object for many requests (see the download sweep: "
+                "small ranges cost it dearly), and spotckpt's retention keeps the last two checkpoints there while "
+                "a new one arrives, whereas the raw baseline deletes its object after each upload. What would close "
+                "it: a client with a second core (the writer and the uploader would not share one), and measuring "
+                "against a server that streams to disk (MinIO) rather than moto." + noisy)
     if row == "restore":
         return ("the restore also checks the SHA-256 of every byte (~0.55 s/GiB here) before loading, which the "
                 "baseline does not, plus the Checkpointer's setup (probe write, listing, manifest). Hashing while "
-                "downloading (a ranged-download hasher following the contiguous prefix) would hide most of it." + noisy)
+                "downloading would hide most of it." + noisy)
     if row == "restore_rss":
         return ("the process holds the loaded tensors plus the libraries spotckpt imports (fsspec, s3fs, "
-                "aiobotocore); this is a fixed ~90 MB that matters only for small states." + noisy)
+                "aiobotocore); a fixed ~50-90 MB that matters only for small states." + noisy)
     if row == "small":
         m = r["small"]
         return (f"one `put_object` of {human(m['bytes'])} took {ms(m['base'])}; a durable checkpoint also needs the "
-                "local commit (five fsyncs: payload, temp dir, parent dir after the rename, manifest, checkpoint dir; ~2.5 ms each on this disk) and "
-                "the manifest PUT after the payload PUT (which already overlaps the local commit). Closing it would "
-                "mean fewer fsyncs per commit (one per file plus one for the dir) or uploading before the local fsync."
-                + noisy)
+                "local commit before the Syncer may write the remote manifest: five fsyncs (payload, temp dir, parent "
+                "dir after the rename, manifest, checkpoint dir; ~2.5 ms each on this disk), then the manifest PUT. "
+                "The payload PUT already overlaps the local commit (it is streamed, and its size is confirmed by the "
+                "stream). Closing the gap would mean committing remotely without waiting for the local commit, or "
+                "fewer fsyncs per commit." + noisy)
     if row == "idle":
         i = r["idle"]
         return (f"{i['cpu_percent']:.2f}% of a core and {i['requests']} requests over {i['seconds']:.0f} s." + noisy)
@@ -268,32 +277,31 @@ def why_slowdown(r: dict[str, Any]) -> str:
     text = (f"the client has one core (the S3 server has the other) and the loop keeps it 100% busy, so every "
             f"CPU-second the background pipeline spends is taken from training. Measured: "
             f"{d['cpu_per_gib']:.2f} CPU-s per GiB saved ({d['cpu_per_save']:.2f} s per save), i.e. "
-            f"{100 * per_s:.1f}% of a core at this cadence. Per GiB the parts are: the snapshot memcpy (~0.06 s), "
-            "`torch.save` into the page cache (~0.4 s), SHA-256 of the file (~0.55 s at 2 GB/s with SHA-NI), "
-            "and the upload (socket copies, botocore's CRC32, ~0.6 s).")
+            f"{100 * per_s:.1f}% of a core at this cadence, for the snapshot memcpy, `torch.save` into the page "
+            "cache, SHA-256 of the file (0.55 s/GiB alone: 2 GB/s with SHA-NI), the fsync, and the upload "
+            "(socket copies on loopback, botocore's CRC32).")
     if di:
         text += (f" With the same saves and a step that leaves the CPU idle (row 2r, the GPU case) the slowdown is "
-                 f"{100 * di['slowdown']:+.1f}%: the pipeline itself does not block training.")
-    text += (" What would close the gap on this machine: a second client core (any real training host has "
-             "several), or a cheaper checksum than SHA-256 in the manifest (CRC32C/XXH3 run at >10 GB/s; a "
-             "manifest format change), which alone would remove ~35% of the CPU.")
+                 f"{100 * di['slowdown']:+.1f}%, mostly the GIL: the training thread waits for it while "
+                 "background threads run Python code (botocore, the upload loop).")
+    text += (" What would close the gap: a second client core (any real training host has several), a cheaper "
+             "checksum than SHA-256 in the manifest (CRC32C/XXH3 run at >10 GB/s; a manifest format change), and "
+             "for the GIL share, uploads from a separate process (`spotckpt run` already does that).")
     return text
 
 
 def durable_within(r: dict[str, Any]) -> list[str]:
-    """Largest state durable within 10/30/120 s, from a line through the two sizes measured."""
+    """Largest state durable within 10/30/120 s: a line through the two sizes measured for
+    row 4 (through the origin from the larger one if the line's fixed cost comes out < 0)."""
     a, b = r["sigterm_small"], r["sigterm"]
     x1, y1, x2, y2 = a["bytes"], a["spotckpt"], b["bytes"], b["spotckpt"]
-    if x2 == x1:
-        return []
-    slope = (y2 - y1) / (x2 - x1)
+    slope = (y2 - y1) / (x2 - x1) if x2 != x1 else 0.0
     fixed = y1 - slope * x1
-    out = []
-    for budget in (10, 30, 120):
-        size = (budget - fixed) / slope if slope > 0 else float("inf")
-        out.append(f"| {budget} s | {human(max(0.0, size))} |")
-    return out + [f"\nFit: {fixed:.2f} s + {human(1 / slope * 1) if slope > 0 else '∞'}/s "
-                  f"({human(x1)} took {y1:.2f} s, {human(x2)} took {y2:.2f} s)."]
+    if slope <= 0 or fixed < 0:
+        slope, fixed = y2 / x2, 0.0
+    out = [f"| {budget} s | {human(max(0.0, (budget - fixed) / slope))} |" for budget in (10, 30, 120)]
+    return out + [f"\nModel: {fixed:.2f} s + size / ({human(1 / slope)}/s), from {human(x1)} in {y1:.2f} s "
+                  f"and {human(x2)} in {y2:.2f} s."]
 
 
 def report(r: dict[str, Any]) -> str:
@@ -315,7 +323,10 @@ def report(r: dict[str, Any]) -> str:
         "use the same botocore settings: `payload_signing_enabled=False` (over plain http botocore "
         "would otherwise SHA-256 every payload, which it does not do over https to real S3), "
         "`max_pool_connections=16`. The raw boto3 baseline uses s3transfer with the best part size × "
-        "concurrency of a sweep run first (row 3).",
+        "concurrency of a sweep run first (row 3). Before the first case the runner touches and frees several "
+        "GiB of memory: on this VM the first touch of a page costs ~3.5 s/GiB, later ones ~0.1 s/GiB, and the "
+        "first case would otherwise measure the hypervisor. The `save()` stall is the steady state (buffers "
+        "allocated by an earlier save); the first save, which allocates them, is shown beside it.",
         "",
         "| # | metric | spotckpt | baseline (same run) | ratio | target | sizes | verdict |",
         "|---|---|---|---|---|---|---|---|",
