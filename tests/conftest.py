@@ -48,6 +48,16 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.key,
                             aws_secret_access_key=self.secret, region_name="us-east-1")
 
+    def stop(self) -> None:
+        """Stop the server subprocess this fixture started (none for an external MinIO)."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
     def new_bucket(self) -> str:
         name = f"spotckpt-test-{uuid.uuid4().hex[:12]}"
         self.client().create_bucket(Bucket=name)
@@ -86,12 +96,7 @@ def s3_server() -> Iterator[S3Server]:
     try:
         yield server
     finally:
-        assert server.proc is not None
-        server.proc.terminate()
-        try:
-            server.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
+        server.stop()
 
 
 @pytest.fixture

@@ -45,11 +45,7 @@ def recorded_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Se
         yield server, rec
     finally:
         assert server.proc is not None
-        server.proc.terminate()
-        try:
-            server.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
+        server.stop()
 
 
 class Recording:
