@@ -6,7 +6,6 @@ Each returns an exit status and prints a table, or one JSON document with ``--js
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -17,7 +16,7 @@ from ._config import _UNSET, Config
 from ._errors import CorruptCheckpointError, RemoteError
 from ._events import EventLog
 from ._local import LocalDir
-from ._manifest import Manifest, step_dirname, verify_dir
+from ._manifest import Manifest, hasher, step_dirname, verify_dir
 from ._progress import Progress
 from ._pull import human_bytes, local_freeform, open_remote, pull, remote_freeform
 from ._store import RemoteStore
@@ -224,7 +223,7 @@ def _verify_remote(store: RemoteStore, step: int, m: Manifest, quick: bool) -> s
             if listing.get(rel) != e.size:
                 return f"{rel}: size {listing.get(rel)} on the remote, manifest says {e.size}"
             continue
-        h, size = hashlib.sha256(), 0
+        h, size = hasher(e.algo), 0
         try:
             with store.fs.open(store.path(rel), "rb") as f:
                 while chunk := f.read(8 << 20):
@@ -234,7 +233,7 @@ def _verify_remote(store: RemoteStore, step: int, m: Manifest, quick: bool) -> s
             return f"{rel} is missing on the remote"
         if size != e.size:
             return f"{rel}: {size} bytes on the remote, manifest says {e.size}"
-        if h.hexdigest() != e.sha256:
+        if h.hexdigest() != e.digest:
             return f"{rel} fails its checksum on the remote"
     return None
 

@@ -78,7 +78,7 @@ class RankLayout(SingleLayout):
         files: list[FileEntry] = []
         for r in range(self.world_size):
             part = Manifest.from_json(store.cat(f"{d}/{rank_dirname(r)}/{PART}"), expect_step=step)
-            files += [FileEntry(f"{rank_dirname(r)}/{e.path}", e.size, e.sha256) for e in part.files]
+            files += [dataclasses.replace(e, path=f"{rank_dirname(r)}/{e.path}") for e in part.files]
         combined = dataclasses.replace(manifest, files=tuple(files), world_size=self.world_size, rank=0)
         store.put_bytes(f"{d}/{MANIFEST}", combined.to_json())
 
@@ -86,6 +86,6 @@ class RankLayout(SingleLayout):
 def part_of(manifest: Manifest, rank: int) -> Manifest:
     """The files of ``rank`` in a combined manifest, with paths relative to its part dir."""
     prefix = rank_dirname(rank) + "/"
-    files = tuple(FileEntry(e.path[len(prefix):], e.size, e.sha256)
+    files = tuple(dataclasses.replace(e, path=e.path[len(prefix):])
                   for e in manifest.files if e.path.startswith(prefix))
     return dataclasses.replace(manifest, files=files, rank=rank)

@@ -1,8 +1,15 @@
 """The manifest: the file written last that makes a checkpoint exist.
 
 A checkpoint is ``step-<12-digit step>/`` with payload files and ``MANIFEST.json``. The
-manifest lists every payload file with size and SHA-256, plus step, time, host/rank and
-versions. Manifests read from a remote are untrusted input: paths are checked so that
+manifest lists every payload file with its size and checksum, plus step, time, host/rank
+and versions.
+
+Checksums: format ``spotckpt/2`` (written since 0.2) uses XXH3-128 (``xxhash``), which runs
+at ~27 GB/s here against SHA-256's ~2 GB/s; on a 1 GiB checkpoint SHA-256 was half a second
+of a core per save and per restore (bench/). The checksum guards against corruption and
+truncation (disks, transfers, partial writes), not against an attacker who can write the
+bucket: such a party could rewrite the manifest as easily as the payload. Manifests of
+format ``spotckpt/1`` (SHA-256) are still read and verified. Manifests read from a remote are untrusted input: paths are checked so that
 nothing can point outside the checkpoint dir.
 """
 from __future__ import annotations
@@ -16,12 +23,15 @@ import re
 import socket
 import time
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Iterable
+from typing import Any, Iterable
 
 from ._errors import CorruptCheckpointError
 
 MANIFEST = "MANIFEST.json"
-FORMAT = "spotckpt/1"
+FORMAT = "spotckpt/2"
+READS = ("spotckpt/1", FORMAT)
+ALGO = "xxh3_128"  # what new manifests use
+_DIGEST_RE = {"xxh3_128": re.compile(r"[0-9a-f]{32}"), "sha256": re.compile(r"[0-9a-f]{64}")}
 _STEP_RE = re.compile(r"^step-(\d{12})$")
 _MAX_FILE_SIZE = 1 << 44  # 16 TiB: anything larger in a manifest is hostile or broken
 _CHUNK = 256 << 10
@@ -53,7 +63,11 @@ def check_relpath(rel: str) -> str:
 class FileEntry:
     path: str
     size: int
-    sha256: str
+    digest: str
+    algo: str = ALGO
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, self.algo: self.digest}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +99,7 @@ class Manifest:
             "framework": self.framework,
             "serializer": self.serializer,
             "versions": self.versions,
-            "files": [dataclasses.asdict(f) for f in self.files],
+            "files": [f.to_dict() for f in self.files],
             "extra": self.extra,
         }
         return json.dumps(d, indent=1, sort_keys=True).encode()
@@ -101,8 +115,9 @@ class Manifest:
             d = json.loads(data)
             if not isinstance(d, dict):
                 raise ValueError("not an object")
-            if d.get("format") != FORMAT:
-                raise ValueError(f"unknown format {d.get('format')!r} (this spotckpt reads {FORMAT})")
+            if d.get("format") not in READS:
+                raise ValueError(f"unknown format {d.get('format')!r} (this spotckpt reads {', '.join(READS)};"
+                                 " was it written by a newer version?)")
             step = d["step"]
             if not isinstance(step, int) or step < 0:
                 raise ValueError(f"bad step {step!r}")
@@ -111,16 +126,21 @@ class Manifest:
             files = []
             seen = set()
             for f in d["files"]:
-                path, size, digest = f["path"], f["size"], f["sha256"]
+                path, size = f["path"], f["size"]
+                algos = [a for a in _DIGEST_RE if a in f]
+                if len(algos) != 1:
+                    raise ValueError(f"no single checksum for {path!r}")
+                algo = algos[0]
+                digest = f[algo]
                 if not isinstance(path, str) or path == MANIFEST or path in seen:
                     raise ValueError(f"bad or repeated file {path!r}")
                 check_relpath(path)
                 if not isinstance(size, int) or not 0 <= size <= _MAX_FILE_SIZE:
                     raise ValueError(f"bad size {size!r} for {path!r}")
-                if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                if not isinstance(digest, str) or not _DIGEST_RE[algo].fullmatch(digest):
                     raise ValueError(f"bad checksum for {path!r}")
                 seen.add(path)
-                files.append(FileEntry(path, size, digest))
+                files.append(FileEntry(path, size, digest, algo))
             dirs = {"/".join(p.split("/")[:i]) for p in seen for i in range(1, p.count("/") + 1)}
             if dirs & seen:
                 raise ValueError(f"{sorted(dirs & seen)[0]!r} is listed both as a file and as a dir")
@@ -139,37 +159,27 @@ class Manifest:
             raise CorruptCheckpointError(f"spotckpt: invalid manifest: {type(e).__name__}: {e}"[:300]) from e
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
+def hasher(algo: str = ALGO) -> Any:
+    """A fresh hash object for ``algo`` (``update``/``hexdigest``)."""
+    if algo == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    if algo == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown checksum {algo!r}")
+
+
+def file_digest(path: str | os.PathLike[str], algo: str = ALGO) -> str:
     # One small buffer, reused: a fresh multi-MiB bytes per read pays page faults, and a
-    # buffer that stays in cache hashes ~30% faster (bench/).
-    h = hashlib.sha256()
+    # buffer that stays in cache hashes faster (bench/).
+    h = hasher(algo)
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
-
-
-class HashingWriter:
-    """A binary file wrapper that hashes and counts what is written through it."""
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f = f
-        self._h = hashlib.sha256()
-        self.size = 0
-
-    def write(self, b: Any) -> int:
-        mv = memoryview(b).cast("B")
-        self._h.update(mv)
-        self.size += mv.nbytes
-        return self._f.write(mv)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
 
 
 def build_manifest(step: int, entries: Iterable[FileEntry], *, framework: str, serializer: str,
@@ -202,5 +212,5 @@ def verify_dir(path: Path, manifest: Manifest) -> None:
             raise CorruptCheckpointError(f"spotckpt: {p} is missing") from None
         if size != e.size:
             raise CorruptCheckpointError(f"spotckpt: {p} has {size} bytes, manifest says {e.size}")
-        if sha256_file(p) != e.sha256:
+        if file_digest(p, e.algo) != e.digest:
             raise CorruptCheckpointError(f"spotckpt: {p} fails its checksum")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ._errors import CorruptCheckpointError
-from ._manifest import FileEntry, sha256_file
+from ._manifest import FileEntry, file_digest
 
 RNG_KEY = "__spotckpt_rng__"
 
@@ -219,7 +219,7 @@ def write_state(tmpdir: Path, payload: Any, serializer: str) -> list[FileEntry]:
         size = f.tell()
         if size < (8 << 20):
             os.fsync(f.fileno())
-            digest = sha256_file(path)
+            digest = file_digest(path)
         else:
             err: list[BaseException] = []
 
@@ -232,7 +232,7 @@ def write_state(tmpdir: Path, payload: Any, serializer: str) -> list[FileEntry]:
             t = threading.Thread(target=sync, name="spotckpt-fsync")
             t.start()
             try:
-                digest = sha256_file(path)
+                digest = file_digest(path)
             finally:
                 t.join()
             if err:

@@ -2,16 +2,21 @@
 straight through boto3 (not through spotckpt), and the events log of a local dir."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from conftest import S3Server
-from spotckpt._manifest import MANIFEST, Manifest, parse_step_dirname
+from spotckpt._manifest import MANIFEST, Manifest, hasher, parse_step_dirname
+
+
+def digest(algo: str, body: bytes) -> str:
+    h = hasher(algo)
+    h.update(body)
+    return h.hexdigest()
 
 
 def remote_audit(s3: S3Server, bucket: str, prefix: str) -> tuple[list[int], int]:
-    """Check every remote manifest against the objects it names (size and SHA-256).
+    """Check every remote manifest against the objects it names (size and checksum).
 
     Returns:
         (committed steps, number of step dirs without a manifest).
@@ -35,7 +40,7 @@ def remote_audit(s3: S3Server, bucket: str, prefix: str) -> tuple[list[int], int
                 k = f"{d}/{e.path}"
                 assert k in objects, f"remote manifest {key} names missing {k}"
                 body = client.get_object(Bucket=bucket, Key=prefix + k)["Body"].read()
-                assert len(body) == e.size and hashlib.sha256(body).hexdigest() == e.sha256, \
+                assert len(body) == e.size and digest(e.algo, body) == e.digest, \
                     f"remote manifest {key} does not match {k}"
             committed.append(step)
     return sorted(committed), len(dirs - set(committed))

@@ -235,7 +235,7 @@ def test_retention_catches_up_with_a_backlog_in_a_few_requests(tmp_path: Path, s
 
     bucket = s3_server.new_bucket()
     client = s3_server.client()
-    entry = FileEntry("state.pkl", 1, hashlib.sha256(b"p").hexdigest())
+    entry = FileEntry("state.pkl", 1, hashlib.sha256(b"p").hexdigest(), "sha256")  # a format-1 entry
     for s in range(1, 41):  # 30 committed checkpoints, then 10 orphaned payloads
         client.put_object(Bucket=bucket, Key=f"run/{step_dirname(s)}/state.pkl", Body=b"p")
         if s <= 30:

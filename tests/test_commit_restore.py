@@ -203,3 +203,39 @@ def test_local_retention_catches_up_after_slow_uploads(tmp_path: Path, remote_ur
             state["w"] += 1
     assert LocalDir(tmp_path / "a").committed() == [25]
     assert RemoteStore(remote_url).committed() == [25]
+
+
+def _as_format_1(manifest: bytes, payload_dir: Path) -> bytes:
+    """A manifest as spotckpt 0.1 wrote it: format spotckpt/1, SHA-256 per file."""
+    import hashlib
+
+    d = json.loads(manifest)
+    d["format"] = "spotckpt/1"
+    for f in d["files"]:
+        f.pop("xxh3_128")
+        f["sha256"] = hashlib.sha256((payload_dir / f["path"]).read_bytes()).hexdigest()
+    return json.dumps(d).encode()
+
+
+def test_new_manifests_use_xxh3_and_format_1_sha256_ones_still_restore(tmp_path: Path, remote_url: str) -> None:
+    train(tmp_path / "a", remote_url, 5, flush_each=True)
+    store = RemoteStore(remote_url)
+    d = json.loads(store.cat(f"{step_dirname(5)}/{MANIFEST}"))
+    assert d["format"] == "spotckpt/2"
+    assert [sorted(f) for f in d["files"]] == [["path", "size", "xxh3_128"]]
+    # Rewrite the remote checkpoint as an older spotckpt left it: it restores and verifies.
+    pdir = tmp_path / "a" / step_dirname(5)
+    store.put_bytes(f"{step_dirname(5)}/{MANIFEST}", _as_format_1((pdir / MANIFEST).read_bytes(), pdir))
+    c, ckpt = train(tmp_path / "b", remote_url, 7)
+    assert ckpt.restored_step == 5 and c.n == 7
+    # ...and its SHA-256 is really checked: a payload with one byte changed is refused.
+    name = d["files"][0]["path"]
+    data = bytearray((pdir / name).read_bytes())
+    data[-1] ^= 1
+    store.put_bytes(f"{step_dirname(5)}/{name}", bytes(data))
+    from spotckpt._manifest import Manifest, verify_dir
+
+    (tmp_path / "c").mkdir()
+    store.get_file(f"{step_dirname(5)}/{name}", tmp_path / "c" / name)
+    with pytest.raises(spotckpt.CorruptCheckpointError, match="checksum"):
+        verify_dir(tmp_path / "c", Manifest.from_json(store.cat(f"{step_dirname(5)}/{MANIFEST}")))

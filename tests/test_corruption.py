@@ -32,8 +32,9 @@ def truncate(b: bytes) -> bytes:
 def flip_checksum(b: bytes) -> bytes:
     """Still valid JSON, one hex digit of a checksum changed."""
     d = json.loads(b)
-    sha = d["files"][0]["sha256"]
-    d["files"][0]["sha256"] = ("0" if sha[0] != "0" else "1") + sha[1:]
+    f = d["files"][0]
+    algo = "xxh3_128" if "xxh3_128" in f else "sha256"
+    f[algo] = ("0" if f[algo][0] != "0" else "1") + f[algo][1:]
     return json.dumps(d).encode()
 
 

@@ -56,7 +56,8 @@ def files_with(path: Any, size: Any = None, sha: Any = None) -> Callable[[dict],
         f["path"] = path
         if size is not None:
             f["size"] = size
-        if sha is not None:
+        if sha is not None:  # replaces the checksum, whatever its algorithm
+            f.pop("xxh3_128", None)
             f["sha256"] = sha
         d["files"] = [f]
     return edit
