@@ -215,7 +215,8 @@ class RemoteStore:
                     self.progress(want)
                 return want  # the stream confirmed the size on the remote
             if self.fast is not None:
-                self.fast.put_file(os.fspath(local), self._key(rel), self.progress)
+                if self.fast.put_file(os.fspath(local), self._key(rel), self.progress):
+                    return want  # the PUT's response confirmed exactly these bytes
             else:
                 with _Transfer(self.progress, want) as cb:
                     self.fs.put_file(os.fspath(local), self.path(rel), **cb.kwargs)

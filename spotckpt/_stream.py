@@ -138,10 +138,13 @@ class StreamUpload:
                 return
             try:
                 client = self.fast.client
-                if not self._upload(client, fd):
+                sent = self._upload(client, fd)
+                if sent is None:
                     return  # cancelled before anything was sent
                 st = os.fstat(fd)
-                got = self.fast.size(self.key)  # the commit protocol's confirmation, done here
+                # The commit protocol's confirmation, done here: by the PUT's echoed checksum
+                # or by a HEAD.
+                got = st.st_size if sent == "confirmed" else self.fast.size(self.key)
                 if got != st.st_size:
                     raise OSError(f"streamed {self.key} has {got} bytes, expected {st.st_size}")
                 self.identity = (st.st_size, st.st_ino, st.st_mtime_ns)
@@ -177,21 +180,21 @@ class StreamUpload:
     def _written(self, fd: int) -> int:
         return os.fstat(fd).st_size
 
-    def _upload(self, client: Any, fd: int) -> bool:
+    def _upload(self, client: Any, fd: int) -> str | None:
         """Send the file part by part as it grows (one PUT if it stays within a part).
-        Returns False if cancelled before anything was sent."""
+        Returns None if cancelled before anything was sent, "confirmed" if the PUT's response
+        confirmed the bytes, else "sent"."""
         part = self.part
         # Wait until the file is known to need more than one part, or is complete.
         while self._final is None and self._written(fd) <= part:
             self._wake.wait(_POLL)
             if self._cancel.is_set():
-                return False
+                return None
         if self._final is not None and self._final <= part:
             data = os.pread(fd, self._final, 0)
             if len(data) != self._final:
                 raise OSError(f"{self.path}: read {len(data)} of {self._final} bytes")
-            client.put_object(Bucket=self.fast.bucket, Key=self.key, Body=data)
-            return True
+            return "confirmed" if self.fast.put_confirmed(self.key, data) else "sent"
         bucket, key = self.fast.bucket, self.key
         # As s3transfer does: declare the per-part checksum botocore computes anyway.
         extra = {"ChecksumAlgorithm": "CRC32"} \
@@ -237,4 +240,4 @@ class StreamUpload:
             raise OSError(f"{self.path}: streamed {offset} bytes, the writer wrote {self._final}")
         client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
                                          MultipartUpload={"Parts": parts})
-        return True
+        return "sent"

@@ -121,6 +121,37 @@ def test_nothing_unchanged_is_uploaded_again(tmp_path: Path, env: S3Server) -> N
     assert [w for w in restart.writes() if "/.spotckpt-probe-" not in w[1]] == []
 
 
+def test_small_checkpoint_is_two_puts_and_no_payload_head(tmp_path: Path, env: S3Server) -> None:
+    """A checkpoint within one part costs the protocol's minimum on the critical path: the
+    payload PUT and the manifest PUT. The PUT's echoed CRC32 confirms the payload, so no HEAD
+    of it follows (bench/ row 6)."""
+    bucket = env.new_bucket()
+    state = {"w": torch.rand(64 * 1024)}  # 256 KiB
+    with spotckpt.Checkpointer(state, local_dir=tmp_path / "ck", remote=f"s3://{bucket}/run/") as ck:
+        it = ck.steps(total=10)
+        next(it)
+        ck.save()
+        assert ck.flush(60)
+        for _ in range(2):
+            next(it)
+            with Recording(env) as rec:
+                ck.save()
+                assert ck.flush(60)
+            d = f"/{bucket}/run/step-{ck.step:012d}"
+            mine = [(m, p) for m, p, _ in rec.requests if p.startswith(d + "/")]
+            assert [x for x in mine if x[0] == "PUT"] == [("PUT", f"{d}/state.pt"), ("PUT", f"{d}/MANIFEST.json")], mine
+            assert ("HEAD", f"{d}/state.pt") not in mine, mine
+        it.close()
+        payload = tmp_path / "ck" / f"step-{ck.step:012d}" / "state.pt"
+    # The Syncer's own upload (not streamed) of a file within one part: one PUT, no HEAD.
+    from spotckpt._store import RemoteStore
+
+    store = RemoteStore(f"s3://{bucket}/other/")
+    with Recording(env) as rec:
+        assert store.put_file(payload, "state.pt") == payload.stat().st_size
+    assert [(m, p) for m, p, _ in rec.requests] == [("PUT", f"/{bucket}/other/state.pt")]
+
+
 def _stalls(ck: spotckpt.Checkpointer, n: int, *, settle: bool) -> list[float]:
     out = []
     it = ck.steps(total=ck.step + n + 1)

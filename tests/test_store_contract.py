@@ -37,7 +37,7 @@ def test_committed_lists_only_checkpoints_with_manifest(remote_url: str) -> None
     assert store.committed() == []
     for step in (5, 10, 20):
         store.put_bytes(f"{step_dirname(step)}/state.pt", b"payload")
-    m = build_manifest(10, [FileEntry("state.pt", 7, "0" * 64)], framework="t", serializer="torch")
+    m = build_manifest(10, [FileEntry("state.pt", 7, "0" * 32)], framework="t", serializer="torch")
     store.put_bytes(f"{step_dirname(10)}/MANIFEST.json", m.to_json())
     assert store.committed() == [10]
     assert store.read_manifest(10).step == 10
@@ -46,7 +46,7 @@ def test_committed_lists_only_checkpoints_with_manifest(remote_url: str) -> None
 def test_delete_and_quarantine(remote_url: str) -> None:
     store = RemoteStore(remote_url)
     for step in (1, 2):
-        m = build_manifest(step, [FileEntry("state.pt", 1, "0" * 64)], framework="t", serializer="torch")
+        m = build_manifest(step, [FileEntry("state.pt", 1, "0" * 32)], framework="t", serializer="torch")
         store.put_bytes(f"{step_dirname(step)}/state.pt", b"p")
         store.put_bytes(f"{step_dirname(step)}/MANIFEST.json", m.to_json())
     assert store.committed() == [1, 2]
