@@ -3,150 +3,23 @@
 Run by ``bench/run.py`` as ``python bench/cases.py CASE '<json params>'`` on the client core,
 with the S3 server's endpoint and credentials in the environment. Prints one line
 ``RESULT <json>``. Every S3 client here (baseline boto3 and spotckpt's) uses the same
-botocore settings: ``CONFIG_KWARGS`` below.
+botocore settings: ``CONFIG_KWARGS`` in ``common.py``.
 """
 from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
-import statistics
 import sys
-import tempfile
-import threading
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-# Over plain http botocore SHA-256s every payload for the signature; over https (real S3)
-# it does not. Both sides here are told not to, so loopback costs what https costs.
-CONFIG_KWARGS: dict[str, Any] = {"s3": {"payload_signing_enabled": False}, "max_pool_connections": 16}
-STORAGE_OPTIONS = {"config_kwargs": CONFIG_KWARGS}
-MiB = 1 << 20
-
-
-# -- helpers ----------------------------------------------------------------------------------
-def now() -> float:
-    return time.perf_counter()
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def proc_status(field: str) -> int:
-    """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def endpoint() -> str:
-    return os.environ["AWS_ENDPOINT_URL_S3"]
-
-
-def client() -> Any:
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", endpoint_url=endpoint(), region_name="us-east-1", config=Config(**CONFIG_KWARGS))
-
-
-def new_bucket() -> str:
-    name = f"bench-{uuid.uuid4().hex[:12]}"
-    client().create_bucket(Bucket=name)
-    return name
-
-
-def drop_bucket(name: str) -> None:
-    c = client()
-    for page in c.get_paginator("list_objects_v2").paginate(Bucket=name):
-        for o in page.get("Contents", []):
-            c.delete_object(Bucket=name, Key=o["Key"])
-    for up in c.list_multipart_uploads(Bucket=name).get("Uploads", []):
-        c.abort_multipart_upload(Bucket=name, Key=up["Key"], UploadId=up["UploadId"])
-    c.delete_bucket(Bucket=name)
-
-
-def transfer_manager(part_mib: int, concurrency: int) -> Any:
-    from s3transfer.manager import TransferConfig, TransferManager
-
-    conf = TransferConfig(multipart_threshold=part_mib * MiB, multipart_chunksize=part_mib * MiB,
-                          max_request_concurrency=concurrency)
-    return TransferManager(client(), conf)
-
-
-def raw_upload(path: str, bucket: str, key: str, part_mib: int, concurrency: int) -> float:
-    """The baseline: a boto3 (s3transfer) multipart upload of a file already on disk."""
-    m = transfer_manager(part_mib, concurrency)
-    t = now()
-    m.upload(path, bucket, key).result()
-    dt = now() - t
-    m.shutdown()
-    return dt
-
-
-def make_state(nbytes: int, pieces: int = 16) -> dict[str, Any]:
-    """``nbytes`` of float32 tensors, in ``pieces`` tensors: a model's state_dict stand-in."""
-    import torch
-
-    n = nbytes // 4 // pieces
-    g = torch.Generator().manual_seed(0)
-    return {f"layer{i}.weight": torch.rand(n, generator=g) for i in range(pieces)}
-
-
-def memcpy_seconds(tensors: list[Any], reps: int = 5) -> float:
-    """Median time to memcpy the tensors' bytes into preallocated, already touched buffers."""
-    import numpy as np
-
-    srcs = [t.numpy().view(np.uint8) for t in tensors]
-    dsts = [np.empty_like(s) for s in srcs]
-    for s, d in zip(srcs, dsts):
-        np.copyto(d, s)  # touch every page once
-    times = []
-    for _ in range(reps):
-        t = now()
-        for s, d in zip(srcs, dsts):
-            np.copyto(d, s)
-        times.append(now() - t)
-    return median(times)
-
-
-def serialized_file(state: dict[str, Any], path: Path) -> int:
-    """The bytes spotckpt would upload for ``state`` (its own serialiser), at ``path``."""
-    from spotckpt import _state
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    snap = _state.snapshot({"model": state})
-    entries = _state.write_state(path.parent, snap, _state.serializer_name())
-    os.replace(path.parent / entries[0].path, path)
-    return entries[0].size
-
-
-def checkpointer(state: dict[str, Any], local: Path, remote: str | None, **kw: Any) -> Any:
-    import spotckpt
-
-    kw.setdefault("keep_last", 2)
-    kw.setdefault("grace_seconds", 600)
-    return spotckpt.Checkpointer(state, local_dir=local, remote=remote,
-                                 storage_options=STORAGE_OPTIONS if remote else None, **kw)
-
-
-def workdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="spotckpt-bench-", dir=os.environ.get("BENCH_TMP")))
+from common import (MiB, checkpointer, client, cpu_seconds, drop_bucket, endpoint, make_state, median,  # noqa: F401
+                    memcpy_seconds, new_bucket, now, proc_status, raw_upload, serialized_file,
+                    transfer_manager, workdir)
 
 
 # -- cases ------------------------------------------------------------------------------------
@@ -264,37 +137,50 @@ def _events(local: Path) -> list[dict[str, Any]]:
         return []
 
 
+def _raw_rotating(path: str, bucket: str, prefix: str, i: int, keep: int, part: int, conc: int) -> float:
+    """Raw upload ``i`` to ``prefix/i``, then delete ``prefix/(i-keep)``: while it runs the
+    server holds ``keep`` earlier copies, as it holds spotckpt's ``keep_last`` checkpoints
+    (moto keeps objects in memory and slows down as it holds more; measured)."""
+    dt = raw_upload(path, bucket, f"{prefix}/{i}", part, conc)
+    if i >= keep:
+        client().delete_object(Bucket=bucket, Key=f"{prefix}/{i - keep}")
+    return dt
+
+
 def case_upload(p: dict[str, Any]) -> dict[str, Any]:
-    """#3 save() to manifest committed vs a tuned raw boto3 upload of the same bytes."""
+    """#3 save() to manifest committed vs a tuned raw boto3 upload of the same bytes.
+
+    First a sweep of the raw upload's part size x concurrency (empty server) picks the
+    baseline's settings. Then baseline and spotckpt alternate, each run with the server
+    holding the same data: spotckpt keeps ``keep_last=2`` checkpoints, the baseline its two
+    previous uploads."""
     import torch
 
     torch.set_num_threads(1)
-    n, reps = p["bytes"], p["reps"]
+    n, reps, keep = p["bytes"], p["reps"], 2
     state = make_state(n)
     wd, bucket = workdir(), new_bucket()
     c = client()
+    blob = str(wd / "blob" / "state.pt")
     try:
         size = serialized_file(state, wd / "blob" / "state.pt")
         sweep: dict[str, list[float]] = {}
         for part, conc in p["sweep"]:
             for r in range(p["sweep_reps"]):
-                sweep.setdefault(f"{part}x{conc}", []).append(
-                    raw_upload(str(wd / "blob" / "state.pt"), bucket, "raw/state.pt", part, conc))
+                sweep.setdefault(f"{part}x{conc}", []).append(raw_upload(blob, bucket, "raw/state.pt", part, conc))
                 c.delete_object(Bucket=bucket, Key="raw/state.pt")
         best = min(sweep, key=lambda k: median(sweep[k]))
         part, conc = (int(x) for x in best.split("x"))
-        base = sweep[best][:]
-        while len(base) < reps:
-            base.append(raw_upload(str(wd / "blob" / "state.pt"), bucket, "raw/state.pt", part, conc))
-            c.delete_object(Bucket=bucket, Key="raw/state.pt")
-        (wd / "blob" / "state.pt").unlink()
-        times = []
-        with checkpointer({"model": state}, wd / "ckpt", f"s3://{bucket}/run/") as ck:
-            it = ck.steps(total=reps + 2)
-            next(it)
-            ck.save()
-            assert ck.flush()
-            for _ in range(reps):
+        base, times = [], []
+        with checkpointer({"model": state}, wd / "ckpt", f"s3://{bucket}/run/", keep_last=keep) as ck:
+            it = ck.steps(total=reps + keep + 1)
+            for i in range(keep):  # the server holds keep checkpoints and keep raw copies
+                next(it)
+                ck.save()
+                assert ck.flush()
+                _raw_rotating(blob, bucket, "raw", i, keep, part, conc)
+            for r in range(reps):
+                base.append(_raw_rotating(blob, bucket, "raw", keep + r, keep, part, conc))
                 next(it)
                 t = now()
                 ck.save()
@@ -306,16 +192,23 @@ def case_upload(p: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(wd, ignore_errors=True)
         drop_bucket(bucket)
     b, s = median(base), median(times)
-    writes = [e["write_s"] for e in ev if e.get("event") == "saved"][1:]
-    uploads = [e["seconds"] for e in ev if e.get("event") == "upload_done"][1:]
+    writes = [e["write_s"] for e in ev if e.get("event") == "saved"][keep:]
+    uploads = [e["seconds"] for e in ev if e.get("event") == "upload_done"][keep:]
     return {"write": median(writes) if writes else None, "upload_stage": median(uploads) if uploads else None,
             "base": b, "spotckpt": s, "ratio": b / s, "base_mbps": size / b / 1e6, "mbps": size / s / 1e6,
             "best": best, "sweep": {k: median(v) for k, v in sweep.items()}, "bytes": size,
-            "times": times, "bases": base}
+            "times": times, "bases": base, "held": keep}
 
 
 def case_sigterm(p: dict[str, Any]) -> dict[str, Any]:
-    """#4 SIGTERM to a durable committed checkpoint vs snapshot + raw boto3 upload."""
+    """#4 SIGTERM to a durable committed checkpoint vs snapshot + raw boto3 upload.
+
+    Each rep: the baseline's raw upload, with the server holding one earlier copy, then a run
+    that saves one periodic checkpoint and gets SIGTERM two steps later (the server holds
+    that checkpoint while the interruption save uploads). Everything is deleted between reps.
+    For reference, a second baseline uploads a file written just before (``torch.save`` +
+    fsync, not timed): on this VM fresh memory is slow to touch, and a 1 GiB file just
+    written slows the server's next intake, which every checkpoint written then pays."""
     import torch
 
     torch.set_num_threads(1)
@@ -323,15 +216,21 @@ def case_sigterm(p: dict[str, Any]) -> dict[str, Any]:
     state = make_state(n)
     wd, bucket = workdir(), new_bucket()
     c = client()
-    times, base_up = [], []
+    blob = str(wd / "blob" / "state.pt")
+    times, base_up, fresh_up = [], [], []
     try:
         size = serialized_file(state, wd / "blob" / "state.pt")
-        for _ in range(reps):
-            base_up.append(raw_upload(str(wd / "blob" / "state.pt"), bucket, "raw/state.pt", part, conc))
-            c.delete_object(Bucket=bucket, Key="raw/state.pt")
-        (wd / "blob" / "state.pt").unlink()
         memcpy = memcpy_seconds(list(state.values()))
         for rep in range(reps):
+            raw_upload(blob, bucket, "raw/0", part, conc)  # the server holds one earlier copy
+            base_up.append(raw_upload(blob, bucket, "raw/1", part, conc))
+            c.delete_object(Bucket=bucket, Key="raw/1")
+            fresh = wd / "fresh.pt"
+            serialized_file(state, fresh)
+            fresh_up.append(raw_upload(str(fresh), bucket, "raw/1", part, conc))
+            fresh.unlink()
+            for k in ("raw/0", "raw/1"):  # the server holds nothing of the baselines' now
+                c.delete_object(Bucket=bucket, Key=k)
             local = wd / f"ckpt{rep}"
             t0 = None
             try:
@@ -351,13 +250,16 @@ def case_sigterm(p: dict[str, Any]) -> dict[str, Any]:
             assert got["step"] == 4
             times.append(dt)
             shutil.rmtree(local, ignore_errors=True)
+            for o in c.list_objects_v2(Bucket=bucket, Prefix=f"run{rep}/").get("Contents", []):
+                c.delete_object(Bucket=bucket, Key=o["Key"])
     finally:
         shutil.rmtree(wd, ignore_errors=True)
         drop_bucket(bucket)
     base = memcpy + median(base_up)
     s = median(times)
     return {"base": base, "memcpy": memcpy, "upload": median(base_up), "spotckpt": s, "ratio": s / base,
-            "limit": 1.1 * base + 0.5, "bytes": size, "times": times}
+            "limit": 1.1 * base + 0.5, "bytes": size, "times": times, "bases": base_up,
+            "upload_fresh": median(fresh_up), "fresh": fresh_up}
 
 
 def case_restore_setup(p: dict[str, Any]) -> dict[str, Any]:
@@ -425,17 +327,16 @@ def case_small(p: dict[str, Any]) -> dict[str, Any]:
     c = client()
     base, times = [], []
     try:
-        for i in range(reps + 3):
-            t = now()
-            c.put_object(Bucket=bucket, Key=f"raw/model-{i}.ubj", Body=bytes(payload))
-            base.append(now() - t)
-        base = base[3:]
         with checkpointer({"booster": payload}, wd / "ckpt", f"s3://{bucket}/run/", framework="xgboost") as ck:
             it = ck.steps(total=reps + 5)
-            for i in range(reps + 3):
+            for i in range(reps + 3):  # alternated, so both see the same machine
                 next(it)
                 payload[:8] = os.urandom(8)
-                assert ck.flush()
+                assert ck.flush()  # the Syncer idle (retention done) for both
+                body = bytes(payload)
+                t = now()
+                c.put_object(Bucket=bucket, Key=f"raw/model-{i}.ubj", Body=body)
+                base.append(now() - t)
                 step = ck.step
                 t = now()
                 ck.save()
@@ -445,12 +346,12 @@ def case_small(p: dict[str, Any]) -> dict[str, Any]:
                     time.sleep(0.0002)
                 times.append(now() - t)
             it.close()
-        times = times[3:]
+        times, base = times[3:], base[3:]
     finally:
         shutil.rmtree(wd, ignore_errors=True)
         drop_bucket(bucket)
     b, s = median(base), median(times)
-    return {"base": b, "spotckpt": s, "ratio": s / b, "bytes": n, "times": times}
+    return {"base": b, "spotckpt": s, "ratio": s / b, "bytes": n, "times": times, "bases": base}
 
 
 def _moto(path: str) -> str:

@@ -146,6 +146,7 @@ class Checkpointer:
             self._planner = FlushPlanner(uploads=store is not None)
             if self._syncer is not None:
                 self._syncer.on_upload = self._after_upload
+                self._engine.retention_after_upload = True
             self._watcher = MetadataWatcher(
                 self._board, sources_from_env(), on_advise=self._board.advise,
                 interval=float(os.environ.get("SPOTCKPT_METADATA_INTERVAL") or 5.0))
@@ -298,9 +299,9 @@ class Checkpointer:
             t1 = time.monotonic()
             nbytes = 0
 
-            def write(tmp: Path) -> list:
+            def write(tmp: Path, ready: Callable[[str, int], None]) -> list:
                 nonlocal nbytes
-                entries = _state.write_state(tmp, payload, serializer)
+                entries = _state.write_state(tmp, payload, serializer, ready=ready)
                 nbytes = sum(e.size for e in entries)
                 return entries
 

@@ -27,7 +27,7 @@ class Engine:
 
     Example:
         >>> eng = Engine(LocalDir(root), syncer=None, keep_last=2)  # doctest: +SKIP
-        >>> eng.commit(100, lambda tmp: [write_payload(tmp)], framework="torch", serializer="torch")
+        >>> eng.commit(100, lambda tmp, ready: [write_payload(tmp)], framework="torch", serializer="torch")
     """
 
     def __init__(self, local: LocalDir, *, syncer: Syncer | None, keep_last: int,
@@ -37,17 +37,22 @@ class Engine:
         # Off under `spotckpt run`: the supervisor uploads from this dir in another process
         # and applies local retention itself, after its uploads.
         self.local_retention = local_retention
+        # Set by the owner when the Syncer calls retention() after every upload.
+        self.retention_after_upload = False
         self.events = events or EventLog(None)
         self.rank, self.world_size = rank, world_size
         self._retention_lock = threading.Lock()
 
-    def commit(self, step: int, write: Callable[[Path], Iterable[FileEntry]], *,
+    def commit(self, step: int, write: Callable[[Path, Callable[[str, int], None]], Iterable[FileEntry]], *,
                framework: str, serializer: str, extra: dict | None = None,
                stream: Iterable[str] = ()) -> Path:
-        """Write a checkpoint with ``write(tmpdir)`` (which returns the file entries of
+        """Write a checkpoint with ``write(tmpdir, ready)`` (which returns the file entries of
         fsynced files), commit it locally, apply retention and queue the upload.
 
         Args:
+            write: writes the payload into ``tmpdir``; it may call ``ready(name, size)`` as
+                soon as a streamed file is complete (before its fsync and checksum), so its
+                upload finishes sooner.
             stream: names of files ``write`` produces strictly front to back (never seeking
                 back); with an idle ``s3://`` Syncer they are uploaded while being written.
         """
@@ -55,16 +60,25 @@ class Engine:
             return self.local.path(step)
         tmp = self.local.begin(step)
         ups = self._start_streams(step, tmp, stream)
+
+        def ready(name: str, size: int) -> None:
+            if name in ups:
+                ups[name].finish(size)
         try:
-            entries = list(write(tmp))
+            entries = list(write(tmp, ready))
             sizes = {e.path: e.size for e in entries}
             for name, up in ups.items():
                 if name in sizes:
-                    up.finish(sizes[name])
+                    up.finish(sizes[name])  # a different size than ready() said aborts it
                 else:
                     up.abort()
             manifest = build_manifest(step, entries, framework=framework, serializer=serializer,
                                       rank=self.rank, world_size=self.world_size, extra=extra)
+            if ups and set(ups) == set(sizes) and self.syncer is not None:
+                # Everything is being streamed: the remote commit need not wait for the
+                # local one (its fsyncs); the Syncer writes the remote manifest as soon as the
+                # streams confirm these files.
+                self.syncer.submit(step, manifest=manifest, streamed={n: tmp / n for n in ups})
             path = self.local.commit(tmp, manifest)
         except BaseException as e:
             for up in ups.values():
@@ -77,7 +91,10 @@ class Engine:
         self.events.emit("commit", step=step, bytes=manifest.total_bytes)
         if self.syncer is not None:
             self.syncer.submit(step)
-        self.retention()
+        if not (self.retention_after_upload and self.syncer is not None and self.syncer.last_error is None):
+            # (Otherwise a healthy Syncer applies retention after this step's upload, off
+            # the path from save to durable: bench/ row 6.)
+            self.retention()
         return path
 
     def _start_streams(self, step: int, tmp: Path, names: Iterable[str]) -> dict:
@@ -89,11 +106,17 @@ class Engine:
         if not names or store is None or getattr(store, "fast", None) is None or syncer.busy_steps():
             return {}
         layout = getattr(syncer, "layout", None)
-        marker = layout.marker_key(step) if layout is not None else f"{step_dirname(step)}/{MANIFEST}"
+        marker: str | None = layout.marker_key(step) if layout is not None else f"{step_dirname(step)}/{MANIFEST}"
+        if store._known_absent(marker):
+            # No manifest of this step can be there (the remote was listed at start and
+            # every manifest since is ours): no need to look before streaming. (A rank's
+            # part marker may be left by an earlier run, so ranks always look.)
+            marker = None
         ups = {}
         for name in names:
             rel = layout.payload_key(step, name) if layout is not None else f"{step_dirname(step)}/{name}"
-            up = store.stream_file(tmp / name, rel, unless=marker)
+            up = store.stream_file(tmp / name, rel, unless=marker,
+                                   committed=self.local.path(step) / name)
             if up is not None:
                 ups[name] = up
         return ups

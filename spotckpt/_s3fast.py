@@ -228,6 +228,15 @@ class S3Fast:
                 body.close()
         return self._call(go)
 
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix`` (one request per 1,000 keys)."""
+        def go() -> list[str]:
+            out: list[str] = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                out += [o["Key"] for o in page.get("Contents", [])]
+            return out
+        return self._call(go)
+
     def delete(self, key: str) -> None:
         self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
 

@@ -19,7 +19,7 @@ import random
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ._errors import CorruptCheckpointError
 from ._manifest import FileEntry, file_digest
@@ -200,13 +200,15 @@ def payload_name(serializer: str) -> str:
     return "state.pt" if serializer == "torch" else "state.pkl"
 
 
-def write_state(tmpdir: Path, payload: Any, serializer: str) -> list[FileEntry]:
+def write_state(tmpdir: Path, payload: Any, serializer: str,
+                ready: Callable[[str, int], None] | None = None) -> list[FileEntry]:
     """Serialise ``payload`` into ``tmpdir``, fsync, checksum, and return its entries.
 
     ``torch.save`` gets the real file: handed a Python wrapper instead, it copies every
     record into a new bytes object, which cost 3x the CPU of the save itself (bench/). The
     checksum then reads the file back from the page cache while another thread waits for
-    the fsync, so the disk flush and the hashing overlap.
+    the fsync, so the disk flush and the hashing overlap. ``ready(name, size)`` is called as
+    soon as the bytes are in the file, before both, so a streamed upload can finish meanwhile.
     """
     name = payload_name(serializer)
     path = tmpdir / name
@@ -217,6 +219,8 @@ def write_state(tmpdir: Path, payload: Any, serializer: str) -> list[FileEntry]:
             pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
         f.flush()
         size = f.tell()
+        if ready is not None:
+            ready(name, size)
         if size < (8 << 20):
             os.fsync(f.fileno())
             digest = file_digest(path)

@@ -79,8 +79,9 @@ class StreamUpload:
     """
 
     def __init__(self, fast: S3Fast, key: str, path: Path, *, part: int = PART_SIZE,
-                 guard: str | None = None) -> None:
+                 guard: str | None = None, committed: Path | None = None) -> None:
         self.fast, self.key, self.path, self.part, self.guard = fast, key, path, part, guard
+        self.committed = committed  # where the file is after its dir is renamed into place
         self.guard_absent = threading.Event()  # the guard key was checked: it does not exist
         self._final: int | None = None        # set by finish(): the writer is done
         self._cancel = threading.Event()
@@ -94,7 +95,11 @@ class StreamUpload:
 
     # -- the writer's side -------------------------------------------------------------------
     def finish(self, size: int) -> None:
-        """The writer closed the file at ``size`` bytes: send the rest and complete."""
+        """The writer is done with the file at ``size`` bytes: send the rest and complete.
+        Called again with another size (the file changed after all), the stream gives up."""
+        if self._final is not None and self._final != size:
+            self.abort()
+            return
         self._final = size
         self._wake.set()
 
@@ -173,7 +178,16 @@ class StreamUpload:
                 return os.open(self.path, os.O_RDONLY)
             except FileNotFoundError:
                 if self._final is not None:
-                    raise
+                    if self.committed is None:
+                        raise
+                    # Written and committed (renamed into place) before we first looked: the
+                    # same file (inode) under its committed name. The Syncer checks that
+                    # identity before it trusts this upload.
+                    fd = os.open(self.committed, os.O_RDONLY)
+                    if os.fstat(fd).st_size != self._final:
+                        os.close(fd)
+                        raise OSError(f"{self.committed} is not the file that was written")
+                    return fd
                 self._wake.wait(_POLL)
         return None
 

@@ -24,7 +24,7 @@ from ._errors import RemoteError, SpotckptError
 from ._events import EventLog, log
 from ._layout import SingleLayout
 from ._local import LocalDir, is_internal, write_atomic
-from ._manifest import MANIFEST, parse_step_dirname, step_dirname
+from ._manifest import MANIFEST, Manifest, parse_step_dirname, step_dirname
 from ._store import RemoteStore
 
 _IDLE_CPU = 0.005          # share of a core an idle Syncer may spend scanning the local dir
@@ -67,6 +67,10 @@ class Syncer:
         self.clock = clock
         self._cv = threading.Condition()
         self._pending: int | None = None
+        # Manifests handed over before their local commit, with the temp paths of their
+        # streamed files (see submit()); and the last step committed remotely that way.
+        self._early: dict[int, tuple[Manifest, dict[str, Path]]] = {}
+        self._early_done: int | None = None
         self._uploading: int | None = None
         self._uploading_bytes = 0
         self._uploading_since: float | None = None
@@ -94,9 +98,18 @@ class Syncer:
         self._thread = threading.Thread(target=self._run, name="spotckpt-syncer", daemon=True)
         self._thread.start()
 
-    def submit(self, step: int) -> None:
-        """Queue committed checkpoint ``step`` for upload; an older queued one is skipped."""
+    def submit(self, step: int, *, manifest: Manifest | None = None,
+               streamed: dict[str, Path] | None = None) -> None:
+        """Queue committed checkpoint ``step`` for upload; an older queued one is skipped.
+
+        With ``manifest`` (before the local commit): every file of it is being streamed from
+        ``streamed[path]``; once the streams confirm those very files the remote manifest
+        is written at once, in parallel with the local commit, which need not come first
+        (bench/ row 6). If that cannot be done the step waits for its normal submit, which
+        the caller makes after the local commit either way."""
         with self._cv:
+            if manifest is not None and streamed is not None:
+                self._early = {step: (manifest, dict(streamed))}
             if self._pending is not None and self._pending != step:
                 skipped = min(self._pending, step)
                 self.events.emit("upload_skipped", step=skipped, reason="superseded")
@@ -203,6 +216,12 @@ class Syncer:
                     self._cv.notify_all()
 
     def _upload_checkpoint(self, step: int) -> None:
+        with self._cv:
+            early = self._early.pop(step, None)
+        if step == self._early_done:
+            return  # committed remotely before its local commit (the normal submit follows)
+        if early is not None and self._commit_early(step, *early):
+            return
         path = self.local.path(step)
         if not (path / MANIFEST).exists():
             return  # deleted or quarantined meanwhile
@@ -212,12 +231,36 @@ class Syncer:
             lay.after_marker(self.store, step, manifest)
             self.durable_step = max(self.durable_step or -1, step)
             return
+        t0 = self._started(step, manifest)
+        for e in manifest.files:
+            self.store.put_file(path / e.path, lay.payload_key(step, e.path))
+        self._committed(step, manifest, t0)
+
+    def _started(self, step: int, manifest: Manifest) -> float:
         t0 = time.monotonic()
         with self._cv:
             self._uploading_bytes, self._uploading_since = manifest.total_bytes, t0
         self.events.emit("upload_start", step=step, bytes=manifest.total_bytes)
-        for e in manifest.files:
-            self.store.put_file(path / e.path, lay.payload_key(step, e.path))
+        return t0
+
+    def _commit_early(self, step: int, manifest: Manifest, streamed: dict[str, Path]) -> bool:
+        """The remote commit of a step whose files were all streamed, before (or while) it
+        is committed locally. False if a stream did not confirm its file: the step then
+        goes the normal way after its local commit."""
+        lay = self.layout
+        if type(lay) is not SingleLayout or {e.path for e in manifest.files} != set(streamed):
+            return False
+        t0 = self._started(step, manifest)  # the upload's time includes waiting for the streams
+        if not all(self.store.streamed_as(streamed[e.path], self.local.path(step) / e.path,
+                                          lay.payload_key(step, e.path), e.size) for e in manifest.files):
+            return False
+        self._committed(step, manifest, t0)
+        self._early_done = step
+        return True
+
+    def _committed(self, step: int, manifest: Manifest, t0: float) -> None:
+        """Payload confirmed: write the marker, then account for the durable step."""
+        lay = self.layout
         self.store.put_bytes(lay.marker_key(step), manifest.to_json())
         lay.after_marker(self.store, step, manifest)  # rank 0 of many: the combined manifest
         dt = time.monotonic() - t0
@@ -238,6 +281,13 @@ class Syncer:
         checkpoint per kill). Payload without a manifest there was left by a process killed
         between payload and manifest upload, or between these two requests: it never was a
         checkpoint, and nothing else would ever remove it. Quarantined checkpoints stay."""
+        # A superseded step's stream may still be sending: done first, so that its payload
+        # is in the listing (a late one stayed on the remote after a run's last upload).
+        self.store.drop_streams_before(newest)
+        listing = self.store.step_objects()
+        if listing is not None:
+            self._remote_retention_from(newest, listing)
+            return
         steps = self.store.committed()
         keep = set(steps[-self.keep_last:]) | {newest}
         old = [s for s in steps if s not in keep and s < newest]
@@ -258,6 +308,28 @@ class Syncer:
         for s in quarantined:
             doomed.pop(s)
         self.store.rm_many([rel for rels in doomed.values() for rel in rels])
+        for s in sorted(set(doomed) - set(old)):
+            self.events.emit("remote_orphan_deleted", step=s)
+
+    def _remote_retention_from(self, newest: int, listing: list[str]) -> None:
+        """:meth:`_remote_retention` from one listing of ``step-*/`` (the ``s3://`` path)."""
+        by_step: dict[int, list[str]] = {}
+        for rel in listing:
+            s = parse_step_dirname(rel.split("/", 1)[0])
+            if s is not None and "/" in rel:
+                by_step.setdefault(s, []).append(rel)
+        steps = sorted(s for s, rels in by_step.items() if f"{step_dirname(s)}/{MANIFEST}" in rels)
+        if steps and self.store.newest_listed is not None:
+            self.store.newest_listed = max(self.store.newest_listed, steps[-1])
+        keep = set(steps[-self.keep_last:]) | {newest}
+        old = [s for s in steps if s not in keep and s < newest]
+        self.store.rm_many([f"{step_dirname(s)}/{MANIFEST}" for s in old])
+        for s in old:
+            self.events.emit("remote_deleted", step=s)
+        doomed = {s: rels for s, rels in by_step.items() if s < newest and s not in keep
+                  and f"{step_dirname(s)}/{MANIFEST}.quarantined" not in rels}
+        self.store.rm_many([rel for s, rels in doomed.items() for rel in rels
+                            if not (s in old and rel.endswith(f"/{MANIFEST}"))])
         for s in sorted(set(doomed) - set(old)):
             self.events.emit("remote_orphan_deleted", step=s)
 

@@ -239,3 +239,31 @@ def test_new_manifests_use_xxh3_and_format_1_sha256_ones_still_restore(tmp_path:
     store.get_file(f"{step_dirname(5)}/{name}", tmp_path / "c" / name)
     with pytest.raises(spotckpt.CorruptCheckpointError, match="checksum"):
         verify_dir(tmp_path / "c", Manifest.from_json(store.cat(f"{step_dirname(5)}/{MANIFEST}")))
+
+
+def test_a_superseded_steps_stream_leaves_nothing_on_the_remote(tmp_path: Path, s3_remote: str) -> None:
+    """Regression: a stream started for step 5, whose step was superseded by step 6 before the
+    Syncer took it, finished after step 6's retention had listed the remote, and its payload
+    stayed there as a manifest-less dir (chaos suite: 1 orphan after a run's last upload)."""
+    from spotckpt._manifest import FileEntry, build_manifest, file_digest
+    from spotckpt._syncer import Syncer
+
+    local = LocalDir(tmp_path / "ck")
+    store = RemoteStore(s3_remote)
+    assert store.fast is not None
+    store.committed()  # as at start: the remote was listed
+    slow = tmp_path / "being-written.pt"
+    slow.write_bytes(b"x" * 1000)
+    up = store.stream_file(slow, f"{step_dirname(5)}/state.pt")  # its writer is not done yet
+    tmp = local.begin(6)
+    (tmp / "state.pt").write_bytes(b"y" * 10)
+    entries = [FileEntry("state.pt", 10, file_digest(tmp / "state.pt"))]
+    local.commit(tmp, build_manifest(6, entries, framework="t", serializer="torch"))
+    syncer = Syncer(local, store, keep_last=2, mirror=False)
+    syncer.start()
+    syncer.submit(6)
+    assert syncer.close(60)
+    up.finish(1000)  # the superseded writer finishes late
+    up.wait(30)
+    assert [k for k in store.find() if k.startswith(step_dirname(5))] == []
+    assert store.committed() == [6]
