@@ -171,7 +171,8 @@ def case_upload(p: dict[str, Any]) -> dict[str, Any]:
                 c.delete_object(Bucket=bucket, Key="raw/state.pt")
         best = min(sweep, key=lambda k: median(sweep[k]))
         part, conc = (int(x) for x in best.split("x"))
-        base, times = [], []
+        base, times, fresh_base = [], [], []
+        fresh = wd / "fresh" / "state.pt"
         with checkpointer({"model": state}, wd / "ckpt", f"s3://{bucket}/run/", keep_last=keep) as ck:
             it = ck.steps(total=reps + keep + 1)
             for i in range(keep):  # the server holds keep checkpoints and keep raw copies
@@ -181,6 +182,11 @@ def case_upload(p: dict[str, Any]) -> dict[str, Any]:
                 _raw_rotating(blob, bucket, "raw", i, keep, part, conc)
             for r in range(reps):
                 base.append(_raw_rotating(blob, bucket, "raw", keep + r, keep, part, conc))
+                # reference (row 3r): the same upload of a file written just before, untimed
+                serialized_file(state, fresh)
+                fresh_base.append(raw_upload(str(fresh), bucket, "fresh", part, conc))
+                fresh.unlink()
+                c.delete_object(Bucket=bucket, Key="fresh")
                 next(it)
                 t = now()
                 ck.save()
@@ -197,7 +203,8 @@ def case_upload(p: dict[str, Any]) -> dict[str, Any]:
     return {"write": median(writes) if writes else None, "upload_stage": median(uploads) if uploads else None,
             "base": b, "spotckpt": s, "ratio": b / s, "base_mbps": size / b / 1e6, "mbps": size / s / 1e6,
             "best": best, "sweep": {k: median(v) for k, v in sweep.items()}, "bytes": size,
-            "times": times, "bases": base, "held": keep}
+            "times": times, "bases": base, "held": keep,
+            "base_fresh": median(fresh_base), "fresh": fresh_base}
 
 
 def case_sigterm(p: dict[str, Any]) -> dict[str, Any]:
@@ -340,10 +347,8 @@ def case_small(p: dict[str, Any]) -> dict[str, Any]:
                 step = ck.step
                 t = now()
                 ck.save()
-                while ck.durable_step != step:
-                    if ck.last_error is not None:
-                        raise ck.last_error
-                    time.sleep(0.0002)
+                if not ck.wait_durable(step, 60):
+                    raise RuntimeError(f"step {step} not durable: {ck.last_error}")
                 times.append(now() - t)
             it.close()
         times, base = times[3:], base[3:]

@@ -136,6 +136,8 @@ class Checkpointer:
                 self._syncer.start()
                 if found is not None and not found[2]:
                     self._syncer.submit(found[0])
+                elif found is not None:
+                    self._syncer.durable_step = found[0]  # restored from a remote commit
             self._engine = Engine(local, syncer=self._syncer, keep_last=cfg.keep_last, events=events,
                                   local_retention=not supervised(),
                                   rank=0 if d is None else d.rank,
@@ -333,6 +335,24 @@ class Checkpointer:
             return True
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
         return self._syncer.flush(left)
+
+    def wait_durable(self, step: int | None = None, timeout: float | None = None) -> bool:
+        """Wait until checkpoint ``step`` (default: the last one saved), or a newer one, is
+        committed on the remote; lighter than :meth:`flush`, which also waits for the
+        free-form files and retention. Without a remote: until it is committed locally.
+
+        Returns:
+            False if ``timeout`` passed first (an upload that keeps failing: see
+            :attr:`last_error`).
+        """
+        self._require_open()
+        assert self._writer is not None
+        step = self._last_saved if step is None else step
+        if step is None:
+            return True
+        if self._syncer is None:
+            return self._writer.wait(timeout)
+        return self._syncer.wait_durable(step, timeout)
 
     @property
     def last_error(self) -> BaseException | None:

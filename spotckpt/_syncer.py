@@ -107,6 +107,8 @@ class Syncer:
         is written at once, in parallel with the local commit, which need not come first
         (bench/ row 6). If that cannot be done the step waits for its normal submit, which
         the caller makes after the local commit either way."""
+        if manifest is not None and (streamed is None or type(self.layout) is not SingleLayout):
+            return  # ranks commit through rank 0's combined manifest: the normal way only
         with self._cv:
             if manifest is not None and streamed is not None:
                 self._early = {step: (manifest, dict(streamed))}
@@ -266,7 +268,9 @@ class Syncer:
         dt = time.monotonic() - t0
         self.bytes_uploaded += manifest.total_bytes
         self.upload_seconds += dt
-        self.durable_step = max(self.durable_step or -1, step)
+        with self._cv:
+            self.durable_step = max(self.durable_step or -1, step)
+            self._cv.notify_all()  # wait_durable() returns now, not after retention
         self.events.emit("upload_done", step=step, bytes=manifest.total_bytes, seconds=round(dt, 3))
         if self.on_upload is not None:
             self.on_upload(step, manifest.total_bytes, dt)

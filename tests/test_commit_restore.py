@@ -267,3 +267,19 @@ def test_a_superseded_steps_stream_leaves_nothing_on_the_remote(tmp_path: Path, 
     up.wait(30)
     assert [k for k in store.find() if k.startswith(step_dirname(5))] == []
     assert store.committed() == [6]
+
+
+def test_wait_durable(tmp_path: Path, remote_url: str) -> None:
+    state = {"w": torch.zeros(3)}
+    with spotckpt.Checkpointer(state, local_dir=tmp_path / "a", remote=remote_url) as ck:
+        assert ck.wait_durable(timeout=1)  # nothing saved yet
+        it = ck.steps(total=5)
+        next(it)
+        next(it)
+        ck.save()
+        assert ck.wait_durable(timeout=60) and ck.durable_step == 1
+        assert RemoteStore(remote_url).committed() == [1]
+        it.close()
+    with spotckpt.Checkpointer(state, local_dir=tmp_path / "b", remote=remote_url) as ck:
+        assert ck.restored_step == 1 and ck.durable_step == 1
+        assert ck.wait_durable(timeout=1)  # the restored checkpoint is on the remote already
