@@ -107,7 +107,7 @@ class Engine:
             return {}
         layout = getattr(syncer, "layout", None)
         marker: str | None = layout.marker_key(step) if layout is not None else f"{step_dirname(step)}/{MANIFEST}"
-        if store._known_absent(marker):
+        if store.known_absent(marker):
             # No manifest of this step can be there (the remote was listed at start and
             # every manifest since is ours): no need to look before streaming. (A rank's
             # part marker may be left by an earlier run, so ranks always look.)

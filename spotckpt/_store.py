@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import re
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -129,8 +128,13 @@ class RemoteStore:
 
             self.fast = S3Fast.for_fs(self.fs, self.root)
             self.fs.retries = 1  # s3fs's retry loop: RemoteStore._call owns the budget
-        self._streams: dict[str, Any] = {}  # rel -> StreamUpload started before put_file
-        self._streams_lock = threading.Lock()
+        from ._stream import StreamRegistry
+
+        self.streams = StreamRegistry()  # streams started before put_file, by rel
+        # The newest step whose manifest this process has seen on the remote (a listing, or
+        # its own upload); None until the first listing. Steps above it have no remote
+        # manifest unless another writer shares the prefix: see known_absent().
+        self.newest_listed: int | None = None
 
     def _key(self, rel: str) -> str:
         """The S3 key of ``rel`` (the root without its bucket)."""
@@ -173,11 +177,6 @@ class RemoteStore:
         except RemoteError as e:
             raise type(e)(str(e).replace("write probe failed", "write probe failed (is the remote writable?)")) from None
 
-    # The newest step whose manifest this process has seen on the remote (a listing, or its
-    # own upload); None until the first listing. Steps above it have no remote manifest unless
-    # another writer shares the prefix, so their streams skip the "manifest exists?" HEAD.
-    newest_listed: int | None = None
-
     def stream_file(self, local: str | os.PathLike[str], rel: str, *, unless: str | None = None,
                     committed: str | os.PathLike[str] | None = None) -> Any:
         """Start uploading ``local`` while its writer is still appending to it, so that a
@@ -193,67 +192,22 @@ class RemoteStore:
         up = StreamUpload(self.fast, self._key(rel), Path(local),
                           guard=None if unless is None else self._key(unless),
                           committed=None if committed is None else Path(committed))
-        up.guard_rel = unless
-        with self._streams_lock:
-            # Forget streams nobody will ask for: aborted ones, and beyond the few newest
-            # (a step superseded before the Syncer took it; remote retention removes its data).
-            for k in [k for k, v in self._streams.items() if v.cancelled][:]:
-                del self._streams[k]
-            while len(self._streams) >= 8:
-                del self._streams[next(iter(self._streams))]
-            self._streams[rel] = up
+        self.streams.add(rel, up, unless)
         return up
 
-    def _streamed(self, local: str | os.PathLike[str], rel: str) -> bool:
-        """Whether a stream already uploaded exactly this file to ``rel``."""
-        with self._streams_lock:
-            up = self._streams.pop(rel, None)
-        return up is not None and up.wait() and up.matches(local)
-
-    def drop_streams_before(self, step: int, timeout: float = 60.0) -> None:
-        """Stop and forget the streams of checkpoints older than ``step`` that nobody took
-        (their step was superseded before the Syncer got to it), and wait for them: one that
-        completed meanwhile leaves its payload, which the caller's listing then sees."""
-        with self._streams_lock:
-            old = [(rel, up) for rel, up in self._streams.items()
-                   if (s := parse_step_dirname(rel.split("/", 1)[0])) is not None and s < step]
-            for rel, _ in old:
-                del self._streams[rel]
-        for _, up in old:
-            up.abort()
-        for _, up in old:
-            up.wait(timeout)
-
-    def streamed_as(self, tmp: str | os.PathLike[str], final: str | os.PathLike[str], rel: str,
-                    size: int) -> bool:
-        """Whether a stream uploaded, confirmed, the file of ``size`` bytes that is at ``tmp``
-        or, once committed, at ``final`` (the same inode). The stream stays registered when
-        not, for :meth:`put_file` after the local commit."""
-        with self._streams_lock:
-            up = self._streams.get(rel)
-        if up is None or not up.wait() or up.identity is None or up.identity[0] != size:
-            return False
-        if not (up.matches(tmp) or up.matches(final)):
-            return False
-        with self._streams_lock:
-            self._streams.pop(rel, None)
-        return True
-
-    def _known_absent(self, rel: str) -> bool:
+    def known_absent(self, rel: str) -> bool:
         """Whether ``rel`` is known not to exist without asking: a manifest above
         :attr:`newest_listed`, or an object a stream just checked (saves the HEAD of the
         manifest before a freshly committed checkpoint is uploaded)."""
         step = _manifest_step(rel)
         if step is not None and self.newest_listed is not None and step > self.newest_listed:
             return True
-        with self._streams_lock:
-            return any(getattr(up, "guard_rel", None) == rel and up.guard_absent.is_set()
-                       for up in self._streams.values())
+        return self.streams.checked_absent(rel)
 
     def put_file(self, local: str | os.PathLike[str], rel: str) -> int:
         """Upload one file and confirm its size on the remote. Returns that size."""
         want = os.path.getsize(local)
-        streamed = self._streamed(local, rel)
+        streamed = self.streams.take(rel, local)
 
         def go() -> int:
             nonlocal streamed
@@ -287,17 +241,10 @@ class RemoteStore:
             else:
                 self.fs.pipe_file(self.path(rel), data)
         self._call(f"write of {rel}", go)
-        self._forget_absent(rel)
+        self.streams.written(rel)
         step = _manifest_step(rel)
         if step is not None and self.newest_listed is not None:
             self.newest_listed = max(self.newest_listed, step)
-
-    def _forget_absent(self, rel: str) -> None:
-        """``rel`` was just written: a stream's earlier "absent" answer no longer holds."""
-        with self._streams_lock:
-            for up in self._streams.values():
-                if getattr(up, "guard_rel", None) == rel:
-                    up.guard_rel = None
 
     def get_file(self, rel: str, local: str | os.PathLike[str]) -> None:
         def go() -> None:
@@ -324,7 +271,7 @@ class RemoteStore:
 
     def exists(self, rel: str) -> bool:
         """Whether the object ``rel`` exists (a file, not a prefix)."""
-        if self._known_absent(rel):
+        if self.known_absent(rel):
             return False
 
         def go() -> bool:
@@ -371,12 +318,12 @@ class RemoteStore:
                 self.fs.rm([self.path(rel) for rel in rels])
         self._call(f"delete of {len(rels)} objects", go)
 
-    def find(self) -> dict[str, int]:
-        """Every object under the prefix: relative key -> size."""
+    def find(self, under: str = "") -> dict[str, int]:
+        """Every object under the prefix (or its subdir ``under``): relative key -> size."""
         def go() -> dict[str, int]:
             self.fs.invalidate_cache()
             try:
-                found = self.fs.find(self.root, detail=True)
+                found = self.fs.find(self.path(under), detail=True)
             except FileNotFoundError:
                 return {}
             out = {}
@@ -389,13 +336,21 @@ class RemoteStore:
         return self._call("listing", go)
 
     # -- checkpoints -----------------------------------------------------------------------
-    def step_objects(self) -> list[str] | None:
-        """The relative keys of every object under ``step-*/``, in one listing through the
-        ``s3://`` fast path (None without one). Cheaper than :meth:`committed` +
-        :meth:`step_dirs` + :meth:`find` through s3fs, which cost the Syncer ~15 ms of
-        CPU after every upload (bench/)."""
-        if self.fast is None:
-            return None
+    def step_objects(self) -> list[str]:
+        """The relative keys of every object under ``step-*/``, in one listing (through
+        boto3 for ``s3://``: three s3fs listings cost the Syncer ~15 ms of CPU after every
+        upload, bench/)."""
+        if self.fast is None:  # the step dirs, then what is in each (not the free-form files)
+            def ls() -> list:
+                self.fs.invalidate_cache()
+                try:
+                    return self.fs.ls(self.root, detail=False)
+                except FileNotFoundError:
+                    return []
+            names = self._call("listing", ls)
+            dirs = [n for n in (str(x).rstrip("/").rsplit("/", 1)[-1] for x in names)
+                    if parse_step_dirname(n) is not None]
+            return [rel for d in dirs for rel in self.find(d)]
         key = self._key("step-")
         base = key[: -len("step-")]
         keys = self._call("listing of checkpoints", lambda: self.fast.list_keys(key))
@@ -421,18 +376,6 @@ class RemoteStore:
         out = self._call("listing of checkpoints", go)
         self.newest_listed = max(out + [-1 if self.newest_listed is None else self.newest_listed])
         return out
-
-    def step_dirs(self) -> list[int]:
-        """Steps with anything under ``step-N/``, committed or not, oldest first."""
-        def go() -> list[int]:
-            self.fs.invalidate_cache()
-            try:
-                names = self.fs.ls(self.root, detail=False)
-            except FileNotFoundError:
-                return []
-            steps = {parse_step_dirname(str(n).rstrip("/").rsplit("/", 1)[-1]) for n in names}
-            return sorted(s for s in steps if s is not None)
-        return self._call("listing of checkpoint dirs", go)
 
     def read_manifest(self, step: int) -> Manifest:
         return Manifest.from_json(self.cat(f"{step_dirname(step)}/{MANIFEST}"), expect_step=step)

@@ -255,3 +255,72 @@ class StreamUpload:
         client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
                                          MultipartUpload={"Parts": parts})
         return "sent"
+
+
+class StreamRegistry:
+    """The streams a :class:`RemoteStore` started, by relative key, until the Syncer takes
+    them (or they turn out to be superseded).
+
+    Example:
+        >>> reg = StreamRegistry(); reg.add("step-000000000100/state.pt", up, guard_rel=None)  # doctest: +SKIP
+        >>> reg.take("step-000000000100/state.pt", final_path)
+    """
+
+    def __init__(self, keep: int = 8) -> None:
+        self._lock = threading.Lock()
+        self._streams: dict[str, tuple[StreamUpload, str | None]] = {}  # rel -> (stream, guard rel)
+        self._keep = keep
+
+    def add(self, rel: str, up: StreamUpload, guard_rel: str | None) -> None:
+        with self._lock:
+            # Forget streams nobody will ask for: aborted ones, and beyond the few newest
+            # (a step superseded before the Syncer took it; remote retention removes its data).
+            for k in [k for k, (v, _) in self._streams.items() if v.cancelled]:
+                del self._streams[k]
+            while len(self._streams) >= self._keep:
+                del self._streams[next(iter(self._streams))]
+            self._streams[rel] = (up, guard_rel)
+
+    def take(self, rel: str, *paths: str | os.PathLike[str], size: int | None = None) -> bool:
+        """Whether a stream uploaded ``rel``, confirmed, from the very file now at one of
+        ``paths`` (the same inode; ``size`` bytes if given). Taken (forgotten) if so; left
+        for a later caller if not."""
+        with self._lock:
+            entry = self._streams.get(rel)
+        if entry is None:
+            return False
+        up = entry[0]
+        if not up.wait() or up.identity is None or (size is not None and up.identity[0] != size):
+            return False
+        if not any(up.matches(p) for p in paths):
+            return False
+        with self._lock:
+            self._streams.pop(rel, None)
+        return True
+
+    def drop_before(self, step: int, timeout: float = 60.0) -> None:
+        """Stop and forget the streams of checkpoints older than ``step`` that nobody took
+        (their step was superseded before the Syncer got to it), and wait for them: one that
+        completed meanwhile leaves its payload, which the caller's listing then sees."""
+        from ._manifest import parse_step_dirname
+
+        with self._lock:
+            old = [rel for rel in self._streams
+                   if (s := parse_step_dirname(rel.split("/", 1)[0])) is not None and s < step]
+            ups = [self._streams.pop(rel)[0] for rel in old]
+        for up in ups:
+            up.abort()
+        for up in ups:
+            up.wait(timeout)
+
+    def checked_absent(self, rel: str) -> bool:
+        """Whether a stream's guard just found that ``rel`` does not exist."""
+        with self._lock:
+            return any(g == rel and up.guard_absent.is_set() for up, g in self._streams.values())
+
+    def written(self, rel: str) -> None:
+        """``rel`` was just written: a stream's earlier "absent" answer no longer holds."""
+        with self._lock:
+            for k, (up, g) in self._streams.items():
+                if g == rel:
+                    self._streams[k] = (up, None)

@@ -69,7 +69,7 @@ class Syncer:
         self._pending: int | None = None
         # Manifests handed over before their local commit, with the temp paths of their
         # streamed files (see submit()); and the last step committed remotely that way.
-        self._early: dict[int, tuple[Manifest, dict[str, Path]]] = {}
+        self._early: tuple[int, Manifest, dict[str, Path]] | None = None
         self._early_done: int | None = None
         self._uploading: int | None = None
         self._uploading_bytes = 0
@@ -111,7 +111,7 @@ class Syncer:
             return  # ranks commit through rank 0's combined manifest: the normal way only
         with self._cv:
             if manifest is not None and streamed is not None:
-                self._early = {step: (manifest, dict(streamed))}
+                self._early = (step, manifest, dict(streamed))
             if self._pending is not None and self._pending != step:
                 skipped = min(self._pending, step)
                 self.events.emit("upload_skipped", step=skipped, reason="superseded")
@@ -219,10 +219,10 @@ class Syncer:
 
     def _upload_checkpoint(self, step: int) -> None:
         with self._cv:
-            early = self._early.pop(step, None)
+            early, self._early = self._early, None
         if step == self._early_done:
             return  # committed remotely before its local commit (the normal submit follows)
-        if early is not None and self._commit_early(step, *early):
+        if early is not None and early[0] == step and self._commit_early(*early):
             return
         path = self.local.path(step)
         if not (path / MANIFEST).exists():
@@ -249,12 +249,13 @@ class Syncer:
         """The remote commit of a step whose files were all streamed, before (or while) it
         is committed locally. False if a stream did not confirm its file: the step then
         goes the normal way after its local commit."""
-        lay = self.layout
-        if type(lay) is not SingleLayout or {e.path for e in manifest.files} != set(streamed):
+        lay = self.layout  # a SingleLayout: submit() takes early hand-overs for nothing else
+        if {e.path for e in manifest.files} != set(streamed):
             return False
         t0 = self._started(step, manifest)  # the upload's time includes waiting for the streams
-        if not all(self.store.streamed_as(streamed[e.path], self.local.path(step) / e.path,
-                                          lay.payload_key(step, e.path), e.size) for e in manifest.files):
+        if not all(self.store.streams.take(lay.payload_key(step, e.path), streamed[e.path],
+                                           self.local.path(step) / e.path, size=e.size)
+                   for e in manifest.files):
             return False
         self._committed(step, manifest, t0)
         self._early_done = step
@@ -287,44 +288,13 @@ class Syncer:
         checkpoint, and nothing else would ever remove it. Quarantined checkpoints stay."""
         # A superseded step's stream may still be sending: done first, so that its payload
         # is in the listing (a late one stayed on the remote after a run's last upload).
-        self.store.drop_streams_before(newest)
-        listing = self.store.step_objects()
-        if listing is not None:
-            self._remote_retention_from(newest, listing)
-            return
-        steps = self.store.committed()
-        keep = set(steps[-self.keep_last:]) | {newest}
-        old = [s for s in steps if s not in keep and s < newest]
-        self.store.rm_many([f"{step_dirname(s)}/{MANIFEST}" for s in old])
-        for s in old:
-            self.events.emit("remote_deleted", step=s)
-        dirs = self.store.step_dirs()
-        if not any(s < newest and s not in keep for s in dirs):
-            return  # nothing older that is not kept: skip the full listing
-        doomed: dict[int, list[str]] = {}
-        quarantined = set()
-        for rel in self.store.find():
-            s = parse_step_dirname(rel.split("/", 1)[0])
-            if s is not None and s < newest and s not in keep:
-                doomed.setdefault(s, []).append(rel)
-                if rel.endswith(f"/{MANIFEST}.quarantined"):
-                    quarantined.add(s)
-        for s in quarantined:
-            doomed.pop(s)
-        self.store.rm_many([rel for rels in doomed.values() for rel in rels])
-        for s in sorted(set(doomed) - set(old)):
-            self.events.emit("remote_orphan_deleted", step=s)
-
-    def _remote_retention_from(self, newest: int, listing: list[str]) -> None:
-        """:meth:`_remote_retention` from one listing of ``step-*/`` (the ``s3://`` path)."""
+        self.store.streams.drop_before(newest)
         by_step: dict[int, list[str]] = {}
-        for rel in listing:
+        for rel in self.store.step_objects():
             s = parse_step_dirname(rel.split("/", 1)[0])
             if s is not None and "/" in rel:
                 by_step.setdefault(s, []).append(rel)
         steps = sorted(s for s, rels in by_step.items() if f"{step_dirname(s)}/{MANIFEST}" in rels)
-        if steps and self.store.newest_listed is not None:
-            self.store.newest_listed = max(self.store.newest_listed, steps[-1])
         keep = set(steps[-self.keep_last:]) | {newest}
         old = [s for s in steps if s not in keep and s < newest]
         self.store.rm_many([f"{step_dirname(s)}/{MANIFEST}" for s in old])
