@@ -16,7 +16,7 @@ from conftest import EXAMPLES, run_env
 from spotckpt._store import RemoteStore
 
 SCRIPT = str(EXAMPLES / "train_custom_loop.py")
-STEPS = 300
+STEPS = 600  # 3 interruptions of up to 1.5 s each must not reach the end (~80 steps/s)
 
 
 def start(local: Path, remote: str, out: Path) -> subprocess.Popen:
