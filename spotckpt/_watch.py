@@ -89,6 +89,7 @@ class Watcher:
         self.bytes_uploaded = 0
         self.upload_seconds = 0.0
         self.hold: set[str] = set()     # paths never to upload in this run (torn by a crash)
+        self._seen_local: set[str] = set()  # units and links this run has seen in the dir
         self._lock = threading.Lock()
 
     # -- state -----------------------------------------------------------------------------
@@ -215,6 +216,16 @@ class Watcher:
                 todo.append((g, members))  # (a held file keeps its previous version)
         for rel, target in links.items():
             new[rel] = Entry(path=rel, link=target)
+        # A committed entry this run has never seen locally (not pulled: --no-pull, or refused
+        # as damaged) is not a local delete: it stays. One seen and then gone is deleted.
+        self._seen_local.update(groups)
+        self._seen_local.update(links)
+        for g, old in by_group.items():
+            if g not in groups and g not in self._seen_local:
+                new.update(old)
+        for p, e in (self.current.entries.items() if self.current else ()):
+            if e.link is not None and p not in links and p not in self._seen_local:
+                new[p] = e
         # units/files present in the set but gone locally (and not just being rewritten) drop out
         todo.sort(key=lambda gm: max(files[m].st_mtime_ns for m in gm[1]), reverse=True)
         self.backlog_bytes = sum(files[m].st_size for _, ms in todo for m in ms)
