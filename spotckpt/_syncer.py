@@ -1,4 +1,4 @@
-"""The background Syncer: uploads committed checkpoints and mirrors free-form files.
+"""The background Syncer: uploads committed checkpoints and runs the watched-dir mirror.
 
 Sync layer: fsspec and the commit protocol's file order only, no ML imports.
 
@@ -130,7 +130,7 @@ class Syncer:
             return {s for s in (self._pending, self._uploading) if s is not None}
 
     def flush(self, timeout: float | None = None, *, mirror: bool = True) -> bool:
-        """Wait until every submitted checkpoint (and, with ``mirror``, every free-form
+        """Wait until every submitted checkpoint (and, with ``mirror``, every watched-dir
         file not open for writing) is durable. Returns False on timeout or upload error."""
         end = None if timeout is None else self.clock() + max(0.0, timeout)
         with self._cv:
