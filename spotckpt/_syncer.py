@@ -105,7 +105,9 @@ class Syncer:
         (``(0, 0.0)`` when idle): the planner's view of the upload queue."""
         with self._cv:
             if self._uploading is None or self._uploading_since is None:
-                return 0, 0.0
+                # a big watched-dir file in flight: the next checkpoint upload waits for it
+                up = self.watcher.uploading if self.watcher is not None else None
+                return (0, 0.0) if up is None else (up[0], time.monotonic() - up[1])
             return self._uploading_bytes, time.monotonic() - self._uploading_since
 
     def uploading_step(self) -> int | None:

@@ -336,3 +336,24 @@ def test_a_start_without_pull_deletes_nothing_it_never_saw(tmp_path: Path, remot
     os.unlink(b / "gone.pt")
     w.run_pass()
     assert sorted(remote_files(store)) == ["keep.pt"]
+
+
+def test_a_writer_that_opened_the_file_after_the_check_is_caught(tmp_path: Path, remote_url: str) -> None:
+    """The pass checks for writers before it reads; a writer that opens the file between
+    that check and the read and then stalls (a slow save) would leave a partial file that
+    looks unchanged over the read. The check after the upload catches it."""
+    root = tmp_path / "ck"
+    root.mkdir()
+    calls = []
+
+    def busy(paths: set[str]) -> set[str]:
+        calls.append(paths)
+        return set() if len(calls) == 1 else _watch.open_for_writing(paths)  # the first check misses it
+
+    store = RemoteStore(remote_url)
+    with open(root / "model.pt", "wb") as f:
+        f.write(b"half of a save")
+        f.flush()
+        Watcher(LocalDir(root), store, busy=busy).run_pass()
+        assert "model.pt" not in remote_files(store) and len(calls) == 2
+    assert list_files_prefix(store)[1] == set()   # its object was deleted again
