@@ -220,8 +220,6 @@ class Watcher:
             new.update(old)
             if not same and not any(m in self.hold for m in members):
                 todo.append((g, members))  # (a held file keeps its previous version)
-        for rel, target in links.items():
-            new[rel] = Entry(path=rel, link=target)
         # A committed entry this run has never seen locally (not pulled: --no-pull, or refused
         # as damaged) is not a local delete: it stays. One seen and then gone is deleted.
         self._seen_local.update(groups)
@@ -241,8 +239,21 @@ class Watcher:
             busy = self.busy({str(root / m) for _, ms in todo for m in ms})
             ready = [(g, ms) for g, ms in todo if not any(str(root / m) in busy for m in ms)]
             done = self._upload_groups(ready, files, units, new)
+        self._links(links, new)
         self._commit(new)
         return done
+
+    def _links(self, links: dict[str, str], new: dict[str, Entry]) -> None:
+        """Add the symlinks whose target is in the set (a link to a file not committed yet
+        keeps its previous entry, if any: restore never makes a dangling link of it)."""
+        old = self.current.entries if self.current else {}
+        dirs = {p.rsplit("/", i)[0] for p in new for i in range(1, p.count("/") + 1)}
+        for rel, target in sorted(links.items()):
+            to = os.path.normpath(os.path.join(os.path.dirname(rel), target))
+            if to in new or to in dirs or to in links:
+                new[rel] = Entry(path=rel, link=target)
+            elif rel in old and old[rel].link is not None:
+                new[rel] = old[rel]
 
     def _upload_groups(self, ready: list[tuple[str, list[str]]], files: dict[str, os.stat_result],
                        units: dict[str, DirRule], new: dict[str, Entry]) -> bool:
