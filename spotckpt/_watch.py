@@ -9,14 +9,16 @@ Sync layer (no ML imports). See :mod:`._fileset` for the remote layout. One pass
 2. Units whose files all match the committed set (size, mtime) are kept. The others, when
    complete and no process holds any of their files open for writing, are uploaded newest
    first (small ones 8 at a time) under a fresh version id; each file is checked unchanged
-   (identity, size, mtime, ctime) from before its read to after its checksum. A unit with a
-   changed file is discarded (its objects deleted) and the set keeps the previous version.
+   (identity, size, mtime, ctime) from before its read to after its checksum, and again,
+   with no process holding it open for writing, after the upload. A unit with a changed
+   file is discarded (its objects deleted) and the set keeps the previous version.
 3. A new set is written if anything changed (new versions, deletes, links); then the
    objects no set names any more are deleted. A pending step checkpoint preempts a pass:
    the pass commits what it has and returns.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -35,6 +37,7 @@ from ._watchrules import BUILTIN_RULES, DirRule, WriterGate, unit_of, units_of
 
 _SMALL = 8 << 20     # files up to this size are read once, hashed and PUT from memory
 _PARALLEL = 8
+_CHECK_EVERY = 256   # uploaded small units per check that they were closed (one /proc scan each)
 HEARTBEAT = "watch-heartbeat.json"
 
 
@@ -58,6 +61,17 @@ def open_for_writing(paths: set[str]) -> set[str]:
             if f.path in paths and getattr(f, "mode", "w") != "r":
                 out.add(f.path)
     return out
+
+
+@dataclasses.dataclass
+class _Sent:
+    """One unit's version, uploaded, not yet known to be closed."""
+
+    group: str
+    entries: dict[str, Entry]
+    sigs: dict[str, tuple[int, int, int, int]]  # (identity, size, mtime, ctime) before the read
+    keys: list[str]
+    seconds: float
 
 
 class Torn(Exception):
@@ -220,7 +234,7 @@ class Watcher:
         self.backlog_bytes = sum(files[m].st_size for _, ms in todo for m in ms)
         done = True
         if todo:
-            root = self.local.root
+            root = self.local.root.resolve()  # as /proc names open files (a symlinked dir)
             busy = self.busy({str(root / m) for _, ms in todo for m in ms})
             ready = [(g, ms) for g, ms in todo if not any(str(root / m) in busy for m in ms)]
             done = self._upload_groups(ready, files, units, new)
@@ -229,44 +243,89 @@ class Watcher:
 
     def _upload_groups(self, ready: list[tuple[str, list[str]]], files: dict[str, os.stat_result],
                        units: dict[str, DirRule], new: dict[str, Entry]) -> bool:
-        checked_at = time.monotonic()  # the busy check is done: these were closed by now
+        sent: list[_Sent] = []                    # uploaded, not yet checked closed
+        checked: list[tuple[_Sent, float]] = []   # checked closed at (monotonic), to admit
+        done = self._send(ready, files, units, new, sent, checked)
+        for up, at in checked + self._check_closed(sent):
+            self._admit(up, at, new)
+        return done
+
+    def _send(self, ready: list[tuple[str, list[str]]], files: dict[str, os.stat_result],
+              units: dict[str, DirRule], new: dict[str, Entry], sent: list[_Sent],
+              checked: list[tuple[_Sent, float]]) -> bool:
         small = [gm for gm in ready if sum(files[m].st_size for m in gm[1]) <= _SMALL]
-        big = [gm for gm in ready if gm not in small]
         if small:
             with ThreadPoolExecutor(_PARALLEL, thread_name_prefix="spotckpt-mirror") as pool:
                 for i in range(0, len(small), 4 * _PARALLEL):
                     if i and self.should_yield():
                         return False  # a step checkpoint waits: commit what is done, go on later
                     batch = small[i:i + 4 * _PARALLEL]
-                    results = list(pool.map(lambda gm: self._try_group(gm[0], gm[1], units, checked_at), batch))
-                    for (g, _), got in zip(batch, results):
-                        self._take(g, got, new)
-        for g, ms in big:
+                    sent += [r for r in pool.map(lambda gm: self._try_group(gm[0], gm[1], units), batch) if r]
+                    if len(sent) >= _CHECK_EVERY:
+                        # Admitted one round late: the writer gate has seen a poll since.
+                        for up, at in checked:
+                            self._admit(up, at, new)
+                        checked[:] = self._check_closed(sent)
+        for g, ms in (gm for gm in ready if gm not in small):
             if self.should_yield():
                 return False
-            self._take(g, self._try_group(g, ms, units, time.monotonic()), new)
+            sent += [r for r in [self._try_group(g, ms, units)] if r]
         return True
 
-    def _take(self, g: str, got: dict[str, Entry] | None, new: dict[str, Entry]) -> None:
-        if got is None:
-            return
+    def _check_closed(self, sent: list[_Sent]) -> list[tuple[_Sent, float]]:
+        """The uploaded versions no process holds open for writing now, after their read,
+        unchanged since before it; empties ``sent``. (Checked before the read only, a file
+        a writer opened just after the check and wrote part of was committed: bench/ row 8.)"""
+        if not sent:
+            return []
+        root = self.local.root.resolve()
+        busy = self.busy({str(root / p) for up in sent for p in up.entries})
+        at = time.monotonic()  # closed at this moment: the writer gate's reference
+        out = []
+        for up in sent:
+            try:
+                bad = next((p for p in up.entries if str(root / p) in busy
+                            or _sig(os.stat(root / p, follow_symlinks=False)) != up.sigs[p]), None)
+            except FileNotFoundError as e:
+                bad = str(e)
+            if bad is None:
+                out.append((up, at))
+            else:
+                self._discard(up.keys, f"{up.group}: {bad} was open for writing or changed after its read")
+        sent.clear()
+        return out
+
+    def _admit(self, up: _Sent, checked_at: float, new: dict[str, Entry]) -> None:
+        if self.gate is not None:
+            root = self.local.root.resolve()
+            if not all(self.gate.admit(str(root / p), e.mtime_ns, checked_at) for p, e in up.entries.items()):
+                self._discard(up.keys, f"{up.group}: its writer died or was not confirmed alive after the close")
+                return
+        n = sum(e.size for e in up.entries.values())
+        with self._lock:
+            self.bytes_uploaded += n
+            self.upload_seconds += up.seconds
+        self.events.emit("mirror_upload", path=up.group, bytes=n, files=len(up.entries))
+        self._take(up.group, up.entries, new)
+
+    def _take(self, g: str, got: dict[str, Entry], new: dict[str, Entry]) -> None:
         for p in [p for p, e in new.items() if (e.unit == g or p == g) and e.link is None] \
                 if any(e.unit for e in got.values()) else [g]:
             new.pop(p, None)
         new.update(got)
 
-    def _try_group(self, g: str, members: list[str], units: dict[str, DirRule],
-                   checked_at: float) -> dict[str, Entry] | None:
-        """Upload one unit as a fresh version; its entries, or None if it was discarded."""
+    def _try_group(self, g: str, members: list[str], units: dict[str, DirRule]) -> _Sent | None:
+        """Upload one unit as a fresh version, or None if it was discarded."""
         vid = uuid.uuid4().hex[:16]
         unit = g if g in units else None
         got: dict[str, Entry] = {}
+        sigs: dict[str, tuple[int, int, int, int]] = {}
         t0 = time.monotonic()
         sent: list[str] = []
         try:
             for m in sorted(members):
                 sent.append(object_key(vid, m))
-                got[m] = self._upload_one(m, sent[-1], unit, checked_at)
+                got[m], sigs[m] = self._upload_one(m, sent[-1], unit)
         except (Torn, FileNotFoundError) as e:
             self._discard(sent, f"{g}: {e}")
             return None
@@ -277,19 +336,9 @@ class Watcher:
             self._discard(sent, None)
             self._warn_once(g, "spotckpt: not mirroring %s: %s", g, e)
             return None
-        if self.gate is not None:
-            root = self.local.root.resolve()
-            if not all(self.gate.admit(str(root / p), e.mtime_ns, checked_at) for p, e in got.items()):
-                self._discard(sent, f"{g}: its writer died or was not confirmed alive after the close")
-                return None
-        n = sum(e.size for e in got.values())
-        with self._lock:
-            self.bytes_uploaded += n
-            self.upload_seconds += time.monotonic() - t0
-        self.events.emit("mirror_upload", path=g, bytes=n, files=len(got))
-        return got
+        return _Sent(g, got, sigs, sent, time.monotonic() - t0)
 
-    def _upload_one(self, rel: str, key: str, unit: str | None, checked_at: float) -> Entry:
+    def _upload_one(self, rel: str, key: str, unit: str | None) -> tuple[Entry, tuple[int, int, int, int]]:
         full = self.local.root / rel
         st1 = os.stat(full, follow_symlinks=False)
         if st1.st_size <= _SMALL:
@@ -312,7 +361,8 @@ class Watcher:
             if not out or _sig(st1) != _sig(st2):
                 raise Torn(f"{rel} changed while it was uploaded")
             digest = out[0]
-        return Entry(path=rel, size=st1.st_size, xxh3=digest, mtime_ns=st1.st_mtime_ns, key=key, unit=unit)
+        entry = Entry(path=rel, size=st1.st_size, xxh3=digest, mtime_ns=st1.st_mtime_ns, key=key, unit=unit)
+        return entry, _sig(st1)
 
     def _discard(self, keys: list[str], why: str | None) -> None:
         """Delete the objects of a version that will not be committed (a key whose PUT
