@@ -100,6 +100,7 @@ class Watcher:
         self._orphans: set[str] = set()
         self._warned: set[str] = set()
         self.backlog_bytes = 0          # changed data not yet committed (the planner counts it)
+        self.scan_cpu = 0.0             # CPU seconds of the last pass's scan and comparison
         self.bytes_uploaded = 0
         self.upload_seconds = 0.0
         self.hold: set[str] = set()     # paths never to upload in this run (torn by a crash)
@@ -206,6 +207,7 @@ class Watcher:
         checkpoint before it was done (what it did is committed; call again)."""
         self.load()
         self.beat()
+        cpu0 = time.thread_time()
         files, links, dirs = self.scan()
         units = units_of(dirs, self.rules)
         by_group: dict[str, dict[str, Entry]] = {}
@@ -232,6 +234,10 @@ class Watcher:
         # units/files present in the set but gone locally (and not just being rewritten) drop out
         todo.sort(key=lambda gm: max(files[m].st_mtime_ns for m in gm[1]), reverse=True)
         self.backlog_bytes = sum(files[m].st_size for _, ms in todo for m in ms)
+        # What this pass would have cost with nothing to do: the Syncer paces idle passes by
+        # it. Not the writers check or the uploads: counted, they stretched the next pass
+        # by seconds after every upload, and a closed file waited for it (bench/ row 8).
+        self.scan_cpu = time.thread_time() - cpu0
         done = True
         if todo:
             root = self.local.root.resolve()  # as /proc names open files (a symlinked dir)
