@@ -305,6 +305,7 @@ class Syncer:
         assert w is not None
         n0, s0 = w.bytes_uploaded, w.upload_seconds
         try:
+            w.settle = force  # a flush waits (<= 1 s) for a file emptied just before it
             self._mirror_more = not w.run_pass()
         finally:
             self._last_scan = time.monotonic()

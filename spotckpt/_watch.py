@@ -27,6 +27,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
+from ._closed import SETTLE_NS, Torn, emptied, open_for_writing, sig
 from ._errors import RemoteError
 from ._events import EventLog, log
 from ._fileset import Entry, FileSet, list_files_prefix, newest_set, object_key, set_key
@@ -41,28 +42,6 @@ _CHECK_EVERY = 256   # uploaded small units per check that they were closed (one
 HEARTBEAT = "watch-heartbeat.json"
 
 
-def _sig(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def open_for_writing(paths: set[str]) -> set[str]:
-    """The subset of ``paths`` that some process holds open with a writable mode."""
-    import psutil
-
-    out: set[str] = set()
-    if not paths:
-        return out
-    for proc in psutil.process_iter():
-        try:
-            files = proc.open_files()
-        except (psutil.Error, OSError):
-            continue
-        for f in files:
-            if f.path in paths and getattr(f, "mode", "w") != "r":
-                out.add(f.path)
-    return out
-
-
 @dataclasses.dataclass
 class _Sent:
     """One unit's version, uploaded, not yet known to be closed."""
@@ -72,10 +51,6 @@ class _Sent:
     sigs: dict[str, tuple[int, int, int, int]]  # (identity, size, mtime, ctime) before the read
     keys: list[str]
     seconds: float
-
-
-class Torn(Exception):
-    """A file changed while it was read: this version is not uploaded."""
 
 
 class Watcher:
@@ -104,6 +79,7 @@ class Watcher:
         self.bytes_uploaded = 0
         self.upload_seconds = 0.0
         self.hold: set[str] = set()     # paths never to upload in this run (torn by a crash)
+        self.settle = False             # wait for a just-emptied file to settle (a flush's pass)
         self._lock = threading.Lock()
 
     # -- state -----------------------------------------------------------------------------
@@ -291,7 +267,8 @@ class Watcher:
         for up in sent:
             try:
                 bad = next((p for p in up.entries if str(root / p) in busy
-                            or _sig(os.stat(root / p, follow_symlinks=False)) != up.sigs[p]), None)
+                            or sig(st := os.stat(root / p, follow_symlinks=False)) != up.sigs[p]
+                            or emptied(st)), None)
             except FileNotFoundError as e:
                 bad = str(e)
             if bad is None:
@@ -347,6 +324,11 @@ class Watcher:
     def _upload_one(self, rel: str, key: str, unit: str | None) -> tuple[Entry, tuple[int, int, int, int]]:
         full = self.local.root / rel
         st1 = os.stat(full, follow_symlinks=False)
+        if emptied(st1) and self.settle:
+            time.sleep(min(1.0, max(0.0, st1.st_mtime_ns + SETTLE_NS - time.time_ns()) / 1e9) + 0.01)
+            st1 = os.stat(full, follow_symlinks=False)
+        if emptied(st1):
+            raise Torn(f"{rel} was just emptied (a writer may be opening it)")
         if st1.st_size <= _SMALL:
             with open(full, "rb") as f:
                 data = f.read()
@@ -354,7 +336,7 @@ class Watcher:
             h.update(data)
             digest = h.hexdigest()
             st2 = os.stat(full, follow_symlinks=False)
-            if _sig(st1) != _sig(st2) or len(data) != st1.st_size:
+            if sig(st1) != sig(st2) or len(data) != st1.st_size:
                 raise Torn(f"{rel} changed while it was read")
             self.store.put_data(key, data)
         else:
@@ -364,11 +346,11 @@ class Watcher:
             self.store.put_file(full, key)
             t.join()
             st2 = os.stat(full, follow_symlinks=False)
-            if not out or _sig(st1) != _sig(st2):
+            if not out or sig(st1) != sig(st2):
                 raise Torn(f"{rel} changed while it was uploaded")
             digest = out[0]
         entry = Entry(path=rel, size=st1.st_size, xxh3=digest, mtime_ns=st1.st_mtime_ns, key=key, unit=unit)
-        return entry, _sig(st1)
+        return entry, sig(st1)
 
     def _discard(self, keys: list[str], why: str | None) -> None:
         """Delete the objects of a version that will not be committed (a key whose PUT

@@ -10,6 +10,7 @@ catches it; here the writer's open is placed in that window deterministically.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from spotckpt import _watch
@@ -57,3 +58,43 @@ def test_a_writer_opening_the_file_after_the_check_never_gets_its_partial_file_c
     finally:
         for f in writer:
             f.close()
+
+
+def test_a_file_being_truncated_by_open_is_never_committed_empty(tmp_path: Path, remote_url: str) -> None:
+    """``open(path, "wb")`` empties the file before the opener holds it: while the kernel
+    frees its cached pages (0.1-0.3 s per GiB here) it is empty, held by nobody, and its
+    ``st_blocks`` not yet 0. A 1 GiB ``torch.save`` in place was committed as 0 bytes over the
+    previous complete version that way (bench/ row 8). Here the pass sees the file at that
+    moment: its ``os.stat`` answers what it answered then."""
+    root = tmp_path / "ck"
+    root.mkdir()
+    (root / "model.pt").write_bytes(b"w" * 100_000)
+    store = RemoteStore(remote_url)
+    w = Watcher(LocalDir(root), store)
+    w.run_pass()
+    first = newest_set(store).entries["model.pt"]
+    os.truncate(root / "model.pt", 0)  # the writer's open(O_TRUNC), caught midway:
+    real_stat = os.stat
+
+    def mid_truncation(path, *a, **kw):  # size 0, blocks still being freed
+        st = real_stat(path, *a, **kw)
+        if str(path).endswith("model.pt") and st.st_size == 0:
+            vals = list(st)
+            return type(st)(vals, {"st_blocks": 2048, "st_mtime_ns": st.st_mtime_ns,
+                                   "st_ctime_ns": st.st_ctime_ns, "st_atime_ns": st.st_atime_ns})
+        return st
+
+    _watch.os.stat = mid_truncation
+    try:
+        w.run_pass()
+    finally:
+        _watch.os.stat = real_stat
+    assert newest_set(store).entries["model.pt"] == first, "committed while being truncated"
+    # The truncation is over (blocks 0) but the open has not returned yet: just emptied.
+    w.run_pass()
+    assert newest_set(store).entries["model.pt"] == first, "committed a file emptied just now"
+    # An empty file that stays empty and closed is a real version: it goes up once settled.
+    old = time.time_ns() - 5_000_000_000
+    os.utime(root / "model.pt", ns=(old, old))
+    w.run_pass()
+    assert newest_set(store).entries["model.pt"].size == 0
