@@ -20,15 +20,34 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from typing import Callable, Mapping, Sequence
 
+from ._errors import ConfigError
 from ._notices import LIFELINE_ENV
 
 _PR_SET_PDEATHSIG = 1
 PARENT_DEATH_SIGNAL = signal.SIGTERM
+
+
+def resolve_command(cmd: Sequence[str]) -> list[str]:
+    """The command with its program checked, so a typo fails before anything is pulled.
+
+    Raises:
+        ConfigError: no command, or the program is not found / not executable.
+    """
+    if not cmd:
+        raise ConfigError("spotckpt: no command given; usage: spotckpt run [options] -- CMD [ARGS...]")
+    prog = cmd[0]
+    if os.sep in prog:
+        if not (os.path.isfile(prog) and os.access(prog, os.X_OK)):
+            raise ConfigError(f"spotckpt: command not found or not executable: {prog!r}")
+    elif shutil.which(prog) is None:
+        raise ConfigError(f"spotckpt: command not found: {prog!r} (not on PATH)")
+    return list(cmd)
 
 
 def _preexec(parent: int) -> Callable[[], None]:

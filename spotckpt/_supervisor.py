@@ -28,7 +28,6 @@ are killed, the child gets SIGTERM from the kernel and its Checkpointer saves an
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -37,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 from . import _proctree as pt
 from ._checkpointer import EXIT_INTERRUPTED
-from ._child import Child
+from ._child import Child, resolve_command
 from ._config import Config
 from ._engine import Engine
 from ._errors import ConfigError
@@ -78,23 +77,6 @@ class _Tap(EventLog):
                 pass
             self.mirrored[str(fields.get("path"))] = int(fields.get("bytes") or 0)
         super().emit(event, **fields)
-
-
-def resolve_command(cmd: Sequence[str]) -> list[str]:
-    """The command with its program checked, so a typo fails before anything is pulled.
-
-    Raises:
-        ConfigError: no command, or the program is not found / not executable.
-    """
-    if not cmd:
-        raise ConfigError("spotckpt: no command given; usage: spotckpt run [options] -- CMD [ARGS...]")
-    prog = cmd[0]
-    if os.sep in prog:
-        if not (os.path.isfile(prog) and os.access(prog, os.X_OK)):
-            raise ConfigError(f"spotckpt: command not found or not executable: {prog!r}")
-    elif shutil.which(prog) is None:
-        raise ConfigError(f"spotckpt: command not found: {prog!r} (not on PATH)")
-    return list(cmd)
 
 
 class Supervisor:

@@ -191,13 +191,13 @@ def test_a_leftover_writer_finishes_and_its_complete_file_reaches_the_remote(tmp
            f"while [ ! -e {marker} ]; do sleep 0.02; done; exit 0")
     p = Proc(_run_argv(local, s3_remote, "sh", "-c", cmd), env=run_env())
     assert p.finish(60) == 0, p.stderr
-    assert "waiting up to" in p.stderr
     fresh = tmp_path / "fresh"                        # what a new instance gets
     r = run(spotckpt("pull", "--local-dir", str(fresh), "--remote", s3_remote), env=run_env())
     assert r.returncode == 0, r.stderr
     want = b"".join(bytes([i]) * 2**20 for i in range(chunks))
     got = (fresh / "model.bin").read_bytes() if (fresh / "model.bin").exists() else b""
     assert len(got) == len(want) and got == want, f"remote holds {len(got)} of {len(want)} bytes"
+    assert "waiting up to" in p.stderr
 
 
 def test_a_file_still_open_when_leftovers_are_stopped_is_not_uploaded(tmp_path: Path, s3_remote: str) -> None:
