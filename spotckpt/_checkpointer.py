@@ -17,7 +17,7 @@ from ._errors import RemoteError
 from ._events import EventLog, log
 from ._local import LocalDir
 from ._metadata import MetadataWatcher, sources_from_env
-from ._notices import Notice, NoticeBoard, SignalSource
+from ._notices import LifelineSource, Notice, NoticeBoard, SignalSource
 from ._planner import PLAN_ACTIONS, FlushPlanner
 from ._policies import make_policy
 from ._store import RemoteStore
@@ -81,6 +81,8 @@ class Checkpointer:
         self.config: Config | None = None
         self._board = NoticeBoard(clock)
         self._signals: SignalSource | None = None
+        self._lifeline: LifelineSource | None = None
+        self._leaving = False
         self._watcher: MetadataWatcher | None = None
         self._dist: _distributed.Dist | None = None
         self._planner = FlushPlanner()
@@ -107,6 +109,15 @@ class Checkpointer:
         local = self._local = LocalDir(cfg.local_dir if d is None else cfg.local_dir / rank_dirname(d.rank))
         local.lock()
         try:
+            # Notices first: a SIGTERM during the restore (a big download, a slow load) is
+            # recorded, and the first step boundary then does the interruption save instead
+            # of the process dying with a local-only checkpoint never uploaded.
+            self._signals = SignalSource(self._board, cfg.signals, cfg.grace_seconds)
+            self._signals.install()
+            if supervised():
+                self._lifeline = LifelineSource.from_env(self._board, cfg.grace_seconds)
+                if self._lifeline is not None:
+                    self._lifeline.start()
             local.clean_temp()
             events = self.events = EventLog(local.meta / "events.jsonl")
             store = None
@@ -148,8 +159,6 @@ class Checkpointer:
                                   rank=0 if d is None else d.rank,
                                   world_size=1 if d is None else d.world_size)
             self._writer = BackgroundWriter()
-            self._signals = SignalSource(self._board, cfg.signals, cfg.grace_seconds)
-            self._signals.install()
             self._planner = FlushPlanner(uploads=store is not None)
             if self._syncer is not None:
                 self._syncer.on_upload = self._after_upload
@@ -175,6 +184,9 @@ class Checkpointer:
             # The loop failed: keep what is committed, flush briefly, and let the error out.
             self.close(timeout=min(self.config.grace_seconds if self.config else 30.0, 30.0), raise_errors=False)
             return
+        # Leaving by SystemExit(143): further notice signals must not change that (see
+        # SignalSource.restore).
+        self._leaving = self.interrupted and self.exit_on_interrupt
         self.close()
         if self.interrupted and self.exit_on_interrupt:
             raise SystemExit(EXIT_INTERRUPTED)
@@ -218,7 +230,10 @@ class Checkpointer:
         if self._watcher is not None:
             self._watcher.stop()
         if self._signals is not None:
-            self._signals.restore()
+            self._signals.restore(until_exit=self._leaving)
+        if self._lifeline is not None:
+            self._lifeline.stop()
+            self._lifeline = None
         if self._writer is not None:
             self._writer.close()
         if self._local is not None:

@@ -6,13 +6,22 @@ handlers on close. The save happens later, at a step boundary, in ordinary code.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import logging
 import os
+import select
 import signal
+import stat
 import threading
 import time
 from types import FrameType
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
+
+log = logging.getLogger("spotckpt")
+
+LIFELINE_ENV = "SPOTCKPT_SUPERVISOR_FD"  # "<fd>:<inode>" of the supervisor's lifeline pipe
+SUPERVISOR_GONE = "supervisor-gone"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +98,7 @@ class SignalSource:
         self.grace = grace_seconds
         self._previous: dict[int, Any] = {}
         self._original: dict[int, Any] = {}
-        self._closed = False
+        self._closed = self._exiting = False
 
     def install(self) -> bool:
         """Register the handlers. Returns False (and does nothing) off the main thread."""
@@ -99,10 +108,12 @@ class SignalSource:
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
         self._original = dict(self._previous)
-        self._closed = False
+        self._closed = self._exiting = False
         return True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._exiting:
+            return  # the interruption save is done and the process is leaving with 143
         if self._closed:
             # Someone (e.g. a framework's own signal connector) re-installed this handler
             # after we restored the original: behave as the original would.
@@ -115,10 +126,30 @@ class SignalSource:
             return
         self.board.post(signal.Signals(signum).name, self.grace)
         prev = self._previous.get(signum)
-        if callable(prev) and prev is not self._handle:
+        # Python's own SIGINT handler raises KeyboardInterrupt: chained, it would turn a
+        # notice into an exception in the middle of the interruption save.
+        if callable(prev) and prev is not self._handle and prev is not signal.default_int_handler:
             prev(signum, frame)
 
-    def restore(self) -> None:
+    def _ignore_at_exit(self) -> None:
+        for sig in self._previous:
+            try:
+                if signal.getsignal(sig) == self._handle:
+                    signal.signal(sig, signal.SIG_IGN)
+            except (ValueError, TypeError):
+                pass
+
+    def restore(self, *, until_exit: bool = False) -> None:
+        """Put the previous handlers back. ``until_exit``: the process is leaving with 143
+        after an interruption save, so ignore further notices instead (a second SIGTERM, a
+        SIGINT 50 ms later): restored, they would turn the exit status into a death by
+        signal or a KeyboardInterrupt traceback. Ours stay installed (as no-ops) and become
+        ``SIG_IGN`` at exit, because the interpreter resets Python handlers to the default
+        while it shuts down."""
+        if until_exit:
+            self._exiting = True
+            atexit.register(self._ignore_at_exit)
+            return
         self._closed = True
         for sig, prev in self._previous.items():
             try:
@@ -127,3 +158,74 @@ class SignalSource:
             except (ValueError, TypeError):  # not on the main thread any more
                 pass
         self._previous.clear()
+
+
+class LifelineSource:
+    """Posts a notice when the supervisor (``spotckpt run``) that started us is gone.
+
+    The supervisor keeps the write end of a pipe and passes the read end down the
+    command's process tree (its number and inode in ``SPOTCKPT_SUPERVISOR_FD``). When the
+    supervisor dies, even by SIGKILL, the kernel closes the write end and the read end
+    reports hang-up: nobody uploads any more, so the Checkpointer saves locally and stops
+    (the next ``spotckpt run`` on the dir uploads that save). Event-driven: one thread
+    blocked in ``poll``, no polling interval.
+
+    Example:
+        >>> src = LifelineSource.from_env(board, grace_seconds=30)  # doctest: +SKIP
+        >>> if src: src.start(); ...; src.stop()
+    """
+
+    def __init__(self, board: NoticeBoard, fd: int, grace_seconds: float) -> None:
+        self.board, self.fd, self.grace = board, fd, grace_seconds
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_env(cls, board: NoticeBoard, grace_seconds: float,
+                 env: Mapping[str, str] | None = None) -> LifelineSource | None:
+        """The source for the lifeline this process inherited, or None. The inode check
+        matters: a process started with ``close_fds`` inherits the variable but not the
+        pipe, and the number may then name an unrelated file."""
+        value = (os.environ if env is None else env).get(LIFELINE_ENV, "")
+        try:
+            fd_text, ino_text = value.split(":")
+            fd, ino = int(fd_text), int(ino_text)
+            st = os.fstat(fd)
+        except (ValueError, OSError):
+            return None
+        if not stat.S_ISFIFO(st.st_mode) or st.st_ino != ino:
+            return None
+        return cls(board, fd, grace_seconds)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="spotckpt-lifeline", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            try:
+                ready = dict(poller.poll())
+            except InterruptedError:
+                continue
+            if self._wake_r in ready:
+                return
+            if ready.get(self.fd, 0) & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                log.warning("spotckpt: the supervisor (spotckpt run) is gone: nobody uploads any "
+                            "more; saving locally and stopping")
+                self.board.post(SUPERVISOR_GONE, self.grace)
+                return
+            if ready.get(self.fd):
+                try:  # data nobody should have written: drain it and keep watching
+                    os.read(self.fd, 4096)
+                except OSError:
+                    return
+
+    def stop(self) -> None:
+        os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join(timeout=3)
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)

@@ -64,6 +64,14 @@ def tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def descendants() -> list[psutil.Process]:
+    """Every descendant of this process (orphans re-parented to us included)."""
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
 def targets(pid: int, scope: str) -> list[psutil.Process]:
     """The processes a forwarded signal goes to (see the module docstring)."""
     procs = tree(pid)
@@ -127,19 +135,20 @@ def stop_descendants(exclude: int | None = None, *, timeout: float = 2.0) -> int
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         reap(exclude)
-        if not any(_alive(p) for p in left):
+        if not any(alive(p) for p in left):
             break
         time.sleep(0.05)
-    send([p for p in left if _alive(p)], signal.SIGKILL)
+    send([p for p in left if alive(p)], signal.SIGKILL)
     end = time.monotonic() + 2.0
-    while time.monotonic() < end and any(_alive(p) for p in left):
+    while time.monotonic() < end and any(alive(p) for p in left):
         reap(exclude)
         time.sleep(0.02)
     reap(exclude)
     return len(left)
 
 
-def _alive(p: psutil.Process) -> bool:
+def alive(p: psutil.Process) -> bool:
+    """Running and not a zombie."""
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:

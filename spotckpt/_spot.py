@@ -39,7 +39,7 @@ from ._errors import ConfigError
 from ._local import META
 from ._pull import open_remote
 from ._spot_report import Job
-from ._supervisor import resolve_command
+from ._child import resolve_command
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -231,6 +231,9 @@ class SpotEmulator:
                 attempt["child_started"] = True
             elif kind == "child_exit":
                 attempt["child_exited"] = True
+                # The command's own status; ExitStatus is the container's (`spotckpt run`:
+                # 143 after a notice whatever the command returned).
+                attempt["CommandExitStatus"] = e.get("status")
             elif kind == "notice" and e.get("step") is not None:
                 attempt["StepAtNotice"] = e.get("step")
             elif kind == "upload_done":

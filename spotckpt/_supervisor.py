@@ -5,38 +5,45 @@ Process layer. In order:
 1. Check the command exists, take the local dir, probe the remote (one clear error each).
 2. Pull: the newest verified checkpoint and the committed file set into the local dir, as
    SageMaker does before a (re)start.
-3. Start the child with ``SPOTCKPT_SUPERVISED=1``: an in-process Checkpointer then only
-   commits locally and leaves uploads and local retention to us. While it runs we submit
-   each newly committed ``step-*/`` to the Syncer (which also mirrors the watched dir as
-   committed file sets: :mod:`._watch`), apply local retention after uploads, tell the
-   watcher after each poll that the command is alive and which files it holds open
-   (:class:`._watchrules.WriterGate`), and reap orphaned zombies.
-4. On SIGTERM/SIGINT (or a configured signal): forward it (see :mod:`._proctree` for who
-   gets it), start the deadline clock, keep uploading what the child commits, and SIGKILL
-   the child's tree if it would overrun ``grace - time the final upload needs``.
-5. When the child exits: final flush within the deadline, log what is durable, stop every
-   leftover process, exit with the child's status (128 + N if a signal N killed it).
+3. Start the child (:mod:`._child`: own process group, parent-death signal, lifeline) with
+   ``SPOTCKPT_SUPERVISED=1``: an in-process Checkpointer then only commits locally and
+   leaves uploads and local retention to us, and treats every signal we treat as a notice
+   (``SPOTCKPT_SIGNALS``) as one too. While it runs we submit each newly committed
+   ``step-*/`` to the Syncer (which also mirrors the watched dir as committed file sets:
+   :mod:`._watch`), apply local retention after uploads, tell the watcher after each poll
+   that the command is alive and which files it holds open (:class:`._watchrules.WriterGate`),
+   and reap orphaned zombies.
+4. On SIGTERM/SIGINT (or a configured signal): forward it once (see :mod:`._proctree` for
+   who gets it; a repeated or second signal is logged, not forwarded), start the deadline
+   clock, keep uploading what the child commits, and SIGKILL the child's tree if it would
+   overrun ``grace - time the final upload needs``.
+5. When the child exits: processes it left behind that still write into the local dir get
+   the rest of the deadline to finish (a file still open after that is not uploaded), final
+   flush within the deadline, log what is durable, stop every leftover process. Exit status:
+   143 after a notice whatever the child returned, else the child's (128 + N if signal N
+   killed it).
 
 Safe as PID 1 in a container: every signal we forward has a handler (PID 1 ignores
-unhandled ones), orphans are re-parented to us and reaped, nothing outlives us.
+unhandled ones), orphans are re-parented to us and reaped, nothing outlives us (and if we
+are killed, the child gets SIGTERM from the kernel and its Checkpointer saves and stops).
 """
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import _proctree as pt
+from ._checkpointer import EXIT_INTERRUPTED
+from ._child import Child, resolve_command
 from ._config import Config
 from ._engine import Engine
 from ._errors import ConfigError
 from ._events import EventLog, log
-from ._local import META, LocalDir
+from ._local import META, LocalDir, is_internal
 from ._pull import human_bytes, open_remote, pull
 from ._store import RemoteStore
 from ._syncer import Syncer
@@ -45,6 +52,7 @@ from ._watchrules import DirRule, WriterGate
 _DEFAULT_THROUGHPUT = 20e6   # bytes/s assumed for the final upload until one is measured
 _MIN_CHILD_SHARE = 0.5       # the child always gets at least half the grace to save
 _MARGIN = 0.5                # seconds kept back for our own exit
+_WRITER_WAIT = 30.0          # without a notice: how long leftover writers get after the command exits
 
 
 class _Tap(EventLog):
@@ -72,23 +80,6 @@ class _Tap(EventLog):
                 pass
             self.mirrored[str(fields.get("path"))] = int(fields.get("bytes") or 0)
         super().emit(event, **fields)
-
-
-def resolve_command(cmd: Sequence[str]) -> list[str]:
-    """The command with its program checked, so a typo fails before anything is pulled.
-
-    Raises:
-        ConfigError: no command, or the program is not found / not executable.
-    """
-    if not cmd:
-        raise ConfigError("spotckpt: no command given; usage: spotckpt run [options] -- CMD [ARGS...]")
-    prog = cmd[0]
-    if os.sep in prog:
-        if not (os.path.isfile(prog) and os.access(prog, os.X_OK)):
-            raise ConfigError(f"spotckpt: command not found or not executable: {prog!r}")
-    elif shutil.which(prog) is None:
-        raise ConfigError(f"spotckpt: command not found: {prog!r} (not on PATH)")
-    return list(cmd)
 
 
 class Supervisor:
@@ -124,9 +115,13 @@ class Supervisor:
         self.syncer: Syncer | None = None
         self.engine: Engine | None = None
         self.child: subprocess.Popen | None = None
+        self._child: Child | None = None
         self.deadline: float | None = None
         self.notice_at: float | None = None
+        self.notice_source: str | None = None
         self.killed = False
+        # Every signal that means "interruption coming", here and in a Checkpointer child.
+        self.notice_signals = list(dict.fromkeys([signal.SIGTERM, signal.SIGINT, *cfg.signals]))
         self._pending_signals: list[int] = []
         self._submitted: int | None = None
         self._writers: set[str] = set()
@@ -161,7 +156,7 @@ class Supervisor:
 
     # -- signals ---------------------------------------------------------------------------
     def _install_signals(self) -> None:
-        for sig in dict.fromkeys([signal.SIGTERM, signal.SIGINT, *self.cfg.signals]):
+        for sig in self.notice_signals:
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -176,13 +171,19 @@ class Supervisor:
             sig = self._pending_signals.pop(0)
             name = signal.Signals(sig).name
             now = self.clock()
-            if self.deadline is None:
-                self.notice_at, self.deadline = now, now + self.cfg.grace_seconds
-                self.events.emit("notice", source=name, by="supervisor", seconds_left=self.cfg.grace_seconds)
+            if self.deadline is not None:
+                # SIGTERM twice, Ctrl-C after a SIGTERM: the command has its notice and the
+                # deadline stands; a second signal could only cut the save it is making.
+                log.warning("spotckpt run: %s: already interrupted by %s (deadline in %.1f s); not "
+                            "forwarded", name, self.notice_source, self.deadline - now)
+                self.events.emit("signal_repeated", signal=name, seconds_left=round(self.deadline - now, 2))
+                continue
+            self.notice_at, self.deadline, self.notice_source = now, now + self.cfg.grace_seconds, name
+            self.events.emit("notice", source=name, by="supervisor", seconds_left=self.cfg.grace_seconds)
             if self.child is None or self.child.poll() is not None:
                 continue
             procs = pt.targets(self.child.pid, self.scope)
-            self._writers |= pt.writing_under(pt.tree(self.child.pid), self.local.root)
+            self._confirm_alive()  # what it closed before our signal, it closed alive
             n = pt.send(procs, sig)
             left = self.deadline - now
             log.warning("spotckpt run: %s: forwarded to %d process(es); deadline in %.1f s, "
@@ -199,8 +200,8 @@ class Supervisor:
         if self._pending_signals:  # stopped while pulling: nothing to run
             log.warning("spotckpt run: %s before the command started; not starting it",
                         signal.Signals(self._pending_signals[0]).name)
-            self._finish(None)
-            return 128 + self._pending_signals[0]
+            self._take_signals()
+            return self._finish(None)
         if self.syncer is not None:
             self.syncer.start()
             if self._submitted is not None:
@@ -208,17 +209,15 @@ class Supervisor:
         env = dict(os.environ, SPOTCKPT_SUPERVISED="1", SPOTCKPT_LOCAL_DIR=str(self.cfg.local_dir),
                    SPOTCKPT_GRACE_SECONDS=str(self.cfg.grace_seconds),
                    SPOTCKPT_KEEP_LAST=str(self.cfg.keep_last),
-                   SPOTCKPT_SIGNALS=",".join(signal.Signals(s).name for s in self.cfg.signals))
+                   SPOTCKPT_SIGNALS=",".join(signal.Signals(s).name for s in self.notice_signals))
         if self.cfg.remote:
             env["SPOTCKPT_REMOTE"] = self.cfg.remote
-        # Own process group: a terminal's Ctrl-C reaches us only, and we forward it once.
-        group: dict[str, Any] = ({"process_group": 0} if sys.version_info >= (3, 11)
-                                 else {"preexec_fn": os.setpgrp})
-        try:
-            self.child = subprocess.Popen(self.cmd, env=env, **group)
+        try:  # own process group, parent-death signal, lifeline: see _child
+            self._child = Child.start(self.cmd, env)
         except OSError as e:
             self._finish(None)
             raise ConfigError(f"spotckpt: cannot start {self.cmd[0]!r}: {e.strerror or e}") from None
+        self.child = self._child.proc
         self.events.emit("child_start", pid=self.child.pid, cmd=self.cmd)
         log.info("spotckpt run: started %s (pid %d)", " ".join(self.cmd), self.child.pid)
         rc = self._supervise()
@@ -228,14 +227,10 @@ class Supervisor:
         assert self.child is not None
         while True:
             self._take_signals()
-            wall, mono = time.time_ns(), time.monotonic()
-            writers = pt.writing_under(pt.tree(self.child.pid), self.local.root)
-            rc = self.child.poll()
+            rc = self._confirm_alive()
             if rc is not None:
                 self.gate.ended_with(rc == 0)
                 return rc
-            self._writers = writers
-            self.gate.confirm(mono, wall, writers)
             if self.syncer is not None and self.syncer.watcher is not None:
                 self.syncer.watcher.beat()
             self._scan()
@@ -243,6 +238,19 @@ class Supervisor:
             if self.deadline is not None and not self.killed and self.clock() >= self._kill_at():
                 self._kill_child()
             time.sleep(self.poll)
+
+    def _confirm_alive(self) -> int | None:
+        """Poll the command; while it runs, tell the writer gate it was alive now and which
+        files its tree holds open for writing (taken before the poll, so a file closed
+        before it was closed by a live writer). Returns the command's exit code, or None."""
+        assert self.child is not None
+        wall, mono = time.time_ns(), time.monotonic()
+        writers = pt.writing_under(pt.tree(self.child.pid), self.local.root)
+        rc = self.child.poll()
+        if rc is None:
+            self._writers = writers
+            self.gate.confirm(mono, wall, writers)
+        return rc
 
     def _scan(self) -> None:
         """Submit the newest committed checkpoint, then apply local retention."""
@@ -282,6 +290,7 @@ class Supervisor:
 
     def _kill_child(self) -> None:
         assert self.child is not None and self.deadline is not None
+        self._confirm_alive()
         procs = pt.tree(self.child.pid)
         self._writers |= pt.writing_under(procs, self.local.root)
         pt.send(procs, signal.SIGKILL)
@@ -298,6 +307,9 @@ class Supervisor:
             if rc is not None:
                 self.events.emit("child_exit", status=status, killed=self.killed)
                 log.info("spotckpt run: the command exited with status %d", status)
+                self._wait_for_writers()
+                self._hold_back(pt.writing_under(pt.descendants(), self.local.root),
+                                "it is still being written by a process the command left behind")
             self._scan()
             if self.syncer is not None:
                 self._final_flush(rc)
@@ -305,9 +317,60 @@ class Supervisor:
                 self.engine.retention()
         finally:
             pt.stop_descendants(timeout=self._seconds_left(default=2.0, cap=2.0))
+            if self._child is not None:
+                self._child.close()
             self._restore_signals()
             self.local.unlock()
+        if self.notice_at is not None:
+            # Interrupted, whatever the command returned: a command that exits 0 on SIGTERM
+            # (Lightning does) did not complete, and an orchestrator must not read success.
+            if status != EXIT_INTERRUPTED:
+                log.warning("spotckpt run: exit status %d (interrupted by %s); the command's own "
+                            "status was %s", EXIT_INTERRUPTED, self.notice_source,
+                            "none (not started)" if rc is None else status)
+            return EXIT_INTERRUPTED
         return status
+
+    def _wait_for_writers(self) -> None:
+        """The command has exited: processes it left behind that are still writing into the
+        local dir get the rest of the deadline (without a notice, up to ``_WRITER_WAIT`` s)
+        to finish, so that the final flush uploads complete files. Waits until every process
+        seen writing has exited; one that is merely alive (a stray ``sleep``) is not waited for."""
+        seen: set[int] = set()
+        t0, told = self.clock(), False
+        while True:
+            self._take_signals()  # a notice now shortens the wait
+            procs = pt.descendants()
+            seen |= {p.pid for p in procs if pt.writing_under([p], self.local.root)}
+            waiting = [p for p in procs if p.pid in seen and pt.alive(p)]
+            if not waiting:
+                return
+            end = t0 + _WRITER_WAIT if self.deadline is None else self._kill_at()
+            if self.clock() >= end:
+                log.warning("spotckpt run: %d process(es) the command left behind still write into %s; "
+                            "stopping them", len(waiting), self.local.root)
+                return
+            if not told:
+                told = True
+                log.info("spotckpt run: waiting up to %.1f s for %d process(es) the command left behind, "
+                         "still writing into %s", end - self.clock(), len(waiting), self.local.root)
+                self.events.emit("waiting_for_writers", pids=[p.pid for p in waiting],
+                                 seconds=round(end - self.clock(), 2))
+            self._scan()
+            pt.reap()
+            time.sleep(self.poll)
+
+    def _hold_back(self, paths: set[str], why: str) -> None:
+        """Keep files (absolute paths) out of the final flush: the remote keeps its previous,
+        complete copy rather than a torn one."""
+        root = str(self.local.root.resolve()) + os.sep
+        rels = {p[len(root):] for p in paths if p.startswith(root) and not is_internal(p[len(root):])}
+        w = self.syncer.watcher if self.syncer is not None else None
+        if rels and w is not None:
+            w.hold.update(rels)
+            w.beat()  # persisted: a later run on this dir does not upload them either
+            log.warning("spotckpt run: not uploading %s: %s; the remote keeps its previous version",
+                        ", ".join(sorted(rels)), why)
 
     def _seconds_left(self, *, default: float, cap: float | None = None) -> float:
         if self.deadline is None:

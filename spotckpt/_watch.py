@@ -35,7 +35,7 @@ from ._local import LocalDir, write_atomic
 from ._manifest import file_digest, hasher
 from ._store import RemoteStore
 from ._watchscan import scan
-from ._watchrules import BUILTIN_RULES, DirRule, WriterGate, unit_of, units_of
+from ._watchrules import MTIME_SLOP_NS, BUILTIN_RULES, DirRule, WriterGate, unit_of, units_of
 
 _SMALL = 8 << 20     # files up to this size are read once, hashed and PUT from memory
 _PARALLEL = 8
@@ -118,7 +118,7 @@ class Watcher:
         files, _, _ = self.scan()
         root = str(self.local.root.resolve())
         return {rel for rel, st in files.items()
-                if os.path.join(root, rel) in writers or st.st_mtime_ns >= wall_ns - 50_000_000}
+                if os.path.join(root, rel) in writers or st.st_mtime_ns >= wall_ns - MTIME_SLOP_NS}
 
     # -- scanning --------------------------------------------------------------------------
     def _warn_once(self, key: str, msg: str, *args: object) -> None:

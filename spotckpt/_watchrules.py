@@ -23,7 +23,7 @@ from typing import Iterable
 
 from ._errors import ConfigError
 
-_MTIME_SLOP_NS = 50_000_000  # file mtimes come from a coarse kernel clock: up to a tick early
+MTIME_SLOP_NS = 20_000_000  # file mtimes come from a coarse kernel clock: up to a tick (<= 10 ms) early
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,4 +135,4 @@ class WriterGate:
                 self._cv.wait(min(left, 0.1))
             if self.ended == "ok" or self.alive_at > checked_at:
                 return True
-            return path not in self.writers and mtime_ns < self.poll_wall_ns - _MTIME_SLOP_NS
+            return path not in self.writers and mtime_ns < self.poll_wall_ns - MTIME_SLOP_NS

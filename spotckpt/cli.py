@@ -1,6 +1,7 @@
 """The ``spotckpt`` command line: ``run``, ``spot``, ``ls``, ``status``, ``verify``, ``pull``, ``push``.
 
-Exit status: the command's own for ``run``; 0 only for Completed for ``spot``; 1 for damage
+Exit status: for ``run``, 143 after an interruption notice whatever the command returned,
+else the command's own (128+N if signal N killed it); 0 only for Completed for ``spot``; 1 for damage
 (``verify``) or a failed upload (``push``); 2 for bad input (unknown option, a command
 that does not exist, max-wait <= max-run, an unreachable remote), always as one line.
 """
@@ -45,9 +46,21 @@ Run CMD under supervision, as the container entrypoint (safe as PID 1):
      every other file CMD writes there (checkpoint.pth, Keras files, Transformers
      checkpoint-N/ dirs) as committed, verified file sets as soon as each is closed,
      so unmodified SageMaker-style scripts survive too;
-  3. on SIGTERM/SIGINT: forward it to CMD's process tree, upload what CMD saves, SIGKILL
-     CMD if it would overrun the deadline (grace minus the time the final upload needs),
-     flush, report what is durable, and exit with CMD's status (128+N if signal N killed it).
+  3. on SIGTERM/SIGINT (or --signals): forward it once to CMD's process tree (a
+     Checkpointer in CMD treats each of these signals as a notice), upload what CMD saves,
+     SIGKILL CMD if it would overrun the deadline (grace minus the time the final upload
+     needs), give processes CMD left behind that still write into the dir the rest of the
+     deadline, flush, and report what is durable.
+
+If this process is killed (even SIGKILL), CMD gets SIGTERM from the kernel and a
+Checkpointer anywhere in its tree saves locally and stops: nothing keeps training unwatched.
+
+exit status:
+  0       CMD completed (exited 0) and no notice came
+  143     interrupted: a notice (SIGTERM, SIGINT, --signals) came, whatever CMD returned
+  128+N   CMD was killed by signal N without a notice
+  other   CMD's own exit status
+  2       bad usage or configuration (one line on stderr)
 """
 
 _SPOT = """\

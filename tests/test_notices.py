@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import spotckpt
-from spotckpt._notices import NoticeBoard, SignalSource
+from spotckpt._notices import LIFELINE_ENV, LifelineSource, NoticeBoard, SignalSource
 
 
 class FakeClock:
@@ -113,9 +113,62 @@ def test_stale_handler_with_default_original_terminates(tmp_path: Path) -> None:
 
     code = (
         "import os, signal, time\n"
-        "from spotckpt._notices import NoticeBoard, SignalSource\n"
+        "from spotckpt._notices import LIFELINE_ENV, LifelineSource, NoticeBoard, SignalSource\n"
         "src = SignalSource(NoticeBoard(), (int(signal.SIGTERM),), 30); src.install(); src.restore()\n"
         "signal.signal(signal.SIGTERM, src._handle)\n"
         "os.kill(os.getpid(), signal.SIGTERM); time.sleep(5); print('survived')\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert p.returncode == -signal.SIGTERM and "survived" not in p.stdout
+
+
+def test_sigint_as_a_notice_does_not_chain_to_keyboard_interrupt() -> None:
+    """SIGINT configured as a notice (as `spotckpt run` configures its child) is a notice,
+    not a KeyboardInterrupt in the middle of the interruption save."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    board = NoticeBoard()
+    src = SignalSource(board, (int(signal.SIGTERM), int(signal.SIGINT)), 30)
+    src.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert board.wait(5) and board.notice.source == "SIGINT"
+    finally:
+        src.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_lifeline_posts_a_notice_when_the_write_end_closes() -> None:
+    r, w = os.pipe()
+    try:
+        board = NoticeBoard()
+        env = {LIFELINE_ENV: f"{r}:{os.fstat(r).st_ino}"}
+        src = LifelineSource.from_env(board, 12.0, env)
+        assert src is not None
+        src.start()
+        assert not board.wait(0.2)                   # the supervisor is alive: nothing
+        os.close(w)                                  # the supervisor dies (the kernel closes it)
+        w = -1
+        assert board.wait(5)
+        assert board.notice.source == "supervisor-gone"
+        src.stop()
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_lifeline_from_env_refuses_an_fd_that_is_not_the_pipe(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    f = os.open(tmp_path / "x", os.O_CREAT | os.O_RDWR)
+    try:
+        ino = os.fstat(r).st_ino
+        board = NoticeBoard()
+        assert LifelineSource.from_env(board, 1, {LIFELINE_ENV: f"{f}:{ino}"}) is None   # a file
+        assert LifelineSource.from_env(board, 1, {LIFELINE_ENV: f"{w}:{ino + 1}"}) is None  # other pipe
+        assert LifelineSource.from_env(board, 1, {LIFELINE_ENV: "junk"}) is None
+        assert LifelineSource.from_env(board, 1, {}) is None
+        src = LifelineSource.from_env(board, 1, {LIFELINE_ENV: f"{r}:{ino}"})
+        assert src is not None
+        src.stop()                                   # never started: closes its own fds only
+    finally:
+        for fd in (r, w, f):
+            os.close(fd)

@@ -81,6 +81,8 @@ def test_one_interruption_resumes_from_the_saved_step(tmp_path: Path, s3_remote:
     assert i["ExitStatus"] == 143 and i["KilledAfterGrace"] is False
     assert "final 3160" in out                      # sum(range(80)): nothing skipped, nothing twice
     assert len(rep["Attempts"]) == 2
+    assert rep["Attempts"][0]["CommandExitStatus"] == 143   # the Checkpointer's interruption exit
+    assert rep["Attempts"][1]["ExitStatus"] == rep["Attempts"][1]["CommandExitStatus"] == 0
 
 
 def test_two_interruptions(tmp_path: Path) -> None:
@@ -121,6 +123,29 @@ def test_max_runtime_exceeded_stops_with_sigterm_and_saves(tmp_path: Path) -> No
     assert 3 <= rep["TrainingTimeInSeconds"] <= 6
     assert "durable at" in out                      # the SIGTERM save reached the remote
     assert rep["Attempts"][0]["ExitStatus"] == 143
+
+
+def test_a_command_that_exits_0_when_interrupted_is_interrupted_not_completed(tmp_path: Path) -> None:
+    """Lightning exits 0 on SIGTERM: `spotckpt run` still exits 143, so the emulated job is
+    interrupted and restarted, not Completed after the first start."""
+    (tmp_path / "zero.py").write_text(
+        "import os, signal, sys, time\n"
+        "done = os.path.join(os.environ['SPOTCKPT_LOCAL_DIR'], 'done')\n"
+        "if os.path.exists(done):\n"
+        "    print('second start: done', flush=True); sys.exit(0)\n"
+        "def stop(s, f):\n"
+        "    open(done, 'w').close(); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "time.sleep(60)\n")
+    r = run(spotckpt("spot", "--workdir", str(tmp_path / "wd"), "--max-run", "60", "--grace", "5",
+                     "--capacity-wait", "0", "--interrupt-at", "1", "--stable-seconds", "0.2",
+                     "--", PY, str(tmp_path / "zero.py")), env=run_env(), timeout=90)
+    rep = json.loads((tmp_path / "wd" / "describe-training-job.json").read_text())
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert rep["InterruptionCount"] == 1 and len(rep["Attempts"]) == 2
+    first = rep["Attempts"][0]
+    assert first["ExitStatus"] == 143 and first["CommandExitStatus"] == 0
+    assert "second start: done" in r.stdout
 
 
 def test_failed_command_is_failed_not_completed(tmp_path: Path) -> None:
