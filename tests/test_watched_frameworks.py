@@ -171,3 +171,111 @@ def test_trainer_sigtermed_while_writing_a_checkpoint_resumes_on_an_empty_dir(
     assert tensors_equal(final, hf_reference), "resumed Trainer differs from an uninterrupted run"
     with capsys.disabled():
         print(f"\n[watched] Trainer: {'; '.join(hits)}; {time.monotonic() - t0:.0f} s", flush=True)
+
+
+# -- Lightning ModelCheckpoint(save_last="link") -------------------------------------------------
+LT = script("lightning_modelckpt_train.py")
+LT_STEPS = 96  # 3 epochs of 32 steps; a checkpoint every 10
+
+
+def step_of(name: str) -> int:
+    m = re.search(r"step=(\d+)\.ckpt$", name)
+    assert m, name
+    return int(m.group(1))
+
+
+def test_lightning_last_link_resumes_from_its_target_on_an_empty_dir(
+        s3_remote: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    t0 = time.monotonic()
+    ref = Proc([PY, LT, "--ckpt-dir", str(tmp_path / "ref"), "--out", str(tmp_path / "ref.pt")], env=run_env())
+    assert ref.finish(300) == 0, ref.stderr[-3000:]
+
+    a = tmp_path / "instance-a"
+    target = random.choice([20, 30, 40, 50, 60])
+    p = Proc(run_argv(a, s3_remote, PY, LT, "--ckpt-dir", str(a), "--sleep", "0.03"), env=run_env())
+    p.wait_for("^fresh start$", 120)
+
+    def linked_step() -> int | None:
+        try:
+            return step_of(os.readlink(a / "last.ckpt"))
+        except OSError:
+            return None
+
+    end = time.monotonic() + 120
+    while (linked_step() or 0) < target:
+        assert time.monotonic() < end and p.p.poll() is None, p.stderr[-3000:]
+        time.sleep(0.005)
+    time.sleep(random.uniform(0, 0.2))  # somewhere in the steps after that save
+    os.kill(p.pid, signal.SIGTERM)
+    rc = p.finish(120)
+    assert (a / "last.ckpt").is_symlink()
+    link = os.readlink(a / "last.ckpt")
+    step = step_of(link)
+    assert step < LT_STEPS, p.stdout
+
+    # a new machine: fit(ckpt_path="last") must find last.ckpt and load its target
+    b = tmp_path / "instance-b"
+    q = Proc(run_argv(b, s3_remote, PY, LT, "--ckpt-dir", str(b), "--out", str(tmp_path / "final.pt")),
+             env=run_env())
+    assert q.finish(300) == 0, q.stderr[-3000:]
+    first = q.wait_for(r"^(fresh start|resumed at step \d+)$", 1).group(1)
+    assert first == f"resumed at step {step}", \
+        f"restart on an empty dir: {first!r}, last.ckpt -> {link} was durable\n{q.stderr[-3000:]}"
+    assert (b / "last.ckpt").is_symlink() or (b / "last.ckpt").exists()
+    assert tensors_equal(tmp_path / "final.pt", tmp_path / "ref.pt")
+
+    # the remote lists the link and its target; Lightning exited 0 after the forwarded SIGTERM,
+    # and the supervisor says "interrupted" anyway (finding 11)
+    entries = remote_set(s3_remote)
+    assert rc == 143, f"spotckpt run exited {rc} after a forwarded SIGTERM\n{p.stderr[-2000:]}"
+    assert entries.get("last.ckpt", {}).get("link") is not None, sorted(entries)
+    fetch(s3_remote, entries[entries["last.ckpt"]["link"]])
+    with capsys.disabled():
+        print(f"\n[watched] Lightning: SIGTERM after last.ckpt -> {link}, resumed at step {step}, bitwise; "
+              f"{time.monotonic() - t0:.0f} s", flush=True)
+
+
+# -- AWS-style scripts: "non-empty dir means resume", "newest file by mtime" -------------------
+AWS = script("aws_style_epochs.py")
+
+
+@pytest.mark.parametrize("mode", ["listdir", "mtime"])
+def test_aws_style_script_resumes_from_its_newest_save_on_an_empty_dir(
+        mode: str, s3_remote: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    t0 = time.monotonic()
+    args = ["--mode", mode, "--epochs", "8"]
+    ref = Proc([PY, AWS, "--checkpoint-dir", str(tmp_path / "ref"), *args, "--out", str(tmp_path / "ref.pt")],
+               env=run_env())
+    assert ref.finish(120) == 0, ref.stderr[-3000:]
+
+    # mtime mode: stop with the newest save in slot 0 or 1, so name order is not recency order
+    stop = random.choice([3, 4, 6] if mode == "mtime" else [2, 3, 4, 5, 6])
+    a = tmp_path / "instance-a"
+    p = Proc(run_argv(a, s3_remote, PY, AWS, "--checkpoint-dir", str(a), *args, "--sleep", "0.6"), env=run_env())
+    first = p.wait_for(r"^(fresh start|resumed from .*)$", 120).group(1)
+    assert first == "fresh start", f"a fresh start on an empty dir saw {first!r} (finding 10)\n{p.stderr[-3000:]}"
+    p.wait_for(rf"^saved epoch {stop}$", 120)
+    os.kill(p.pid, signal.SIGTERM)  # lands in the next epoch's sleep, before its save
+    rc = p.finish(120)
+    saved = [int(m.group(1)) for line in p.out if (m := re.match(r"^saved epoch (\d+)$", line))]
+    assert rc == 143, f"exit {rc}\n{p.stderr[-3000:]}"
+    newest = saved[-1]
+    assert newest < 8
+
+    b = tmp_path / "instance-b"
+    q = Proc(run_argv(b, s3_remote, PY, AWS, "--checkpoint-dir", str(b), *args, "--out", str(tmp_path / "final.pt")),
+             env=run_env())
+    assert q.finish(120) == 0, q.stderr[-3000:]
+    got = q.wait_for(r"^(fresh start|resumed from .*)$", 1).group(1)
+    name = f"model-epoch-{newest:03d}.pt" if mode == "listdir" else f"slot-{newest % 3}.pt"
+    assert got == f"resumed from {name} at epoch {newest}", f"newest save was epoch {newest}: {got!r}"
+    assert tensors_equal(tmp_path / "final.pt", tmp_path / "ref.pt")
+    if mode == "mtime":  # the pulled files kept the remote set's mtimes
+        entries = remote_set(s3_remote)
+        for k in range(3):
+            f = a / f"slot-{k}.pt"
+            if f.exists():
+                assert entries[f.name]["mtime_ns"] == f.stat().st_mtime_ns, f.name
+    with capsys.disabled():
+        print(f"\n[watched] AWS-style ({mode}): stopped after epoch {newest}, resumed there, bitwise; "
+              f"{time.monotonic() - t0:.0f} s", flush=True)
