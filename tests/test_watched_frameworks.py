@@ -261,6 +261,10 @@ def test_aws_style_script_resumes_from_its_newest_save_on_an_empty_dir(
     assert rc == 143, f"exit {rc}\n{p.stderr[-3000:]}"
     newest = saved[-1]
     assert newest < 8
+    # the set lists the script's files with their mtimes (the restart below needs them: finding 6)
+    entries = remote_set(s3_remote)
+    local_files = {f.name: f.stat().st_mtime_ns for f in a.iterdir()}
+    mtimes = {k: e.get("mtime_ns") for k, e in entries.items()}
 
     b = tmp_path / "instance-b"
     q = Proc(run_argv(b, s3_remote, PY, AWS, "--checkpoint-dir", str(b), *args, "--out", str(tmp_path / "final.pt")),
@@ -270,12 +274,7 @@ def test_aws_style_script_resumes_from_its_newest_save_on_an_empty_dir(
     name = f"model-epoch-{newest:03d}.pt" if mode == "listdir" else f"slot-{newest % 3}.pt"
     assert got == f"resumed from {name} at epoch {newest}", f"newest save was epoch {newest}: {got!r}"
     assert tensors_equal(tmp_path / "final.pt", tmp_path / "ref.pt")
-    if mode == "mtime":  # the pulled files kept the remote set's mtimes
-        entries = remote_set(s3_remote)
-        for k in range(3):
-            f = a / f"slot-{k}.pt"
-            if f.exists():
-                assert entries[f.name]["mtime_ns"] == f.stat().st_mtime_ns, f.name
+    assert mtimes == local_files, f"the remote set after the SIGTERM {mtimes}, the local dir {local_files}"
     with capsys.disabled():
         print(f"\n[watched] AWS-style ({mode}): stopped after epoch {newest}, resumed there, bitwise; "
               f"{time.monotonic() - t0:.0f} s", flush=True)
