@@ -30,10 +30,10 @@ from proc_helpers import PY
 from watched_helpers import fetch, kill_tree, remote_set, run_argv, script
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
-from inplace_writer import FILES, validate  # noqa: E402
+from watched_chaos_writer import FILES, validate  # noqa: E402
 
 ITERATIONS = int(os.environ.get("SPOTCKPT_CHAOS_ITERATIONS", "50"))
-WRITER = script("inplace_writer.py")
+WRITER = script("watched_chaos_writer.py")
 SPEC = {rel: (fid, n) for fid, (rel, n, _, _) in enumerate(FILES)}
 FAST = "fast.bin"
 PROGRESS_TIMEOUT = 60.0
