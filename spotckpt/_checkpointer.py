@@ -22,6 +22,7 @@ from ._planner import PLAN_ACTIONS, FlushPlanner
 from ._policies import make_policy
 from ._store import RemoteStore
 from ._syncer import Syncer
+from ._watch_pull import restore_files
 from ._writer import BackgroundWriter
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what a container runtime reports for a SIGTERM exit
@@ -118,6 +119,10 @@ class Checkpointer:
             self._policy = make_policy(cfg.every_steps, cfg.every_seconds, self.clock)
             if d is None:
                 found = restore_newest(local, store, events=events)
+                if store is not None:
+                    # the files the script writes itself come back too: the in-process
+                    # watcher mirrors the dir as it is, deletes included (_watch.py)
+                    restore_files(local, store, events=events)
             else:
                 found = _distributed.restore(d, local, store, events=events)
             if found is not None:

@@ -271,11 +271,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
     assert store is not None
     local.lock("supervisor")
     try:
-        syncer = Syncer(local, store, keep_last=cfg.keep_last)
         bar = Progress("pull", enabled=False if args.json else None)
         store.progress = bar.add
-        res = pull(local, store, events=EventLog(local.meta / "events.jsonl"),
-                   on_pulled=syncer.mark_mirrored, on_total=bar.set_total)
+        res = pull(local, store, events=EventLog(local.meta / "events.jsonl"), on_total=bar.set_total)
         bar.close()
     finally:
         local.unlock()
@@ -291,7 +289,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         events = EventLog(local.meta / "events.jsonl")
-        syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events, stable_seconds=0.0)
+        syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events)
         steps = local.committed()
         remote_steps = set(store.committed())
         lf, rf = local_freeform(local.root), remote_freeform(store)

@@ -5,25 +5,25 @@ Sync layer: fsspec and the commit protocol only, no ML imports.
 A new instance starts with an empty local dir; SageMaker copies the checkpoint prefix back
 into ``/opt/ml/checkpoints`` before the training script runs. :func:`pull` does the same:
 the newest committed checkpoint through :func:`restore_newest` (checksums verified,
-damaged ones quarantined), then every free-form file (``checkpoint.pth``, Keras
-``epoch-003.keras``...) that the local dir lacks. A local free-form file is never
-overwritten: it is as new as the remote copy or newer, and the Syncer uploads it.
+damaged ones quarantined), then the newest committed file set of the watched dir
+(``checkpoint.pth``, Transformers ``checkpoint-N/``...) through
+:func:`._watch_pull.restore_files`: verified, with mtimes and in-dir symlinks.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Callable
 
 from ._engine import restore_newest
 from ._errors import CorruptCheckpointError, RemoteError
 from ._events import EventLog
-from ._local import TMP_SUFFIX, LocalDir, is_internal
-from ._manifest import MANIFEST, check_relpath
+from ._fileset import newest_set
+from ._local import LocalDir, is_internal
 from ._store import RemoteStore
+from ._watch_pull import restore_files
 
 
 @dataclasses.dataclass
@@ -33,8 +33,9 @@ class PullResult:
     step: int | None = None          # newest verified checkpoint, None if there is none
     step_bytes: int = 0
     step_source: str | None = None   # "local" or "remote"
-    files: list[str] = dataclasses.field(default_factory=list)  # free-form files downloaded
+    files: list[str] = dataclasses.field(default_factory=list)  # watched-dir files placed
     file_bytes: int = 0
+    file_set: int | None = None      # the committed file set restored (its number)
     seconds: float = 0.0
 
     def describe(self) -> str:
@@ -44,7 +45,7 @@ class PullResult:
             parts.append(f"checkpoint step {self.step} ({human_bytes(self.step_bytes)}, {where}, verified)")
         else:
             parts.append("no committed checkpoint")
-        parts.append(f"{len(self.files)} free-form file(s) ({human_bytes(self.file_bytes)})")
+        parts.append(f"{len(self.files)} file(s) of the watched dir ({human_bytes(self.file_bytes)})")
         return ", ".join(parts) + f" in {self.seconds:.1f} s"
 
 
@@ -56,18 +57,8 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def is_freeform(rel: str) -> bool:
-    """True for user files (mirrored as they are), False for checkpoints and our own files."""
-    return bool(rel) and not is_internal(rel) and not rel.endswith(MANIFEST + ".quarantined")
-
-
-def remote_freeform(store: RemoteStore) -> dict[str, int]:
-    """Free-form files on the remote: relative path -> size."""
-    return {rel: size for rel, size in store.find().items() if is_freeform(rel)}
-
-
 def local_freeform(root: Path) -> dict[str, int]:
-    """Free-form files in the local dir: relative path -> size."""
+    """Regular user files in the local dir (the watched dir's content): path -> size."""
     out: dict[str, int] = {}
     if not root.exists():
         return out
@@ -78,7 +69,7 @@ def local_freeform(root: Path) -> dict[str, int]:
         for name in filenames:
             rel = f"{rel_dir}/{name}".lstrip("/")
             full = os.path.join(dirpath, name)
-            if is_freeform(rel) and not os.path.islink(full):
+            if not is_internal(rel) and not os.path.islink(full):
                 try:
                     out[rel] = os.path.getsize(full)
                 except FileNotFoundError:
@@ -86,79 +77,35 @@ def local_freeform(root: Path) -> dict[str, int]:
     return out
 
 
-def pull_files(local: LocalDir, store: RemoteStore, *, events: EventLog | None = None,
-               on_pulled: Callable[[str, Path], None] | None = None,
-               remote_files: dict[str, int] | None = None) -> tuple[list[str], int]:
-    """Download the free-form files the local dir lacks, each verified by size.
-
-    Args:
-        on_pulled: called with ``(rel, path)`` for each file written (the Syncer records
-            it as mirrored, so it is not uploaded back).
-
-    Returns:
-        ``(paths, bytes)`` of the files downloaded.
-
-    Raises:
-        RemoteError: a download failed after retries.
-        CorruptCheckpointError: a downloaded file has the wrong size, or the remote holds
-            a path that would escape the local dir.
-    """
-    events = events or EventLog(None)
-    root = local.root.resolve()
-    have = local_freeform(local.root)
-    got: list[str] = []
-    total = 0
-    files = remote_freeform(store) if remote_files is None else remote_files
-    for rel, size in sorted(files.items()):
-        if rel in have:
-            continue
-        target = (root / check_relpath(rel)).resolve()
-        if root not in target.parents:
-            raise CorruptCheckpointError(f"spotckpt: remote path {rel!r} escapes the local dir; refusing it")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
-        try:
-            store.get_file(rel, tmp)
-            if tmp.stat().st_size != size:
-                raise CorruptCheckpointError(
-                    f"spotckpt: downloaded {rel} has {tmp.stat().st_size} bytes, the remote lists {size}")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        got.append(rel)
-        total += size
-        events.emit("pull_file", path=rel, bytes=size)
-        if on_pulled is not None:
-            on_pulled(rel, target)
-    return got, total
+def remote_freeform(store: RemoteStore) -> dict[str, int]:
+    """Files of the newest committed file set on the remote: path -> size."""
+    fs = newest_set(store)
+    return {} if fs is None else {p: e.size for p, e in fs.entries.items() if e.link is None}
 
 
 def pull(local: LocalDir, store: RemoteStore, *, events: EventLog | None = None,
-         on_pulled: Callable[[str, Path], None] | None = None,
          on_total: Callable[[int], None] | None = None) -> PullResult:
-    """Bring the newest verified checkpoint and the missing free-form files into ``local``.
+    """Bring the newest verified checkpoint and the newest committed file set into ``local``.
 
     Args:
         on_total: called once with the number of bytes this pull expects to download
             (for a progress bar).
 
     Raises:
-        RemoteError, CorruptCheckpointError: as :func:`pull_files` and :func:`restore_newest`.
+        RemoteError, CorruptCheckpointError: as :func:`restore_newest`; a damaged file of
+            the set is refused with an error line instead (see :mod:`._watch_pull`).
     """
     events = events or EventLog(None)
     t0 = time.monotonic()
     local.clean_temp()
-    files = remote_freeform(store)
+    expect = 0
     if on_total is not None:
-        have = local_freeform(local.root)
-        expect = sum(s for r, s in files.items() if r not in have)
         steps = store.committed()
         if steps and steps[-1] not in local.committed():
             try:
                 expect += store.read_manifest(steps[-1]).total_bytes
             except (RemoteError, CorruptCheckpointError):
                 pass  # restore_newest reports it properly
-        on_total(expect)
     res = PullResult()
     local_before = set(local.committed())
     found = restore_newest(local, store, events=events)
@@ -166,12 +113,15 @@ def pull(local: LocalDir, store: RemoteStore, *, events: EventLog | None = None,
         res.step, manifest, _ = found
         res.step_bytes = manifest.total_bytes
         res.step_source = "local" if res.step in local_before else "remote"
-    res.files, res.file_bytes = pull_files(local, store, events=events, on_pulled=on_pulled, remote_files=files)
+    fs, res.files, res.file_bytes = restore_files(
+        local, store, events=events,
+        on_total=None if on_total is None else (lambda n: on_total(expect + n)))
+    res.file_set = None if fs is None else fs.seq
     res.seconds = time.monotonic() - t0
     events.emit("pull", step=res.step, step_bytes=res.step_bytes, source=res.step_source,
-                files=len(res.files), file_bytes=res.file_bytes, seconds=round(res.seconds, 3))
+                files=len(res.files), file_bytes=res.file_bytes, file_set=res.file_set,
+                seconds=round(res.seconds, 3))
     return res
-
 
 
 def quick_store(url: str, storage_options: dict | None = None) -> RemoteStore:

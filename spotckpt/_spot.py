@@ -66,8 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", metavar="DIR", help="where the report, logs and default dirs go (default: a new temp dir)")
     p.add_argument("--report", metavar="FILE", help="write the DescribeTrainingJob-like JSON here "
                    "(default <workdir>/describe-training-job.json)")
-    p.add_argument("--stable-seconds", type=float, default=2.0, metavar="S",
-                   help="passed to `spotckpt run`: free-form file stability before upload")
+    p.add_argument("--scan-interval", "--stable-seconds", type=float, default=0.5, metavar="S",
+                   dest="scan_interval", help="passed to `spotckpt run`: seconds between scans of the watched dir")
+    p.add_argument("--dir-checkpoint", action="append", default=[], metavar="GLOB:MARKER",
+                   help="passed to `spotckpt run` (repeatable)")
     p.add_argument("--json", action="store_true", help="print the JSON report to stdout at the end")
 
 
@@ -177,7 +179,8 @@ class SpotEmulator:
         a = self.args
         argv = [sys.executable, "-m", "spotckpt", "run", "--local-dir", str(self.local_dir),
                 "--remote", str(self.cfg.remote), "--grace", str(a.grace),
-                "--stable-seconds", str(a.stable_seconds), "--", *self.cmd]
+                "--scan-interval", str(a.scan_interval),
+                *[x for r in a.dir_checkpoint for x in ("--dir-checkpoint", r)], "--", *self.cmd]
         self.proc = subprocess.Popen(argv, start_new_session=True)  # a "container": its own session
         return _Events(self.local_dir / META / "events.jsonl")
 

@@ -318,6 +318,44 @@ class RemoteStore:
                 self.fs.rm([self.path(rel) for rel in rels])
         self._call(f"delete of {len(rels)} objects", go)
 
+    def put_data(self, rel: str, data: bytes) -> int:
+        """Upload ``data`` as object ``rel`` (overwriting it) and confirm its size."""
+        def go() -> int:
+            if self.fast is not None and self.fast.put_confirmed(self._key(rel), data):
+                return len(data)
+            if self.fast is None:
+                self.fs.pipe_file(self.path(rel), data)
+            got = self.size(rel, retry=False)
+            if got != len(data):
+                raise OSError(f"uploaded {rel} has {got} bytes, expected {len(data)}")
+            return got
+        return self._call(f"upload of {rel}", go)
+
+    def list_keys(self, under: str = "") -> list[str]:
+        """Every object key under the prefix that starts with ``under``, relative to the
+        prefix, exactly as stored (keys with ``//``, folder markers ending in ``/`` and a
+        key beside a "dir" of the same name included): for the watched dir and for naming
+        foreign objects, where an s3fs listing would interpret them."""
+        if self.fast is not None:
+            _, _, base = self.root.partition("/")
+            base = base.rstrip("/") + "/" if base else ""
+            keys = self._call("listing", lambda: self.fast.list_keys(base + under))
+            return [k[len(base):] for k in keys if k.startswith(base)]
+        if not self.is_local:
+            return [k for k in self.find() if k.startswith(under)]
+
+        def walk() -> list[str]:
+            top = self.root
+            out: list[str] = []
+            for d, _dirs, names in os.walk(top):
+                rel_d = os.path.relpath(d, top)
+                for n in names:
+                    rel = n if rel_d == "." else f"{rel_d}/{n}".replace(os.sep, "/")
+                    if rel.startswith(under):
+                        out.append(rel)
+            return out
+        return self._call("listing", walk)
+
     def find(self, under: str = "") -> dict[str, int]:
         """Every object under the prefix (or its subdir ``under``): relative key -> size."""
         def go() -> dict[str, int]:

@@ -7,8 +7,10 @@ Process layer. In order:
    SageMaker does before a (re)start.
 3. Start the child with ``SPOTCKPT_SUPERVISED=1``: an in-process Checkpointer then only
    commits locally and leaves uploads and local retention to us. While it runs we submit
-   each newly committed ``step-*/`` to the Syncer (which also mirrors free-form files once
-   stable and closed), apply local retention after uploads, and reap orphaned zombies.
+   each newly committed ``step-*/`` to the Syncer (which also mirrors the watched dir as
+   committed file sets: :mod:`._watch`), apply local retention after uploads, tell the
+   watcher after each poll that the command is alive and which files it holds open
+   (:class:`._watchrules.WriterGate`), and reap orphaned zombies.
 4. On SIGTERM/SIGINT (or a configured signal): forward it (see :mod:`._proctree` for who
    gets it), start the deadline clock, keep uploading what the child commits, and SIGKILL
    the child's tree if it would overrun ``grace - time the final upload needs``.
@@ -35,9 +37,10 @@ from ._engine import Engine
 from ._errors import ConfigError
 from ._events import EventLog, log
 from ._local import META, LocalDir
-from ._pull import human_bytes, is_freeform, open_remote, pull
+from ._pull import human_bytes, open_remote, pull
 from ._store import RemoteStore
 from ._syncer import Syncer
+from ._watchrules import DirRule, WriterGate
 
 _DEFAULT_THROUGHPUT = 20e6   # bytes/s assumed for the final upload until one is measured
 _MIN_CHILD_SHARE = 0.5       # the child always gets at least half the grace to save
@@ -95,7 +98,10 @@ class Supervisor:
         cmd: the command and its arguments.
         cfg: resolved settings (local dir, remote, keep_last, grace, signals).
         scope: who receives forwarded signals: ``auto``, ``tree`` or ``child``.
-        stable_seconds: how long a free-form file must stay unchanged before upload.
+        scan_interval: seconds between scans of the watched dir (a closed file goes up at
+            the next scan).
+        rules: directory-checkpoint rules (:mod:`._watchrules`; default: the built-ins plus
+            ``SPOTCKPT_DIR_CHECKPOINTS``).
 
     Example:
         >>> sup = Supervisor(["python", "train.py"], Config.resolve(remote="s3://b/run/"))  # doctest: +SKIP
@@ -103,12 +109,15 @@ class Supervisor:
     """
 
     def __init__(self, cmd: Sequence[str], cfg: Config, *, scope: str = "auto",
-                 stable_seconds: float = 2.0, poll: float = 0.1, pull: bool = True,
+                 scan_interval: float = 0.5, rules: tuple[DirRule, ...] | None = None,
+                 poll: float = 0.1, pull: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if scope not in pt.SCOPES:
             raise ConfigError(f"spotckpt: --signal-scope {scope!r}: use one of {', '.join(pt.SCOPES)}")
         self.cmd, self.cfg, self.scope = list(cmd), cfg, scope
-        self.stable_seconds, self.poll, self.do_pull, self.clock = stable_seconds, poll, pull, clock
+        self.scan_interval, self.poll, self.do_pull, self.clock = scan_interval, poll, pull, clock
+        self.rules = rules
+        self.gate = WriterGate()  # tells the watcher that a closed file's writer was alive
         self.local = LocalDir(cfg.local_dir)
         self.events = _Tap(self.local.root)
         self.store: RemoteStore | None = None
@@ -136,11 +145,10 @@ class Supervisor:
         if self.cfg.remote:
             self.store = open_remote(self.cfg.remote, self.cfg.storage_options)
             self.syncer = Syncer(self.local, self.store, keep_last=self.cfg.keep_last,
-                                 events=self.events, stable_seconds=self.stable_seconds,
-                                 scan_interval=min(2.0, max(0.5, self.stable_seconds / 2)))
+                                 events=self.events, scan_interval=self.scan_interval,
+                                 gate=self.gate, rules=self.rules)
             if self.do_pull:
-                res = pull(self.local, self.store, events=self.events,
-                           on_pulled=self.syncer.mark_mirrored)
+                res = pull(self.local, self.store, events=self.events)
                 log.info("spotckpt run: pulled from %s: %s", self.cfg.remote, res.describe())
                 if res.step is not None:
                     self._submitted = res.step
@@ -220,10 +228,16 @@ class Supervisor:
         assert self.child is not None
         while True:
             self._take_signals()
+            wall, mono = time.time_ns(), time.monotonic()
+            writers = pt.writing_under(pt.tree(self.child.pid), self.local.root)
             rc = self.child.poll()
             if rc is not None:
+                self.gate.ended_with(rc == 0)
                 return rc
-            self._writers = pt.writing_under(pt.tree(self.child.pid), self.local.root)
+            self._writers = writers
+            self.gate.confirm(mono, wall, writers)
+            if self.syncer is not None and self.syncer.watcher is not None:
+                self.syncer.watcher.beat()
             self._scan()
             pt.reap(exclude=self.child.pid)
             if self.deadline is not None and not self.killed and self.clock() >= self._kill_at():
@@ -301,13 +315,17 @@ class Supervisor:
     def _final_flush(self, rc: int | None) -> None:
         assert self.syncer is not None
         torn: set[str] = set()
-        if rc not in (None, 0) and self._writers:
-            # The command died while these were open for writing: they may be torn. Keep
-            # the previous remote copy rather than overwrite it with a partial file.
-            root = str(self.local.root.resolve()) + os.sep
-            torn = {p[len(root):] for p in self._writers if p.startswith(root) and is_freeform(p[len(root):])}
-        if torn:
-            self.syncer.hold.update(torn)
+        w = self.syncer.watcher
+        if rc is None:
+            self.gate.ended_with(True)  # never started: nothing of the command's to doubt
+        elif rc != 0 and w is not None:
+            # The command died while these were open for writing, or wrote them after our
+            # last poll: they may be torn. Keep the previous remote copy rather than upload
+            # a partial file, now and in a later run on this dir (the hold is persisted).
+            torn = w.modified_since(self.gate.poll_wall_ns, self.gate.writers)
+        if torn and w is not None:
+            w.hold.update(torn)
+            w.beat()
             log.warning("spotckpt run: not uploading %s: it was being written when the command "
                         "died; the remote keeps its previous version", ", ".join(sorted(torn)))
         timeout = None if self.deadline is None else self._seconds_left(default=0.0)

@@ -7,46 +7,25 @@ Sync layer: fsspec and the commit protocol's file order only, no ML imports.
 - Payload files first, each confirmed by size, then ``MANIFEST.json``: a remote manifest
   always names files that are there. Remote retention runs only after a newer commit is
   durable, and deletes manifests before payload.
-- Free-form files (anything in the local dir that is not ours) are uploaded once their size
-  and mtime have been stable for ``stable_seconds`` and no process holds them open for
-  writing (psutil).
+- The watched dir (files the script writes itself) is mirrored by a :class:`._watch.Watcher`
+  as committed file sets; a pending step checkpoint preempts a mirror pass.
 """
 from __future__ import annotations
 
-import json
-import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from ._errors import RemoteError, SpotckptError
 from ._events import EventLog, log
 from ._layout import SingleLayout
-from ._local import LocalDir, is_internal, write_atomic
+from ._local import LocalDir
 from ._manifest import MANIFEST, Manifest, parse_step_dirname, step_dirname
 from ._store import RemoteStore
+from ._watch import Watcher
+from ._watchrules import DirRule, WriterGate, rules_from_env
 
 _IDLE_CPU = 0.005          # share of a core an idle Syncer may spend scanning the local dir
-_IGNORE = ".sagemaker-ignore"
-
-
-def open_for_writing(paths: set[str]) -> set[str]:
-    """The subset of ``paths`` that some process holds open with a writable mode."""
-    import psutil
-
-    out: set[str] = set()
-    if not paths:
-        return out
-    for proc in psutil.process_iter():
-        try:
-            files = proc.open_files()
-        except (psutil.Error, OSError):
-            continue
-        for f in files:
-            if f.path in paths and getattr(f, "mode", "w") != "r":
-                out.add(f.path)
-    return out
 
 
 class Syncer:
@@ -59,11 +38,12 @@ class Syncer:
 
     def __init__(self, local: LocalDir, store: RemoteStore, *, keep_last: int,
                  events: EventLog | None = None, mirror: bool = True,
-                 scan_interval: float = 2.0, stable_seconds: float = 2.0,
+                 scan_interval: float = 2.0, gate: WriterGate | None = None,
+                 rules: tuple[DirRule, ...] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.local, self.store, self.keep_last = local, store, keep_last
         self.events = events or EventLog(None)
-        self.mirror, self.scan_interval, self.stable_seconds = mirror, scan_interval, stable_seconds
+        self.mirror, self.scan_interval = mirror, scan_interval
         self.clock = clock
         self._cv = threading.Condition()
         self._pending: int | None = None
@@ -84,14 +64,16 @@ class Syncer:
         self.layout: SingleLayout = SingleLayout()  # RankLayout for one rank of many
         self.on_upload: Callable[[int, int, float], None] | None = None  # (step, bytes, seconds)
         self.upload_seconds = 0.0
-        # Free-form files not to upload (the supervisor holds back ones a crashed writer may
-        # have left half-written: the remote keeps its previous copy).
-        self.hold: set[str] = set()
-        self._seen: dict[str, tuple[tuple[int, int], float]] = {}
         self._scan_cost = 0.0     # CPU seconds of the last idle mirror pass
+        self._mirror_more = False  # the last pass yielded to a checkpoint: go on at once
         self._last_scan = float("-inf")
-        self._mirror_state_path = local.meta / "mirror.json"
-        self._uploaded = self._load_mirror_state()
+        # The watched dir: files the script writes itself, committed as file sets.
+        self.watcher: Watcher | None = None
+        if mirror:
+            self.watcher = Watcher(local, store, events=self.events, gate=gate,
+                                   rules=rules_from_env() if rules is None else rules,
+                                   should_yield=lambda: self._pending is not None,
+                                   interval=scan_interval)
 
     # -- public ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -170,6 +152,8 @@ class Syncer:
     def close(self, timeout: float | None = None) -> bool:
         """Flush, then stop the thread. Returns whether everything became durable."""
         ok = self.flush(timeout)
+        if self.watcher is not None:
+            self.watcher.beat(clean=True)
         with self._cv:
             self._stop = True
             self._pending = None  # past the flush, nothing new starts
@@ -187,7 +171,8 @@ class Syncer:
     def _run(self) -> None:
         while True:
             with self._cv:
-                if self._pending is None and self._force_scan == self._scan_done and not self._stop:
+                if (self._pending is None and self._force_scan == self._scan_done and not self._stop
+                        and not self._mirror_more):
                     self._cv.wait(self._idle_interval())
                 if self._stop and self._pending is None:
                     return
@@ -198,7 +183,8 @@ class Syncer:
                 if step is not None:
                     self._upload_checkpoint(step)
                 force = scan_gen > self._scan_done
-                if self.mirror and (force or time.monotonic() - self._last_scan >= self._idle_interval()):
+                if self.watcher is not None and (force or self._mirror_more or
+                                                 time.monotonic() - self._last_scan >= self._idle_interval()):
                     self._mirror_pass(force=force)
             except Exception as e:  # noqa: BLE001 - recorded, surfaced by flush()/close()
                 self.last_error = e
@@ -213,7 +199,7 @@ class Syncer:
                 with self._cv:
                     self._uploading = None
                     self._uploading_since = None
-                    if self.last_error is None:
+                    if self.last_error is None and not self._mirror_more:
                         self._scan_done = max(self._scan_done, scan_gen)
                     self._cv.notify_all()
 
@@ -307,96 +293,23 @@ class Syncer:
         for s in sorted(set(doomed) - set(old)):
             self.events.emit("remote_orphan_deleted", step=s)
 
-    # -- free-form files -------------------------------------------------------------------
-    def _load_mirror_state(self) -> dict[str, tuple[int, int]]:
-        try:
-            raw = json.loads(self._mirror_state_path.read_text())
-            return {k: (int(v[0]), int(v[1])) for k, v in raw.items()}
-        except (OSError, ValueError, TypeError, IndexError):
-            return {}
-
-    def mark_mirrored(self, rel: str, local_path: Path) -> None:
-        """Record that ``rel`` as it is now matches the remote (after a pull)."""
-        st = local_path.stat()
-        self._uploaded[rel] = (st.st_size, st.st_mtime_ns)
-        self._save_mirror_state()
-
-    def _save_mirror_state(self) -> None:
-        try:
-            self.local.meta.mkdir(parents=True, exist_ok=True)
-            write_atomic(self._mirror_state_path, json.dumps(self._uploaded).encode())
-        except OSError:
-            pass
-
+    # -- the watched dir ----------------------------------------------------------------------
     def _idle_interval(self) -> float:
         """Seconds between idle mirror passes: ``scan_interval``, stretched so that scanning
         a big tree costs at most ``_IDLE_CPU`` of a core (10,000 files: a ~30 ms pass every
         few seconds instead of every 2 s). A flush always runs a full pass at once."""
         return max(self.scan_interval, self._scan_cost / _IDLE_CPU)
 
-    def _user_files(self) -> Iterator[tuple[str, os.stat_result]]:
-        """``(rel, stat)`` of each regular user file: os.scandir, one stat per file, internal
-        dirs never entered, symlinks skipped."""
-        stack = [(str(self.local.root), "")]
-        while stack:
-            d, rel_dir = stack.pop()
-            try:
-                it = os.scandir(d)
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
-                continue
-            with it:
-                for e in it:
-                    rel = rel_dir + e.name
-                    try:
-                        if e.is_dir(follow_symlinks=False):
-                            if not is_internal(rel):
-                                stack.append((e.path, rel + "/"))
-                            continue
-                        if not e.is_file(follow_symlinks=False):
-                            continue
-                        # dirs on the way were checked: only the name can make a nested file ours
-                        if (is_internal(rel) if not rel_dir else e.name.endswith(_IGNORE)) or rel in self.hold:
-                            continue
-                        st = e.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    yield rel, st
-
     def _mirror_pass(self, *, force: bool) -> None:
-        root = self.local.root
-        now = self.clock()
+        w = self.watcher
+        assert w is not None
         cpu0 = time.thread_time()
-        candidates: dict[str, tuple[int, int]] = {}
-        uploaded, seen, stable = self._uploaded, self._seen, self.stable_seconds
-        for rel, st in self._user_files():
-            sig = (st.st_size, st.st_mtime_ns)
-            if uploaded.get(rel) == sig:
-                continue
-            prev = seen.get(rel)
-            if prev is None or prev[0] != sig:
-                seen[rel] = (sig, now)
-                if not force:
-                    continue
-            elif not force and now - prev[1] < stable:
-                continue
-            candidates[rel] = sig
-        self._last_scan = time.monotonic()
-        if not force:
-            self._scan_cost = time.thread_time() - cpu0
-        if not candidates:
-            return
-        busy = open_for_writing({str(root / r) for r in candidates})
-        for rel, sig in sorted(candidates.items()):
-            full = root / rel
-            if str(full) in busy:
-                continue
-            t0 = time.monotonic()
-            size = self.store.put_file(full, rel)
-            st = full.stat()
-            if (st.st_size, st.st_mtime_ns) != sig:
-                continue  # changed while uploading: next pass uploads it again
-            self._uploaded[rel] = sig
-            self.bytes_uploaded += size
-            self.upload_seconds += time.monotonic() - t0
-            self.events.emit("mirror_upload", path=rel, bytes=size)
-        self._save_mirror_state()
+        n0, s0 = w.bytes_uploaded, w.upload_seconds
+        try:
+            self._mirror_more = not w.run_pass()
+        finally:
+            self._last_scan = time.monotonic()
+            if not force:
+                self._scan_cost = time.thread_time() - cpu0
+            self.bytes_uploaded += w.bytes_uploaded - n0
+            self.upload_seconds += w.upload_seconds - s0

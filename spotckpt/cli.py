@@ -71,6 +71,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _nonneg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number >= 0")
+    return v
+
+
 def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     p.add_argument("--local-dir", metavar="DIR", help="local checkpoint dir (SPOTCKPT_LOCAL_DIR; default /opt/ml/checkpoints)")
     p.add_argument("--remote", metavar="URL", help="s3://bucket/prefix/, file:///path/ ... (SPOTCKPT_REMOTE)")
@@ -98,8 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--signal-scope", choices=("auto", "tree", "child"), default="auto",
                    help="who gets forwarded signals: the whole tree except children of Python "
                         "processes (auto, spares DataLoader workers), the whole tree, or the child only")
-    r.add_argument("--stable-seconds", type=float, default=2.0, metavar="S",
-                   help="a free-form file is uploaded once unchanged this long and closed (default 2)")
+    r.add_argument("--scan-interval", type=_nonneg, default=0.5, metavar="S",
+                   help="seconds between scans of the watched dir; a file goes up as soon as it is "
+                        "closed, at the next scan (default 0.5)")
+    r.add_argument("--stable-seconds", type=_nonneg, dest="scan_interval", help=argparse.SUPPRESS)
+    r.add_argument("--dir-checkpoint", action="append", default=[], metavar="GLOB:MARKER",
+                   help="a directory matching GLOB is one checkpoint, complete once MARKER exists in "
+                        "it: uploaded and pulled whole (repeatable; SPOTCKPT_DIR_CHECKPOINTS; built in: "
+                        "checkpoint-*:trainer_state.json, *.ckpt:meta.pt, torch DCP dirs)")
     r.add_argument("--no-pull", action="store_true", help="do not pull from the remote before starting")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
@@ -147,11 +163,13 @@ def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ._config import _UNSET, Config
     from ._supervisor import Supervisor
+    from ._watchrules import rules_from_env
 
     cmd = _command(args, parser)
     cfg = Config.resolve(local_dir=args.local_dir, remote=args.remote if args.remote else _UNSET,
                          keep_last=args.keep_last, grace_seconds=args.grace, signals=args.signals)
-    sup = Supervisor(cmd, cfg, scope=args.signal_scope, stable_seconds=args.stable_seconds,
+    sup = Supervisor(cmd, cfg, scope=args.signal_scope, scan_interval=args.scan_interval,
+                     rules=rules_from_env(args.dir_checkpoint),
                      pull=not args.no_pull)
     sup.prepare()
     return sup.run()

@@ -137,3 +137,12 @@ def run_env(**extra: str) -> dict[str, str]:
     env.update(extra)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def remote_files(remote: str) -> dict:
+    """The newest committed file set of the watched dir on ``remote``: path -> Entry."""
+    from spotckpt._fileset import newest_set
+    from spotckpt._store import RemoteStore
+
+    fs = newest_set(RemoteStore(remote))
+    return {} if fs is None else dict(fs.entries)

@@ -75,7 +75,7 @@ def launch(tmp: Path, name: str, remote: str | None, total: int, *args: str,
         env["SPOTCKPT_REMOTE"] = remote
     cmd = [sys.executable, SCRIPT, "--total", str(total), *args]
     if supervised:  # `spotckpt run` owns the uploads; the script only commits locally
-        cmd = [sys.executable, "-m", "spotckpt", "run", "--stable-seconds", "0.5", "--", *cmd]
+        cmd = [sys.executable, "-m", "spotckpt", "run", "--scan-interval", "0.5", "--", *cmd]
     with open(out, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     return proc, local, out

@@ -18,7 +18,7 @@ from chaoslib import events
 from conftest import S3Server
 from spotckpt._local import LocalDir
 from spotckpt._manifest import MANIFEST, step_dirname
-from spotckpt._pull import pull_files
+from spotckpt._watch_pull import restore_files
 from spotckpt._store import RemoteStore
 
 D10 = step_dirname(10)
@@ -197,15 +197,26 @@ def test_symlinked_payload_on_a_file_remote_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("key", ["run/../escape.txt", "run/sub/../../escape.txt", "run/./x/../../escape.txt"])
 def test_object_keys_escaping_the_prefix_are_refused(tmp_path: Path, s3_server: S3Server, s3_env: dict,
-                                                     key: str) -> None:
+                                                     key: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A foreign object is never written anywhere; a file set naming an escaping path or key
+    is refused as unreadable (the older set is used)."""
     bucket = s3_server.new_bucket()
     put(s3_server, bucket, key, b"hostile")
     put(s3_server, bucket, "run/ok.txt", b"fine")
     store = RemoteStore(f"s3://{bucket}/run/")
     local = LocalDir(tmp_path / "deep" / "local")
     local.root.mkdir(parents=True)
-    with pytest.raises(spotckpt.CorruptCheckpointError, match="unsafe path|escapes"):
-        pull_files(local, store)
+    with caplog.at_level("WARNING", logger="spotckpt"):
+        fs, got, _ = restore_files(local, store)
+    assert fs is None and got == [] and "not spotckpt's" in caplog.text
+    rel = key.split("/", 1)[1]
+    entry = {"path": rel, "size": 7, "xxh3": "0" * 32, "mtime_ns": 1, "key": f"files/v/{rel}"}
+    for e in (entry, dict(entry, path="ok.txt", key=f"files/v/{rel}")):
+        put(s3_server, bucket, "run/files/SET-000000000001.json",
+            json.dumps({"format": "spotckpt-files/1", "seq": 1, "created": 0, "entries": [e]}).encode())
+        with caplog.at_level("WARNING", logger="spotckpt"):
+            fs, got, _ = restore_files(local, store)
+        assert fs is None and got == [] and "unsafe path" in caplog.text
     assert not list(tmp_path.rglob("escape.txt"))
 
 

@@ -105,7 +105,12 @@ def test_nothing_unchanged_is_uploaded_again(tmp_path: Path, env: S3Server) -> N
         (local / "logs" / "d0" / "f0.txt").write_bytes(b"changed")
         with Recording(env) as one:
             assert ck.flush(30)
-        assert {p for _, p in one.writes()} == {f"/{bucket}/run/logs/d0/f0.txt"}
+        # the new version (under a fresh key), the file set naming it, one bulk delete of
+        # the superseded version and set: nothing else of the 200 files goes up again
+        puts = sorted(p for m, p in one.writes() if m == "PUT")
+        assert len(puts) == 2 and puts[0].startswith(f"/{bucket}/run/files/SET-"), puts
+        assert puts[1].startswith(f"/{bucket}/run/files/") and puts[1].endswith("/logs/d0/f0.txt")
+        assert [p for m, p in one.writes() if m != "PUT"] == [f"/{bucket}"]
     # The payload went up once, part by part while it was written; the Syncer only confirmed it.
     key = f"/{bucket}/run/step-{step:012d}/state.pt"
     parts = [h for m, p, h in first.requests if p == key and m == "PUT"]

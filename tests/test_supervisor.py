@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import run_env
+from conftest import remote_files, run_env
 from proc_helpers import EXAMPLES, PY, Proc, run, spotckpt, wait_until
 from spotckpt._local import LocalDir
 from spotckpt._store import RemoteStore
@@ -29,7 +29,7 @@ def _events(local: Path) -> list[dict]:
 
 def _run_argv(local: Path, remote: str, *cmd: str, grace: float = 20, extra: tuple[str, ...] = ()) -> list[str]:
     return spotckpt("run", "--local-dir", str(local), "--remote", remote, "--grace", str(grace),
-                    "--stable-seconds", "0.3", *extra, "--", *cmd)
+                    "--scan-interval", "0.3", *extra, "--", *cmd)
 
 
 def _tensors_equal(a: Path, b: Path) -> bool:
@@ -53,8 +53,7 @@ def test_torch_save_script_survives_sigterm_and_resumes_from_remote(tmp_path: Pa
     os.kill(p.pid, signal.SIGTERM)
     assert p.finish(30) == 143, p.stderr            # the script died of SIGTERM: 128 + 15
     assert "durable at" in p.stderr
-    store = RemoteStore(s3_remote)
-    assert "checkpoint.pth" in store.find()
+    assert "checkpoint.pth" in remote_files(s3_remote)
     assert not (tmp_path / "final.pt").exists()
 
     b = tmp_path / "instance-b"                     # a new instance: empty local dir
@@ -65,7 +64,7 @@ def test_torch_save_script_survives_sigterm_and_resumes_from_remote(tmp_path: Pa
     assert int(m.group(1)) >= 3                     # epochs 0..2 were saved before the SIGTERM
     assert _tensors_equal(tmp_path / "final.pt", tmp_path / "base.pt")
     # The finished run's checkpoint went up too (the Syncer mirrors it once closed).
-    assert "pulled from" in q.stderr and "1 free-form file(s)" in q.stderr
+    assert "pulled from" in q.stderr and "1 file(s) of the watched dir" in q.stderr
 
 
 def _h5_weights(path: Path) -> list:
@@ -97,8 +96,7 @@ def test_keras_model_checkpoint_script_survives_and_resumes(tmp_path: Path, s3_r
     time.sleep(0.3)
     os.kill(p.pid, signal.SIGTERM)
     assert p.finish(30) == 143, p.stderr
-    remote_files = RemoteStore(s3_remote).find()
-    assert {"model-epoch-001.keras", "model-epoch-002.keras", "model-epoch-003.keras"} <= set(remote_files)
+    assert {"model-epoch-001.keras", "model-epoch-002.keras", "model-epoch-003.keras"} <= set(remote_files(s3_remote))
 
     b = tmp_path / "instance-b"
     q = Proc(_run_argv(b, s3_remote, PY, script, "--checkpoint-dir", str(b), "--epochs", "6",

@@ -1,0 +1,165 @@
+"""File-set manifests: the committed remote state of the watched dir.
+
+Sync layer (no ML imports). The files a script writes into the local dir by itself
+(``checkpoint.pth``, Transformers' ``checkpoint-N/``, Lightning's ``last.ckpt``) reach the
+remote with the same guarantee as ``step-N/``: a restart gets one consistent, verified set,
+never a mix. Remote layout under the prefix::
+
+    files/<vid>/<path>            one uploaded version of a file (vid: fresh per upload,
+                                  shared by the files of one directory checkpoint)
+    files/SET-000000000007.json   a file-set manifest, written last
+
+The highest set that parses is the dir's remote state. A set names, for every entry, its
+path in the local dir, size, XXH3-128, mtime and object key, or its symlink target. A new
+version never overwrites an older one's key, so an upload that is torn, abandoned or killed
+cannot replace a complete copy: until the next set is written, the previous set still names
+the previous object. Objects that no set names do not exist; the writer deletes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from typing import Any, Iterable
+
+from ._errors import CorruptCheckpointError, RemoteError
+from ._manifest import _MAX_FILE_SIZE, check_relpath, parse_step_dirname
+from ._store import RemoteStore, log
+
+FILES = "files"
+FORMAT = "spotckpt-files/1"
+_SET_RE = re.compile(r"^SET-(\d{12})\.json$")
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def set_key(seq: int) -> str:
+    return f"{FILES}/SET-{seq:012d}.json"
+
+
+def object_key(vid: str, path: str) -> str:
+    return f"{FILES}/{vid}/{path}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One mirrored entry: a regular file (``key`` set) or a symlink (``link`` set)."""
+
+    path: str
+    size: int = 0
+    xxh3: str = ""
+    mtime_ns: int = 0
+    key: str = ""
+    link: str | None = None
+    unit: str | None = None  # the directory checkpoint this file belongs to
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.link is not None:
+            return {"path": self.path, "link": self.link}
+        d: dict[str, Any] = {"path": self.path, "size": self.size, "xxh3": self.xxh3,
+                             "mtime_ns": self.mtime_ns, "key": self.key}
+        if self.unit is not None:
+            d["unit"] = self.unit
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Entry:
+        path = check_relpath(str(d["path"]))
+        if "link" in d:
+            link = str(d["link"])
+            if not link or "\x00" in link:
+                raise ValueError(f"bad link target for {path!r}")
+            return cls(path=path, link=link)
+        size, mtime = int(d["size"]), int(d["mtime_ns"])
+        digest, key = str(d["xxh3"]), check_relpath(str(d["key"]))
+        unit = d.get("unit")
+        if not 0 <= size <= _MAX_FILE_SIZE or not _HEX32.match(digest) or not key.startswith(FILES + "/"):
+            raise ValueError(f"bad entry for {path!r}")
+        if unit is not None and not path.startswith(check_relpath(str(unit)) + "/"):
+            raise ValueError(f"entry {path!r} is not inside its unit {unit!r}")
+        return cls(path=path, size=size, xxh3=digest, mtime_ns=mtime, key=key,
+                   unit=None if unit is None else str(unit))
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSet:
+    seq: int
+    entries: dict[str, Entry]
+    created: float = 0.0
+
+    def to_json(self) -> bytes:
+        return json.dumps({"format": FORMAT, "seq": self.seq, "created": self.created or time.time(),
+                           "entries": [e.to_dict() for _, e in sorted(self.entries.items())]},
+                          indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, expect_seq: int | None = None) -> FileSet:
+        """Parse an untrusted set; raises CorruptCheckpointError on anything odd."""
+        try:
+            d = json.loads(data)
+            if d.get("format") != FORMAT:
+                raise ValueError(f"unknown format {d.get('format')!r}")
+            seq = int(d["seq"])
+            if expect_seq is not None and seq != expect_seq:
+                raise ValueError(f"set says seq {seq}, its name {expect_seq}")
+            entries: dict[str, Entry] = {}
+            for raw in d["entries"]:
+                e = Entry.from_dict(raw)
+                if e.path in entries:
+                    raise ValueError(f"{e.path!r} listed twice")
+                entries[e.path] = e
+            return cls(seq=seq, entries=entries, created=float(d.get("created", 0.0)))
+        except CorruptCheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+            raise CorruptCheckpointError(f"spotckpt: invalid file set: {type(e).__name__}: {e}"[:300]) from e
+
+
+def list_files_prefix(store: RemoteStore) -> tuple[dict[int, str], set[str]]:
+    """One listing of ``files/``: ``({seq: set key}, {every other object key})``."""
+    sets: dict[int, str] = {}
+    objects: set[str] = set()
+    for rel in store.list_keys(FILES + "/"):
+        m = _SET_RE.match(rel[len(FILES) + 1:])
+        if m:
+            sets[int(m.group(1))] = rel
+        else:
+            objects.add(rel)
+    return sets, objects
+
+
+def newest_set(store: RemoteStore, sets: dict[int, str] | None = None) -> FileSet | None:
+    """The newest file set that parses (an unreadable newer one is named in a warning and
+    skipped), or None when the remote has none."""
+    if sets is None:
+        sets = list_files_prefix(store)[0]
+    for seq in sorted(sets, reverse=True):
+        try:
+            return FileSet.from_json(store.cat(sets[seq]), expect_seq=seq)
+        except (CorruptCheckpointError, RemoteError) as e:
+            log.warning("spotckpt: remote file set %s is unreadable (%s); trying the one before", sets[seq], e)
+    return None
+
+
+def foreign(keys: Iterable[str]) -> list[str]:
+    """Keys under the prefix that are neither a step checkpoint's, the watched dir's, nor
+    spotckpt's probe: somebody else's objects, skipped by restore."""
+    out = []
+    for k in keys:
+        first, sep, _ = k.partition("/")
+        if sep and (first == FILES or parse_step_dirname(first) is not None):
+            continue
+        if first.startswith(".spotckpt-probe-"):
+            continue
+        out.append(k)
+    return sorted(out)
+
+
+def warn_foreign(store: RemoteStore, keys: Iterable[str]) -> list[str]:
+    """Name the foreign objects in one warning line; returns them."""
+    odd = foreign(keys)
+    if odd:
+        shown = ", ".join(repr(k) for k in odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+        log.warning("spotckpt: %d object(s) under %s are not spotckpt's and were skipped: %s",
+                    len(odd), store.url, shown)
+    return odd

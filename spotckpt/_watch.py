@@ -1,0 +1,363 @@
+"""The watched dir, local -> remote: verified versions, committed as file sets.
+
+Sync layer (no ML imports). See :mod:`._fileset` for the remote layout. One pass:
+
+1. Scan the local dir (``os.scandir``; spotckpt's own entries skipped; names that are not
+   UTF-8 skipped with a warning). Group files into units: a directory checkpoint
+   (:mod:`._watchrules`) is one unit, complete once its marker exists; any other file is
+   its own unit.
+2. Units whose files all match the committed set (size, mtime) are kept. The others, when
+   complete and no process holds any of their files open for writing, are uploaded newest
+   first (small ones 8 at a time) under a fresh version id; each file is checked unchanged
+   (identity, size, mtime, ctime) from before its read to after its checksum. A unit with a
+   changed file is discarded (its objects deleted) and the set keeps the previous version.
+3. A new set is written if anything changed (new versions, deletes, links); then the
+   objects no set names any more are deleted. A pending step checkpoint preempts a pass:
+   the pass commits what it has and returns.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
+
+from ._errors import RemoteError
+from ._events import EventLog, log
+from ._fileset import Entry, FileSet, list_files_prefix, newest_set, object_key, set_key
+from ._local import LocalDir, is_internal, write_atomic
+from ._manifest import file_digest, hasher
+from ._store import RemoteStore
+from ._watchrules import BUILTIN_RULES, DirRule, WriterGate, unit_of, units_of
+
+_SMALL = 8 << 20     # files up to this size are read once, hashed and PUT from memory
+_PARALLEL = 8
+HEARTBEAT = "watch-heartbeat.json"
+
+
+def _sig(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def open_for_writing(paths: set[str]) -> set[str]:
+    """The subset of ``paths`` that some process holds open with a writable mode."""
+    import psutil
+
+    out: set[str] = set()
+    if not paths:
+        return out
+    for proc in psutil.process_iter():
+        try:
+            files = proc.open_files()
+        except (psutil.Error, OSError):
+            continue
+        for f in files:
+            if f.path in paths and getattr(f, "mode", "w") != "r":
+                out.add(f.path)
+    return out
+
+
+class Torn(Exception):
+    """A file changed while it was read: this version is not uploaded."""
+
+
+class Watcher:
+    """Mirrors the local dir as committed file sets (called from the Syncer's thread).
+
+    Args:
+        gate: the supervisor's writer gate (None in-process: the writer is this process).
+        busy: returns the subset of absolute paths open for writing.
+        should_yield: True when a step checkpoint waits: the pass commits and returns.
+    """
+
+    def __init__(self, local: LocalDir, store: RemoteStore, *, events: EventLog | None = None,
+                 rules: tuple[DirRule, ...] = BUILTIN_RULES, gate: WriterGate | None = None,
+                 busy: Callable[[set[str]], set[str]] = open_for_writing,
+                 should_yield: Callable[[], bool] = lambda: False,
+                 interval: float = 2.0) -> None:
+        self.local, self.store, self.rules, self.gate = local, store, rules, gate
+        self.events = events or EventLog(None)
+        self.busy, self.should_yield, self.interval = busy, should_yield, interval
+        self.current: FileSet | None = None
+        self._loaded = False
+        self._orphans: set[str] = set()
+        self._warned: set[str] = set()
+        self.backlog_bytes = 0          # changed data not yet committed (the planner counts it)
+        self.bytes_uploaded = 0
+        self.upload_seconds = 0.0
+        self.hold: set[str] = set()     # paths never to upload in this run (torn by a crash)
+        self._lock = threading.Lock()
+
+    # -- state -----------------------------------------------------------------------------
+    def load(self) -> None:
+        """Read the newest committed set (once): the baseline a pass compares against."""
+        if self._loaded:
+            return
+        sets, objects = list_files_prefix(self.store)
+        self.current = newest_set(self.store, sets)
+        named = {e.key for e in self.current.entries.values()} if self.current else set()
+        self._orphans = {k for k in objects if k not in named}
+        self._orphans |= {k for s, k in sets.items() if self.current is None or s != self.current.seq}
+        self._seq = max(sets, default=0)
+        self._loaded = True
+
+    def adopt(self, fs: FileSet | None) -> None:
+        """Use ``fs`` (just restored by a pull) as the baseline, without listing again."""
+        if fs is not None:
+            self.current = fs
+            self._seq = max(getattr(self, "_seq", 0), fs.seq)
+
+    def beat(self, *, clean: bool = False) -> None:
+        """Record that a watcher is alive now; with ``clean``, that it ended cleanly. A
+        restart on this dir treats local files modified since the last beat of a watcher
+        that did not end cleanly, and held files, as possibly torn
+        (:func:`._watch_pull.suspect_test`)."""
+        p = self.local.meta / HEARTBEAT
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(p, json.dumps({"interval": self.interval, "clean": clean,
+                                        "hold": sorted(self.hold)}).encode(), sync=clean)
+        except OSError:
+            pass
+
+    def modified_since(self, wall_ns: int, writers: frozenset[str] | set[str]) -> set[str]:
+        """Local paths open for writing (``writers``, absolute) or modified at or after
+        ``wall_ns``: what a writer that died after that moment may have left torn."""
+        files, _, _ = self.scan()
+        root = str(self.local.root.resolve())
+        return {rel for rel, st in files.items()
+                if os.path.join(root, rel) in writers or st.st_mtime_ns >= wall_ns - 50_000_000}
+
+    # -- scanning --------------------------------------------------------------------------
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+    def scan(self) -> tuple[dict[str, os.stat_result], dict[str, str], dict[str, list[str]]]:
+        """``(files, links, dirs)``: regular files -> stat, in-dir symlinks -> target,
+        dirs -> the names directly inside."""
+        files: dict[str, os.stat_result] = {}
+        links: dict[str, str] = {}
+        dirs: dict[str, list[str]] = {}
+        root = str(self.local.root)
+        stack = [(root, "")]
+        while stack:
+            d, rel_dir = stack.pop()
+            try:
+                it = os.scandir(d)
+            except (FileNotFoundError, NotADirectoryError, PermissionError):
+                continue
+            names = dirs.setdefault(rel_dir.rstrip("/"), [])
+            with it:
+                for e in it:
+                    rel = rel_dir + e.name
+                    try:
+                        rel.encode("utf-8")
+                    except UnicodeEncodeError:
+                        self._warn_once(rel, "spotckpt: not mirroring %r: its name is not valid UTF-8",
+                                        os.fsencode(rel))
+                        continue
+                    if is_internal(rel):
+                        continue
+                    names.append(e.name)
+                    try:
+                        if e.is_symlink():
+                            target = os.readlink(e.path)
+                            if self._link_inside(rel, target):
+                                links[rel] = target
+                            else:
+                                self._warn_once(rel, "spotckpt: not mirroring symlink %s -> %s: it points "
+                                                "outside the watched dir", rel, target)
+                        elif e.is_dir(follow_symlinks=False):
+                            stack.append((e.path, rel + "/"))
+                        elif e.is_file(follow_symlinks=False):
+                            files[rel] = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+        return files, links, dirs
+
+    def _link_inside(self, rel: str, target: str) -> bool:
+        if os.path.isabs(target):
+            return False
+        joined = os.path.normpath(os.path.join(os.path.dirname(rel), target))
+        return not (joined == ".." or joined.startswith("../") or joined == ".")
+
+    # -- one pass ----------------------------------------------------------------------------
+    def run_pass(self) -> bool:
+        """Mirror what changed and commit it. False if the pass yielded to a step
+        checkpoint before it was done (what it did is committed; call again)."""
+        self.load()
+        self.beat()
+        files, links, dirs = self.scan()
+        units = units_of(dirs, self.rules)
+        by_group: dict[str, dict[str, Entry]] = {}
+        for p, e in (self.current.entries.items() if self.current else ()):
+            if e.link is None:
+                by_group.setdefault(e.unit or p, {})[p] = e
+        groups: dict[str, list[str]] = {}
+        for rel in files:
+            groups.setdefault(unit_of(rel, units) or rel, []).append(rel)
+        new: dict[str, Entry] = {}
+        todo: list[tuple[str, list[str]]] = []
+        for g, members in groups.items():
+            old = by_group.get(g, {})
+            if g in units and units[g].marker not in {m[len(g) + 1:] for m in members}:
+                new.update(old)  # incomplete: the remote keeps the previous version, if any
+                continue
+            same = set(old) == set(members) and all(
+                old[m].size == files[m].st_size and old[m].mtime_ns == files[m].st_mtime_ns for m in members)
+            new.update(old)
+            if not same and not any(m in self.hold for m in members):
+                todo.append((g, members))  # (a held file keeps its previous version)
+        for rel, target in links.items():
+            new[rel] = Entry(path=rel, link=target)
+        # units/files present in the set but gone locally (and not just being rewritten) drop out
+        todo.sort(key=lambda gm: max(files[m].st_mtime_ns for m in gm[1]), reverse=True)
+        self.backlog_bytes = sum(files[m].st_size for _, ms in todo for m in ms)
+        done = True
+        if todo:
+            root = self.local.root
+            busy = self.busy({str(root / m) for _, ms in todo for m in ms})
+            ready = [(g, ms) for g, ms in todo if not any(str(root / m) in busy for m in ms)]
+            done = self._upload_groups(ready, files, units, new)
+        self._commit(new)
+        return done
+
+    def _upload_groups(self, ready: list[tuple[str, list[str]]], files: dict[str, os.stat_result],
+                       units: dict[str, DirRule], new: dict[str, Entry]) -> bool:
+        checked_at = time.monotonic()  # the busy check is done: these were closed by now
+        small = [gm for gm in ready if sum(files[m].st_size for m in gm[1]) <= _SMALL]
+        big = [gm for gm in ready if gm not in small]
+        if small:
+            with ThreadPoolExecutor(_PARALLEL, thread_name_prefix="spotckpt-mirror") as pool:
+                for i in range(0, len(small), 4 * _PARALLEL):
+                    if i and self.should_yield():
+                        return False  # a step checkpoint waits: commit what is done, go on later
+                    batch = small[i:i + 4 * _PARALLEL]
+                    results = list(pool.map(lambda gm: self._try_group(gm[0], gm[1], units, checked_at), batch))
+                    for (g, _), got in zip(batch, results):
+                        self._take(g, got, new)
+        for g, ms in big:
+            if self.should_yield():
+                return False
+            self._take(g, self._try_group(g, ms, units, time.monotonic()), new)
+        return True
+
+    def _take(self, g: str, got: dict[str, Entry] | None, new: dict[str, Entry]) -> None:
+        if got is None:
+            return
+        for p in [p for p, e in new.items() if (e.unit == g or p == g) and e.link is None] \
+                if any(e.unit for e in got.values()) else [g]:
+            new.pop(p, None)
+        new.update(got)
+
+    def _try_group(self, g: str, members: list[str], units: dict[str, DirRule],
+                   checked_at: float) -> dict[str, Entry] | None:
+        """Upload one unit as a fresh version; its entries, or None if it was discarded."""
+        vid = uuid.uuid4().hex[:16]
+        unit = g if g in units else None
+        got: dict[str, Entry] = {}
+        t0 = time.monotonic()
+        sent: list[str] = []
+        try:
+            for m in sorted(members):
+                sent.append(object_key(vid, m))
+                got[m] = self._upload_one(m, sent[-1], unit, checked_at)
+        except (Torn, FileNotFoundError) as e:
+            self._discard(sent, f"{g}: {e}")
+            return None
+        except RemoteError:
+            self._discard(sent, None)
+            raise
+        except OSError as e:  # unreadable here (permissions, I/O): this file only, not the pass
+            self._discard(sent, None)
+            self._warn_once(g, "spotckpt: not mirroring %s: %s", g, e)
+            return None
+        if self.gate is not None:
+            root = self.local.root.resolve()
+            if not all(self.gate.admit(str(root / p), e.mtime_ns, checked_at) for p, e in got.items()):
+                self._discard(sent, f"{g}: its writer died or was not confirmed alive after the close")
+                return None
+        n = sum(e.size for e in got.values())
+        with self._lock:
+            self.bytes_uploaded += n
+            self.upload_seconds += time.monotonic() - t0
+        self.events.emit("mirror_upload", path=g, bytes=n, files=len(got))
+        return got
+
+    def _upload_one(self, rel: str, key: str, unit: str | None, checked_at: float) -> Entry:
+        full = self.local.root / rel
+        st1 = os.stat(full, follow_symlinks=False)
+        if st1.st_size <= _SMALL:
+            with open(full, "rb") as f:
+                data = f.read()
+            h = hasher()
+            h.update(data)
+            digest = h.hexdigest()
+            st2 = os.stat(full, follow_symlinks=False)
+            if _sig(st1) != _sig(st2) or len(data) != st1.st_size:
+                raise Torn(f"{rel} changed while it was read")
+            self.store.put_data(key, data)
+        else:
+            out: list[str] = []
+            t = threading.Thread(target=lambda: out.append(file_digest(full)), daemon=True)
+            t.start()
+            self.store.put_file(full, key)
+            t.join()
+            st2 = os.stat(full, follow_symlinks=False)
+            if not out or _sig(st1) != _sig(st2):
+                raise Torn(f"{rel} changed while it was uploaded")
+            digest = out[0]
+        return Entry(path=rel, size=st1.st_size, xxh3=digest, mtime_ns=st1.st_mtime_ns, key=key, unit=unit)
+
+    def _discard(self, keys: list[str], why: str | None) -> None:
+        """Delete the objects of a version that will not be committed (a key whose PUT
+        never happened is simply absent)."""
+        if why:
+            log.info("spotckpt: not mirroring %s; the remote keeps the previous version", why)
+            self.events.emit("mirror_discarded", reason=why)
+        try:
+            self.store.rm_many(keys)
+        except RemoteError:
+            with self._lock:
+                self._orphans |= set(keys)
+
+    def _commit(self, new: dict[str, Entry]) -> bool:
+        old = self.current.entries if self.current else {}
+        if new == old:
+            self._collect()
+            return False
+        self._seq += 1
+        fs = FileSet(seq=self._seq, entries=new, created=time.time())
+        self.store.put_data(set_key(fs.seq), fs.to_json())
+        prev = self.current
+        self.current = fs
+        named = {e.key for e in new.values() if e.link is None}
+        if prev is not None:
+            self._orphans |= {e.key for e in prev.entries.values() if e.link is None and e.key not in named}
+            self._orphans.add(set_key(prev.seq))
+        self.events.emit("files_committed", seq=fs.seq, entries=len(new),
+                         bytes=sum(e.size for e in new.values()))
+        self._collect()
+        return True
+
+    def _collect(self) -> None:
+        """Delete objects no committed set names (superseded versions, deleted files,
+        leftovers of a killed run), now that a newer set is durable."""
+        if not self._orphans:
+            return
+        named = {e.key for e in self.current.entries.values()} if self.current else set()
+        doomed = sorted(k for k in self._orphans if k not in named
+                        and (self.current is None or k != set_key(self.current.seq)))
+        self.store.rm_many(doomed)
+        self._orphans.clear()
+        if doomed:
+            self.events.emit("files_deleted", objects=len(doomed))
+
+    def entries(self) -> Iterator[Entry]:
+        return iter(self.current.entries.values()) if self.current else iter(())
+
