@@ -25,12 +25,32 @@ import torch
 
 from conftest import run_env
 from proc_helpers import PY, Proc
-from watched_helpers import dir_units, fetch, is_link, remote_set, run_argv, script, signal_tree, tree
+from watched_helpers import (dir_units, fetch, is_link, kill_tree, remote_set, run_argv, script, signal_tree,
+                             tree)
 
 HF = script("hf_trainer_train.py")
 HF_STEPS, HF_EVERY, HF_LIMIT = 60, 10, 2
 # a Trainer checkpoint is usable only with all of these (resume reads each one)
 HF_UNIT = {"trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"}
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> None:
+    """A failed assertion must not leave a supervised run behind."""
+    yield
+    for p in _started:
+        if p.p.poll() is None:
+            kill_tree(p.p)
+    _started.clear()
+
+
+_started: list[Proc] = []
+
+
+def start(argv: list[str], env: dict[str, str]) -> Proc:
+    p = Proc(argv, env=env)
+    _started.append(p)
+    return p
 
 
 def hf_env() -> dict[str, str]:
@@ -100,7 +120,7 @@ def catch_mid_write(out_dir: Path, proc: Proc, first: int, timeout: float = 120)
 def hf_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("transformers")
     tmp = tmp_path_factory.mktemp("hf-ref")
-    p = Proc([PY, HF, "--output-dir", str(tmp / "out"), "--out", str(tmp / "ref.pt")], env=hf_env())
+    p = start([PY, HF, "--output-dir", str(tmp / "out"), "--out", str(tmp / "ref.pt")], env=hf_env())
     assert p.finish(300) == 0, p.stderr[-3000:]
     assert f"finished step {HF_STEPS}" in p.stdout
     # the unit rule above names what a Trainer of this version really writes
@@ -127,7 +147,7 @@ def test_trainer_sigtermed_while_writing_a_checkpoint_resumes_on_an_empty_dir(
         """Run on an empty dir, check the resume, SIGTERM while a checkpoint-N/ (N >= first)
         is being written, check the remote: returns the newest checkpoint the run completed."""
         local = tmp_path / name
-        p = Proc(run_argv(local, s3_remote, PY, HF, "--output-dir", str(local), "--out", str(final),
+        p = start(run_argv(local, s3_remote, PY, HF, "--output-dir", str(local), "--out", str(final),
                           "--step-sleep", "0.03"), env=hf_env())
         check_resume(p, resume, name)
         n, caught = catch_mid_write(local, p, first)
@@ -159,7 +179,7 @@ def test_trainer_sigtermed_while_writing_a_checkpoint_resumes_on_an_empty_dir(
     # 3. another new machine finishes the job
     c = tmp_path / "instance-c"
     final.unlink(missing_ok=True)
-    q = Proc(run_argv(c, s3_remote, PY, HF, "--output-dir", str(c), "--out", str(final)), env=hf_env())
+    q = start(run_argv(c, s3_remote, PY, HF, "--output-dir", str(c), "--out", str(final)), env=hf_env())
     check_resume(q, newest, "instance-c")
     assert q.finish(300) == 0, q.stderr[-3000:]
     assert f"finished step {HF_STEPS}" in q.stdout
@@ -187,12 +207,12 @@ def step_of(name: str) -> int:
 def test_lightning_last_link_resumes_from_its_target_on_an_empty_dir(
         s3_remote: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     t0 = time.monotonic()
-    ref = Proc([PY, LT, "--ckpt-dir", str(tmp_path / "ref"), "--out", str(tmp_path / "ref.pt")], env=run_env())
+    ref = start([PY, LT, "--ckpt-dir", str(tmp_path / "ref"), "--out", str(tmp_path / "ref.pt")], env=run_env())
     assert ref.finish(300) == 0, ref.stderr[-3000:]
 
     a = tmp_path / "instance-a"
     target = random.choice([20, 30, 40, 50, 60])
-    p = Proc(run_argv(a, s3_remote, PY, LT, "--ckpt-dir", str(a), "--sleep", "0.03"), env=run_env())
+    p = start(run_argv(a, s3_remote, PY, LT, "--ckpt-dir", str(a), "--sleep", "0.03"), env=run_env())
     p.wait_for("^fresh start$", 120)
 
     def linked_step() -> int | None:
@@ -215,7 +235,7 @@ def test_lightning_last_link_resumes_from_its_target_on_an_empty_dir(
 
     # a new machine: fit(ckpt_path="last") must find last.ckpt and load its target
     b = tmp_path / "instance-b"
-    q = Proc(run_argv(b, s3_remote, PY, LT, "--ckpt-dir", str(b), "--out", str(tmp_path / "final.pt")),
+    q = start(run_argv(b, s3_remote, PY, LT, "--ckpt-dir", str(b), "--out", str(tmp_path / "final.pt")),
              env=run_env())
     assert q.finish(300) == 0, q.stderr[-3000:]
     first = q.wait_for(r"^(fresh start|resumed at step \d+)$", 1).group(1)
@@ -244,14 +264,14 @@ def test_aws_style_script_resumes_from_its_newest_save_on_an_empty_dir(
         mode: str, s3_remote: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     t0 = time.monotonic()
     args = ["--mode", mode, "--epochs", "8"]
-    ref = Proc([PY, AWS, "--checkpoint-dir", str(tmp_path / "ref"), *args, "--out", str(tmp_path / "ref.pt")],
+    ref = start([PY, AWS, "--checkpoint-dir", str(tmp_path / "ref"), *args, "--out", str(tmp_path / "ref.pt")],
                env=run_env())
     assert ref.finish(120) == 0, ref.stderr[-3000:]
 
     # mtime mode: stop with the newest save in slot 0 or 1, so name order is not recency order
     stop = random.choice([3, 4, 6] if mode == "mtime" else [2, 3, 4, 5, 6])
     a = tmp_path / "instance-a"
-    p = Proc(run_argv(a, s3_remote, PY, AWS, "--checkpoint-dir", str(a), *args, "--sleep", "0.6"), env=run_env())
+    p = start(run_argv(a, s3_remote, PY, AWS, "--checkpoint-dir", str(a), *args, "--sleep", "0.6"), env=run_env())
     first = p.wait_for(r"^(fresh start|resumed from .*)$", 120).group(1)
     assert first == "fresh start", f"a fresh start on an empty dir saw {first!r} (finding 10)\n{p.stderr[-3000:]}"
     p.wait_for(rf"^saved epoch {stop}$", 120)
@@ -263,11 +283,11 @@ def test_aws_style_script_resumes_from_its_newest_save_on_an_empty_dir(
     assert newest < 8
     # the set lists the script's files with their mtimes (the restart below needs them: finding 6)
     entries = remote_set(s3_remote)
-    local_files = {f.name: f.stat().st_mtime_ns for f in a.iterdir()}
-    mtimes = {k: e.get("mtime_ns") for k, e in entries.items()}
+    local_files = {f.name: f.stat().st_mtime_ns for f in a.glob("*.pt")}
+    mtimes = {k: e.get("mtime_ns") for k, e in entries.items() if k.endswith(".pt")}
 
     b = tmp_path / "instance-b"
-    q = Proc(run_argv(b, s3_remote, PY, AWS, "--checkpoint-dir", str(b), *args, "--out", str(tmp_path / "final.pt")),
+    q = start(run_argv(b, s3_remote, PY, AWS, "--checkpoint-dir", str(b), *args, "--out", str(tmp_path / "final.pt")),
              env=run_env())
     assert q.finish(120) == 0, q.stderr[-3000:]
     got = q.wait_for(r"^(fresh start|resumed from .*)$", 1).group(1)

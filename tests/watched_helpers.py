@@ -9,10 +9,12 @@ A format change is a fix here only.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -23,7 +25,9 @@ from proc_helpers import PY
 SET_RX = re.compile(r"^files/SET-(\d{12})\.json$")
 
 
+@functools.lru_cache(maxsize=None)
 def _store(url: str):
+    """One store per URL: a RemoteStore makes its own S3 client, which costs ~0.3 s."""
     from spotckpt._store import RemoteStore
 
     return RemoteStore(url)
@@ -36,16 +40,27 @@ def remote_set_seqs(url: str) -> list[int]:
 
 
 def remote_set_doc(url: str) -> dict | None:
-    """The newest file-set manifest that parses (None if there is none)."""
+    """The newest file-set manifest that parses (None if there is none). A set deleted
+    between the listing and the read (a running writer replaced it) means: list again."""
+    from spotckpt._errors import RemoteNotFoundError
+
     store = _store(url)
-    for seq in reversed(remote_set_seqs(url)):
-        try:
-            doc = json.loads(store.cat(f"files/SET-{seq:012d}.json"))
-        except ValueError:
-            continue
-        assert doc.get("format") == "spotckpt-files/1" and doc.get("seq") == seq, doc
-        return doc
-    return None
+    for _ in range(10):
+        seqs = remote_set_seqs(url)
+        if not seqs:
+            return None
+        for seq in reversed(seqs):
+            try:
+                doc = json.loads(store.cat(f"files/SET-{seq:012d}.json"))
+            except RemoteNotFoundError:
+                break  # superseded meanwhile: list again
+            except ValueError:
+                continue
+            assert doc.get("format") == "spotckpt-files/1" and doc.get("seq") == seq, doc
+            return doc
+        else:
+            return None
+    raise AssertionError(f"{url}: the newest file set kept vanishing while read")
 
 
 def remote_set(url: str) -> dict[str, dict]:
@@ -102,11 +117,22 @@ def signal_tree(procs: list[psutil.Process], sig: int) -> None:
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the process and every descendant at once, as when the machine goes away."""
+    """SIGKILL the process and every descendant at once, as when the machine goes away, and
+    wait until none of them runs any more (a zombie does nothing; orphans wait for PID 1,
+    which reaps them only about once a second here)."""
     procs = tree(proc.pid)
     signal_tree(procs, signal.SIGKILL)
     proc.wait(30)
-    psutil.wait_procs(procs, timeout=30)
+    end = time.monotonic() + 30
+    for p in procs:
+        while True:
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            assert time.monotonic() < end, f"pid {p.pid} still runs 30 s after SIGKILL"
+            time.sleep(0.005)
 
 
 def script(name: str) -> str:
