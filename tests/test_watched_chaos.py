@@ -48,7 +48,8 @@ def audit(url: str, when: str) -> dict[str, int]:
         try:
             out[rel] = validate(data, *SPEC[rel])
         except ValueError as err:
-            raise AssertionError(f"{when}: the remote set's {rel} is not a valid version: {err}") from None
+            raise AssertionError(f"{when}: the remote set's {rel} is not a valid version: {err}; "
+                                 f"set entry {e}") from None
     return out
 
 
@@ -148,7 +149,8 @@ def test_inplace_rewrites_with_random_sigkills_of_the_whole_tree(
             kill_tree(proc)
             spent["kill"] += time.monotonic() - t_kill
             t_audit = time.monotonic()
-            got = audit(url, f"after kill {i + 1}")
+            got = audit(url, f"after kill {i + 1} ({where}, {'during startup' if early else 'running'}; "
+                             f"log {out})")
             spent["audit"] += time.monotonic() - t_audit
             stats["files"] += len(got)
             for rel, c in prev.items():
