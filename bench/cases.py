@@ -369,19 +369,21 @@ def case_idle(p: dict[str, Any]) -> dict[str, Any]:
     files, seconds = p["files"], p["seconds"]
     wd, bucket = workdir(), new_bucket()
     local = wd / "ckpt"
-    mirrored = {}
     try:
         for i in range(files):
             rel = f"logs/d{i // 100:03d}/f{i % 100:03d}.txt"
             f = local / rel
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_bytes(b"x" * 64)
-            st = f.stat()
-            mirrored[rel] = [st.st_size, st.st_mtime_ns]
-        # As left by an earlier run that uploaded them all (the Syncer's own record).
-        meta = local / ".spotckpt.sagemaker-ignore"
-        meta.mkdir(parents=True, exist_ok=True)
-        (meta / "mirror.json").write_text(json.dumps(mirrored))
+        # As left by an earlier run that uploaded them all: one committed file set (untimed).
+        from spotckpt._local import LocalDir
+        from spotckpt._store import RemoteStore
+        from spotckpt._watch import Watcher
+
+        w = Watcher(LocalDir(local), RemoteStore(f"s3://{bucket}/run/"))
+        while not w.run_pass():
+            pass
+        w.beat(clean=True)
         with checkpointer({"x": 1}, local, f"s3://{bucket}/run/") as ck:
             time.sleep(p.get("settle", 3.0))
             _moto("/moto-api/recorder/reset-recording")

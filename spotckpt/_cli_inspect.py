@@ -15,6 +15,7 @@ from typing import Any
 from ._config import _UNSET, Config
 from ._errors import CorruptCheckpointError, RemoteError
 from ._events import EventLog
+from ._fileset import newest_set
 from ._local import LocalDir
 from ._manifest import Manifest, hasher, step_dirname, verify_dir
 from ._progress import Progress
@@ -238,6 +239,27 @@ def _verify_remote(store: RemoteStore, step: int, m: Manifest, quick: bool) -> s
     return None
 
 
+def _verify_object(store: RemoteStore, key: str, size: int, digest: str | None) -> str | None:
+    """A file-set object's size (and XXH3-128 unless ``digest`` is None), or what is wrong."""
+    if digest is None:
+        try:
+            got = store.size(key)
+        except RemoteError:
+            return "missing on the remote"
+        return None if got == size else f"size {got} on the remote, the set says {size}"
+    h, n = hasher("xxh3_128"), 0
+    try:
+        with store.fs.open(store.path(key), "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+                n += len(chunk)
+    except FileNotFoundError:
+        return "missing on the remote"
+    if n != size:
+        return f"{n} bytes on the remote, the set says {size}"
+    return None if h.hexdigest() == digest else "fails its checksum on the remote"
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     cfg, local, store = _setup(args)
     results = []
@@ -255,12 +277,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
             except CorruptCheckpointError as e:
                 err = str(e)
             results.append({"where": "remote", "step": s, "ok": err is None, "error": err})
+        fs = newest_set(store)
+        for e in (fs.entries.values() if fs is not None else ()):
+            if e.link is not None:
+                continue
+            err = None
+            try:
+                err = _verify_object(store, e.key, e.size, None if args.quick else e.xxh3)
+            except CorruptCheckpointError as x:
+                err = str(x)
+            results.append({"where": "remote", "file": e.path, "file_set": fs.seq, "ok": err is None,
+                            "error": None if err is None else f"{e.path}: {err}"})
     bad = [r for r in results if not r["ok"]]
-    lines = [f"{r['where']:<6} step {r['step']:>12}  " + ("ok" if r["ok"] else f"DAMAGED: {r['error']}")
+    lines = [f"{r['where']:<6} " + (f"step {r['step']:>12}  " if "step" in r else f"file {r['file']}  ")
+             + ("ok" if r["ok"] else f"DAMAGED: {r['error']}")
              for r in results] or ["no committed checkpoints to verify"]
     if bad:
-        lines.append(f"{len(bad)} damaged checkpoint(s); a restore skips (and quarantines) them "
-                     "and falls back to the next older one")
+        lines.append(f"{len(bad)} damaged checkpoint(s) or file(s); a restore skips (and quarantines) "
+                     "a damaged checkpoint and falls back to the next older one, and refuses a damaged "
+                     "file (a whole directory checkpoint) with an error line")
     _emit(args, {"ok": not bad, "checked": results}, lines)
     return 1 if bad else 0
 

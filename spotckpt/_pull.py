@@ -1,4 +1,4 @@
-"""Remote -> local before a (re)start: the newest committed checkpoint plus free-form files.
+"""Remote -> local before a (re)start: the newest committed checkpoint plus the watched dir.
 
 Sync layer: fsspec and the commit protocol only, no ML imports.
 

@@ -3,7 +3,7 @@
 Process layer. In order:
 
 1. Check the command exists, take the local dir, probe the remote (one clear error each).
-2. Pull: the newest verified checkpoint and the free-form files into the local dir, as
+2. Pull: the newest verified checkpoint and the committed file set into the local dir, as
    SageMaker does before a (re)start.
 3. Start the child with ``SPOTCKPT_SUPERVISED=1``: an in-process Checkpointer then only
    commits locally and leaves uploads and local retention to us. While it runs we submit
@@ -339,7 +339,7 @@ class Supervisor:
         files = {k: v for k, v in self.events.mirrored.items() if k not in torn}
         what = (f"checkpoint step {durable} ({human_bytes(step_bytes)})" if durable is not None
                 else "no checkpoint")
-        what += f", {len(files)} free-form file(s) uploaded this run ({human_bytes(sum(files.values()))})"
+        what += f", {len(files)} file(s) of the watched dir uploaded this run ({human_bytes(sum(files.values()))})"
         left = "" if self.deadline is None else f"; {max(0.0, self.deadline - self.clock()):.1f} s left before the deadline"
         newest = self.local.committed()[-1:] or [None]
         if ok:

@@ -1,4 +1,4 @@
-"""The background Syncer: uploads committed checkpoints and mirrors free-form files.
+"""The background Syncer: uploads committed checkpoints and runs the watched-dir mirror.
 
 Sync layer: fsspec and the commit protocol's file order only, no ML imports.
 
@@ -105,7 +105,9 @@ class Syncer:
         (``(0, 0.0)`` when idle): the planner's view of the upload queue."""
         with self._cv:
             if self._uploading is None or self._uploading_since is None:
-                return 0, 0.0
+                # a big watched-dir file in flight: the next checkpoint upload waits for it
+                up = self.watcher.uploading if self.watcher is not None else None
+                return (0, 0.0) if up is None else (up[0], time.monotonic() - up[1])
             return self._uploading_bytes, time.monotonic() - self._uploading_since
 
     def uploading_step(self) -> int | None:
@@ -130,7 +132,7 @@ class Syncer:
             return {s for s in (self._pending, self._uploading) if s is not None}
 
     def flush(self, timeout: float | None = None, *, mirror: bool = True) -> bool:
-        """Wait until every submitted checkpoint (and, with ``mirror``, every free-form
+        """Wait until every submitted checkpoint (and, with ``mirror``, every watched-dir
         file not open for writing) is durable. Returns False on timeout or upload error."""
         end = None if timeout is None else self.clock() + max(0.0, timeout)
         with self._cv:

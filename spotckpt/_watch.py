@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Callable
 
 from ._errors import RemoteError
 from ._events import EventLog, log
@@ -64,6 +64,16 @@ class Torn(Exception):
     """A file changed while it was read: this version is not uploaded."""
 
 
+class _Sent:
+    """A unit's version on the remote, not yet admitted into a set."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.keys: list[str] = []
+        self.entries: dict[str, Entry] = {}
+        self.sigs: dict[str, tuple[int, int, int, int]] = {}
+
+
 class Watcher:
     """Mirrors the local dir as committed file sets (called from the Syncer's thread).
 
@@ -89,6 +99,9 @@ class Watcher:
         self.bytes_uploaded = 0
         self.upload_seconds = 0.0
         self.hold: set[str] = set()     # paths never to upload in this run (torn by a crash)
+        self._seen_local: set[str] = set()  # units and links this run has seen in the dir
+        # (bytes, monotonic start) of a big file being uploaded: a checkpoint waits for it
+        self.uploading: tuple[int, float] | None = None
         self._lock = threading.Lock()
 
     # -- state -----------------------------------------------------------------------------
@@ -103,12 +116,6 @@ class Watcher:
         self._orphans |= {k for s, k in sets.items() if self.current is None or s != self.current.seq}
         self._seq = max(sets, default=0)
         self._loaded = True
-
-    def adopt(self, fs: FileSet | None) -> None:
-        """Use ``fs`` (just restored by a pull) as the baseline, without listing again."""
-        if fs is not None:
-            self.current = fs
-            self._seq = max(getattr(self, "_seq", 0), fs.seq)
 
     def beat(self, *, clean: bool = False) -> None:
         """Record that a watcher is alive now; with ``clean``, that it ended cleanly. A
@@ -213,8 +220,16 @@ class Watcher:
             new.update(old)
             if not same and not any(m in self.hold for m in members):
                 todo.append((g, members))  # (a held file keeps its previous version)
-        for rel, target in links.items():
-            new[rel] = Entry(path=rel, link=target)
+        # A committed entry this run has never seen locally (not pulled: --no-pull, or refused
+        # as damaged) is not a local delete: it stays. One seen and then gone is deleted.
+        self._seen_local.update(groups)
+        self._seen_local.update(links)
+        for g, old in by_group.items():
+            if g not in groups and g not in self._seen_local:
+                new.update(old)
+        for p, e in (self.current.entries.items() if self.current else ()):
+            if e.link is not None and p not in links and p not in self._seen_local:
+                new[p] = e
         # units/files present in the set but gone locally (and not just being rewritten) drop out
         todo.sort(key=lambda gm: max(files[m].st_mtime_ns for m in gm[1]), reverse=True)
         self.backlog_bytes = sum(files[m].st_size for _, ms in todo for m in ms)
@@ -224,72 +239,111 @@ class Watcher:
             busy = self.busy({str(root / m) for _, ms in todo for m in ms})
             ready = [(g, ms) for g, ms in todo if not any(str(root / m) in busy for m in ms)]
             done = self._upload_groups(ready, files, units, new)
+        self._links(links, new)
         self._commit(new)
         return done
 
+    def _links(self, links: dict[str, str], new: dict[str, Entry]) -> None:
+        """Add the symlinks whose target is in the set (a link to a file not committed yet
+        keeps its previous entry, if any: restore never makes a dangling link of it)."""
+        old = self.current.entries if self.current else {}
+        dirs = {p.rsplit("/", i)[0] for p in new for i in range(1, p.count("/") + 1)}
+        for rel, target in sorted(links.items()):
+            to = os.path.normpath(os.path.join(os.path.dirname(rel), target))
+            if to in new or to in dirs or to in links:
+                new[rel] = Entry(path=rel, link=target)
+            elif rel in old and old[rel].link is not None:
+                new[rel] = old[rel]
+
     def _upload_groups(self, ready: list[tuple[str, list[str]]], files: dict[str, os.stat_result],
                        units: dict[str, DirRule], new: dict[str, Entry]) -> bool:
-        checked_at = time.monotonic()  # the busy check is done: these were closed by now
-        small = [gm for gm in ready if sum(files[m].st_size for m in gm[1]) <= _SMALL]
-        big = [gm for gm in ready if gm not in small]
+        small: list[tuple[str, list[str]]] = []
+        big: list[tuple[str, list[str]]] = []
+        for gm in ready:
+            (small if sum(files[m].st_size for m in gm[1]) <= _SMALL else big).append(gm)
         if small:
             with ThreadPoolExecutor(_PARALLEL, thread_name_prefix="spotckpt-mirror") as pool:
                 for i in range(0, len(small), 4 * _PARALLEL):
                     if i and self.should_yield():
                         return False  # a step checkpoint waits: commit what is done, go on later
                     batch = small[i:i + 4 * _PARALLEL]
-                    results = list(pool.map(lambda gm: self._try_group(gm[0], gm[1], units, checked_at), batch))
-                    for (g, _), got in zip(batch, results):
-                        self._take(g, got, new)
+                    sent = list(pool.map(lambda gm: self._send(gm[0], gm[1], units), batch))
+                    self._settle(list(zip(batch, sent)), new)
         for g, ms in big:
             if self.should_yield():
                 return False
-            self._take(g, self._try_group(g, ms, units, time.monotonic()), new)
+            self.uploading = (sum(files[m].st_size for m in ms), time.monotonic())
+            try:
+                self._settle([((g, ms), self._send(g, ms, units))], new)
+            finally:
+                self.uploading = None
         return True
 
-    def _take(self, g: str, got: dict[str, Entry] | None, new: dict[str, Entry]) -> None:
-        if got is None:
+    def _send(self, g: str, members: list[str], units: dict[str, DirRule]) -> _Sent | None:
+        """Upload one unit as a fresh version, each file checked unchanged over its read.
+        None if it was discarded (changed, gone, unreadable)."""
+        vid = uuid.uuid4().hex[:16]
+        unit = g if g in units else None
+        out = _Sent(time.monotonic())
+        try:
+            for m in sorted(members):
+                out.keys.append(object_key(vid, m))
+                out.entries[m], out.sigs[m] = self._upload_one(m, out.keys[-1], unit)
+        except (Torn, FileNotFoundError) as e:
+            self._discard(out.keys, f"{g}: {e}")
+            return None
+        except RemoteError:
+            self._discard(out.keys, None)
+            raise
+        except OSError as e:  # unreadable here (permissions, I/O): this file only, not the pass
+            self._discard(out.keys, None)
+            self._warn_once(g, "spotckpt: not mirroring %s: %s", g, e)
+            return None
+        return out
+
+    def _settle(self, sent: list[tuple[tuple[str, list[str]], _Sent | None]], new: dict[str, Entry]) -> None:
+        """Admit uploaded versions into the next set. A version counts only if, after its
+        upload, no process holds any of its files open for writing and none changed since
+        its read began: then whoever wrote it had closed it without writing again, so the
+        bytes sent are what the writer left (a writer that opened the file just before the
+        read and stalled would otherwise get a partial file committed). Under the
+        supervisor the close must also be known to come from a live writer (WriterGate)."""
+        root = self.local.root.resolve()
+        sent = [(gm, x) for gm, x in sent if x is not None]
+        if not sent:
             return
+        busy = self.busy({str(root / m) for _, x in sent for m in x.entries})
+        checked_at = time.monotonic()
+        for (g, _), x in sent:
+            why = None
+            for m, e in x.entries.items():
+                try:
+                    same = _sig(os.stat(root / m, follow_symlinks=False)) == x.sigs[m]
+                except OSError:
+                    same = False
+                if str(root / m) in busy or not same:
+                    why = f"{g}: {m} was opened for writing or changed after it was read"
+                elif self.gate is not None and not self.gate.admit(str(root / m), e.mtime_ns, checked_at):
+                    why = f"{g}: its writer died, or was not confirmed alive after the close"
+                if why:
+                    break
+            if why:
+                self._discard(x.keys, why)
+                continue
+            n = sum(e.size for e in x.entries.values())
+            with self._lock:
+                self.bytes_uploaded += n
+                self.upload_seconds += time.monotonic() - x.t0
+            self.events.emit("mirror_upload", path=g, bytes=n, files=len(x.entries))
+            self._take(g, x.entries, new)
+
+    def _take(self, g: str, got: dict[str, Entry], new: dict[str, Entry]) -> None:
         for p in [p for p, e in new.items() if (e.unit == g or p == g) and e.link is None] \
                 if any(e.unit for e in got.values()) else [g]:
             new.pop(p, None)
         new.update(got)
 
-    def _try_group(self, g: str, members: list[str], units: dict[str, DirRule],
-                   checked_at: float) -> dict[str, Entry] | None:
-        """Upload one unit as a fresh version; its entries, or None if it was discarded."""
-        vid = uuid.uuid4().hex[:16]
-        unit = g if g in units else None
-        got: dict[str, Entry] = {}
-        t0 = time.monotonic()
-        sent: list[str] = []
-        try:
-            for m in sorted(members):
-                sent.append(object_key(vid, m))
-                got[m] = self._upload_one(m, sent[-1], unit, checked_at)
-        except (Torn, FileNotFoundError) as e:
-            self._discard(sent, f"{g}: {e}")
-            return None
-        except RemoteError:
-            self._discard(sent, None)
-            raise
-        except OSError as e:  # unreadable here (permissions, I/O): this file only, not the pass
-            self._discard(sent, None)
-            self._warn_once(g, "spotckpt: not mirroring %s: %s", g, e)
-            return None
-        if self.gate is not None:
-            root = self.local.root.resolve()
-            if not all(self.gate.admit(str(root / p), e.mtime_ns, checked_at) for p, e in got.items()):
-                self._discard(sent, f"{g}: its writer died or was not confirmed alive after the close")
-                return None
-        n = sum(e.size for e in got.values())
-        with self._lock:
-            self.bytes_uploaded += n
-            self.upload_seconds += time.monotonic() - t0
-        self.events.emit("mirror_upload", path=g, bytes=n, files=len(got))
-        return got
-
-    def _upload_one(self, rel: str, key: str, unit: str | None, checked_at: float) -> Entry:
+    def _upload_one(self, rel: str, key: str, unit: str | None) -> tuple[Entry, tuple[int, int, int, int]]:
         full = self.local.root / rel
         st1 = os.stat(full, follow_symlinks=False)
         if st1.st_size <= _SMALL:
@@ -312,7 +366,8 @@ class Watcher:
             if not out or _sig(st1) != _sig(st2):
                 raise Torn(f"{rel} changed while it was uploaded")
             digest = out[0]
-        return Entry(path=rel, size=st1.st_size, xxh3=digest, mtime_ns=st1.st_mtime_ns, key=key, unit=unit)
+        entry = Entry(path=rel, size=st1.st_size, xxh3=digest, mtime_ns=st1.st_mtime_ns, key=key, unit=unit)
+        return entry, _sig(st1)
 
     def _discard(self, keys: list[str], why: str | None) -> None:
         """Delete the objects of a version that will not be committed (a key whose PUT
@@ -357,7 +412,3 @@ class Watcher:
         self._orphans.clear()
         if doomed:
             self.events.emit("files_deleted", objects=len(doomed))
-
-    def entries(self) -> Iterator[Entry]:
-        return iter(self.current.entries.values()) if self.current else iter(())
-

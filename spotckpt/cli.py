@@ -38,12 +38,13 @@ examples:
 _RUN = """\
 Run CMD under supervision, as the container entrypoint (safe as PID 1):
 
-  1. pull the newest verified checkpoint and the free-form files from the remote into the
+  1. pull the newest verified checkpoint and the watched dir's files from the remote into the
      local dir (a new machine starts empty);
   2. start CMD with SPOTCKPT_SUPERVISED=1: a spotckpt.Checkpointer inside it then only
      commits locally, and this process uploads each new step-*/ checkpoint and mirrors
-     any other file CMD writes there (checkpoint.pth, Keras files) once it is stable and
-     closed, so unmodified SageMaker-style scripts survive too;
+     every other file CMD writes there (checkpoint.pth, Keras files, Transformers
+     checkpoint-N/ dirs) as committed, verified file sets as soon as each is closed,
+     so unmodified SageMaker-style scripts survive too;
   3. on SIGTERM/SIGINT: forward it to CMD's process tree, upload what CMD saves, SIGKILL
      CMD if it would overrun the deadline (grace minus the time the final upload needs),
      flush, report what is durable, and exit with CMD's status (128+N if signal N killed it).
@@ -129,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("ls", "list committed checkpoints and files, local and remote (step, size, age, durable)"),
                        ("status", "last durable step, work not yet durable, upload throughput"),
                        ("verify", "check sizes and checksums, local and remote; exit 1 on damage"),
-                       ("pull", "download the newest verified checkpoint and the free-form files"),
-                       ("push", "upload the newest local checkpoint and the free-form files")):
+                       ("pull", "download the newest verified checkpoint and the watched dir's files"),
+                       ("push", "upload the newest local checkpoint and the watched dir's files")):
         c = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _common(c)
         if name == "verify":

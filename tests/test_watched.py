@@ -298,3 +298,62 @@ def test_a_checkpoint_is_not_queued_behind_a_backlog_of_files(tmp_path: Path, s3
     files_after = sum(e.get("files", 1) for e in ev[done:] if e["event"] == "mirror_upload")
     assert files_after > 0, "the checkpoint waited for the whole backlog"
     assert len(remote_files(store)) == 1500
+
+
+def test_verify_checks_the_committed_files(tmp_path: Path, remote_url: str) -> None:
+    from proc_helpers import run, spotckpt
+
+    root = tmp_path / "ck"
+    root.mkdir()
+    (root / "model.pt").write_bytes(b"m" * 1000)
+    store = RemoteStore(remote_url)
+    Watcher(LocalDir(root), store).run_pass()
+    argv = spotckpt("verify", "--local-dir", str(tmp_path / "empty"), "--remote", remote_url, "--json")
+    ok = run(argv)
+    assert ok.returncode == 0, ok.stderr
+    assert [r["file"] for r in json.loads(ok.stdout)["checked"]] == ["model.pt"]
+    store.put_data(remote_files(store)["model.pt"].key, b"m" * 999 + b"X")
+    bad = run(argv)
+    assert bad.returncode == 1 and "model.pt: fails its checksum" in bad.stdout
+
+
+def test_a_start_without_pull_deletes_nothing_it_never_saw(tmp_path: Path, remote_url: str) -> None:
+    """`spotckpt run --no-pull` (or a file refused as damaged at the pull) on an empty dir:
+    the committed files stay; only what this run saw and then lost is deleted."""
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "keep.pt").write_bytes(b"k")
+    (a / "gone.pt").write_bytes(b"g")
+    store = RemoteStore(remote_url)
+    Watcher(LocalDir(a), store).run_pass()
+    b = tmp_path / "b"
+    b.mkdir()
+    w = Watcher(LocalDir(b), store)
+    w.run_pass()
+    assert sorted(remote_files(store)) == ["gone.pt", "keep.pt"]
+    (b / "gone.pt").write_bytes(b"g2")
+    w.run_pass()
+    os.unlink(b / "gone.pt")
+    w.run_pass()
+    assert sorted(remote_files(store)) == ["keep.pt"]
+
+
+def test_a_writer_that_opened_the_file_after_the_check_is_caught(tmp_path: Path, remote_url: str) -> None:
+    """The pass checks for writers before it reads; a writer that opens the file between
+    that check and the read and then stalls (a slow save) would leave a partial file that
+    looks unchanged over the read. The check after the upload catches it."""
+    root = tmp_path / "ck"
+    root.mkdir()
+    calls = []
+
+    def busy(paths: set[str]) -> set[str]:
+        calls.append(paths)
+        return set() if len(calls) == 1 else _watch.open_for_writing(paths)  # the first check misses it
+
+    store = RemoteStore(remote_url)
+    with open(root / "model.pt", "wb") as f:
+        f.write(b"half of a save")
+        f.flush()
+        Watcher(LocalDir(root), store, busy=busy).run_pass()
+        assert "model.pt" not in remote_files(store) and len(calls) == 2
+    assert list_files_prefix(store)[1] == set()   # its object was deleted again

@@ -1,0 +1,64 @@
+"""The watched dir under `spotckpt run`, attacked with real processes and signals (issue 11,
+finding 1): a command killed while it rewrites its file in place must never get that torn
+file onto the remote, not at the final flush, not through the supervisor's poll racing the
+child's exit, and not through the next `spotckpt run` on the same dir."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+import xxhash
+
+from conftest import remote_files, run_env
+from proc_helpers import PY, Proc, run, spotckpt, wait_until
+from spotckpt._store import RemoteStore
+
+SCRIPT = str(Path(__file__).parent / "scripts" / "inplace_writer.py")
+
+
+def remote_version(remote: str) -> int:
+    """The committed checkpoint.pth's counter; fails if the committed copy is not whole."""
+    e = remote_files(remote)["checkpoint.pth"]
+    data = RemoteStore(remote).cat(e.key)
+    assert len(data) == e.size and xxhash.xxh3_128(data[:-16]).digest() == data[-16:], "torn remote copy"
+    return int.from_bytes(data[:8], "big")
+
+
+def start(local: Path, remote: str, trigger: Path) -> Proc:
+    return Proc(spotckpt("run", "--local-dir", str(local), "--remote", remote, "--grace", "20",
+                         "--scan-interval", "0.1", "--", PY, SCRIPT, str(local), str(trigger)), env=run_env())
+
+
+@pytest.mark.parametrize("who", ["child", "tree"])
+def test_file_torn_by_a_kill_never_reaches_the_remote(tmp_path: Path, s3_remote: str, who: str) -> None:
+    local = tmp_path / "ck"
+    for trial in range(3):
+        trigger = tmp_path / f"go-{trial}"
+        p = start(local, s3_remote, trigger)
+        m = p.wait_for(r"pid (\d+) saved version (\d+)", 60)
+        pid, saved = int(m.group(1)), int(m.group(2))
+        wait_until(lambda: "checkpoint.pth" in remote_files(s3_remote)
+                   and remote_version(s3_remote) == saved, 60, "version committed")
+        trigger.touch()
+        p.wait_for("half written", 30)
+        if who == "child":
+            os.kill(pid, signal.SIGKILL)        # the command dies; the supervisor does the final flush
+            assert p.finish(30) == 128 + signal.SIGKILL, p.stderr
+        else:                                   # the whole machine goes: supervisor included
+            procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+            for q in procs:
+                q.kill()
+            p.finish(30)
+        assert remote_version(s3_remote) == saved   # the complete copy, never the torn one
+    # The next run on the same dir puts the committed version back in place of the torn
+    # file (which is kept aside) and never uploads the torn one.
+    done = run(spotckpt("run", "--local-dir", str(local), "--remote", s3_remote, "--",
+                        PY, "-c", "pass"), env=run_env())
+    assert done.returncode == 0, done.stderr
+    assert "may be torn" in done.stderr
+    assert remote_version(s3_remote) == saved
+    data = (local / "checkpoint.pth").read_bytes()
+    assert xxhash.xxh3_128(data[:-16]).digest() == data[-16:]
