@@ -97,6 +97,7 @@ def test_inplace_rewrites_with_random_sigkills_of_the_whole_tree(
     stats = {"empty": 0, "same": 0, "early": 0, "awaited": 0, "advanced": 0, "files": 0}
     spent = {"startup": 0.0, "await": 0.0, "audit": 0.0, "kill": 0.0, "sleep": 0.0}
     startup = 1.0
+    waits: list[float] = []  # from the writer's start to a newer fast.bin on the remote
     proc: subprocess.Popen | None = None
     try:
         for i in range(ITERATIONS):
@@ -141,6 +142,7 @@ def test_inplace_rewrites_with_random_sigkills_of_the_whole_tree(
                         assert proc.poll() is None, out.read_text()[-3000:]
                         time.sleep(0.2)
                     spent["await"] += time.monotonic() - t_await
+                    waits.append(time.monotonic() - t_await)
                 nap = rng.uniform(0.0, 1.0)
                 spent["sleep"] += nap
                 time.sleep(nap)
@@ -161,10 +163,13 @@ def test_inplace_rewrites_with_random_sigkills_of_the_whole_tree(
         if proc is not None and proc.poll() is None:
             kill_tree(proc)
     assert prev.get(FAST, 0) > 0, f"no version of {FAST} ever reached the remote"
+    w = sorted(waits) or [0.0]
     with capsys.disabled():
         print(f"\n[chaos] watched dir, in-place rewrites: {ITERATIONS} SIGKILLs of the whole tree "
               f"({stats['empty']} restarts on an empty dir, {stats['same']} on the same dir, {stats['early']} "
               f"during startup), {stats['files']} remote files verified after kills, 0 torn; the remote "
-              f"advanced after {stats['advanced']} kills, final versions {prev}; seconds in startups, "
+              f"advanced after {stats['advanced']} kills, final versions {prev}; a newer {FAST} durable "
+              f"{w[0]:.1f}/{w[len(w) // 2]:.1f}/{w[-1]:.1f} s (min/median/max) "
+              f"after the writer's start; seconds in startups, "
               f"progress waits, audits, kills, naps: {', '.join(f'{v:.0f}' for v in spent.values())}; "
               f"{time.monotonic() - t0:.0f} s", flush=True)
