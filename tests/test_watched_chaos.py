@@ -11,7 +11,8 @@ the same dir from those or newer ones, and never reads a torn local file. Progre
 while files are rewritten faster than any stability wait: in every fourth run the test waits
 (bounded) for the remote to hold a newer version of the 0.3 s file before killing.
 
-``SPOTCKPT_CHAOS_ITERATIONS`` sets the number of kills (50 in ``make test``).
+``SPOTCKPT_CHAOS_ITERATIONS`` sets the number of kills (50 in ``make test``). One file is written
+by a writer that stalls 50 ms after its header, holding it open (mtime frozen meanwhile).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from watched_chaos_writer import FILES, validate  # noqa: E402
 
 ITERATIONS = int(os.environ.get("SPOTCKPT_CHAOS_ITERATIONS", "50"))
 WRITER = script("watched_chaos_writer.py")
-SPEC = {rel: (fid, n) for fid, (rel, n, _, _) in enumerate(FILES)}
+SPEC = {rel: (fid, n) for fid, (rel, n, *_) in enumerate(FILES)}
 FAST = "fast.bin"
 PROGRESS_TIMEOUT = 60.0
 

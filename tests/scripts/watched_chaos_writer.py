@@ -22,12 +22,14 @@ import time
 
 MAGIC = b"WCHK"
 HEADER = struct.Struct("<4sIQI32s")  # magic, file id, counter, body length, sha256(body)
-# path, body bytes, seconds between rewrites (lo, hi), chunk pause (s)
+# path, body bytes, seconds between rewrites (lo, hi), pause after each 64 KiB chunk, pause
+# after the header (a writer that opened the file and stalls: its mtime does not move meanwhile)
 FILES = [
-    ("fast.bin", 48 * 1024, (0.3, 0.3), 0.0),
-    ("small.bin", 4 * 1024, (0.05, 0.5), 0.0),
-    ("sub/mid.bin", 192 * 1024, (0.2, 1.0), 0.001),
-    ("big.bin", 768 * 1024, (0.3, 1.5), 0.002),
+    ("fast.bin", 48 * 1024, (0.3, 0.3), 0.0, 0.0),
+    ("small.bin", 4 * 1024, (0.05, 0.5), 0.0, 0.0),
+    ("sub/mid.bin", 192 * 1024, (0.2, 1.0), 0.001, 0.0),
+    ("big.bin", 768 * 1024, (0.3, 1.5), 0.002, 0.0),
+    ("stall.bin", 64 * 1024, (0.2, 0.8), 0.0, 0.05),
 ]
 
 
@@ -57,7 +59,7 @@ def validate(data: bytes, fid: int | None = None, n: int | None = None) -> int:
     return counter
 
 
-def rewrite(path: str, fid: int, counter: int, n: int, pause: float) -> None:
+def rewrite(path: str, fid: int, counter: int, n: int, pause: float, stall: float) -> None:
     head, b = encode(fid, counter, n)
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -66,6 +68,9 @@ def rewrite(path: str, fid: int, counter: int, n: int, pause: float) -> None:
         return
     with open(path, "r+b") as f:  # in place, same size
         f.write(head)
+        if stall:
+            f.flush()
+            time.sleep(stall)
         for i in range(0, n, 64 * 1024):
             f.write(b[i:i + 64 * 1024])
             if pause:
@@ -80,7 +85,7 @@ def main() -> int:
     args = ap.parse_args()
     rng = random.Random()
     counters = {}
-    for fid, (rel, n, _, _) in enumerate(FILES):
+    for fid, (rel, n, *_) in enumerate(FILES):
         p = os.path.join(args.dir, rel)
         counters[rel] = 0
         if os.path.exists(p):
@@ -91,15 +96,15 @@ def main() -> int:
                 print(f"INVALID {rel} {e}", flush=True)
     print("start " + " ".join(f"{k}={v}" for k, v in counters.items()), flush=True)
     now = time.monotonic()
-    due = {rel: now + rng.uniform(0, lo + hi) / 2 for rel, _, (lo, hi), _ in FILES}
+    due = {rel: now + rng.uniform(0, lo + hi) / 2 for rel, _, (lo, hi), *_ in FILES}
     end = now + args.seconds
     while time.monotonic() < end:
         rel = min(due, key=due.get)
         time.sleep(max(0.0, due[rel] - time.monotonic()))
         fid = next(i for i, f in enumerate(FILES) if f[0] == rel)
-        _, n, (lo, hi), pause = FILES[fid]
+        _, n, (lo, hi), pause, stall = FILES[fid]
         counters[rel] += 1
-        rewrite(os.path.join(args.dir, rel), fid, counters[rel], n, pause)
+        rewrite(os.path.join(args.dir, rel), fid, counters[rel], n, pause, stall)
         print(f"wrote {rel} {counters[rel]}", flush=True)
         due[rel] = time.monotonic() + rng.uniform(lo, hi)
     return 0
