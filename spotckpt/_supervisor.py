@@ -256,7 +256,9 @@ class Supervisor:
 
     def _final_upload_estimate(self) -> float:
         """Seconds the final upload will need: the newest checkpoint's size (the child's
-        last save will be about as big) at the measured upload rate, plus overhead."""
+        last save will be about as big) plus the watched dir's backlog (changed files not
+        yet committed, as of the watcher's last pass), at the measured upload rate, plus
+        overhead."""
         if self.syncer is None:
             return 0.0
         steps = self.local.committed()
@@ -267,6 +269,7 @@ class Supervisor:
             except Exception:  # noqa: BLE001 - an estimate only
                 size = 0
         s = self.syncer
+        size += getattr(s.watcher, "backlog_bytes", 0) or 0
         rate = s.bytes_uploaded / s.upload_seconds if s.upload_seconds > 0.05 and s.bytes_uploaded > 1e5 \
             else _DEFAULT_THROUGHPUT
         return 1.0 + 1.5 * size / max(rate, 1.0)

@@ -9,14 +9,16 @@ Sync layer (no ML imports). See :mod:`._fileset` for the remote layout. One pass
 2. Units whose files all match the committed set (size, mtime) are kept. The others, when
    complete and no process holds any of their files open for writing, are uploaded newest
    first (small ones 8 at a time) under a fresh version id; each file is checked unchanged
-   (identity, size, mtime, ctime) from before its read to after its checksum. A unit with a
-   changed file is discarded (its objects deleted) and the set keeps the previous version.
+   (identity, size, mtime, ctime) from before its read to after its checksum, and again,
+   with no process holding it open for writing, after the upload. A unit with a changed
+   file is discarded (its objects deleted) and the set keeps the previous version.
 3. A new set is written if anything changed (new versions, deletes, links); then the
    objects no set names any more are deleted. A pending step checkpoint preempts a pass:
    the pass commits what it has and returns.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -25,53 +27,31 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from ._closed import SETTLE_NS, Torn, emptied, open_for_writing, sig
 from ._errors import RemoteError
 from ._events import EventLog, log
 from ._fileset import Entry, FileSet, list_files_prefix, newest_set, object_key, set_key
-from ._local import LocalDir, is_internal, write_atomic
+from ._local import LocalDir, write_atomic
 from ._manifest import file_digest, hasher
 from ._store import RemoteStore
+from ._watchscan import scan
 from ._watchrules import BUILTIN_RULES, DirRule, WriterGate, unit_of, units_of
 
 _SMALL = 8 << 20     # files up to this size are read once, hashed and PUT from memory
 _PARALLEL = 8
+_CHECK_EVERY = 256   # uploaded small units per check that they were closed (one /proc scan each)
 HEARTBEAT = "watch-heartbeat.json"
 
 
-def _sig(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def open_for_writing(paths: set[str]) -> set[str]:
-    """The subset of ``paths`` that some process holds open with a writable mode."""
-    import psutil
-
-    out: set[str] = set()
-    if not paths:
-        return out
-    for proc in psutil.process_iter():
-        try:
-            files = proc.open_files()
-        except (psutil.Error, OSError):
-            continue
-        for f in files:
-            if f.path in paths and getattr(f, "mode", "w") != "r":
-                out.add(f.path)
-    return out
-
-
-class Torn(Exception):
-    """A file changed while it was read: this version is not uploaded."""
-
-
+@dataclasses.dataclass
 class _Sent:
-    """A unit's version on the remote, not yet admitted into a set."""
+    """One unit's version, uploaded, not yet known to be closed."""
 
-    def __init__(self, t0: float) -> None:
-        self.t0 = t0
-        self.keys: list[str] = []
-        self.entries: dict[str, Entry] = {}
-        self.sigs: dict[str, tuple[int, int, int, int]] = {}
+    group: str
+    entries: dict[str, Entry]
+    sigs: dict[str, tuple[int, int, int, int]]  # (identity, size, mtime, ctime) before the read
+    keys: list[str]
+    seconds: float
 
 
 class Watcher:
@@ -96,9 +76,11 @@ class Watcher:
         self._orphans: set[str] = set()
         self._warned: set[str] = set()
         self.backlog_bytes = 0          # changed data not yet committed (the planner counts it)
+        self.scan_cpu = 0.0             # CPU seconds of the last pass's scan and comparison
         self.bytes_uploaded = 0
         self.upload_seconds = 0.0
         self.hold: set[str] = set()     # paths never to upload in this run (torn by a crash)
+        self.settle = False             # wait for a just-emptied file to settle (a flush's pass)
         self._seen_local: set[str] = set()  # units and links this run has seen in the dir
         # (bytes, monotonic start) of a big file being uploaded: a checkpoint waits for it
         self.uploading: tuple[int, float] | None = None
@@ -145,53 +127,8 @@ class Watcher:
             log.warning(msg, *args)
 
     def scan(self) -> tuple[dict[str, os.stat_result], dict[str, str], dict[str, list[str]]]:
-        """``(files, links, dirs)``: regular files -> stat, in-dir symlinks -> target,
-        dirs -> the names directly inside."""
-        files: dict[str, os.stat_result] = {}
-        links: dict[str, str] = {}
-        dirs: dict[str, list[str]] = {}
-        root = str(self.local.root)
-        stack = [(root, "")]
-        while stack:
-            d, rel_dir = stack.pop()
-            try:
-                it = os.scandir(d)
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
-                continue
-            names = dirs.setdefault(rel_dir.rstrip("/"), [])
-            with it:
-                for e in it:
-                    rel = rel_dir + e.name
-                    try:
-                        rel.encode("utf-8")
-                    except UnicodeEncodeError:
-                        self._warn_once(rel, "spotckpt: not mirroring %r: its name is not valid UTF-8",
-                                        os.fsencode(rel))
-                        continue
-                    if is_internal(rel):
-                        continue
-                    names.append(e.name)
-                    try:
-                        if e.is_symlink():
-                            target = os.readlink(e.path)
-                            if self._link_inside(rel, target):
-                                links[rel] = target
-                            else:
-                                self._warn_once(rel, "spotckpt: not mirroring symlink %s -> %s: it points "
-                                                "outside the watched dir", rel, target)
-                        elif e.is_dir(follow_symlinks=False):
-                            stack.append((e.path, rel + "/"))
-                        elif e.is_file(follow_symlinks=False):
-                            files[rel] = e.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-        return files, links, dirs
-
-    def _link_inside(self, rel: str, target: str) -> bool:
-        if os.path.isabs(target):
-            return False
-        joined = os.path.normpath(os.path.join(os.path.dirname(rel), target))
-        return not (joined == ".." or joined.startswith("../") or joined == ".")
+        """``(files, links, dirs)`` of the local dir (:func:`._watchscan.scan`)."""
+        return scan(self.local.root, self._warn_once)
 
     # -- one pass ----------------------------------------------------------------------------
     def run_pass(self) -> bool:
@@ -199,6 +136,7 @@ class Watcher:
         checkpoint before it was done (what it did is committed; call again)."""
         self.load()
         self.beat()
+        cpu0 = time.thread_time()
         files, links, dirs = self.scan()
         units = units_of(dirs, self.rules)
         by_group: dict[str, dict[str, Entry]] = {}
@@ -230,12 +168,15 @@ class Watcher:
         for p, e in (self.current.entries.items() if self.current else ()):
             if e.link is not None and p not in links and p not in self._seen_local:
                 new[p] = e
-        # units/files present in the set but gone locally (and not just being rewritten) drop out
         todo.sort(key=lambda gm: max(files[m].st_mtime_ns for m in gm[1]), reverse=True)
         self.backlog_bytes = sum(files[m].st_size for _, ms in todo for m in ms)
+        # What this pass would have cost with nothing to do: the Syncer paces idle passes by
+        # it. Not the writers check or the uploads: counted, they stretched the next pass
+        # by seconds after every upload, and a closed file waited for it (bench/ row 8).
+        self.scan_cpu = time.thread_time() - cpu0
         done = True
         if todo:
-            root = self.local.root
+            root = self.local.root.resolve()  # as /proc names open files (a symlinked dir)
             busy = self.busy({str(root / m) for _, ms in todo for m in ms})
             ready = [(g, ms) for g, ms in todo if not any(str(root / m) in busy for m in ms)]
             done = self._upload_groups(ready, files, units, new)
@@ -257,6 +198,16 @@ class Watcher:
 
     def _upload_groups(self, ready: list[tuple[str, list[str]]], files: dict[str, os.stat_result],
                        units: dict[str, DirRule], new: dict[str, Entry]) -> bool:
+        sent: list[_Sent] = []                    # uploaded, not yet checked closed
+        checked: list[tuple[_Sent, float]] = []   # checked closed at (monotonic), to admit
+        done = self._send(ready, files, units, new, sent, checked)
+        for up, at in checked + self._check_closed(sent):
+            self._admit(up, at, new)
+        return done
+
+    def _send(self, ready: list[tuple[str, list[str]]], files: dict[str, os.stat_result],
+              units: dict[str, DirRule], new: dict[str, Entry], sent: list[_Sent],
+              checked: list[tuple[_Sent, float]]) -> bool:
         small: list[tuple[str, list[str]]] = []
         big: list[tuple[str, list[str]]] = []
         for gm in ready:
@@ -267,75 +218,58 @@ class Watcher:
                     if i and self.should_yield():
                         return False  # a step checkpoint waits: commit what is done, go on later
                     batch = small[i:i + 4 * _PARALLEL]
-                    sent = list(pool.map(lambda gm: self._send(gm[0], gm[1], units), batch))
-                    self._settle(list(zip(batch, sent)), new)
+                    sent += [r for r in pool.map(lambda gm: self._try_group(gm[0], gm[1], units), batch) if r]
+                    if len(sent) >= _CHECK_EVERY:
+                        # Admitted one round late: the writer gate has seen a poll since.
+                        for up, at in checked:
+                            self._admit(up, at, new)
+                        checked[:] = self._check_closed(sent)
         for g, ms in big:
             if self.should_yield():
                 return False
             self.uploading = (sum(files[m].st_size for m in ms), time.monotonic())
             try:
-                self._settle([((g, ms), self._send(g, ms, units))], new)
+                sent += [r for r in [self._try_group(g, ms, units)] if r]
             finally:
                 self.uploading = None
         return True
 
-    def _send(self, g: str, members: list[str], units: dict[str, DirRule]) -> _Sent | None:
-        """Upload one unit as a fresh version, each file checked unchanged over its read.
-        None if it was discarded (changed, gone, unreadable)."""
-        vid = uuid.uuid4().hex[:16]
-        unit = g if g in units else None
-        out = _Sent(time.monotonic())
-        try:
-            for m in sorted(members):
-                out.keys.append(object_key(vid, m))
-                out.entries[m], out.sigs[m] = self._upload_one(m, out.keys[-1], unit)
-        except (Torn, FileNotFoundError) as e:
-            self._discard(out.keys, f"{g}: {e}")
-            return None
-        except RemoteError:
-            self._discard(out.keys, None)
-            raise
-        except OSError as e:  # unreadable here (permissions, I/O): this file only, not the pass
-            self._discard(out.keys, None)
-            self._warn_once(g, "spotckpt: not mirroring %s: %s", g, e)
-            return None
+    def _check_closed(self, sent: list[_Sent]) -> list[tuple[_Sent, float]]:
+        """The uploaded versions no process holds open for writing now, after their read,
+        unchanged since before it; empties ``sent``. (Checked before the read only, a file
+        a writer opened just after the check and wrote part of was committed: bench/ row 8.)"""
+        if not sent:
+            return []
+        root = self.local.root.resolve()
+        busy = self.busy({str(root / p) for up in sent for p in up.entries})
+        at = time.monotonic()  # closed at this moment: the writer gate's reference
+        out = []
+        for up in sent:
+            try:
+                bad = next((p for p in up.entries if str(root / p) in busy
+                            or sig(st := os.stat(root / p, follow_symlinks=False)) != up.sigs[p]
+                            or emptied(st)), None)
+            except FileNotFoundError as e:
+                bad = str(e)
+            if bad is None:
+                out.append((up, at))
+            else:
+                self._discard(up.keys, f"{up.group}: {bad} was open for writing or changed after its read")
+        sent.clear()
         return out
 
-    def _settle(self, sent: list[tuple[tuple[str, list[str]], _Sent | None]], new: dict[str, Entry]) -> None:
-        """Admit uploaded versions into the next set. A version counts only if, after its
-        upload, no process holds any of its files open for writing and none changed since
-        its read began: then whoever wrote it had closed it without writing again, so the
-        bytes sent are what the writer left (a writer that opened the file just before the
-        read and stalled would otherwise get a partial file committed). Under the
-        supervisor the close must also be known to come from a live writer (WriterGate)."""
-        root = self.local.root.resolve()
-        sent = [(gm, x) for gm, x in sent if x is not None]
-        if not sent:
-            return
-        busy = self.busy({str(root / m) for _, x in sent for m in x.entries})
-        checked_at = time.monotonic()
-        for (g, _), x in sent:
-            why = None
-            for m, e in x.entries.items():
-                try:
-                    same = _sig(os.stat(root / m, follow_symlinks=False)) == x.sigs[m]
-                except OSError:
-                    same = False
-                if str(root / m) in busy or not same:
-                    why = f"{g}: {m} was opened for writing or changed after it was read"
-                elif self.gate is not None and not self.gate.admit(str(root / m), e.mtime_ns, checked_at):
-                    why = f"{g}: its writer died, or was not confirmed alive after the close"
-                if why:
-                    break
-            if why:
-                self._discard(x.keys, why)
-                continue
-            n = sum(e.size for e in x.entries.values())
-            with self._lock:
-                self.bytes_uploaded += n
-                self.upload_seconds += time.monotonic() - x.t0
-            self.events.emit("mirror_upload", path=g, bytes=n, files=len(x.entries))
-            self._take(g, x.entries, new)
+    def _admit(self, up: _Sent, checked_at: float, new: dict[str, Entry]) -> None:
+        if self.gate is not None:
+            root = self.local.root.resolve()
+            if not all(self.gate.admit(str(root / p), e.mtime_ns, checked_at) for p, e in up.entries.items()):
+                self._discard(up.keys, f"{up.group}: its writer died or was not confirmed alive after the close")
+                return
+        n = sum(e.size for e in up.entries.values())
+        with self._lock:
+            self.bytes_uploaded += n
+            self.upload_seconds += up.seconds
+        self.events.emit("mirror_upload", path=up.group, bytes=n, files=len(up.entries))
+        self._take(up.group, up.entries, new)
 
     def _take(self, g: str, got: dict[str, Entry], new: dict[str, Entry]) -> None:
         for p in [p for p, e in new.items() if (e.unit == g or p == g) and e.link is None] \
@@ -343,9 +277,38 @@ class Watcher:
             new.pop(p, None)
         new.update(got)
 
+    def _try_group(self, g: str, members: list[str], units: dict[str, DirRule]) -> _Sent | None:
+        """Upload one unit as a fresh version, or None if it was discarded."""
+        vid = uuid.uuid4().hex[:16]
+        unit = g if g in units else None
+        got: dict[str, Entry] = {}
+        sigs: dict[str, tuple[int, int, int, int]] = {}
+        t0 = time.monotonic()
+        sent: list[str] = []
+        try:
+            for m in sorted(members):
+                sent.append(object_key(vid, m))
+                got[m], sigs[m] = self._upload_one(m, sent[-1], unit)
+        except (Torn, FileNotFoundError) as e:
+            self._discard(sent, f"{g}: {e}")
+            return None
+        except RemoteError:
+            self._discard(sent, None)
+            raise
+        except OSError as e:  # unreadable here (permissions, I/O): this file only, not the pass
+            self._discard(sent, None)
+            self._warn_once(g, "spotckpt: not mirroring %s: %s", g, e)
+            return None
+        return _Sent(g, got, sigs, sent, time.monotonic() - t0)
+
     def _upload_one(self, rel: str, key: str, unit: str | None) -> tuple[Entry, tuple[int, int, int, int]]:
         full = self.local.root / rel
         st1 = os.stat(full, follow_symlinks=False)
+        if emptied(st1) and self.settle:
+            time.sleep(min(1.0, max(0.0, st1.st_mtime_ns + SETTLE_NS - time.time_ns()) / 1e9) + 0.01)
+            st1 = os.stat(full, follow_symlinks=False)
+        if emptied(st1):
+            raise Torn(f"{rel} was just emptied (a writer may be opening it)")
         if st1.st_size <= _SMALL:
             with open(full, "rb") as f:
                 data = f.read()
@@ -353,7 +316,7 @@ class Watcher:
             h.update(data)
             digest = h.hexdigest()
             st2 = os.stat(full, follow_symlinks=False)
-            if _sig(st1) != _sig(st2) or len(data) != st1.st_size:
+            if sig(st1) != sig(st2) or len(data) != st1.st_size:
                 raise Torn(f"{rel} changed while it was read")
             self.store.put_data(key, data)
         else:
@@ -363,11 +326,11 @@ class Watcher:
             self.store.put_file(full, key)
             t.join()
             st2 = os.stat(full, follow_symlinks=False)
-            if not out or _sig(st1) != _sig(st2):
+            if not out or sig(st1) != sig(st2):
                 raise Torn(f"{rel} changed while it was uploaded")
             digest = out[0]
         entry = Entry(path=rel, size=st1.st_size, xxh3=digest, mtime_ns=st1.st_mtime_ns, key=key, unit=unit)
-        return entry, _sig(st1)
+        return entry, sig(st1)
 
     def _discard(self, keys: list[str], why: str | None) -> None:
         """Delete the objects of a version that will not be committed (a key whose PUT
