@@ -56,9 +56,10 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def is_freeform(rel: str) -> bool:
-    """True for user files (mirrored as they are), False for checkpoints and our own files."""
-    return bool(rel) and not is_internal(rel) and not rel.endswith(MANIFEST + ".quarantined")
+def is_freeform(rel: str, root: Path | None = None) -> bool:
+    """True for user files (mirrored as they are), False for checkpoints and our own files
+    (``rel`` in the local dir ``root``, or a remote key without it: see :func:`is_internal`)."""
+    return bool(rel) and not is_internal(rel, root) and not rel.endswith(MANIFEST + ".quarantined")
 
 
 def remote_freeform(store: RemoteStore) -> dict[str, int]:
@@ -74,11 +75,11 @@ def local_freeform(root: Path) -> dict[str, int]:
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
-        dirnames[:] = [d for d in dirnames if not is_internal(f"{rel_dir}/{d}".lstrip("/"))]
+        dirnames[:] = [d for d in dirnames if not is_internal(f"{rel_dir}/{d}".lstrip("/"), root)]
         for name in filenames:
             rel = f"{rel_dir}/{name}".lstrip("/")
             full = os.path.join(dirpath, name)
-            if is_freeform(rel) and not os.path.islink(full):
+            if is_freeform(rel, root) and not os.path.islink(full):
                 try:
                     out[rel] = os.path.getsize(full)
                 except FileNotFoundError:

@@ -34,7 +34,7 @@ from ._config import Config
 from ._engine import Engine
 from ._errors import ConfigError
 from ._events import EventLog, log
-from ._local import META, LocalDir
+from ._local import LocalDir
 from ._pull import human_bytes, is_freeform, open_remote, pull
 from ._store import RemoteStore
 from ._syncer import Syncer
@@ -47,9 +47,9 @@ _MARGIN = 0.5                # seconds kept back for our own exit
 class _Tap(EventLog):
     """The events log, plus a tally of what reached the remote (for the final report)."""
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root / META / "events.jsonl")
-        self.root = root
+    def __init__(self, local: LocalDir) -> None:
+        super().__init__(local.meta / "events.jsonl")
+        self.local, self.root = local, local.root
         self.last_upload: dict[str, Any] | None = None
         self.mirrored: dict[str, int] = {}
 
@@ -58,7 +58,7 @@ class _Tap(EventLog):
         # so the emulator can tell how much work an interruption lost.
         if event == "upload_done":
             try:
-                fields["created"] = LocalDir(self.root).read_manifest(int(fields["step"])).created
+                fields["created"] = self.local.read_manifest(int(fields["step"])).created
             except Exception:  # noqa: BLE001 - informational only
                 pass
             self.last_upload = fields
@@ -110,7 +110,7 @@ class Supervisor:
         self.cmd, self.cfg, self.scope = list(cmd), cfg, scope
         self.stable_seconds, self.poll, self.do_pull, self.clock = stable_seconds, poll, pull, clock
         self.local = LocalDir(cfg.local_dir)
-        self.events = _Tap(self.local.root)
+        self.events = _Tap(self.local)
         self.store: RemoteStore | None = None
         self.syncer: Syncer | None = None
         self.engine: Engine | None = None
@@ -305,7 +305,8 @@ class Supervisor:
             # The command died while these were open for writing: they may be torn. Keep
             # the previous remote copy rather than overwrite it with a partial file.
             root = str(self.local.root.resolve()) + os.sep
-            torn = {p[len(root):] for p in self._writers if p.startswith(root) and is_freeform(p[len(root):])}
+            torn = {p[len(root):] for p in self._writers
+                    if p.startswith(root) and is_freeform(p[len(root):], self.local.root)}
         if torn:
             self.syncer.hold.update(torn)
             log.warning("spotckpt run: not uploading %s: it was being written when the command "
@@ -316,7 +317,7 @@ class Supervisor:
         self._scan()  # retention, now that uploads are done
         durable = self.syncer.durable_step
         step_bytes = 0
-        if durable is not None and (self.local.path(durable) / "MANIFEST.json").exists():
+        if durable is not None and self.local.is_committed(durable):
             step_bytes = self.local.read_manifest(durable).total_bytes
         files = {k: v for k, v in self.events.mirrored.items() if k not in torn}
         what = (f"checkpoint step {durable} ({human_bytes(step_bytes)})" if durable is not None

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 from ._errors import RemoteError, SpotckptError
 from ._events import EventLog, log
 from ._layout import SingleLayout
-from ._local import LocalDir, is_internal, write_atomic
+from ._local import LocalDir, write_atomic
 from ._manifest import MANIFEST, Manifest, parse_step_dirname, step_dirname
 from ._store import RemoteStore
 
@@ -225,7 +225,7 @@ class Syncer:
         if early is not None and early[0] == step and self._commit_early(*early):
             return
         path = self.local.path(step)
-        if not (path / MANIFEST).exists():
+        if not self.local.is_committed(step):
             return  # deleted or quarantined meanwhile
         manifest = self.local.read_manifest(step)
         lay = self.layout
@@ -349,13 +349,15 @@ class Syncer:
                     rel = rel_dir + e.name
                     try:
                         if e.is_dir(follow_symlinks=False):
-                            if not is_internal(rel):
+                            # (A user dir named step-N is skipped too: at its natural key
+                            # on the remote it would be taken for checkpoint payload.)
+                            if not self.local.is_internal(rel) and parse_step_dirname(rel) is None:
                                 stack.append((e.path, rel + "/"))
                             continue
                         if not e.is_file(follow_symlinks=False):
                             continue
                         # dirs on the way were checked: only the name can make a nested file ours
-                        if (is_internal(rel) if not rel_dir else e.name.endswith(_IGNORE)) or rel in self.hold:
+                        if (self.local.is_internal(rel) if not rel_dir else e.name.endswith(_IGNORE)) or rel in self.hold:
                             continue
                         st = e.stat(follow_symlinks=False)
                     except FileNotFoundError:
