@@ -32,6 +32,7 @@ from ._manifest import MANIFEST, Manifest, parse_step_dirname, step_dirname
 TMP_SUFFIX = ".tmp.sagemaker-ignore"
 STEP_MARKER = ".spotckpt-step"     # in each step dir we make, before it is renamed into place
 STATE_ENV = "SPOTCKPT_STATE_DIR"
+LEGACY_META = ".spotckpt.sagemaker-ignore"  # where earlier versions kept their state: in the local dir
 _SCRATCH = "tmp"                   # state dir subdir for transient files, emptied by clean_temp()
 
 
@@ -209,9 +210,10 @@ class LocalDir:
     # -- ownership -------------------------------------------------------------------------
     def owns(self, name: str) -> bool:
         """Whether the top-level entry ``name`` of the local dir is spotckpt's: one of our
-        temp entries (``.<x>.<id>.tmp.sagemaker-ignore``) or a step dir we made. A user's
-        file or dir that is merely named ``step-N`` is not."""
-        if name.startswith(".") and name.endswith(TMP_SUFFIX):
+        temp entries (``.<x>.<id>.tmp.sagemaker-ignore``), a step dir we made, or the state
+        dir an older version kept inside the local dir. A user's file or dir that is merely
+        named ``step-N`` is not."""
+        if (name.startswith(".") and name.endswith(TMP_SUFFIX)) or name == LEGACY_META:
             return True
         return parse_step_dirname(name) is not None and owned_step_dir(self.root / name)
 

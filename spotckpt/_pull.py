@@ -22,7 +22,7 @@ from ._engine import restore_newest
 from ._errors import CorruptCheckpointError, RemoteError
 from ._events import EventLog
 from ._local import TMP_SUFFIX, LocalDir, is_internal
-from ._manifest import MANIFEST, check_relpath
+from ._manifest import MANIFEST, check_relpath, parse_step_dirname
 from ._store import RemoteStore
 
 
@@ -75,7 +75,9 @@ def local_freeform(root: Path) -> dict[str, int]:
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
-        dirnames[:] = [d for d in dirnames if not is_internal(f"{rel_dir}/{d}".lstrip("/"), root)]
+        # (a user dir named step-N is not mirrored either: see Syncer._user_files)
+        dirnames[:] = [d for d in dirnames if not is_internal(f"{rel_dir}/{d}".lstrip("/"), root)
+                       and (rel_dir or parse_step_dirname(d) is None)]
         for name in filenames:
             rel = f"{rel_dir}/{name}".lstrip("/")
             full = os.path.join(dirpath, name)

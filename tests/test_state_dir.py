@@ -217,3 +217,28 @@ def test_state_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert state_dir(in_file).parent == tmp_path / "xdg" / "spotckpt"
     for d in (a, b, link, in_file):
         assert not state_dir(d).is_relative_to(os.path.realpath(d))
+
+
+def test_owns_and_is_internal_tell_ours_from_the_users(tmp_path: Path) -> None:
+    """What the mirror's scanner asks: real dirs written by a real commit and by the user."""
+    local = tmp_path / "ck"
+    with Checkpointer({"w": [0]}, local_dir=local, every_steps=3) as ck:
+        for _ in ck.steps(total=3):
+            pass
+    d = LocalDir(local)
+    _user_entries(local)
+    legacy = local / "step-000000000004"             # committed by a version without the marker
+    legacy.mkdir()
+    (legacy / "MANIFEST.json").write_bytes(d.read_manifest(3).to_json().replace(b'"step": 3', b'"step": 4'))
+    tmp = d.begin(9)
+
+    assert d.owns("step-000000000003") and d.owns("step-000000000004") and d.owns(tmp.name)
+    assert not d.owns(USER_DIR) and not d.owns(USER_FILE) and not d.owns("other")
+    assert d.committed() == [3, 4]
+    payload = d.read_manifest(3).files[0].path
+    assert d.is_internal(f"step-000000000003/{payload}") and d.is_internal(f"{tmp.name}/x")
+    assert not d.is_internal(USER_FILE) and not d.is_internal(f"{USER_DIR}/notes.txt")
+    d.clean_temp()                                   # crash leftovers of ours only
+    assert not tmp.exists() and (local / USER_DIR / "notes.txt").exists()
+    d.delete(2)                                      # a user's dir: never deleted as ours
+    assert (local / USER_DIR / "notes.txt").exists()
