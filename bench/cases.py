@@ -20,6 +20,7 @@ from typing import Any, Callable
 from common import (MiB, checkpointer, client, cpu_seconds, drop_bucket, endpoint, make_state, median,  # noqa: F401
                     memcpy_seconds, new_bucket, now, proc_status, raw_upload, serialized_file,
                     transfer_manager, workdir)
+from spotckpt._local import LocalDir
 
 
 # -- cases ------------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def case_slowdown(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _events(local: Path) -> list[dict[str, Any]]:
-    f = local / ".spotckpt.sagemaker-ignore" / "events.jsonl"
+    f = LocalDir(local).meta / "events.jsonl"
     try:
         return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
     except OSError:

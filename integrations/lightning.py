@@ -71,9 +71,10 @@ from ._lightning_dist import (bypass_sigterm_notifier, exit_after_launcher, hand
 
 __all__ = ["SpotCheckpoint"]
 
-# Under the local dir, so on the same disk; the suffix makes the Syncer and SageMaker skip it
-# and the core's clean_temp() remove it after a crash.
-_RESUME_DIR = ".lightning-resume.tmp.sagemaker-ignore"
+# A scratch dir in spotckpt's state dir (outside the watched local dir, which a script may
+# read as "resume" when it is not empty); the core's clean_temp() removes it after a crash.
+# Lightning takes any path for ckpt_path: it only loads the file.
+_RESUME_DIR = "lightning-resume"
 
 
 def _package() -> str:
@@ -201,8 +202,8 @@ class SpotCheckpoint:
             if trainer is None:
                 import torch
 
-                d = ckpt.local_dir / _RESUME_DIR
-                d.mkdir(exist_ok=True)
+                assert ckpt._local is not None
+                d = ckpt._local.scratch(_RESUME_DIR)
                 self._resume_file = d / f"step-{ckpt.restored_step}.ckpt"
                 torch.save(self._state.restored["checkpoint"], self._resume_file)
             else:

@@ -106,7 +106,8 @@ class Checkpointer:
         cfg = self.config = Config.resolve(**self._args)
         d = self._dist = _distributed.detect()
         # one rank of many: its own part dir, so ranks sharing a host never collide
-        local = self._local = LocalDir(cfg.local_dir if d is None else cfg.local_dir / rank_dirname(d.rank))
+        local = LocalDir(cfg.local_dir)
+        local = self._local = local if d is None else local.part(rank_dirname(d.rank))
         local.lock()
         try:
             # Notices first: a SIGTERM during the restore (a big download, a slow load) is
@@ -307,7 +308,7 @@ class Checkpointer:
         assert self._writer is not None and self._engine is not None
         self._writer.wait()  # at most one snapshot in memory
         step = self.step
-        if self._last_saved == step and (self._local.path(step) / "MANIFEST.json").exists():
+        if self._last_saved == step and self._local.is_committed(step):
             return
         t0 = time.monotonic()
         payload = _state.snapshot(self.state, pool=self._pool)  # buffers reused: a memcpy

@@ -182,7 +182,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     estimate = last.get("saved", {}).get("flush_estimate_s")
     flush = last.get("flush")
     doc = {
-        "local_dir": str(cfg.local_dir), "remote": cfg.remote,
+        "local_dir": str(cfg.local_dir), "state_dir": str(local.meta), "remote": cfg.remote,
         "durable_step": durable, "durable_bytes": durable_m.total_bytes if durable_m else None,
         "durable_age_seconds": round(now - durable_m.created, 1) if durable_m else None,
         "newest_local_step": newest,
@@ -196,6 +196,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     }
     lines = [
         f"local dir:            {cfg.local_dir}",
+        f"state dir:            {local.meta} (spotckpt's own files: events, locks, quarantine)",
         f"remote:               {cfg.remote or '(none)'}",
         f"last durable step:    {durable if durable is not None else '(none)'}"
         + (f"  ({human_bytes(durable_m.total_bytes)}, {_age(durable_m.created, now)} ago)" if durable_m else ""),

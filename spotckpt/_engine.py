@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 from ._errors import ConfigError, CorruptCheckpointError, LocalDirError, SpotckptError
 from ._events import EventLog, log
-from ._local import LocalDir
+from ._local import LocalDir, owned_step_dir
 from ._manifest import (MANIFEST, FileEntry, Manifest, build_manifest, check_relpath, step_dirname,
                         verify_dir)
 from ._store import RemoteStore
@@ -56,7 +56,7 @@ class Engine:
             stream: names of files ``write`` produces strictly front to back (never seeking
                 back); with an idle ``s3://`` Syncer they are uploaded while being written.
         """
-        if (self.local.path(step) / "MANIFEST.json").exists():
+        if self.local.is_committed(step):
             return self.local.path(step)
         tmp = self.local.begin(step)
         ups = self._start_streams(step, tmp, stream)
@@ -162,7 +162,7 @@ def _write_error(local: LocalDir, step: int, e: OSError) -> LocalDirError:
     untouched.
     """
     final = local.path(step)
-    if final.exists() and not (final / MANIFEST).exists():
+    if final.exists() and not (final / MANIFEST).exists() and owned_step_dir(final):
         shutil.rmtree(final, ignore_errors=True)  # renamed into place, manifest write failed
     prev = [s for s in local.committed() if s < step]
     kept = f"checkpoint step {prev[-1]} is intact" if prev else "no earlier checkpoint exists"
@@ -242,9 +242,7 @@ def restore_newest(local: LocalDir, store: RemoteStore | None, *,
                 log.warning("%s (remote %s); quarantined, trying an older checkpoint", e, step_dirname(step))
                 events.emit("quarantine", step=step, where="remote", error=str(e))
                 if tmp is not None:
-                    qdir = local.meta / "quarantine"
-                    qdir.mkdir(parents=True, exist_ok=True)
-                    os.rename(tmp, qdir / f"remote-{step_dirname(step)}-{os.getpid()}")
+                    local.set_aside(tmp, f"remote-{step_dirname(step)}-{os.getpid()}")
                 store.quarantine(step)
                 continue
             except BaseException:

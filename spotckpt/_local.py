@@ -1,29 +1,86 @@
 """The local half of the commit protocol: temp dir, fsync, rename, manifest last.
 
-Layout of the local dir::
+Layout of the local dir (the dir a script also writes its own files into)::
 
     step-000000000100/            committed once MANIFEST.json is in it
         state.pt
+        .spotckpt-step            written first: this step dir is ours (not a user dir)
         MANIFEST.json
     .step-000000000200.<id>.tmp.sagemaker-ignore/   being written; never synced
-    .spotckpt.sagemaker-ignore/   our own state: lock, events.jsonl, quarantine/
     checkpoint.pth                free-form user files, mirrored as they are
+
+Nothing else of spotckpt's is in it: locks, events.jsonl, quarantine/ and the mirror's
+state live in the *state dir* (:func:`state_dir`), outside the local dir, because scripts
+read "the checkpoint dir is not empty" as "resume from it" (AWS's TF2 ``mnist.py``:
+``max()`` of an empty list).
 """
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Mapping
 
 from ._errors import CheckpointLockedError, CorruptCheckpointError, LocalDirError
 from ._manifest import MANIFEST, Manifest, parse_step_dirname, step_dirname
 
-META = ".spotckpt.sagemaker-ignore"
 TMP_SUFFIX = ".tmp.sagemaker-ignore"
+STEP_MARKER = ".spotckpt-step"     # in each step dir we make, before it is renamed into place
+STATE_ENV = "SPOTCKPT_STATE_DIR"
+LEGACY_META = ".spotckpt.sagemaker-ignore"  # where earlier versions kept their state: in the local dir
+_SCRATCH = "tmp"                   # state dir subdir for transient files, emptied by clean_temp()
+
+
+def state_dir(root: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Path:
+    """Where spotckpt keeps its own files for local dir ``root``: outside it.
+
+    In order:
+
+    1. ``$SPOTCKPT_STATE_DIR/<name>-<hash>/`` when that variable is set;
+    2. ``<parent>/.<name>.spotckpt/`` beside the local dir, when it exists or the parent is
+       writable (``/opt/ml/.checkpoints.spotckpt`` on SageMaker);
+    3. ``${XDG_STATE_HOME:-~/.local/state}/spotckpt/<name>-<hash>/``.
+
+    ``<name>`` and ``<hash>`` come from the local dir's real path (symlinks resolved), so two
+    different local dirs never share a state dir, and every process on one local dir finds
+    the same one (the lock is in it).
+
+    Example:
+        >>> state_dir("/opt/ml/checkpoints", env={})  # doctest: +SKIP
+        PosixPath('/opt/ml/.checkpoints.spotckpt')
+    """
+    env = os.environ if env is None else env
+    real = Path(os.path.realpath(root))
+    tag = f"{real.name or 'root'}-{hashlib.sha256(os.fsencode(real)).hexdigest()[:16]}"
+    base = env.get(STATE_ENV)
+    if base:
+        return Path(base).expanduser().absolute() / tag
+    xdg = env.get("XDG_STATE_HOME") or ""
+    if not os.path.isabs(xdg):  # the XDG spec: a relative path is invalid, ignore it
+        xdg = os.path.join(os.path.expanduser("~"), ".local", "state")
+    fallback = Path(xdg) / "spotckpt" / tag
+    if not real.name or real.parent == real:
+        return fallback
+    sibling = real.parent / f".{real.name}.spotckpt"
+    # Once made, a state dir stays where it is (so a parent that changes writability does
+    # not split the processes of one local dir between two locks).
+    if sibling.is_dir() or (not fallback.is_dir() and _writable(real.parent)):
+        return sibling
+    return fallback
+
+
+def _writable(d: Path) -> bool:
+    """Whether ``d`` is (or, created with its missing parents, would be) writable by us."""
+    while not d.exists():
+        if d.parent == d:
+            return False
+        d = d.parent
+    return d.is_dir() and os.access(d, os.W_OK | os.X_OK)
 
 
 def fsync_dir(path: Path) -> None:
@@ -47,27 +104,76 @@ def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
         fsync_dir(path.parent)
 
 
-def is_internal(rel: str) -> bool:
-    """True for paths that belong to spotckpt or are in flight: never mirrored as user files."""
-    for part in rel.split("/"):
-        if part.endswith(".sagemaker-ignore") or part == META:
+def is_internal(rel: str, root: str | os.PathLike[str] | None = None) -> bool:
+    """True for paths that are spotckpt's or in flight: never mirrored as user files.
+
+    Args:
+        rel: a ``/``-separated path relative to the local dir (with ``root``) or to the
+            remote prefix (without).
+        root: the local dir. A path under ``step-N/`` is internal only when that dir is one
+            of ours (:meth:`LocalDir.owns`): a user's file or dir named ``step-000000000001``
+            is a user entry. Without ``root`` (a remote key) everything under ``step-N/`` is
+            checkpoint payload, and a bare ``step-N`` object is a user file.
+    """
+    parts = rel.split("/")
+    if any(part.endswith(".sagemaker-ignore") for part in parts):
+        return True  # our temp files, and SageMaker's own convention for "not uploaded"
+    if parse_step_dirname(parts[0]) is None:
+        return False
+    if root is None:
+        return len(parts) > 1
+    return owned_step_dir(Path(root) / parts[0])
+
+
+def owned_step_dir(path: Path) -> bool:
+    """Whether ``path`` (named ``step-N``) is a step dir spotckpt made: it holds our marker,
+    or (written before the marker existed) a manifest of ours for that step."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return False
+        if (path / STEP_MARKER).is_file():
             return True
-    first = rel.split("/", 1)[0]
-    return parse_step_dirname(first) is not None
+        step = parse_step_dirname(path.name)
+        if step is None:
+            return False
+        Manifest.from_json((path / MANIFEST).read_bytes(), expect_step=step)
+        return True
+    except (OSError, CorruptCheckpointError):
+        return False
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        try:
+            p.unlink()
+        except OSError:
+            pass
 
 
 class LocalDir:
-    """Committed checkpoints in one local directory.
+    """Committed checkpoints in one local directory, and spotckpt's state for it.
+
+    Attributes:
+        root: the local dir (shared with the script's own files).
+        meta: the state dir (:func:`state_dir`): locks, ``events.jsonl``, ``quarantine/``,
+            the mirror's state. Never inside ``root``.
 
     Example:
         >>> d = LocalDir(Path("/tmp/ck"))  # doctest: +SKIP
         >>> tmp = d.begin(100); (tmp / "state.pt").write_bytes(b"..."); d.commit(tmp, manifest)
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, state: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root)
-        self.meta = self.root / META
+        self.meta = Path(state) if state is not None else state_dir(self.root)
         self._lock_fd: int | None = None
+
+    def part(self, name: str) -> LocalDir:
+        """The local dir of one rank's part, ``<root>/<name>``, whose state goes in
+        ``<state dir>/<name>`` (not beside it: that would be inside this local dir)."""
+        return LocalDir(self.root / name, state=self.meta / name)
 
     # -- locking -------------------------------------------------------------------------
     def lock(self, role: str = "trainer") -> None:
@@ -76,6 +182,7 @@ class LocalDir:
         Raises:
             CheckpointLockedError: another live process holds it.
         """
+        self.root.mkdir(parents=True, exist_ok=True)
         self.meta.mkdir(parents=True, exist_ok=True)
         path = self.meta / f"{role}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -102,11 +209,34 @@ class LocalDir:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    # -- ownership -------------------------------------------------------------------------
+    def owns(self, name: str) -> bool:
+        """Whether the top-level entry ``name`` of the local dir is spotckpt's: one of our
+        temp entries (``.<x>.<id>.tmp.sagemaker-ignore``), a step dir we made, or the state
+        dir an older version kept inside the local dir. A user's file or dir that is merely
+        named ``step-N`` is not."""
+        if (name.startswith(".") and name.endswith(TMP_SUFFIX)) or name == LEGACY_META:
+            return True
+        return parse_step_dirname(name) is not None and owned_step_dir(self.root / name)
+
+    def is_internal(self, rel: str) -> bool:
+        """:func:`is_internal` for a path in this local dir."""
+        return is_internal(rel, self.root)
+
+    def scratch(self, name: str) -> Path:
+        """A fresh dir for transient files in the state dir (removed by :meth:`clean_temp`)."""
+        d = self.meta / _SCRATCH / name
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        return d
+
     # -- commit ----------------------------------------------------------------------------
     def begin(self, step: int) -> Path:
-        """A fresh hidden temp dir to write step ``step``'s payload into."""
+        """A fresh hidden temp dir to write step ``step``'s payload into, marked as ours."""
+        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{step_dirname(step)}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
-        tmp.mkdir(parents=True)
+        tmp.mkdir()
+        (tmp / STEP_MARKER).write_bytes(b"spotckpt\n")  # fsynced with the payload's dir
         return tmp
 
     def commit(self, tmp: Path, manifest: Manifest) -> Path:
@@ -114,14 +244,23 @@ class LocalDir:
 
         Returns:
             The committed checkpoint dir.
+
+        Raises:
+            LocalDirError: a user entry (not ours) has the step dir's name.
         """
         final = self.root / step_dirname(manifest.step)
-        if (final / MANIFEST).exists():
-            # This step is already committed (e.g. a final save right after a periodic one).
-            shutil.rmtree(tmp, ignore_errors=True)
-            return final
-        if final.exists():  # a leftover without manifest: it never existed
-            shutil.rmtree(final)
+        if final.exists() or final.is_symlink():
+            if not owned_step_dir(final):
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise LocalDirError(
+                    f"spotckpt: cannot commit step {manifest.step}: '{final}' is not a spotckpt "
+                    "checkpoint (it has no .spotckpt-step marker); spotckpt never touches it. "
+                    "Move or rename it: spotckpt names its checkpoints step-<12 digits>")
+            if (final / MANIFEST).exists():
+                # This step is already committed (e.g. a final save right after a periodic one).
+                shutil.rmtree(tmp, ignore_errors=True)
+                return final
+            shutil.rmtree(final)  # a leftover of ours without manifest: it never existed
         fsync_dir(tmp)
         os.rename(tmp, final)
         fsync_dir(self.root)
@@ -129,25 +268,33 @@ class LocalDir:
         return final
 
     def clean_temp(self) -> None:
-        """Remove temp dirs and manifest-less step dirs left by a crash."""
+        """Remove our temp entries and manifest-less step dirs left by a crash (only ours:
+        a user's entry named ``step-N`` stays), and the state dir's transient files."""
         for p in self.root.iterdir() if self.root.exists() else ():
             if p.name.endswith(TMP_SUFFIX) and p.name.startswith("."):
+                _remove(p)
+            elif (parse_step_dirname(p.name) is not None and not (p / MANIFEST).exists()
+                    and owned_step_dir(p)):
                 shutil.rmtree(p, ignore_errors=True)
-            elif parse_step_dirname(p.name) is not None and p.is_dir() and not (p / MANIFEST).exists():
-                shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(self.meta / _SCRATCH, ignore_errors=True)
 
     # -- reading ---------------------------------------------------------------------------
     def path(self, step: int) -> Path:
         return self.root / step_dirname(step)
 
+    def is_committed(self, step: int) -> bool:
+        """Whether step ``step`` is committed here (a step dir of ours with its manifest)."""
+        p = self.path(step)
+        return (p / MANIFEST).is_file() and owned_step_dir(p)
+
     def committed(self) -> list[int]:
-        """Steps with a manifest, oldest first."""
+        """Steps with a manifest, oldest first (step dirs of ours only)."""
         out = []
         if not self.root.exists():
             return out
         for p in self.root.iterdir():
             step = parse_step_dirname(p.name)
-            if step is not None and (p / MANIFEST).is_file():
+            if step is not None and (p / MANIFEST).is_file() and owned_step_dir(p):
                 out.append(step)
         return sorted(out)
 
@@ -160,8 +307,10 @@ class LocalDir:
 
     # -- removal ---------------------------------------------------------------------------
     def delete(self, step: int) -> None:
-        """Un-commit (manifest first) then remove a checkpoint."""
+        """Un-commit (manifest first) then remove a checkpoint of ours."""
         p = self.path(step)
+        if not owned_step_dir(p):
+            return
         try:
             (p / MANIFEST).unlink()
         except FileNotFoundError:
@@ -170,11 +319,24 @@ class LocalDir:
 
     def quarantine(self, step: int) -> Path:
         """Move a bad checkpoint aside (kept for inspection, invisible to restore)."""
+        return self.set_aside(self.path(step), f"{step_dirname(step)}-{int(time.time())}-{uuid.uuid4().hex[:6]}")
+
+    def set_aside(self, src: Path, name: str) -> Path:
+        """Move ``src`` into the state dir's ``quarantine/`` as ``name``.
+
+        Raises:
+            LocalDirError: it cannot be moved.
+        """
         qdir = self.meta / "quarantine"
-        qdir.mkdir(parents=True, exist_ok=True)
-        dest = qdir / f"{step_dirname(step)}-{int(time.time())}-{uuid.uuid4().hex[:6]}"
+        dest = qdir / name
         try:
-            os.rename(self.path(step), dest)
+            qdir.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(src, dest)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                shutil.move(src, dest)  # the state dir is on another filesystem
         except OSError as e:
-            raise LocalDirError(f"spotckpt: cannot quarantine {self.path(step)}: {e}") from e
+            raise LocalDirError(f"spotckpt: cannot quarantine {src}: {e}") from e
         return dest

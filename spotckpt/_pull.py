@@ -65,11 +65,11 @@ def local_freeform(root: Path) -> dict[str, int]:
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
-        dirnames[:] = [d for d in dirnames if not is_internal(f"{rel_dir}/{d}".lstrip("/"))]
+        dirnames[:] = [d for d in dirnames if not is_internal(f"{rel_dir}/{d}".lstrip("/"), root)]
         for name in filenames:
             rel = f"{rel_dir}/{name}".lstrip("/")
             full = os.path.join(dirpath, name)
-            if not is_internal(rel) and not os.path.islink(full):
+            if not is_internal(rel, root) and not os.path.islink(full):
                 try:
                     out[rel] = os.path.getsize(full)
                 except FileNotFoundError:

@@ -36,7 +36,7 @@ import psutil
 
 from ._config import _UNSET, Config
 from ._errors import ConfigError
-from ._local import META
+from ._local import state_dir
 from ._pull import open_remote
 from ._spot_report import Job
 from ._child import resolve_command
@@ -173,8 +173,12 @@ class SpotEmulator:
         self._stop_requested = signal.Signals(signum).name
 
     def _start_container(self) -> _Events:
-        if self.local_dir.exists():
-            shutil.rmtree(self.local_dir)
+        # A new instance: an empty local dir, and none of the last one's spotckpt state
+        # (its events log, locks, mirror state) either.
+        state = state_dir(self.local_dir)
+        for d in (self.local_dir, state):
+            if d.exists():
+                shutil.rmtree(d)
         self.local_dir.mkdir(parents=True)
         a = self.args
         argv = [sys.executable, "-m", "spotckpt", "run", "--local-dir", str(self.local_dir),
@@ -182,7 +186,7 @@ class SpotEmulator:
                 "--scan-interval", str(a.scan_interval),
                 *[x for r in a.dir_checkpoint for x in ("--dir-checkpoint", r)], "--", *self.cmd]
         self.proc = subprocess.Popen(argv, start_new_session=True)  # a "container": its own session
-        return _Events(self.local_dir / META / "events.jsonl")
+        return _Events(state / "events.jsonl")
 
     def _kill_container(self) -> None:
         """SIGKILL everything in the container's session, like a terminated instance."""

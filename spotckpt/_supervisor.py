@@ -33,7 +33,6 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import _proctree as pt
@@ -43,7 +42,7 @@ from ._config import Config
 from ._engine import Engine
 from ._errors import ConfigError
 from ._events import EventLog, log
-from ._local import META, LocalDir, is_internal
+from ._local import LocalDir, is_internal
 from ._pull import human_bytes, open_remote, pull
 from ._store import RemoteStore
 from ._syncer import Syncer
@@ -58,9 +57,9 @@ _WRITER_WAIT = 30.0          # without a notice: how long leftover writers get a
 class _Tap(EventLog):
     """The events log, plus a tally of what reached the remote (for the final report)."""
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root / META / "events.jsonl")
-        self.root = root
+    def __init__(self, local: LocalDir) -> None:
+        super().__init__(local.meta / "events.jsonl")
+        self.local, self.root = local, local.root
         self.last_upload: dict[str, Any] | None = None
         self.mirrored: dict[str, int] = {}
 
@@ -69,7 +68,7 @@ class _Tap(EventLog):
         # so the emulator can tell how much work an interruption lost.
         if event == "upload_done":
             try:
-                fields["created"] = LocalDir(self.root).read_manifest(int(fields["step"])).created
+                fields["created"] = self.local.read_manifest(int(fields["step"])).created
             except Exception:  # noqa: BLE001 - informational only
                 pass
             self.last_upload = fields
@@ -110,7 +109,7 @@ class Supervisor:
         self.rules = rules
         self.gate = WriterGate()  # tells the watcher that a closed file's writer was alive
         self.local = LocalDir(cfg.local_dir)
-        self.events = _Tap(self.local.root)
+        self.events = _Tap(self.local)
         self.store: RemoteStore | None = None
         self.syncer: Syncer | None = None
         self.engine: Engine | None = None
@@ -364,7 +363,7 @@ class Supervisor:
         """Keep files (absolute paths) out of the final flush: the remote keeps its previous,
         complete copy rather than a torn one."""
         root = str(self.local.root.resolve()) + os.sep
-        rels = {p[len(root):] for p in paths if p.startswith(root) and not is_internal(p[len(root):])}
+        rels = {p[len(root):] for p in paths if p.startswith(root) and not is_internal(p[len(root):], self.local.root)}
         w = self.syncer.watcher if self.syncer is not None else None
         if rels and w is not None:
             w.hold.update(rels)
@@ -400,7 +399,7 @@ class Supervisor:
         self._scan()  # retention, now that uploads are done
         durable = self.syncer.durable_step
         step_bytes = 0
-        if durable is not None and (self.local.path(durable) / "MANIFEST.json").exists():
+        if durable is not None and self.local.is_committed(durable):
             step_bytes = self.local.read_manifest(durable).total_bytes
         files = {k: v for k, v in self.events.mirrored.items() if k not in torn}
         what = (f"checkpoint step {durable} ({human_bytes(step_bytes)})" if durable is not None

@@ -213,7 +213,7 @@ class Syncer:
         if early is not None and early[0] == step and self._commit_early(*early):
             return
         path = self.local.path(step)
-        if not (path / MANIFEST).exists():
+        if not self.local.is_committed(step):
             return  # deleted or quarantined meanwhile
         manifest = self.local.read_manifest(step)
         lay = self.layout

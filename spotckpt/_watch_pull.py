@@ -26,7 +26,7 @@ from typing import Callable
 from ._errors import CorruptCheckpointError
 from ._events import EventLog, log
 from ._fileset import Entry, FileSet, list_files_prefix, newest_set, warn_foreign
-from ._local import TMP_SUFFIX, LocalDir
+from ._local import TMP_SUFFIX, LocalDir, is_internal
 from ._manifest import file_digest
 from ._store import RemoteStore
 from ._watch import HEARTBEAT
@@ -185,7 +185,7 @@ def restore_files(local: LocalDir, store: RemoteStore, *, events: EventLog | Non
         for n in names:
             full = Path(dirpath) / n
             rel = full.relative_to(r.root).as_posix()
-            if rel in named or not _is_user(rel) or full.is_symlink():
+            if rel in named or is_internal(rel, r.root) or full.is_symlink():
                 continue
             try:
                 if r.suspect(rel, full.stat()):
@@ -194,8 +194,3 @@ def restore_files(local: LocalDir, store: RemoteStore, *, events: EventLog | Non
                 continue
     return fs, r.got, r.bytes
 
-
-def _is_user(rel: str) -> bool:
-    from ._local import is_internal
-
-    return not is_internal(rel)

@@ -44,7 +44,7 @@ def scan(root: Path, warn_once: Callable[..., None]) -> tuple[dict[str, os.stat_
                 except UnicodeEncodeError:
                     warn_once(rel, "spotckpt: not mirroring %r: its name is not valid UTF-8", os.fsencode(rel))
                     continue
-                if is_internal(rel):
+                if is_internal(rel, root):
                     continue
                 names.append(e.name)
                 try:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from conftest import S3Server
+from spotckpt._local import LocalDir
 from spotckpt._manifest import MANIFEST, Manifest, hasher, parse_step_dirname
 
 
@@ -48,7 +49,7 @@ def remote_audit(s3: S3Server, bucket: str, prefix: str) -> tuple[list[int], int
 
 def events(root: Path) -> list[dict]:
     """The events of a local dir (a line cut short by SIGKILL is skipped)."""
-    p = root / ".spotckpt.sagemaker-ignore" / "events.jsonl"
+    p = LocalDir(root).meta / "events.jsonl"
     if not p.exists():
         return []
     out = []

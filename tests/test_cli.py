@@ -14,6 +14,7 @@ import pytest
 from conftest import run_env
 from proc_helpers import run, spotckpt
 from spotckpt import Checkpointer
+from spotckpt._local import STEP_MARKER
 from spotckpt._manifest import step_dirname
 from spotckpt._store import RemoteStore
 
@@ -76,7 +77,8 @@ def test_verify_finds_damage_local_and_remote(tmp_path: Path, s3_remote: str) ->
     assert _cli("verify", *where).returncode == 0
 
     store = RemoteStore(s3_remote)
-    rel = f"{step_dirname(20)}/" + next(p.name for p in (local / step_dirname(20)).iterdir() if p.name != "MANIFEST.json")
+    rel = f"{step_dirname(20)}/" + next(p.name for p in (local / step_dirname(20)).iterdir()
+                                          if p.name not in ("MANIFEST.json", STEP_MARKER))
     data = bytearray(store.cat(rel))
     data[len(data) // 2] ^= 0xFF                    # same size, one flipped byte
     store.put_bytes(rel, bytes(data))

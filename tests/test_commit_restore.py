@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import spotckpt
-from spotckpt._local import LocalDir
+from spotckpt._local import STEP_MARKER, LocalDir
 from spotckpt._manifest import MANIFEST, step_dirname
 from spotckpt._store import RemoteStore
 
@@ -70,7 +70,8 @@ def test_checkpoint_without_manifest_is_invisible(tmp_path: Path, remote_url: st
     data = store.cat(f"{step_dirname(10)}/state.pt")
     store.put_bytes(f"{step_dirname(15)}/state.pt", data)
     local = tmp_path / "a"
-    (local / step_dirname(16)).mkdir()
+    (local / step_dirname(16)).mkdir()  # renamed into place, killed before its manifest
+    (local / step_dirname(16) / STEP_MARKER).write_bytes(b"")
     (local / step_dirname(16) / "state.pt").write_bytes(data)
     c, ckpt = train(local, remote_url, 10)
     assert ckpt.restored_step == 10
@@ -87,9 +88,9 @@ def test_corrupt_local_payload_falls_back(tmp_path: Path) -> None:
     p.write_bytes(bytes(b))
     c, ckpt = train(local, None, 10)
     assert ckpt.restored_step == 5 and c.n == 10
-    q = list((local / ".spotckpt.sagemaker-ignore" / "quarantine").iterdir())
+    q = list((LocalDir(local).meta / "quarantine").iterdir())
     assert len(q) == 1 and q[0].name.startswith(step_dirname(10))
-    events = [json.loads(x) for x in (local / ".spotckpt.sagemaker-ignore" / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(x) for x in (LocalDir(local).meta / "events.jsonl").read_text().splitlines()]
     assert any(e["event"] == "quarantine" and e["step"] == 10 for e in events)
 
 

@@ -1,5 +1,5 @@
 """Two training processes started on the same local dir by mistake: one wins (the lock in
-``.spotckpt.sagemaker-ignore/trainer.lock``), the other exits at once with a clear message
+``trainer.lock`` in the local dir's state dir, ``LocalDir(dir).meta``), the other exits at once with a clear message
 naming the dir and the holder; nothing is corrupted. Real processes, real flock."""
 from __future__ import annotations
 

@@ -12,11 +12,11 @@ import pytest
 
 import spotckpt
 from chaoslib import events
+from spotckpt._local import LocalDir
 from spotckpt._manifest import MANIFEST, step_dirname
 from spotckpt._store import RemoteStore
 
 D10 = step_dirname(10)
-META = ".spotckpt.sagemaker-ignore"
 
 
 def flip_bit(b: bytes) -> bytes:
@@ -85,7 +85,7 @@ def test_local_damage_is_quarantined_and_restore_falls_back(tmp_path: Path, targ
     with spotckpt.Checkpointer(state, local_dir=local, remote=None) as ckpt:
         assert ckpt.restored_step == 5
     assert state == at5
-    q = list((local / META / "quarantine").iterdir())
+    q = list((LocalDir(local).meta / "quarantine").iterdir())
     assert len(q) == 1 and q[0].name.startswith(D10) and (q[0] / target).exists()
     assert any(e["event"] == "quarantine" and e["step"] == 10 for e in events(local))
 
@@ -121,7 +121,7 @@ def test_damaged_local_copy_restores_the_same_step_from_the_remote(tmp_path: Pat
     with spotckpt.Checkpointer(state, local_dir=local, remote=remote_url) as ckpt:
         assert ckpt.restored_step == 10
     assert state["n"] == 10
-    assert len(list((local / META / "quarantine").iterdir())) == 1
+    assert len(list((LocalDir(local).meta / "quarantine").iterdir())) == 1
 
 
 def test_newest_damaged_everywhere_falls_back_to_older(tmp_path: Path, remote_url: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from conftest import EXAMPLES, free_port, run_env
+from spotckpt._local import LocalDir
 from spotckpt._store import RemoteStore
 
 SCRIPT = str(EXAMPLES / "train_ddp.py")
@@ -44,7 +45,7 @@ def rank_pids(proc: subprocess.Popen) -> tuple[dict[int, int], list[str]]:
 
 
 def events(local: Path, rank: int) -> list[dict]:
-    p = local / f"rank-{rank:05d}" / ".spotckpt.sagemaker-ignore" / "events.jsonl"
+    p = LocalDir(local).part(f"rank-{rank:05d}").meta / "events.jsonl"
     return [json.loads(x) for x in p.read_text().splitlines()]
 
 

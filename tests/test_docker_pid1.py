@@ -21,6 +21,7 @@ import pytest
 
 from conftest import run_env
 from proc_helpers import PY, REPO, Proc, wait_until
+from spotckpt._local import LocalDir
 from spotckpt._store import RemoteStore
 
 DOCKER = REPO / "docker"
@@ -103,7 +104,7 @@ def test_pid1_forwards_sigterm_reaps_and_flushes(tmp_path: Path, s3_remote: str)
         raise AssertionError(f"PID 1 did not exit within the grace\n{p.stderr}")
     p.finish(5)
     assert rc == 143, p.stderr
-    events = [json.loads(line) for line in (local / ".spotckpt.sagemaker-ignore" / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (LocalDir(local).meta / "events.jsonl").read_text().splitlines()]
     step = next(e["step"] for e in events if e["event"] == "notice" and "step" in e)  # the trainer's save
     assert RemoteStore(s3_remote).committed()[-1] == step
     assert f"durable at {s3_remote}: checkpoint step {step}" in p.stderr

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLES, S3Server
+from spotckpt._local import LocalDir
 
 ADAPTERS = {"lightning": "lightning", "keras": "keras", "xgboost": "xgboost"}
 
@@ -88,7 +89,7 @@ def local_steps(local: Path) -> list[int]:
 
 def committed(local: Path) -> list[int]:
     """Steps committed during the run, in order, from the local events log."""
-    events = local / ".spotckpt.sagemaker-ignore" / "events.jsonl"
+    events = LocalDir(local).meta / "events.jsonl"
     recs = [json.loads(line) for line in events.read_text().splitlines() if line.strip()]
     return [r["step"] for r in recs if r["event"] == "commit"]
 

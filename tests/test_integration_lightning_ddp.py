@@ -26,6 +26,7 @@ import torch
 
 from conftest import EXAMPLES, S3Server, free_port
 from test_integration_common import remote_steps, script_env
+from spotckpt._local import LocalDir
 
 SCRIPT = str(EXAMPLES / "train_lightning_ddp.py")
 EPOCHS, STEPS_PER_EPOCH, EVERY = 3, 32, 10
@@ -93,7 +94,7 @@ def wait_gone(pid: int, timeout: float) -> None:
 
 
 def events(local: Path, rank: int) -> list[dict]:
-    p = local / f"rank-{rank:05d}" / ".spotckpt.sagemaker-ignore" / "events.jsonl"
+    p = LocalDir(local).part(f"rank-{rank:05d}").meta / "events.jsonl"
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import EXAMPLES, run_env
 from metadata_servers import MetadataServer
+from spotckpt._local import LocalDir
 from spotckpt._metadata import AzureSource, EC2Source, GCPSource, sources_from_env
 from spotckpt._store import RemoteStore
 
@@ -34,7 +35,7 @@ def wait_training(proc: subprocess.Popen) -> None:
 
 
 def events(local: Path) -> list[dict]:
-    p = local / ".spotckpt.sagemaker-ignore" / "events.jsonl"
+    p = LocalDir(local).meta / "events.jsonl"
     return [json.loads(x) for x in p.read_text().splitlines()]
 
 

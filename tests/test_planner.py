@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 import pytest
 
 from conftest import REPO, run_env
+from spotckpt._local import LocalDir
 from spotckpt._planner import FlushPlanner
 from spotckpt._store import RemoteStore
 from throttle_proxy import ThrottleProxy
@@ -36,7 +37,7 @@ def test_decisions() -> None:
 
 
 def _events(local: Path) -> list[dict]:
-    p = local / ".spotckpt.sagemaker-ignore" / "events.jsonl"
+    p = LocalDir(local).meta / "events.jsonl"
     return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
 
 

@@ -23,7 +23,7 @@ from spotckpt._store import RemoteStore
 
 
 def _events(local: Path) -> list[dict]:
-    p = local / ".spotckpt.sagemaker-ignore" / "events.jsonl"
+    p = LocalDir(local).meta / "events.jsonl"
     return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from conftest import run_env
 from proc_helpers import PY, REPO, Proc, run, spotckpt, wait_until
+from spotckpt._local import LocalDir
 from spotckpt._store import RemoteStore
 
 SCRIPT = str(REPO / "tests" / "scripts" / "counter_train.py")
@@ -27,7 +28,7 @@ LONG = [PY, SCRIPT, "--steps", "100000", "--every-steps", "50", "--sleep", "0.01
 
 
 def _events(local: Path) -> list[dict]:
-    p = local / ".spotckpt.sagemaker-ignore" / "events.jsonl"
+    p = LocalDir(local).meta / "events.jsonl"
     return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
 
 
