@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping

@@ -225,30 +225,22 @@ def _verify_remote(store: RemoteStore, step: int, m: Manifest, quick: bool) -> s
             if listing.get(rel) != e.size:
                 return f"{rel}: size {listing.get(rel)} on the remote, manifest says {e.size}"
             continue
-        h, size = hasher(e.algo), 0
-        try:
-            with store.fs.open(store.path(rel), "rb") as f:
-                while chunk := f.read(8 << 20):
-                    h.update(chunk)
-                    size += len(chunk)
-        except FileNotFoundError:
-            return f"{rel} is missing on the remote"
-        if size != e.size:
-            return f"{rel}: {size} bytes on the remote, manifest says {e.size}"
-        if h.hexdigest() != e.digest:
-            return f"{rel} fails its checksum on the remote"
+        err = _verify_object(store, rel, e.size, e.digest, e.algo)
+        if err is not None:
+            return f"{rel}: {err.replace('the set', 'manifest')}"
     return None
 
 
-def _verify_object(store: RemoteStore, key: str, size: int, digest: str | None) -> str | None:
-    """A file-set object's size (and XXH3-128 unless ``digest`` is None), or what is wrong."""
+def _verify_object(store: RemoteStore, key: str, size: int, digest: str | None,
+                   algo: str = "xxh3_128") -> str | None:
+    """An object's size (and checksum unless ``digest`` is None), or what is wrong."""
     if digest is None:
         try:
             got = store.size(key)
         except RemoteError:
             return "missing on the remote"
         return None if got == size else f"size {got} on the remote, the set says {size}"
-    h, n = hasher("xxh3_128"), 0
+    h, n = hasher(algo), 0
     try:
         with store.fs.open(store.path(key), "rb") as f:
             while chunk := f.read(8 << 20):
