@@ -315,7 +315,14 @@ class LocalDir:
             (p / MANIFEST).unlink()
         except FileNotFoundError:
             pass
-        shutil.rmtree(p, ignore_errors=True)
+        # Out of the way first: while rmtree removed the files one by one (the marker among
+        # them), what was left of step-N/ could look like a user dir to the watched dir.
+        gone = self.root / f".{p.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+        try:
+            os.rename(p, gone)
+        except OSError:
+            gone = p
+        shutil.rmtree(gone, ignore_errors=True)
 
     def quarantine(self, step: int) -> Path:
         """Move a bad checkpoint aside (kept for inspection, invisible to restore)."""

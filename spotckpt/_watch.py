@@ -19,28 +19,27 @@ Sync layer (no ML imports). See :mod:`._fileset` for the remote layout. One pass
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import stat
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from ._closed import SETTLE_NS, Torn, emptied, open_for_writing, sig
+from ._closed import suspect_test, write_beat, SETTLE_NS, Torn, emptied, open_for_writing, sig
 from ._errors import RemoteError
 from ._events import EventLog, log
 from ._fileset import Entry, FileSet, list_files_prefix, newest_set, object_key, set_key
-from ._local import LocalDir, write_atomic
+from ._local import LocalDir
 from ._manifest import file_digest, hasher
 from ._store import RemoteStore
 from ._watchscan import scan
-from ._watchrules import MTIME_SLOP_NS, BUILTIN_RULES, DirRule, WriterGate, unit_of, units_of
+from ._watchrules import MTIME_SLOP_NS, unit_ready, BUILTIN_RULES, DirRule, WriterGate, unit_of, units_of
 
 _SMALL = 8 << 20     # files up to this size are read once, hashed and PUT from memory
 _PARALLEL = 8
 _CHECK_EVERY = 256   # uploaded small units per check that they were closed (one /proc scan each)
-HEARTBEAT = "watch-heartbeat.json"
 
 
 @dataclasses.dataclass
@@ -82,6 +81,12 @@ class Watcher:
         self.hold: set[str] = set()     # paths never to upload in this run (torn by a crash)
         self.settle = False             # wait for a just-emptied file to settle (a flush's pass)
         self._seen_local: set[str] = set()  # units and links this run has seen in the dir
+        self._suspect: dict[str, tuple[int, int, int, int]] = {}  # path -> signature not to trust
+        self._unreadable: set[str] = set()  # dirs/entries the last scan could not read
+        self._last_busy: set[str] = set()   # absolute paths open for writing at the last check
+        # The last run's heartbeat, read before this run beats over it (see load()).
+        self._born_ns = time.time_ns()
+        self._prev_suspect = suspect_test(local.meta)
         # (bytes, monotonic start) of a big file being uploaded: a checkpoint waits for it
         self.uploading: tuple[int, float] | None = None
         self._lock = threading.Lock()
@@ -98,19 +103,28 @@ class Watcher:
         self._orphans |= {k for s, k in sets.items() if self.current is None or s != self.current.seq}
         self._seq = max(sets, default=0)
         self._loaded = True
+        # A killed run's torn files (held back, open for writing at its last heartbeat, or
+        # modified after it) that differ from the set stay out until they change again: a
+        # restore sets them aside, but a run that did not pull (--no-pull) must not upload them.
+        cur = self.current.entries if self.current else {}
+        for rel, st in self.scan()[0].items():
+            e = cur.get(rel)
+            if ((e is None or (e.size, e.mtime_ns) != (st.st_size, st.st_mtime_ns))
+                    and st.st_mtime_ns < self._born_ns and self._prev_suspect(rel, st)):
+                self._suspect[rel] = sig(st)
+                log.warning("spotckpt: not mirroring %s: it may be torn (it was being written when the "
+                            "last run on this dir was killed); the remote keeps its version", rel)
 
     def beat(self, *, clean: bool = False) -> None:
-        """Record that a watcher is alive now; with ``clean``, that it ended cleanly. A
-        restart on this dir treats local files modified since the last beat of a watcher
-        that did not end cleanly, and held files, as possibly torn
-        (:func:`._watch_pull.suspect_test`)."""
-        p = self.local.meta / HEARTBEAT
-        try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(p, json.dumps({"interval": self.interval, "clean": clean,
-                                        "hold": sorted(self.hold)}).encode(), sync=clean)
-        except OSError:
-            pass
+        """Record that this watcher is alive (with ``clean``: that it ended cleanly), the
+        files held back and the files open for writing (the supervisor's last poll, or this
+        watcher's last check): a later run on this dir does not trust them
+        (:func:`._closed.suspect_test`)."""
+        root = str(self.local.root.resolve()) + os.sep
+        writers = self.gate.writers if self.gate is not None else self._last_busy
+        rels = {p[len(root):] for p in writers if p.startswith(root)}
+        write_beat(self.local.meta, interval=self.interval, clean=clean,
+                   hold=self.hold | set(self._suspect), writers=rels)
 
     def modified_since(self, wall_ns: int, writers: frozenset[str] | set[str]) -> set[str]:
         """Local paths open for writing (``writers``, absolute) or modified at or after
@@ -127,8 +141,10 @@ class Watcher:
             log.warning(msg, *args)
 
     def scan(self) -> tuple[dict[str, os.stat_result], dict[str, str], dict[str, list[str]]]:
-        """``(files, links, dirs)`` of the local dir (:func:`._watchscan.scan`)."""
-        return scan(self.local.root, self._warn_once)
+        """``(files, links, dirs)`` of the local dir (:func:`._watchscan.scan`); what could not
+        be read is in ``self._unreadable``."""
+        self._unreadable = set()
+        return scan(self.local.root, self._warn_once, self._unreadable)
 
     # -- one pass ----------------------------------------------------------------------------
     def run_pass(self) -> bool:
@@ -150,21 +166,26 @@ class Watcher:
         todo: list[tuple[str, list[str]]] = []
         for g, members in groups.items():
             old = by_group.get(g, {})
-            if g in units and units[g].marker not in {m[len(g) + 1:] for m in members}:
+            if g in units and not unit_ready(g, units[g], members, files, old):
                 new.update(old)  # incomplete: the remote keeps the previous version, if any
                 continue
             same = set(old) == set(members) and all(
                 old[m].size == files[m].st_size and old[m].mtime_ns == files[m].st_mtime_ns for m in members)
             new.update(old)
-            if not same and not any(m in self.hold for m in members):
+            for m in [m for m in members if m in self._suspect]:
+                if self._suspect[m] != sig(files[m]):
+                    del self._suspect[m]  # written again since: a new version, judged as usual
+            if not same and not any(m in self.hold or m in self._suspect for m in members):
                 todo.append((g, members))  # (a held file keeps its previous version)
         # A committed entry this run has never seen locally (not pulled: --no-pull, or refused
         # as damaged) is not a local delete: it stays. One seen and then gone is deleted.
         self._seen_local.update(groups)
         self._seen_local.update(links)
+        hidden = tuple(u + "/" for u in self._unreadable if u) if "" not in self._unreadable else ("",)
         for g, old in by_group.items():
-            if g not in groups and g not in self._seen_local:
-                new.update(old)
+            if g not in groups and (g not in self._seen_local or g in self._unreadable
+                                    or g.startswith(hidden)):
+                new.update(old)  # (unreadable now: unknown, not deleted)
         for p, e in (self.current.entries.items() if self.current else ()):
             if e.link is not None and p not in links and p not in self._seen_local:
                 new[p] = e
@@ -177,7 +198,7 @@ class Watcher:
         done = True
         if todo:
             root = self.local.root.resolve()  # as /proc names open files (a symlinked dir)
-            busy = self.busy({str(root / m) for _, ms in todo for m in ms})
+            busy = self._last_busy = self.busy({str(root / m) for _, ms in todo for m in ms})
             ready = [(g, ms) for g, ms in todo if not any(str(root / m) in busy for m in ms)]
             done = self._upload_groups(ready, files, units, new)
         self._links(links, new)
@@ -304,13 +325,18 @@ class Watcher:
     def _upload_one(self, rel: str, key: str, unit: str | None) -> tuple[Entry, tuple[int, int, int, int]]:
         full = self.local.root / rel
         st1 = os.stat(full, follow_symlinks=False)
+        if not stat.S_ISREG(st1.st_mode):  # replaced meanwhile (a FIFO would block the read)
+            raise Torn(f"{rel} is no longer a regular file")
         if emptied(st1) and self.settle:
             time.sleep(min(1.0, max(0.0, st1.st_mtime_ns + SETTLE_NS - time.time_ns()) / 1e9) + 0.01)
             st1 = os.stat(full, follow_symlinks=False)
         if emptied(st1):
             raise Torn(f"{rel} was just emptied (a writer may be opening it)")
         if st1.st_size <= _SMALL:
-            with open(full, "rb") as f:
+            fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even on a FIFO
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise Torn(f"{rel} is no longer a regular file")
                 data = f.read()
             h = hasher()
             h.update(data)

@@ -15,7 +15,6 @@ the committed version takes its place.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -29,25 +28,7 @@ from ._fileset import Entry, FileSet, list_files_prefix, newest_set, warn_foreig
 from ._local import TMP_SUFFIX, LocalDir, is_internal
 from ._manifest import file_digest
 from ._store import RemoteStore
-from ._watch import HEARTBEAT
-
-_SLOP_NS = 1_000_000_000
-
-
-def suspect_test(local: LocalDir) -> Callable[[str, os.stat_result], bool]:
-    """Whether a local file that differs from the committed set may be torn."""
-    p = local.meta / HEARTBEAT
-    try:
-        beat = json.loads(p.read_text())
-        since = p.stat().st_mtime_ns - int(float(beat.get("interval", 2.0)) * 1e9) - _SLOP_NS
-        held = set(beat.get("hold") or ())
-        clean = bool(beat.get("clean"))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return lambda rel, st: False  # no watcher ran here: every local file is the user's
-    if clean:
-        return lambda rel, st: rel in held
-    return lambda rel, st: rel in held or st.st_mtime_ns >= since
-
+from ._closed import suspect_test
 
 def _inside(root: Path, target: Path) -> bool:
     """True if ``target``'s parent resolves inside ``root`` (no symlinked dir escapes)."""
@@ -62,7 +43,7 @@ class _Restore:
     def __init__(self, local: LocalDir, store: RemoteStore, events: EventLog) -> None:
         self.local, self.store, self.events = local, store, events
         self.root = local.root.resolve()
-        self.suspect = suspect_test(local)
+        self.suspect = suspect_test(local.meta)
         self.got: list[str] = []
         self.bytes = 0
         self.skipped: list[str] = []

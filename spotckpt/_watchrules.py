@@ -19,9 +19,12 @@ import math
 import os
 import threading
 import time
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from ._errors import ConfigError
+
+if TYPE_CHECKING:
+    from ._fileset import Entry
 
 MTIME_SLOP_NS = 20_000_000  # file mtimes come from a coarse kernel clock: up to a tick (<= 10 ms) early
 
@@ -98,6 +101,23 @@ def unit_of(rel: str, units: dict[str, DirRule]) -> str | None:
         if d in units:
             return d
     return None
+
+
+def unit_ready(g: str, rule: DirRule, members: list[str], files: dict[str, os.stat_result],
+               old: dict[str, Entry]) -> bool:
+    """Whether directory checkpoint ``g`` holds one complete version: its marker (the
+    file written last) exists and is not older than any other file in it, and, if the
+    committed version has the same marker, nothing else changed (a unit rewritten in
+    place before its marker, or being deleted file by file, keeps its committed version)."""
+    marker = f"{g}/{rule.marker}"
+    mk = files.get(marker)
+    if mk is None or any(files[m].st_mtime_ns > mk.st_mtime_ns + MTIME_SLOP_NS for m in members):
+        return False
+    was = old.get(marker)
+    if was is not None and (was.size, was.mtime_ns) == (mk.st_size, mk.st_mtime_ns):
+        return set(old) == set(members) and all(
+            (old[m].size, old[m].mtime_ns) == (files[m].st_size, files[m].st_mtime_ns) for m in members)
+    return True
 
 
 class WriterGate:

@@ -21,10 +21,14 @@ def link_inside(rel: str, target: str) -> bool:
     return not (joined == ".." or joined.startswith("../") or joined == ".")
 
 
-def scan(root: Path, warn_once: Callable[..., None]) -> tuple[dict[str, os.stat_result], dict[str, str],
-                                                              dict[str, list[str]]]:
+def scan(root: Path, warn_once: Callable[..., None],
+         unreadable: set[str] | None = None) -> tuple[dict[str, os.stat_result], dict[str, str],
+                                                      dict[str, list[str]]]:
     """``(files, links, dirs)``: regular files -> stat, in-dir symlinks -> target, dirs ->
-    the names directly inside; one ``os.scandir`` per dir, one stat per file."""
+    the names directly inside; one ``os.scandir`` per dir, one stat per file. Dirs (or
+    entries) that cannot be read go into ``unreadable`` with a warning: what they hold is
+    unknown, not deleted."""
+    unreadable = set() if unreadable is None else unreadable
     files: dict[str, os.stat_result] = {}
     links: dict[str, str] = {}
     dirs: dict[str, list[str]] = {}
@@ -33,7 +37,12 @@ def scan(root: Path, warn_once: Callable[..., None]) -> tuple[dict[str, os.stat_
         d, rel_dir = stack.pop()
         try:
             it = os.scandir(d)
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as err:  # permissions, I/O
+            unreadable.add(rel_dir.rstrip("/"))
+            warn_once(rel_dir, "spotckpt: cannot read %s (%s): its files are not mirrored, and "
+                      "their committed copies are kept", rel_dir or ".", err.strerror or err)
             continue
         names = dirs.setdefault(rel_dir.rstrip("/"), [])
         with it:
@@ -61,4 +70,8 @@ def scan(root: Path, warn_once: Callable[..., None]) -> tuple[dict[str, os.stat_
                         files[rel] = e.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
+                except OSError as err:
+                    unreadable.add(rel)
+                    warn_once(rel, "spotckpt: cannot read %s (%s): not mirrored, its committed copy "
+                              "is kept", rel, err.strerror or err)
     return files, links, dirs
