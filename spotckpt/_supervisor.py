@@ -182,7 +182,7 @@ class Supervisor:
             if self.child is None or self.child.poll() is not None:
                 continue
             procs = pt.targets(self.child.pid, self.scope)
-            self._confirm_alive()  # what it closed before our signal, it closed alive
+            self._confirm_alive(snapshot=True)  # what it closed before our signal, it closed alive
             n = pt.send(procs, sig)
             left = self.deadline - now
             log.warning("spotckpt run: %s: forwarded to %d process(es); deadline in %.1f s, "
@@ -238,17 +238,19 @@ class Supervisor:
                 self._kill_child()
             time.sleep(self.poll)
 
-    def _confirm_alive(self) -> int | None:
+    def _confirm_alive(self, *, snapshot: bool = False) -> int | None:
         """Poll the command; while it runs, tell the writer gate it was alive now and which
         files its tree holds open for writing (taken before the poll, so a file closed
         before it was closed by a live writer). Returns the command's exit code, or None."""
         assert self.child is not None
         wall, mono = time.time_ns(), time.monotonic()
         writers = pt.writing_under(pt.tree(self.child.pid), self.local.root)
+        w = self.syncer.watcher if self.syncer is not None else None
+        files = w.snapshot() if snapshot and w is not None else None  # after the writers scan
         rc = self.child.poll()
         if rc is None:
             self._writers = writers
-            self.gate.confirm(mono, wall, writers)
+            self.gate.confirm(mono, wall, writers, files)
         return rc
 
     def _scan(self) -> None:
@@ -289,7 +291,7 @@ class Supervisor:
 
     def _kill_child(self) -> None:
         assert self.child is not None and self.deadline is not None
-        self._confirm_alive()
+        self._confirm_alive(snapshot=True)
         procs = pt.tree(self.child.pid)
         self._writers |= pt.writing_under(procs, self.local.root)
         pt.send(procs, signal.SIGKILL)
@@ -387,7 +389,7 @@ class Supervisor:
             # The command died while these were open for writing, or wrote them after our
             # last poll: they may be torn. Keep the previous remote copy rather than upload
             # a partial file, now and in a later run on this dir (the hold is persisted).
-            torn = w.modified_since(self.gate.poll_wall_ns, self.gate.writers)
+            torn = w.modified_since(self.gate.poll_wall_ns, self.gate.writers, self.gate.files)
         if torn and w is not None:
             w.hold.update(torn)
             w.beat()

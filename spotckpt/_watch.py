@@ -126,13 +126,26 @@ class Watcher:
         write_beat(self.local.meta, interval=self.interval, clean=clean,
                    hold=self.hold | set(self._suspect), writers=rels)
 
-    def modified_since(self, wall_ns: int, writers: frozenset[str] | set[str]) -> set[str]:
+    def modified_since(self, wall_ns: int, writers: frozenset[str] | set[str],
+                       known: dict[str, tuple[int, int, int, int]] | None = None) -> set[str]:
         """Local paths open for writing (``writers``, absolute) or modified at or after
-        ``wall_ns``: what a writer that died after that moment may have left torn."""
+        ``wall_ns`` (unless unchanged since ``known``, absolute path -> signature, taken
+        when they were not open): what a writer that died after that moment may have left
+        torn."""
         files, _, _ = self.scan()
         root = str(self.local.root.resolve())
-        return {rel for rel, st in files.items()
-                if os.path.join(root, rel) in writers or st.st_mtime_ns >= wall_ns - MTIME_SLOP_NS}
+        out = set()
+        for rel, st in files.items():
+            full = os.path.join(root, rel)
+            if full in writers or (st.st_mtime_ns >= wall_ns - MTIME_SLOP_NS
+                                   and (known is None or known.get(full) != sig(st))):
+                out.add(rel)
+        return out
+
+    def snapshot(self) -> dict[str, tuple[int, int, int, int]]:
+        """Absolute path -> stat signature of every file in the dir now."""
+        root = str(self.local.root.resolve())
+        return {os.path.join(root, rel): sig(st) for rel, st in self.scan()[0].items()}
 
     # -- scanning --------------------------------------------------------------------------
     def _warn_once(self, key: str, msg: str, *args: object) -> None:
@@ -282,7 +295,8 @@ class Watcher:
     def _admit(self, up: _Sent, checked_at: float, new: dict[str, Entry]) -> None:
         if self.gate is not None:
             root = self.local.root.resolve()
-            if not all(self.gate.admit(str(root / p), e.mtime_ns, checked_at) for p, e in up.entries.items()):
+            if not all(self.gate.admit(str(root / p), e.mtime_ns, checked_at, sig=up.sigs[p])
+                       for p, e in up.entries.items()):
                 self._discard(up.keys, f"{up.group}: its writer died or was not confirmed alive after the close")
                 return
         n = sum(e.size for e in up.entries.values())

@@ -129,12 +129,18 @@ class WriterGate:
         self.writers: frozenset[str] = frozenset()   # open for writing at that poll
         self.poll_wall_ns = 0          # wall clock at the start of that poll
         self.ended: str | None = None  # "ok" or "died"
+        self.files: dict[str, tuple[int, int, int, int]] | None = None
 
-    def confirm(self, t_mono: float, wall_ns: int, writers: Iterable[str]) -> None:
+    def confirm(self, t_mono: float, wall_ns: int, writers: Iterable[str],
+                files: dict[str, tuple[int, int, int, int]] | None = None) -> None:
         """The command was alive at ``t_mono`` (taken before its poll) and held ``writers``
-        open for writing; ``wall_ns`` is ``time.time_ns()`` taken before the writers scan."""
+        open for writing; ``wall_ns`` is ``time.time_ns()`` taken before the writers scan.
+        ``files`` (absolute path -> stat signature), taken after the writers scan, right
+        before the supervisor signals the command: a file not open then and unchanged since
+        was closed alive, however short before the signal (no mtime guess)."""
         with self._cv:
             self.alive_at, self.poll_wall_ns, self.writers = t_mono, wall_ns, frozenset(writers)
+            self.files = files
             self._cv.notify_all()
 
     def ended_with(self, ok: bool) -> None:
@@ -142,7 +148,8 @@ class WriterGate:
             self.ended = "ok" if ok else "died"
             self._cv.notify_all()
 
-    def admit(self, path: str, mtime_ns: int, checked_at: float, timeout: float = 5.0) -> bool:
+    def admit(self, path: str, mtime_ns: int, checked_at: float, timeout: float = 5.0,
+              sig: tuple[int, int, int, int] | None = None) -> bool:
         """Whether a version of ``path`` (absolute) with ``mtime_ns``, checked closed at
         monotonic ``checked_at``, was closed by a live writer. Waits (bounded) for the next
         confirmation. False also on timeout: the next pass tries again."""
@@ -155,4 +162,6 @@ class WriterGate:
                 self._cv.wait(min(left, 0.1))
             if self.ended == "ok" or self.alive_at > checked_at:
                 return True
-            return path not in self.writers and mtime_ns < self.poll_wall_ns - MTIME_SLOP_NS
+            return path not in self.writers and (
+                mtime_ns < self.poll_wall_ns - MTIME_SLOP_NS
+                or (sig is not None and self.files is not None and self.files.get(path) == sig))
