@@ -31,7 +31,7 @@ FILES = "files"
 FORMAT = "spotckpt-files/1"
 _SET_RE = re.compile(r"^SET-(\d{12})\.json$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_MAX_MTIME_NS = 2**63  # os.utime takes a signed 64-bit ns count
+_MAX_MTIME_NS = 2**63  # os.utime takes a signed 64-bit ns count (pre-1970 mtimes are legal)
 _MAX_LINK = 4095       # PATH_MAX less the NUL: os.symlink refuses a longer target
 _RELISTS = 5           # a set that vanished while read was superseded: list again, this often
 
@@ -77,7 +77,7 @@ class Entry:
         size, mtime = int(d["size"]), int(d["mtime_ns"])
         digest, key = str(d["xxh3"]), check_relpath(str(d["key"]))
         unit = d.get("unit")
-        if (not 0 <= size <= _MAX_FILE_SIZE or not 0 <= mtime < _MAX_MTIME_NS or not _HEX32.match(digest)
+        if (not 0 <= size <= _MAX_FILE_SIZE or not -_MAX_MTIME_NS <= mtime < _MAX_MTIME_NS or not _HEX32.match(digest)
                 or not key.startswith(FILES + "/")):
             raise ValueError(f"bad entry for {path!r}")
         if unit is not None and not path.startswith(check_relpath(str(unit)) + "/"):
