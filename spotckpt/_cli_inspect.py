@@ -15,7 +15,7 @@ from typing import Any
 from ._config import _UNSET, Config
 from ._errors import CorruptCheckpointError, RemoteError
 from ._events import EventLog
-from ._fileset import newest_set
+from ._fileset import FileSet, newest_set
 from ._local import LocalDir
 from ._manifest import Manifest, hasher, step_dirname, verify_dir
 from ._progress import Progress
@@ -238,7 +238,7 @@ def _verify_object(store: RemoteStore, key: str, size: int, digest: str | None,
         try:
             got = store.size(key)
         except RemoteError:
-            return "missing on the remote"
+            return _MISSING
         return None if got == size else f"size {got} on the remote, the set says {size}"
     h, n = hasher(algo), 0
     try:
@@ -247,10 +247,29 @@ def _verify_object(store: RemoteStore, key: str, size: int, digest: str | None,
                 h.update(chunk)
                 n += len(chunk)
     except FileNotFoundError:
-        return "missing on the remote"
+        return _MISSING
     if n != size:
         return f"{n} bytes on the remote, the set says {size}"
     return None if h.hexdigest() == digest else "fails its checksum on the remote"
+
+
+_MISSING = "missing on the remote"
+
+
+def _verify_set(store: RemoteStore, fs: FileSet | None, quick: bool) -> list[dict]:
+    """One result per file of file set ``fs``."""
+    out = []
+    for e in (fs.entries.values() if fs is not None else ()):
+        if e.link is not None:
+            continue
+        err = None
+        try:
+            err = _verify_object(store, e.key, e.size, None if quick else e.xxh3)
+        except CorruptCheckpointError as x:
+            err = str(x)
+        out.append({"where": "remote", "file": e.path, "file_set": fs.seq, "ok": err is None,
+                    "error": None if err is None else f"{e.path}: {err}"})
+    return out
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -271,16 +290,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 err = str(e)
             results.append({"where": "remote", "step": s, "ok": err is None, "error": err})
         fs = newest_set(store)
-        for e in (fs.entries.values() if fs is not None else ()):
-            if e.link is not None:
-                continue
-            err = None
-            try:
-                err = _verify_object(store, e.key, e.size, None if args.quick else e.xxh3)
-            except CorruptCheckpointError as x:
-                err = str(x)
-            results.append({"where": "remote", "file": e.path, "file_set": fs.seq, "ok": err is None,
-                            "error": None if err is None else f"{e.path}: {err}"})
+        checked = _verify_set(store, fs, args.quick)
+        if any(r["error"] and r["error"].endswith(_MISSING) for r in checked):
+            # the job may have committed a newer set and deleted this one's objects meanwhile
+            newer = newest_set(store)
+            if newer is not None and fs is not None and newer.seq != fs.seq:
+                checked = _verify_set(store, newer, args.quick)
+        results += checked
     bad = [r for r in results if not r["ok"]]
     lines = [f"{r['where']:<6} " + (f"step {r['step']:>12}  " if "step" in r else f"file {r['file']}  ")
              + ("ok" if r["ok"] else f"DAMAGED: {r['error']}")

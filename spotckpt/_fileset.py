@@ -23,7 +23,7 @@ import re
 import time
 from typing import Any, Iterable
 
-from ._errors import CorruptCheckpointError, RemoteError
+from ._errors import CorruptCheckpointError, RemoteError, RemoteNotFoundError
 from ._manifest import _MAX_FILE_SIZE, check_relpath, parse_step_dirname
 from ._store import RemoteStore, log
 
@@ -31,6 +31,9 @@ FILES = "files"
 FORMAT = "spotckpt-files/1"
 _SET_RE = re.compile(r"^SET-(\d{12})\.json$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_MAX_MTIME_NS = 2**63  # os.utime takes a signed 64-bit ns count (pre-1970 mtimes are legal)
+_MAX_LINK = 4095       # PATH_MAX less the NUL: os.symlink refuses a longer target
+_RELISTS = 5           # a set that vanished while read was superseded: list again, this often
 
 
 def set_key(seq: int) -> str:
@@ -65,15 +68,17 @@ class Entry:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Entry:
         path = check_relpath(str(d["path"]))
+        path.encode("utf-8")  # names that are not UTF-8 are never mirrored (UnicodeError: invalid)
         if "link" in d:
             link = str(d["link"])
-            if not link or "\x00" in link:
+            if not link or "\x00" in link or len(link.encode("utf-8")) > _MAX_LINK:
                 raise ValueError(f"bad link target for {path!r}")
             return cls(path=path, link=link)
         size, mtime = int(d["size"]), int(d["mtime_ns"])
         digest, key = str(d["xxh3"]), check_relpath(str(d["key"]))
         unit = d.get("unit")
-        if not 0 <= size <= _MAX_FILE_SIZE or not _HEX32.match(digest) or not key.startswith(FILES + "/"):
+        if (not 0 <= size <= _MAX_FILE_SIZE or not -_MAX_MTIME_NS <= mtime < _MAX_MTIME_NS or not _HEX32.match(digest)
+                or not key.startswith(FILES + "/")):
             raise ValueError(f"bad entry for {path!r}")
         if unit is not None and not path.startswith(check_relpath(str(unit)) + "/"):
             raise ValueError(f"entry {path!r} is not inside its unit {unit!r}")
@@ -129,16 +134,34 @@ def list_files_prefix(store: RemoteStore) -> tuple[dict[int, str], set[str]]:
 
 
 def newest_set(store: RemoteStore, sets: dict[int, str] | None = None) -> FileSet | None:
-    """The newest file set that parses (an unreadable newer one is named in a warning and
-    skipped), or None when the remote has none."""
-    if sets is None:
-        sets = list_files_prefix(store)[0]
-    for seq in sorted(sets, reverse=True):
-        try:
-            return FileSet.from_json(store.cat(sets[seq]), expect_seq=seq)
-        except (CorruptCheckpointError, RemoteError) as e:
-            log.warning("spotckpt: remote file set %s is unreadable (%s); trying the one before", sets[seq], e)
-    return None
+    """The newest file set that parses, or None when the remote has none.
+
+    A set that is invalid (unparseable, hostile content) is named in a warning and skipped.
+    A set that vanished between the listing and its read was superseded meanwhile: the
+    prefix is listed again (when ``sets``, the caller's listing, was given, the
+    RemoteNotFoundError is raised instead: the caller lists again). Any other RemoteError
+    (a read that failed after retries) is raised: falling back to an older set would
+    restore files whose newer versions are committed, and the watcher would then commit
+    them over those.
+    """
+    given = sets is not None
+    for _ in range(_RELISTS):
+        if sets is None:
+            sets = list_files_prefix(store)[0]
+        for seq in sorted(sets, reverse=True):
+            try:
+                return FileSet.from_json(store.cat(sets[seq]), expect_seq=seq)
+            except CorruptCheckpointError as e:
+                log.warning("spotckpt: remote file set %s is invalid (%s); trying the one before", sets[seq], e)
+            except RemoteNotFoundError:
+                if given:
+                    raise
+                break  # superseded while we read: list again
+        else:
+            return None
+        sets = None
+    raise RemoteError(f"spotckpt: remote {store.url}: the newest file set changed {_RELISTS} times while "
+                      "it was read (is another job writing to this remote?); try again")
 
 
 def foreign(keys: Iterable[str]) -> list[str]:

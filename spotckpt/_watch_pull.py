@@ -1,11 +1,15 @@
 """The watched dir, remote -> local: restore the newest committed file set.
 
-Sync layer (no ML imports). Every file is downloaded to a temp name beside its place,
-verified (size, XXH3-128), given the mtime it had when it was mirrored and renamed into
-place; a directory checkpoint is placed only when all its files verified. Symlinks are
-recreated when they point inside the dir (a set naming one that points outside is refused
-with a warning: never followed). Files already present with the committed size and mtime
-are kept.
+Sync layer (no ML imports). Every file is downloaded to a temp name beside its place
+(fixed length: any legal name can be restored), verified (size, XXH3-128) and given the
+mtime it had when it was mirrored; only once every file of the set is downloaded are they
+renamed into place, so a restore that has to start over (the job committed a newer set
+and deleted this one's objects meanwhile) never leaves a mix of two sets. A directory
+checkpoint is placed only when all its files verified; a file or unit that cannot be
+downloaded or written here is refused with one error line, the rest is restored. Symlinks
+are recreated when they point inside the dir, lexically and, once all are placed, as
+resolved (one that does not is refused or removed with a warning: never followed). Files
+already present with the committed size and mtime are kept.
 
 A local file that differs from the set is kept as newer (the watcher uploads it) unless it
 may be torn: held back by the last supervisor, or modified after the last heartbeat of the
@@ -22,13 +26,17 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from ._errors import CorruptCheckpointError
+from ._errors import CorruptCheckpointError, RemoteError, RemoteNotFoundError
 from ._events import EventLog, log
-from ._fileset import Entry, FileSet, list_files_prefix, newest_set, warn_foreign
+from ._fileset import Entry, FileSet, newest_set, warn_foreign
 from ._local import TMP_SUFFIX, LocalDir, is_internal
 from ._manifest import file_digest
 from ._store import RemoteStore
 from ._closed import suspect_test
+from ._watchscan import link_inside
+
+_RESTARTS = 5  # the set being restored was superseded: start over with the newer one, this often
+
 
 def _inside(root: Path, target: Path) -> bool:
     """True if ``target``'s parent resolves inside ``root`` (no symlinked dir escapes)."""
@@ -39,6 +47,17 @@ def _inside(root: Path, target: Path) -> bool:
     return parent == root or root in parent.parents
 
 
+class _Superseded(Exception):
+    """An object of the set being restored is gone because a newer set replaced it."""
+
+    def __init__(self, newer: FileSet) -> None:
+        super().__init__(newer.seq)
+        self.newer = newer
+
+
+Pending = list[tuple[Path, Path, Entry]]  # (temp, target, entry) of one unit, verified
+
+
 class _Restore:
     def __init__(self, local: LocalDir, store: RemoteStore, events: EventLog) -> None:
         self.local, self.store, self.events = local, store, events
@@ -47,6 +66,10 @@ class _Restore:
         self.got: list[str] = []
         self.bytes = 0
         self.skipped: list[str] = []
+        try:
+            self.name_max = os.pathconf(self.root, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            self.name_max = 255
 
     def set_aside(self, rel: str) -> None:
         dest = self.local.meta / "suspect" / f"{int(time.time())}-{uuid.uuid4().hex[:6]}" / rel
@@ -55,6 +78,11 @@ class _Restore:
         log.warning("spotckpt: %s may be torn (it was being written when the last run was killed); "
                     "the committed version replaces it, the local one is kept at %s", rel, dest)
         self.events.emit("file_set_aside", path=rel, to=str(dest))
+
+    def refuse(self, name: str, err: object) -> None:
+        self.skipped.append(name)
+        log.error("spotckpt: not restoring %s: %s", name, err)
+        self.events.emit("pull_file_refused", path=name, error=str(err))
 
     def wanted(self, e: Entry) -> bool:
         """Whether ``e`` must be downloaded (False: the local copy stays)."""
@@ -73,20 +101,43 @@ class _Restore:
             return True
         return False  # newer locally: the watcher uploads it
 
-    def fetch_unit(self, name: str, entries: list[Entry]) -> None:
-        todo = [e for e in entries if self.wanted(e)]
-        placed: list[tuple[Path, Path, Entry]] = []
-        made: list[Path] = []  # dirs this unit created: removed again if it is refused
+    @staticmethod
+    def drop(pending: Pending, made: list[Path]) -> None:
+        """Remove temp files and the dirs made for them; never raises."""
+        for tmp, _, _ in pending:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        for d in sorted(made, key=lambda p: len(p.parts), reverse=True):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+    def download_unit(self, fs: FileSet, name: str, entries: list[Entry], made: list[Path]) -> Pending:
+        """Download and verify the wanted files of one unit to temp names (``[]``: nothing
+        to do, or refused). Dirs it creates are added to ``made``.
+
+        Raises:
+            _Superseded: an object is gone and a newer set exists.
+            RemoteError: a download failed after retries.
+        """
+        pending: Pending = []
+        mine: list[Path] = []
         try:
-            for e in todo:
+            for e in [e for e in entries if self.wanted(e)]:
                 target = self.root / e.path
+                if any(len(part.encode()) > self.name_max for part in e.path.split("/")):
+                    raise CorruptCheckpointError(f"spotckpt: {e.path!r}: a name is longer than this "
+                                                 f"file system allows ({self.name_max} bytes)")
                 if not _inside(self.root, target):
                     raise CorruptCheckpointError(f"spotckpt: {e.path!r} would be written outside {self.root}")
-                made += [d for d in [target.parent, *target.parent.parents] if d not in made
+                mine += [d for d in [target.parent, *target.parent.parents] if d not in mine and d not in made
                          and (d == self.root or self.root in d.parents) and not d.exists()]
                 target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
-                placed.append((tmp, target, e))
+                tmp = target.parent / f".spotckpt-{uuid.uuid4().hex[:16]}{TMP_SUFFIX}"
+                pending.append((tmp, target, e))
                 self.store.get_file(e.key, tmp)
                 size = tmp.stat().st_size
                 if size != e.size:
@@ -94,41 +145,104 @@ class _Restore:
                 if file_digest(tmp) != e.xxh3:
                     raise CorruptCheckpointError(f"spotckpt: {e.path} fails its checksum")
                 os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns))
-        except (CorruptCheckpointError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
-            for tmp, _, _ in placed:
-                tmp.unlink(missing_ok=True)
-            for d in sorted(made, key=lambda p: len(p.parts), reverse=True):
-                try:
-                    d.rmdir()
-                except OSError:
-                    pass
-            self.skipped.append(name)
-            log.error("spotckpt: not restoring %s: %s", name, err)
-            self.events.emit("pull_file_refused", path=name, error=str(err))
-            return
-        except BaseException:
-            for tmp, _, _ in placed:
-                tmp.unlink(missing_ok=True)
+        except RemoteNotFoundError as err:
+            self.drop(pending, mine)
+            newer = newest_set(self.store)
+            if newer is not None and newer.seq != fs.seq:
+                raise _Superseded(newer) from None
+            self.refuse(name, f"{err} (the set names an object that is missing: damaged remote)")
+            return []
+        except RemoteError:
+            self.drop(pending, mine)
             raise
-        for tmp, target, e in placed:
-            os.replace(tmp, target)
+        except (CorruptCheckpointError, OSError) as err:  # OSError: this file cannot be written here
+            self.drop(pending, mine)
+            self.refuse(name, err)
+            return []
+        except BaseException:
+            self.drop(pending, mine)
+            raise
+        made += mine
+        return pending
+
+    def place_unit(self, name: str, pending: Pending) -> None:
+        for i, (tmp, target, e) in enumerate(pending):
+            try:
+                os.replace(tmp, target)
+            except OSError as err:
+                self.drop(pending[i:], [])
+                self.refuse(name, err)
+                return
             self.got.append(e.path)
             self.bytes += e.size
             self.events.emit("pull_file", path=e.path, bytes=e.size)
 
-    def link(self, e: Entry) -> None:
+    def restore(self, fs: FileSet, on_total: Callable[[int], None] | None) -> None:
+        """One attempt at ``fs``: download every unit, then place them all (nothing is
+        placed if it raises)."""
+        units: dict[str, list[Entry]] = {}
+        for e in fs.entries.values():
+            if e.link is None:
+                units.setdefault(e.unit or e.path, []).append(e)
+        if on_total is not None:
+            on_total(sum(e.size for es in units.values() for e in es if not (self.root / e.path).exists()))
+        done: list[tuple[str, Pending]] = []
+        made: list[Path] = []
+        try:
+            for name in sorted(units, key=lambda n: -max(e.mtime_ns for e in units[n])):
+                done.append((name, self.download_unit(fs, name, units[name], made)))
+        except BaseException:
+            self.drop([p for _, pending in done for p in pending], made)
+            raise
+        for name, pending in done:
+            self.place_unit(name, pending)
+        placed: list[str] = []
+        for e in fs.entries.values():
+            if e.link is not None and self.link(e):
+                placed.append(e.path)
+        for rel in placed:  # a chain of in-dir links can still lead out: judge them resolved
+            real = Path(os.path.realpath(self.root / rel))
+            if self.root not in real.parents:
+                log.warning("spotckpt: not restoring symlink %s: it resolves to %s, outside the dir", rel, real)
+                try:
+                    os.unlink(self.root / rel)
+                except OSError:
+                    pass
+                self.got.remove(rel)
+                self.skipped.append(rel)
+
+    def link(self, e: Entry) -> bool:
         assert e.link is not None
         target = self.root / e.path
-        joined = os.path.normpath(os.path.join(os.path.dirname(e.path), e.link))
-        if os.path.isabs(e.link) or joined == ".." or joined.startswith("../") or not _inside(self.root, target):
+        if not link_inside(e.path, e.link) or not _inside(self.root, target):
             log.warning("spotckpt: not restoring symlink %s -> %s: it points outside the dir", e.path, e.link)
             self.skipped.append(e.path)
-            return
+            return False
         if os.path.lexists(target):
-            return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(e.link, target)
+            return False
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(e.link, target)
+        except OSError as err:
+            log.warning("spotckpt: not restoring symlink %s -> %s: %s", e.path, e.link, err)
+            self.skipped.append(e.path)
+            return False
         self.got.append(e.path)
+        return True
+
+    def sweep(self, named: set[str]) -> None:
+        """Set aside local files the set does not name that may be torn."""
+        for dirpath, _dirs, names in os.walk(self.root):
+            for n in names:
+                full = Path(dirpath) / n
+                rel = full.relative_to(self.root).as_posix()
+                if rel in named or is_internal(rel, self.root) or full.is_symlink():
+                    continue
+                try:
+                    if self.suspect(rel, full.stat()):
+                        self.set_aside(rel)
+                except OSError:
+                    continue
 
 
 def restore_files(local: LocalDir, store: RemoteStore, *, events: EventLog | None = None,
@@ -139,39 +253,29 @@ def restore_files(local: LocalDir, store: RemoteStore, *, events: EventLog | Non
         ``(set, paths placed, bytes downloaded)``; the set is None when the remote has none.
 
     Raises:
-        RemoteError: a download failed after retries (a damaged file is refused instead,
-            with an error line: the rest of the set is still restored).
+        RemoteError: the newest set could not be read, or a download failed, after retries
+            (a damaged or missing file is refused instead, with an error line: the rest of
+            the set is still restored). A set superseded while it is restored (the job
+            committed a newer one and deleted its objects) is restarted with the newer one.
     """
     events = events or EventLog(None)
     warn_foreign(store, store.list_keys())
-    sets, _ = list_files_prefix(store)
-    fs = newest_set(store, sets)
+    fs = newest_set(store)
     r = _Restore(local, store, events)
-    if fs is None:
-        return None, [], 0
-    units: dict[str, list[Entry]] = {}
-    for e in fs.entries.values():
-        if e.link is None:
-            units.setdefault(e.unit or e.path, []).append(e)
-    if on_total is not None:
-        on_total(sum(e.size for es in units.values() for e in es if not (local.root / e.path).exists()))
-    for name in sorted(units, key=lambda n: -max(e.mtime_ns for e in units[n])):
-        r.fetch_unit(name, units[name])
-    for e in fs.entries.values():
-        if e.link is not None:
-            r.link(e)
-    # local files the set does not know that may be torn: set aside as well
-    named = set(fs.entries)
-    for dirpath, _dirs, names in os.walk(r.root):
-        for n in names:
-            full = Path(dirpath) / n
-            rel = full.relative_to(r.root).as_posix()
-            if rel in named or is_internal(rel, r.root) or full.is_symlink():
-                continue
-            try:
-                if r.suspect(rel, full.stat()):
-                    r.set_aside(rel)
-            except OSError:
-                continue
+    for attempt in range(_RESTARTS + 1):
+        if fs is None:
+            break
+        try:
+            r.restore(fs, on_total)
+            break
+        except _Superseded as s:
+            if attempt == _RESTARTS:
+                raise RemoteError(f"spotckpt: remote {store.url}: the file set was superseded {_RESTARTS} "
+                                  "times while it was restored (the job commits faster than this pull "
+                                  "downloads); try again") from None
+            log.info("spotckpt: file set %d was superseded by %d while it was restored; restoring that",
+                     fs.seq, s.newer.seq)
+            fs = s.newer
+    # local files the set does not know that may be torn (also when there is no set yet)
+    r.sweep(set(fs.entries) if fs is not None else set())
     return fs, r.got, r.bytes
-
