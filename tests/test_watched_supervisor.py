@@ -14,17 +14,25 @@ import xxhash
 
 from conftest import remote_files, run_env
 from proc_helpers import PY, Proc, run, spotckpt, wait_until
+from spotckpt._errors import RemoteNotFoundError
 from spotckpt._store import RemoteStore
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "inplace_writer.py")
 
 
 def remote_version(remote: str) -> int:
-    """The committed checkpoint.pth's counter; fails if the committed copy is not whole."""
-    e = remote_files(remote)["checkpoint.pth"]
-    data = RemoteStore(remote).cat(e.key)
-    assert len(data) == e.size and xxhash.xxh3_128(data[:-16]).digest() == data[-16:], "torn remote copy"
-    return int.from_bytes(data[:8], "big")
+    """The committed checkpoint.pth's counter; fails if the committed copy is not whole.
+    (A set superseded while it is read has its objects deleted by the running job: read the
+    newer one.)"""
+    for _ in range(20):
+        e = remote_files(remote)["checkpoint.pth"]
+        try:
+            data = RemoteStore(remote).cat(e.key)
+        except RemoteNotFoundError:
+            continue
+        assert len(data) == e.size and xxhash.xxh3_128(data[:-16]).digest() == data[-16:], "torn remote copy"
+        return int.from_bytes(data[:8], "big")
+    raise AssertionError("the committed set kept changing under the reader")
 
 
 def start(local: Path, remote: str, trigger: Path) -> Proc:
