@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from . import _distributed, _state
 from ._layout import RankLayout, rank_dirname
-from ._config import _UNSET, Config
+from ._config import _UNSET, Config, supervised
 from ._engine import Engine, restore_newest
 from ._errors import RemoteError
 from ._events import EventLog, log
@@ -25,11 +25,6 @@ from ._writer import BackgroundWriter
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what a container runtime reports for a SIGTERM exit
 _FLUSH_MARGIN = 1.0     # seconds kept back from the deadline for process exit
-
-
-def supervised(env: Mapping[str, str] | None = None) -> bool:
-    """True when running under ``spotckpt run``, which owns the uploads."""
-    return (os.environ if env is None else env).get("SPOTCKPT_SUPERVISED") == "1"
 
 
 class Checkpointer:

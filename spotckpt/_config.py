@@ -197,3 +197,8 @@ def probe_local_dir(path: Path) -> None:
             f"spotckpt: local_dir '{path}' is not writable ({e.strerror or e}); "
             "pass a writable local_dir= or set SPOTCKPT_LOCAL_DIR"
         ) from e
+
+
+def supervised(env: Mapping[str, str] | None = None) -> bool:
+    """True when running under ``spotckpt run``, which owns the uploads."""
+    return (os.environ if env is None else env).get("SPOTCKPT_SUPERVISED") == "1"
