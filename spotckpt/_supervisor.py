@@ -46,12 +46,14 @@ from ._local import LocalDir, is_internal
 from ._pull import human_bytes, open_remote, pull
 from ._store import RemoteStore
 from ._syncer import Syncer
+from ._wakeup import Wakeup
 from ._watchrules import DirRule, WriterGate
 
 _DEFAULT_THROUGHPUT = 20e6   # bytes/s assumed for the final upload until one is measured
 _MIN_CHILD_SHARE = 0.5       # the child always gets at least half the grace to save
 _MARGIN = 0.5                # seconds kept back for our own exit
 _WRITER_WAIT = 30.0          # without a notice: how long leftover writers get after the command exits
+_IDLE = 2.0                  # longest sleep between polls when changes in the local dir wake us
 
 
 class _Tap(EventLog):
@@ -125,6 +127,7 @@ class Supervisor:
         self._submitted: int | None = None
         self._writers: set[str] = set()
         self._old_handlers: dict[int, Any] = {}
+        self._wake: Wakeup | None = None
 
     # -- before the child ------------------------------------------------------------------
     def prepare(self) -> None:
@@ -205,6 +208,8 @@ class Supervisor:
             self.syncer.start()
             if self._submitted is not None:
                 self.syncer.submit(self._submitted)
+        self._wake = Wakeup(self.local.root)  # signals, the child's exit, changes, the gate
+        self.gate.on_wait = self._wake.poke
         env = dict(os.environ, SPOTCKPT_SUPERVISED="1", SPOTCKPT_LOCAL_DIR=str(self.cfg.local_dir),
                    SPOTCKPT_GRACE_SECONDS=str(self.cfg.grace_seconds),
                    SPOTCKPT_KEEP_LAST=str(self.cfg.keep_last),
@@ -217,14 +222,20 @@ class Supervisor:
             self._finish(None)
             raise ConfigError(f"spotckpt: cannot start {self.cmd[0]!r}: {e.strerror or e}") from None
         self.child = self._child.proc
+        self._wake.watch_child(self.child.pid)
         self.events.emit("child_start", pid=self.child.pid, cmd=self.cmd)
         log.info("spotckpt run: started %s (pid %d)", " ".join(self.cmd), self.child.pid)
         rc = self._supervise()
         return self._finish(rc)
 
     def _supervise(self) -> int:
-        assert self.child is not None
+        """Poll the command whenever something happens (a signal, its exit, a change in the
+        local dir, the watcher asking: :mod:`._wakeup`), at most every ``poll`` s for
+        changes, and at least every ``_IDLE`` s (every ``poll`` s without change events or
+        after a notice)."""
+        assert self.child is not None and self._wake is not None
         while True:
+            t0 = time.monotonic()
             self._take_signals()
             rc = self._confirm_alive()
             if rc is not None:
@@ -236,7 +247,15 @@ class Supervisor:
             pt.reap(exclude=self.child.pid)
             if self.deadline is not None and not self.killed and self.clock() >= self._kill_at():
                 self._kill_child()
-            time.sleep(self.poll)
+            woke = self._wake.wait(self._pause())
+            if woke == {"change"}:  # a busy writer: at most one poll per `poll` s
+                time.sleep(max(0.0, t0 + self.poll - time.monotonic()))
+
+    def _pause(self) -> float:
+        if self.deadline is not None:
+            return self.poll if self.killed else max(0.0, min(self.poll, self._kill_at() - self.clock()))
+        assert self._wake is not None
+        return _IDLE if self._wake.sees_changes else self.poll
 
     def _confirm_alive(self, *, snapshot: bool = False) -> int | None:
         """Poll the command; while it runs, tell the writer gate it was alive now and which
@@ -320,6 +339,10 @@ class Supervisor:
             pt.stop_descendants(timeout=self._seconds_left(default=2.0, cap=2.0))
             if self._child is not None:
                 self._child.close()
+            if self._wake is not None:
+                self.gate.on_wait = None
+                self._wake.close()
+                self._wake = None
             self._restore_signals()
             self.local.unlock()
         if self.notice_at is not None:

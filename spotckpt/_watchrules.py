@@ -19,7 +19,7 @@ import math
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ._errors import ConfigError
 
@@ -130,6 +130,7 @@ class WriterGate:
         self.poll_wall_ns = 0          # wall clock at the start of that poll
         self.ended: str | None = None  # "ok" or "died"
         self.files: dict[str, tuple[int, int, int, int]] | None = None
+        self.on_wait: Callable[[], None] | None = None  # asks the supervisor to poll now
 
     def confirm(self, t_mono: float, wall_ns: int, writers: Iterable[str],
                 files: dict[str, tuple[int, int, int, int]] | None = None) -> None:
@@ -155,6 +156,8 @@ class WriterGate:
         confirmation. False also on timeout: the next pass tries again."""
         end = time.monotonic() + timeout
         with self._cv:
+            if self.ended is None and self.alive_at <= checked_at and self.on_wait is not None:
+                self.on_wait()
             while self.ended is None and self.alive_at <= checked_at:
                 left = end - time.monotonic()
                 if left <= 0:
