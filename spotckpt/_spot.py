@@ -209,6 +209,7 @@ class SpotEmulator:
     def _terminate_container(self, events: _Events, attempt: dict[str, Any]) -> tuple[int, bool]:
         """SIGTERM the supervisor, SIGKILL the container after the grace. Returns (status, killed)."""
         assert self.proc is not None
+        attempt["notice_wall"] = time.time()  # the interruption, for the work-lost accounting
         self.proc.send_signal(signal.SIGTERM)
         end = self._now() + self.args.grace
         while self.proc.poll() is None and self._now() < end:
@@ -223,16 +224,16 @@ class SpotEmulator:
     def _absorb(self, evs: list[dict[str, Any]], attempt: dict[str, Any]) -> None:
         for e in evs:
             kind = e.get("event")
+            self.job.record(e)  # saves and uploads: what state is durable, captured when
             if kind == "pull":
                 attempt["ResumedFromStep"] = e.get("step")
                 attempt["PulledFiles"] = e.get("files")
                 last = self.job.interruptions[-1] if self.job.interruptions else None
                 if last is not None and last["Attempt"] == attempt["Number"] - 1:
                     last["ResumedFromStep"] = e.get("step")
-                    if last.get("StepAtNotice") is not None and e.get("step") is not None:
-                        last["LostSteps"] = max(0, int(last["StepAtNotice"]) - int(e["step"]))
             elif kind == "child_start":
                 attempt["child_started"] = True
+                attempt["command_start"] = e.get("ts")
             elif kind == "child_exit":
                 attempt["child_exited"] = True
                 # The command's own status; ExitStatus is the container's (`spotckpt run`:
@@ -242,10 +243,19 @@ class SpotEmulator:
                 attempt["StepAtNotice"] = e.get("step")
             elif kind == "upload_done":
                 attempt["DurableStep"] = max(e.get("step", -1), attempt.get("DurableStep") or -1)
-                if e.get("created"):
-                    self.job.state_time = max(self.job.state_time or 0.0, float(e["created"]))
-            elif kind == "mirror_upload" and e.get("mtime"):
-                self.job.state_time = max(self.job.state_time or 0.0, float(e["mtime"]))
+
+    def _checkpointer_opened(self) -> float | None:
+        """When the command's Checkpointer took the dir's trainer lock in this attempt (the
+        lock file's mtime; None if it never did: a command without one, or a notice during
+        its imports). Read before the next start wipes the state dir."""
+        state = state_dir(self.local_dir)
+        times = []
+        for lock in (state / "trainer.lock", *state.glob("rank-*/trainer.lock")):
+            try:
+                times.append(lock.stat().st_mtime)
+            except OSError:
+                pass
+        return min(times) if times else None
 
     # -- the lifecycle ---------------------------------------------------------------------
     def run(self) -> int:
@@ -316,6 +326,7 @@ class SpotEmulator:
                 self._absorb(events.new(), attempt)
                 job.instance_seconds = instance
                 self._kill_container()  # nothing may outlive the instance
+                attempt["checkpointer_opened"] = self._checkpointer_opened()
                 attempt["ExitStatus"] = 128 - rc if rc < 0 else rc
                 attempt["InstanceSeconds"] = round(now - started, 3)
                 if rc == 0:
@@ -342,22 +353,14 @@ class SpotEmulator:
     def _interrupt(self, attempt: dict[str, Any], events: _Events, started: float, train_t0: float,
                    point: tuple[float, str]) -> str:
         job = self.job
-        at_wall = time.time()
         job.status("InProgress", "Interrupted", f"Spot instance interrupted at {point[0]:g} s of training "
                    f"({point[1]}): SIGTERM sent, {self.args.grace:g} s until SIGKILL")
-        train_wall_start = at_wall - (self._now() - train_t0)
         status, killed = self._terminate_container(events, attempt)
         job.instance_seconds += self._now() - started
         attempt.update(ExitStatus=status, Killed=killed, InstanceSeconds=round(self._now() - started, 3))
-        state = job.state_time
-        lost = at_wall - max(state or 0.0, train_wall_start)
-        job.interruptions.append({
-            "Number": len(job.interruptions) + 1, "Time": job.iso(at_wall), "Source": point[1],
-            "AtTrainingSeconds": round(point[0], 3), "Attempt": attempt["Number"],
-            "StepAtNotice": attempt.get("StepAtNotice"), "DurableStep": attempt.get("DurableStep"),
-            "ExitStatus": status, "KilledAfterGrace": killed,
-            "LostSeconds": round(max(0.0, lost), 2), "LostSteps": None, "ResumedFromStep": None,
-        })
+        attempt["checkpointer_opened"] = self._checkpointer_opened()
+        job.interruption(notice=attempt["notice_wall"], attempt=attempt, source=point[1],
+                         at_training=point[0], status=status, killed=killed)
         return "Interrupted"
 
     def _stop(self, reason: str, events: _Events | None = None, attempt: dict[str, Any] | None = None,
@@ -367,7 +370,7 @@ class SpotEmulator:
         job.status("Stopping", "Stopping", "Stopping the training job")
         if self.proc is not None and self.proc.poll() is None and events is not None and attempt is not None:
             status, killed = self._terminate_container(events, attempt)
-            attempt.update(ExitStatus=status, Killed=killed)
+            attempt.update(ExitStatus=status, Killed=killed, checkpointer_opened=self._checkpointer_opened())
             if started is not None:  # the instance runs (and bills) until it is gone
                 job.instance_seconds += self._now() - self._stop_at
                 attempt["InstanceSeconds"] = round(self._now() - started, 3)
