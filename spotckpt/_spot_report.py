@@ -61,8 +61,11 @@ class Job:
                                             - float(e.get("snapshot_s") or 0))
         elif kind == "upload_done" and e.get("step") is not None:
             self.durable[int(e["step"])] = float(e.get("created") or 0.0)
-        elif kind == "mirror_upload" and e.get("mtime"):
-            self.mirror_uploaded = max(self.mirror_uploaded or 0.0, float(e["mtime"]))
+        elif kind == "mirror_upload" and (e.get("version_mtime") or e.get("mtime")):
+            # the uploaded version's mtime (``mtime`` is the file's when the event was written:
+            # a newer version, not durable, if the script rewrote it meanwhile)
+            t = float(e.get("version_mtime") or e["mtime"])
+            self.mirror_uploaded = max(self.mirror_uploaded or 0.0, t)
         elif kind == "files_committed" and self.mirror_uploaded is not None:
             self.mirror_durable = max(self.mirror_durable or 0.0, self.mirror_uploaded)
 
