@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -38,66 +37,9 @@ from ._config import _UNSET, Config
 from ._errors import ConfigError
 from ._local import state_dir
 from ._pull import open_remote
+from ._spot_args import _floats, add_arguments, interruption_schedule
 from ._spot_report import Job
 from ._child import resolve_command
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--local-dir", metavar="DIR", help="the instance's checkpoint dir, emptied before each "
-                   "start (default: <workdir>/checkpoints; must be empty if given)")
-    p.add_argument("--remote", metavar="URL", help="checkpoint S3 URI (SPOTCKPT_REMOTE; default file://<workdir>/remote/)")
-    p.add_argument("--max-run", type=float, default=3600.0, metavar="S",
-                   help="MaxRuntimeInSeconds: instance seconds, all starts together (default 3600)")
-    p.add_argument("--max-wait", type=float, metavar="S",
-                   help="MaxWaitTimeInSeconds: wall clock incl. capacity waits; > --max-run (default 2 x max-run)")
-    p.add_argument("--interrupt-at", metavar="T1,T2", default="",
-                   help="interrupt at these seconds of training time (all starts together)")
-    p.add_argument("--interrupt-rate", type=float, default=0.0, metavar="N",
-                   help="also interrupt at random, N times per hour of training on average")
-    p.add_argument("--seed", type=int, default=0, help="seed for --interrupt-rate (default 0)")
-    p.add_argument("--capacity-wait", default="0.5", metavar="S[,S...]",
-                   help="seconds to wait for capacity before each start, the last value repeats; "
-                        "'inf' never gets capacity (default 0.5)")
-    p.add_argument("--grace", type=float, default=120.0, metavar="S",
-                   help="seconds from SIGTERM to SIGKILL at an interruption or stop (default 120, as SageMaker)")
-    p.add_argument("--spot-discount", type=float, default=0.7, metavar="F",
-                   help="spot price discount for the bill, 0..1 (default 0.7)")
-    p.add_argument("--job-name", help="TrainingJobName (default spotckpt-<time>)")
-    p.add_argument("--workdir", metavar="DIR", help="where the report, logs and default dirs go (default: a new temp dir)")
-    p.add_argument("--report", metavar="FILE", help="write the DescribeTrainingJob-like JSON here "
-                   "(default <workdir>/describe-training-job.json)")
-    p.add_argument("--scan-interval", "--stable-seconds", type=float, default=0.5, metavar="S",
-                   dest="scan_interval", help="passed to `spotckpt run`: seconds between scans of the watched dir")
-    p.add_argument("--dir-checkpoint", action="append", default=[], metavar="GLOB:MARKER",
-                   help="passed to `spotckpt run` (repeatable)")
-    p.add_argument("--json", action="store_true", help="print the JSON report to stdout at the end")
-
-
-def _floats(name: str, text: str, *, allow_inf: bool = False) -> list[float]:
-    out = []
-    for item in filter(None, (t.strip() for t in str(text).split(","))):
-        try:
-            x = float(item)
-        except ValueError:
-            raise ConfigError(f"spotckpt spot: {name} {item!r} is not a number of seconds") from None
-        if x < 0 or (math.isinf(x) and not allow_inf) or math.isnan(x):
-            raise ConfigError(f"spotckpt spot: {name} {item!r} must be a number of seconds >= 0")
-        out.append(x)
-    return out
-
-
-def interruption_schedule(at: list[float], rate_per_hour: float, seed: int, horizon: float) -> list[tuple[float, str]]:
-    """Points of training time at which to interrupt: the given ones plus a Poisson process
-    of ``rate_per_hour`` (seeded), up to ``horizon`` seconds."""
-    points = [(t, "interrupt-at") for t in at]
-    if rate_per_hour > 0:
-        rng, t = random.Random(seed), 0.0
-        while True:
-            t += rng.expovariate(rate_per_hour / 3600.0)
-            if t >= horizon:
-                break
-            points.append((round(t, 3), "interrupt-rate"))
-    return sorted(points)
 
 
 class _Events:
@@ -157,8 +99,11 @@ class SpotEmulator:
         self.cfg = Config.resolve(local_dir=self.local_dir, remote=remote if remote else _UNSET, check_local=True)
         open_remote(self.cfg.remote, self.cfg.storage_options)  # unreachable: one line, exit 2, now
         self.report_path = Path(args.report or self.workdir / "describe-training-job.json")
+        # With --json, stdout carries the report alone: status lines and the command's own
+        # output go to stderr.
+        self.out = sys.stderr if args.json else sys.stdout
         self.job = Job(name, self.max_run, self.max_wait, self.cfg.remote, str(self.local_dir),
-                       args.spot_discount)
+                       args.spot_discount, out=self.out)
         self.proc: subprocess.Popen | None = None
         self._stop_requested: str | None = None
 
@@ -185,7 +130,8 @@ class SpotEmulator:
                 "--remote", str(self.cfg.remote), "--grace", str(a.grace),
                 "--scan-interval", str(a.scan_interval),
                 *[x for r in a.dir_checkpoint for x in ("--dir-checkpoint", r)], "--", *self.cmd]
-        self.proc = subprocess.Popen(argv, start_new_session=True)  # a "container": its own session
+        self.proc = subprocess.Popen(argv, start_new_session=True,  # a "container": its own session
+                                     stdout=sys.stderr if self.args.json else None)
         return _Events(state / "events.jsonl")
 
     def _kill_container(self) -> None:
@@ -386,5 +332,5 @@ class SpotEmulator:
 
 def run_spot(args: argparse.Namespace, cmd: list[str]) -> int:
     emu = SpotEmulator(cmd, args)
-    print(f"[spot] job {emu.job.name}: workdir {emu.workdir}, remote {emu.cfg.remote}", flush=True)
+    print(f"[spot] job {emu.job.name}: workdir {emu.workdir}, remote {emu.cfg.remote}", file=emu.out, flush=True)
     return emu.run()
