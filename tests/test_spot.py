@@ -155,7 +155,10 @@ def test_failed_command_is_failed_not_completed(tmp_path: Path) -> None:
     assert r.returncode == 1
     rep = json.loads((tmp_path / "wd" / "describe-training-job.json").read_text())
     assert rep["TrainingJobStatus"] == "Failed" and "status 3" in rep["FailureReason"]
-    assert '"TrainingJobStatus": "Failed"' in r.stdout   # --json prints the report too
+    # --json: stdout is the report and nothing else (it used to carry the status lines and
+    # the command's own output before it); those go to stderr
+    assert json.loads(r.stdout) == rep, r.stdout
+    assert "boom" in r.stderr and "[spot" in r.stderr and "Failed" in r.stderr
 
 
 def test_interrupt_rate_schedule_is_seeded_and_bounded() -> None:
