@@ -2,8 +2,10 @@
 
 Exit status: for ``run``, 143 after an interruption notice whatever the command returned,
 else the command's own (128+N if signal N killed it); 0 only for Completed for ``spot``; 1 for damage
-(``verify``) or a failed upload (``push``); 2 for bad input (unknown option, a command
-that does not exist, max-wait <= max-run, an unreachable remote), always as one line.
+(``verify``) or a failed upload (``push``); 2 for bad input (unknown option, a number out of
+range, a command that does not exist, max-wait <= max-run, a --local-dir that is a file, an
+unreachable remote, or for the read-only commands a remote that does not exist), always as
+one line. With ``--json`` stdout is one JSON document, errors included.
 """
 from __future__ import annotations
 
@@ -76,7 +78,8 @@ interruption. Exit status 0 only for Completed.
 
 Times: --max-run caps the seconds the instances run (all attempts together), --max-wait
 caps the wall-clock time from job creation (capacity waits included) and must be larger
-than --max-run. --interrupt-at counts seconds of training time.
+than --max-run. --interrupt-at counts seconds of training time. With --json, stdout is the
+JSON report alone (status lines and the command's output go to stderr).
 """
 
 
