@@ -33,7 +33,7 @@ from typing import Any
 
 import psutil
 
-from ._config import _UNSET, Config
+from ._config import _UNSET, Config, require_dir
 from ._errors import ConfigError
 from ._local import state_dir
 from ._pull import open_remote
@@ -90,8 +90,12 @@ class SpotEmulator:
         self.cmd = resolve_command(cmd)
         name = args.job_name or time.strftime("spotckpt-%Y%m%d-%H%M%S")
         self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix=f"{name}-")).absolute()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"spotckpt spot: --workdir {self.workdir}: {e.strerror or e}") from None
         self.local_dir = Path(args.local_dir or self.workdir / "checkpoints").absolute()
+        require_dir(self.local_dir)  # a file: one line, exit 2
         if args.local_dir and self.local_dir.exists() and any(self.local_dir.iterdir()):
             raise ConfigError(f"spotckpt spot: --local-dir {self.local_dir} is not empty; each start of "
                               "the emulated job empties it, as a new instance would: give an empty dir")

@@ -217,6 +217,13 @@ def test_local_dir_that_is_a_file_is_one_line_exit_2(tmp_path: Path, capsys: pyt
         for local in (tmp_path / "afile", tmp_path / "afile" / "sub"):
             rc, out, err = _main(capsys, cmd, "--local-dir", str(local), "--remote", remote)
             _one_line_exit_2(rc, out, err, "is a file" if local.name == "sub" else "is not a directory")
+    for cmd in ("run", "spot"):
+        extra = ["--workdir", str(tmp_path / "wd")] if cmd == "spot" else []
+        rc, out, err = _main(capsys, cmd, "--local-dir", str(tmp_path / "afile"), "--remote", remote,
+                             *extra, "--", "true")
+        _one_line_exit_2(rc, out, err, "is not a directory")
+    rc, out, err = _main(capsys, "spot", "--workdir", str(tmp_path / "afile"), "--", "true")
+    _one_line_exit_2(rc, out, err, "--workdir")
     r = _cli("verify", "--local-dir", str(tmp_path / "afile"), "--remote", remote)   # not 1 ("damage")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not a directory" in r.stderr, r.stderr
 
