@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from ._config import _UNSET, Config
-from ._errors import CorruptCheckpointError, RemoteError
+from ._config import _UNSET, Config, probe_local_dir, require_dir
+from ._errors import ConfigError, CorruptCheckpointError, RemoteError
 from ._events import EventLog
 from ._fileset import FileSet, newest_set
 from ._local import LocalDir
@@ -24,23 +23,31 @@ from ._store import RemoteStore
 from ._syncer import Syncer
 
 
-def _setup(args: argparse.Namespace, *, need_remote: bool = False, create_local: bool = False
-           ) -> tuple[Config, LocalDir, RemoteStore | None]:
+def _setup(args: argparse.Namespace, *, need_remote: bool = False, create_local: bool = False,
+           need_local: bool = False) -> tuple[Config, LocalDir, RemoteStore | None]:
+    """Resolve and check the settings of one command (ConfigError, LocalDirError,
+    RemoteError: one line and exit status 2, see cli.main).
+
+    Args:
+        create_local: the command writes into the local dir (pull): create and probe it.
+        need_local: the local dir must exist (push); read-only commands take a missing one
+            as empty (``ls --remote`` on a machine that never trained). A local dir that is
+            a file is an error for every command.
+    """
     cfg = Config.resolve(local_dir=args.local_dir, remote=args.remote if args.remote else _UNSET,
-                         check_local=create_local)
+                         check_local=False)
+    require_dir(cfg.local_dir, must_exist=need_local)
     if need_remote and not cfg.remote:
-        raise SystemExit(_usage(f"spotckpt {args.command}: no remote; pass --remote s3://bucket/prefix/ "
-                                "or set SPOTCKPT_REMOTE"))
+        raise ConfigError(f"spotckpt {args.command}: no remote; pass --remote s3://bucket/prefix/ "
+                          "or set SPOTCKPT_REMOTE")
+    if create_local:
+        probe_local_dir(cfg.local_dir)
     # Fail within seconds, in one line, when the remote is unreachable: a write probe for
-    # commands that upload, a listing for the read-only ones.
+    # commands that upload, a listing and an existence check (bucket, file:// dir) for the
+    # read-only ones, so a missing bucket is an error and not an empty remote.
     probe = "write" if args.command == "push" else "read"
     store = open_remote(cfg.remote, cfg.storage_options, probe=probe, attempts=3) if cfg.remote else None
     return cfg, LocalDir(cfg.local_dir), store
-
-
-def _usage(msg: str) -> int:
-    print(msg, file=sys.stderr)
-    return 2
 
 
 def _emit(args: argparse.Namespace, doc: Any, lines: list[str]) -> None:
@@ -327,7 +334,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    cfg, local, store = _setup(args, need_remote=True)
+    cfg, local, store = _setup(args, need_remote=True, need_local=True)
     assert store is not None
     local.lock("supervisor")
     t0 = time.monotonic()

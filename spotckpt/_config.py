@@ -178,12 +178,36 @@ def _check_remote(url: str | None) -> str | None:
     return url.rstrip("/") + "/"
 
 
+def require_dir(path: Path, *, must_exist: bool = False) -> None:
+    """Check that ``path`` is a directory, or could be made one (``must_exist``: is one).
+
+    Raises:
+        LocalDirError: ``path`` (or a parent of it) is a file, or it is missing and
+            ``must_exist``; one line naming the dir.
+    """
+    if path.is_dir():
+        return
+    if path.exists() or path.is_symlink():
+        raise LocalDirError(f"spotckpt: local_dir '{path}' is not a directory; "
+                            "pass a directory as --local-dir / local_dir= or SPOTCKPT_LOCAL_DIR")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LocalDirError(f"spotckpt: local_dir '{path}' cannot be a directory: '{parent}' is a file; "
+                            "pass another --local-dir / local_dir= or SPOTCKPT_LOCAL_DIR")
+    if must_exist:
+        raise LocalDirError(f"spotckpt: local_dir '{path}' does not exist; "
+                            "pass the directory the checkpoints are in (--local-dir or SPOTCKPT_LOCAL_DIR)")
+
+
 def probe_local_dir(path: Path) -> None:
     """Create ``path`` and check a file can be written, synced and removed there.
 
     Raises:
         LocalDirError: naming the dir and what to do.
     """
+    require_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".spotckpt-probe-{uuid.uuid4().hex}.sagemaker-ignore"

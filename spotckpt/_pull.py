@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ._engine import restore_newest
-from ._errors import CorruptCheckpointError, RemoteError
+from ._errors import CorruptCheckpointError, RemoteError, RemoteNotFoundError
 from ._events import EventLog
 from ._fileset import newest_set
 from ._local import LocalDir, is_internal
@@ -150,5 +150,41 @@ def open_remote(url: str, storage_options: dict | None = None, *, probe: str | N
     if probe == "write":
         quick_store(url, storage_options).probe()
     elif probe == "read":
-        quick_store(url, storage_options).committed()
+        quick = quick_store(url, storage_options)
+        quick.committed()
+        require_container(quick)
     return RemoteStore(url, storage_options, attempts=attempts)
+
+
+def require_container(store: RemoteStore) -> None:
+    """A remote that does not exist is an error for commands that only read it, not an
+    empty remote: the bucket of an ``s3://`` URL, the directory of a ``file://`` one (a
+    remote written once, by a job or a push, has it; a missing one is a typo). A bucket that
+    exists with nothing under the prefix is a valid empty remote. Other schemes: not checked.
+
+    Raises:
+        RemoteNotFoundError: naming the remote and what is missing.
+    """
+    if store.is_local:
+        if os.path.isdir(store.root):
+            return
+        what = "is not a directory" if os.path.exists(store.root) else "does not exist"
+        raise RemoteNotFoundError(f"spotckpt: remote {store.url}: the directory {store.root} {what} "
+                                  "(nothing was ever written there; check --remote / SPOTCKPT_REMOTE)")
+    if store.fast is None and "s3" not in str(store.fs.protocol):
+        return
+    bucket = store.root.split("/", 1)[0]
+
+    def exists() -> bool:
+        if store.fast is not None:
+            try:
+                store.fast.head_bucket()
+            except FileNotFoundError:
+                return False
+            except PermissionError:
+                return True  # it exists (the listing just worked); HEAD is not allowed
+            return True
+        return bool(store.fs.exists(bucket))
+    if not store._call("bucket check", exists):
+        raise RemoteNotFoundError(f"spotckpt: remote {store.url}: bucket '{bucket}' does not exist "
+                                  "(check --remote / SPOTCKPT_REMOTE and the endpoint)")

@@ -240,6 +240,10 @@ class S3Fast:
     def delete(self, key: str) -> None:
         self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
 
+    def head_bucket(self) -> None:
+        """Raises FileNotFoundError if the bucket does not exist (PermissionError: denied)."""
+        self._call(lambda: self.client.head_bucket(Bucket=self.bucket))
+
     def size(self, key: str) -> int:
         """The object's size. Raises FileNotFoundError if it does not exist."""
         return int(self._call(lambda: self.client.head_object(Bucket=self.bucket, Key=key))["ContentLength"])

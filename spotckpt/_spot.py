@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -34,70 +33,13 @@ from typing import Any
 
 import psutil
 
-from ._config import _UNSET, Config
+from ._config import _UNSET, Config, require_dir
 from ._errors import ConfigError
 from ._local import state_dir
 from ._pull import open_remote
+from ._spot_args import _floats, add_arguments, interruption_schedule
 from ._spot_report import Job
 from ._child import resolve_command
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--local-dir", metavar="DIR", help="the instance's checkpoint dir, emptied before each "
-                   "start (default: <workdir>/checkpoints; must be empty if given)")
-    p.add_argument("--remote", metavar="URL", help="checkpoint S3 URI (SPOTCKPT_REMOTE; default file://<workdir>/remote/)")
-    p.add_argument("--max-run", type=float, default=3600.0, metavar="S",
-                   help="MaxRuntimeInSeconds: instance seconds, all starts together (default 3600)")
-    p.add_argument("--max-wait", type=float, metavar="S",
-                   help="MaxWaitTimeInSeconds: wall clock incl. capacity waits; > --max-run (default 2 x max-run)")
-    p.add_argument("--interrupt-at", metavar="T1,T2", default="",
-                   help="interrupt at these seconds of training time (all starts together)")
-    p.add_argument("--interrupt-rate", type=float, default=0.0, metavar="N",
-                   help="also interrupt at random, N times per hour of training on average")
-    p.add_argument("--seed", type=int, default=0, help="seed for --interrupt-rate (default 0)")
-    p.add_argument("--capacity-wait", default="0.5", metavar="S[,S...]",
-                   help="seconds to wait for capacity before each start, the last value repeats; "
-                        "'inf' never gets capacity (default 0.5)")
-    p.add_argument("--grace", type=float, default=120.0, metavar="S",
-                   help="seconds from SIGTERM to SIGKILL at an interruption or stop (default 120, as SageMaker)")
-    p.add_argument("--spot-discount", type=float, default=0.7, metavar="F",
-                   help="spot price discount for the bill, 0..1 (default 0.7)")
-    p.add_argument("--job-name", help="TrainingJobName (default spotckpt-<time>)")
-    p.add_argument("--workdir", metavar="DIR", help="where the report, logs and default dirs go (default: a new temp dir)")
-    p.add_argument("--report", metavar="FILE", help="write the DescribeTrainingJob-like JSON here "
-                   "(default <workdir>/describe-training-job.json)")
-    p.add_argument("--scan-interval", "--stable-seconds", type=float, default=0.5, metavar="S",
-                   dest="scan_interval", help="passed to `spotckpt run`: seconds between scans of the watched dir")
-    p.add_argument("--dir-checkpoint", action="append", default=[], metavar="GLOB:MARKER",
-                   help="passed to `spotckpt run` (repeatable)")
-    p.add_argument("--json", action="store_true", help="print the JSON report to stdout at the end")
-
-
-def _floats(name: str, text: str, *, allow_inf: bool = False) -> list[float]:
-    out = []
-    for item in filter(None, (t.strip() for t in str(text).split(","))):
-        try:
-            x = float(item)
-        except ValueError:
-            raise ConfigError(f"spotckpt spot: {name} {item!r} is not a number of seconds") from None
-        if x < 0 or (math.isinf(x) and not allow_inf) or math.isnan(x):
-            raise ConfigError(f"spotckpt spot: {name} {item!r} must be a number of seconds >= 0")
-        out.append(x)
-    return out
-
-
-def interruption_schedule(at: list[float], rate_per_hour: float, seed: int, horizon: float) -> list[tuple[float, str]]:
-    """Points of training time at which to interrupt: the given ones plus a Poisson process
-    of ``rate_per_hour`` (seeded), up to ``horizon`` seconds."""
-    points = [(t, "interrupt-at") for t in at]
-    if rate_per_hour > 0:
-        rng, t = random.Random(seed), 0.0
-        while True:
-            t += rng.expovariate(rate_per_hour / 3600.0)
-            if t >= horizon:
-                break
-            points.append((round(t, 3), "interrupt-rate"))
-    return sorted(points)
 
 
 class _Events:
@@ -148,8 +90,12 @@ class SpotEmulator:
         self.cmd = resolve_command(cmd)
         name = args.job_name or time.strftime("spotckpt-%Y%m%d-%H%M%S")
         self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix=f"{name}-")).absolute()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"spotckpt spot: --workdir {self.workdir}: {e.strerror or e}") from None
         self.local_dir = Path(args.local_dir or self.workdir / "checkpoints").absolute()
+        require_dir(self.local_dir)  # a file: one line, exit 2
         if args.local_dir and self.local_dir.exists() and any(self.local_dir.iterdir()):
             raise ConfigError(f"spotckpt spot: --local-dir {self.local_dir} is not empty; each start of "
                               "the emulated job empties it, as a new instance would: give an empty dir")
@@ -157,8 +103,11 @@ class SpotEmulator:
         self.cfg = Config.resolve(local_dir=self.local_dir, remote=remote if remote else _UNSET, check_local=True)
         open_remote(self.cfg.remote, self.cfg.storage_options)  # unreachable: one line, exit 2, now
         self.report_path = Path(args.report or self.workdir / "describe-training-job.json")
+        # With --json, stdout carries the report alone: status lines and the command's own
+        # output go to stderr.
+        self.out = sys.stderr if args.json else sys.stdout
         self.job = Job(name, self.max_run, self.max_wait, self.cfg.remote, str(self.local_dir),
-                       args.spot_discount)
+                       args.spot_discount, out=self.out)
         self.proc: subprocess.Popen | None = None
         self._stop_requested: str | None = None
 
@@ -185,7 +134,8 @@ class SpotEmulator:
                 "--remote", str(self.cfg.remote), "--grace", str(a.grace),
                 "--scan-interval", str(a.scan_interval),
                 *[x for r in a.dir_checkpoint for x in ("--dir-checkpoint", r)], "--", *self.cmd]
-        self.proc = subprocess.Popen(argv, start_new_session=True)  # a "container": its own session
+        self.proc = subprocess.Popen(argv, start_new_session=True,  # a "container": its own session
+                                     stdout=sys.stderr if self.args.json else None)
         return _Events(state / "events.jsonl")
 
     def _kill_container(self) -> None:
@@ -209,6 +159,7 @@ class SpotEmulator:
     def _terminate_container(self, events: _Events, attempt: dict[str, Any]) -> tuple[int, bool]:
         """SIGTERM the supervisor, SIGKILL the container after the grace. Returns (status, killed)."""
         assert self.proc is not None
+        attempt["notice_wall"] = time.time()  # the interruption, for the work-lost accounting
         self.proc.send_signal(signal.SIGTERM)
         end = self._now() + self.args.grace
         while self.proc.poll() is None and self._now() < end:
@@ -223,16 +174,16 @@ class SpotEmulator:
     def _absorb(self, evs: list[dict[str, Any]], attempt: dict[str, Any]) -> None:
         for e in evs:
             kind = e.get("event")
+            self.job.record(e)  # saves and uploads: what state is durable, captured when
             if kind == "pull":
                 attempt["ResumedFromStep"] = e.get("step")
                 attempt["PulledFiles"] = e.get("files")
                 last = self.job.interruptions[-1] if self.job.interruptions else None
                 if last is not None and last["Attempt"] == attempt["Number"] - 1:
                     last["ResumedFromStep"] = e.get("step")
-                    if last.get("StepAtNotice") is not None and e.get("step") is not None:
-                        last["LostSteps"] = max(0, int(last["StepAtNotice"]) - int(e["step"]))
             elif kind == "child_start":
                 attempt["child_started"] = True
+                attempt["command_start"] = e.get("ts")
             elif kind == "child_exit":
                 attempt["child_exited"] = True
                 # The command's own status; ExitStatus is the container's (`spotckpt run`:
@@ -242,10 +193,19 @@ class SpotEmulator:
                 attempt["StepAtNotice"] = e.get("step")
             elif kind == "upload_done":
                 attempt["DurableStep"] = max(e.get("step", -1), attempt.get("DurableStep") or -1)
-                if e.get("created"):
-                    self.job.state_time = max(self.job.state_time or 0.0, float(e["created"]))
-            elif kind == "mirror_upload" and e.get("mtime"):
-                self.job.state_time = max(self.job.state_time or 0.0, float(e["mtime"]))
+
+    def _checkpointer_opened(self) -> float | None:
+        """When the command's Checkpointer took the dir's trainer lock in this attempt (the
+        lock file's mtime; None if it never did: a command without one, or a notice during
+        its imports). Read before the next start wipes the state dir."""
+        state = state_dir(self.local_dir)
+        times = []
+        for lock in (state / "trainer.lock", *state.glob("rank-*/trainer.lock")):
+            try:
+                times.append(lock.stat().st_mtime)
+            except OSError:
+                pass
+        return min(times) if times else None
 
     # -- the lifecycle ---------------------------------------------------------------------
     def run(self) -> int:
@@ -316,6 +276,7 @@ class SpotEmulator:
                 self._absorb(events.new(), attempt)
                 job.instance_seconds = instance
                 self._kill_container()  # nothing may outlive the instance
+                attempt["checkpointer_opened"] = self._checkpointer_opened()
                 attempt["ExitStatus"] = 128 - rc if rc < 0 else rc
                 attempt["InstanceSeconds"] = round(now - started, 3)
                 if rc == 0:
@@ -342,22 +303,14 @@ class SpotEmulator:
     def _interrupt(self, attempt: dict[str, Any], events: _Events, started: float, train_t0: float,
                    point: tuple[float, str]) -> str:
         job = self.job
-        at_wall = time.time()
         job.status("InProgress", "Interrupted", f"Spot instance interrupted at {point[0]:g} s of training "
                    f"({point[1]}): SIGTERM sent, {self.args.grace:g} s until SIGKILL")
-        train_wall_start = at_wall - (self._now() - train_t0)
         status, killed = self._terminate_container(events, attempt)
         job.instance_seconds += self._now() - started
         attempt.update(ExitStatus=status, Killed=killed, InstanceSeconds=round(self._now() - started, 3))
-        state = job.state_time
-        lost = at_wall - max(state or 0.0, train_wall_start)
-        job.interruptions.append({
-            "Number": len(job.interruptions) + 1, "Time": job.iso(at_wall), "Source": point[1],
-            "AtTrainingSeconds": round(point[0], 3), "Attempt": attempt["Number"],
-            "StepAtNotice": attempt.get("StepAtNotice"), "DurableStep": attempt.get("DurableStep"),
-            "ExitStatus": status, "KilledAfterGrace": killed,
-            "LostSeconds": round(max(0.0, lost), 2), "LostSteps": None, "ResumedFromStep": None,
-        })
+        attempt["checkpointer_opened"] = self._checkpointer_opened()
+        job.interruption(notice=attempt["notice_wall"], attempt=attempt, source=point[1],
+                         at_training=point[0], status=status, killed=killed)
         return "Interrupted"
 
     def _stop(self, reason: str, events: _Events | None = None, attempt: dict[str, Any] | None = None,
@@ -367,7 +320,7 @@ class SpotEmulator:
         job.status("Stopping", "Stopping", "Stopping the training job")
         if self.proc is not None and self.proc.poll() is None and events is not None and attempt is not None:
             status, killed = self._terminate_container(events, attempt)
-            attempt.update(ExitStatus=status, Killed=killed)
+            attempt.update(ExitStatus=status, Killed=killed, checkpointer_opened=self._checkpointer_opened())
             if started is not None:  # the instance runs (and bills) until it is gone
                 job.instance_seconds += self._now() - self._stop_at
                 attempt["InstanceSeconds"] = round(self._now() - started, 3)
@@ -383,5 +336,5 @@ class SpotEmulator:
 
 def run_spot(args: argparse.Namespace, cmd: list[str]) -> int:
     emu = SpotEmulator(cmd, args)
-    print(f"[spot] job {emu.job.name}: workdir {emu.workdir}, remote {emu.cfg.remote}", flush=True)
+    print(f"[spot] job {emu.job.name}: workdir {emu.workdir}, remote {emu.cfg.remote}", file=emu.out, flush=True)
     return emu.run()

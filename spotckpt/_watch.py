@@ -303,7 +303,9 @@ class Watcher:
         with self._lock:
             self.bytes_uploaded += n
             self.upload_seconds += up.seconds
-        self.events.emit("mirror_upload", path=up.group, bytes=n, files=len(up.entries))
+        mtime = max((e.mtime_ns for e in up.entries.values()), default=0) / 1e9  # of what went up
+        self.events.emit("mirror_upload", path=up.group, bytes=n, files=len(up.entries),
+                         version_mtime=round(mtime, 3))
         self._take(up.group, up.entries, new)
 
     def _take(self, g: str, got: dict[str, Entry], new: dict[str, Entry]) -> None:

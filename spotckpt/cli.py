@@ -2,15 +2,19 @@
 
 Exit status: for ``run``, 143 after an interruption notice whatever the command returned,
 else the command's own (128+N if signal N killed it); 0 only for Completed for ``spot``; 1 for damage
-(``verify``) or a failed upload (``push``); 2 for bad input (unknown option, a command
-that does not exist, max-wait <= max-run, an unreachable remote), always as one line.
+(``verify``) or a failed upload (``push``); 2 for bad input (unknown option, a number out of
+range, a command that does not exist, max-wait <= max-run, a --local-dir that is a file, an
+unreachable remote, or for the read-only commands a remote that does not exist), always as
+one line. With ``--json`` stdout is one JSON document, errors included.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import sys
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 from . import __version__
 from ._errors import SpotckptError
@@ -74,25 +78,50 @@ interruption. Exit status 0 only for Completed.
 
 Times: --max-run caps the seconds the instances run (all attempts together), --max-wait
 caps the wall-clock time from job creation (capacity waits included) and must be larger
-than --max-run. --interrupt-at counts seconds of training time.
+than --max-run. --interrupt-at counts seconds of training time. With --json, stdout is the
+JSON report alone (status lines and the command's output go to stderr).
 """
+
+
+_json_errors = False  # main() sets it when --json was given: errors are a JSON document too
+
+
+def error_json(message: str, status: int) -> None:
+    """With ``--json``, stdout is one JSON document even on an error (scripts parse it)."""
+    if _json_errors:
+        print(json.dumps({"ok": False, "error": message, "exit_status": status}, indent=1), flush=True)
 
 
 class _Parser(argparse.ArgumentParser):
     """Bad usage is one line (``spotckpt run: error: ...``) and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
+        error_json(f"{self.prog}: error: {message}", EXIT_USAGE)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _nonneg(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number >= 0")
-    return v
+def number(*, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+           integer: bool = False) -> Callable[[str], float]:
+    """An argparse type for a finite number (no NaN, no inf) in the given bounds: a bad
+    value is a usage error (one line, exit status 2) before anything starts.
+
+    Example:
+        >>> p.add_argument("--grace", type=number(gt=0))  # doctest: +SKIP
+    """
+    kind = "a whole number" if integer else "a finite number"
+    bounds = " and ".join(f"{op} {v:g}" for op, v in ((">", gt), (">=", ge), ("<", lt)) if v is not None)
+    rule = f"must be {kind}" + (f" {bounds}" if bounds else "")
+
+    def parse(text: str) -> float:
+        try:
+            v: float = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if integer else 'a number'}") from None
+        if (math.isnan(v) or math.isinf(v) or (gt is not None and not v > gt)
+                or (ge is not None and not v >= ge) or (lt is not None and not v < lt)):
+            raise argparse.ArgumentTypeError(f"{text!r}: {rule}")
+        return v
+    return parse
 
 
 def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
@@ -114,18 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description=_RUN, formatter_class=raw,
                        usage="spotckpt run [options] -- CMD [ARGS...]")
     _common(r, json_flag=False)
-    r.add_argument("--keep-last", type=int, metavar="N", help="committed checkpoints kept (default 2)")
-    r.add_argument("--grace", type=float, metavar="S", help="seconds from SIGTERM to SIGKILL "
+    r.add_argument("--keep-last", type=number(ge=1, integer=True), metavar="N",
+                   help="committed checkpoints kept (default 2)")
+    r.add_argument("--grace", type=number(gt=0), metavar="S", help="seconds from SIGTERM to SIGKILL "
                    "(SPOTCKPT_GRACE_SECONDS; default 30, 120 on SageMaker)")
     r.add_argument("--signals", metavar="LIST", help="extra signals that mean 'interruption coming', "
                    "e.g. SIGUSR1 (SPOTCKPT_SIGNALS)")
     r.add_argument("--signal-scope", choices=("auto", "tree", "child"), default="auto",
                    help="who gets forwarded signals: the whole tree except children of Python "
                         "processes (auto, spares DataLoader workers), the whole tree, or the child only")
-    r.add_argument("--scan-interval", type=_nonneg, default=0.5, metavar="S",
+    r.add_argument("--scan-interval", type=number(gt=0), default=0.5, metavar="S",
                    help="seconds between scans of the watched dir; a file goes up as soon as it is "
                         "closed, at the next scan (default 0.5)")
-    r.add_argument("--stable-seconds", type=_nonneg, dest="scan_interval", help=argparse.SUPPRESS)
+    r.add_argument("--stable-seconds", type=number(gt=0), dest="scan_interval", help=argparse.SUPPRESS)
     r.add_argument("--dir-checkpoint", action="append", default=[], metavar="GLOB:MARKER",
                    help="a directory matching GLOB is one checkpoint, complete once MARKER exists in "
                         "it: uploaded and pulled whole (repeatable; SPOTCKPT_DIR_CHECKPOINTS; built in: "
@@ -136,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("spot", help="emulate SageMaker Managed Spot Training around `spotckpt run`",
                        description=_SPOT, formatter_class=raw,
                        usage="spotckpt spot [options] -- CMD [ARGS...]")
-    from ._spot import add_arguments
+    from ._spot_args import add_arguments
     add_arguments(s)
     s.add_argument("cmd", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
@@ -190,8 +220,14 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _json_errors
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ours = argv[:argv.index("--")] if "--" in argv else argv  # not the command's own --json
+    command = next((a for a in ours if not a.startswith("-")), None)
+    _json_errors = "--json" in ours and command in ("ls", "status", "verify", "pull", "push", "spot")
     parser = build_parser()
     args = parser.parse_args(argv)
+    _json_errors = bool(getattr(args, "json", False))
     if args.command is None:
         parser.print_help()
         return 0
@@ -206,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         handler: Any = getattr(_cli_inspect, f"cmd_{args.command}")
         return handler(args)
     except SpotckptError as e:
-        # Configuration, local dir, lock and remote errors: one line, exit status 2.
-        print(str(e).splitlines()[0] if str(e) else type(e).__name__, file=sys.stderr)
+        # Configuration, local dir, lock and remote errors: one line, exit status 2 (with
+        # --json, also as the JSON document on stdout).
+        line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        error_json(line, EXIT_USAGE)
+        print(line, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

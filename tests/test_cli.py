@@ -162,3 +162,135 @@ def test_unreachable_remote_is_one_line_exit_2(tmp_path: Path, s3_env: dict) -> 
         assert r.returncode == 2, (cmd, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "s3://bucket/p/" in r.stderr, r.stderr
         assert time.monotonic() - t0 < 25
+
+
+# -- issue 14 item 5: missing remotes, bad local dirs, numeric options, --json on errors ----
+def _main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """The CLI in this process (the same main() as the subprocess; no interpreter start-up
+    per case): exit status, stdout, stderr."""
+    from spotckpt.cli import main
+
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line_exit_2(rc: int, out: str, err: str, needle: str) -> None:
+    assert rc == 2, (rc, out, err)
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+    assert "Traceback" not in err
+
+
+def test_read_only_commands_on_a_missing_bucket_exit_2(tmp_path: Path, s3_remote: str,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    missing = "s3://spotckpt-no-such-bucket-" + s3_remote.split("/")[2][-12:] + "/run/"
+    for cmd in ("ls", "status", "verify", "pull"):
+        rc, out, err = _main(capsys, cmd, "--local-dir", str(tmp_path / "ck"), "--remote", missing)
+        _one_line_exit_2(rc, out, err, "does not exist")
+        assert missing in err and out == ""
+    for cmd in ("verify", "pull"):                  # (ls and status: test_ls_status_push_pull_verify_roundtrip)
+        # an existing bucket with nothing under the prefix is a valid empty remote
+        rc, out, err = _main(capsys, cmd, "--local-dir", str(tmp_path / "ck"), "--remote", s3_remote)
+        assert rc == 0, err
+    r = _cli("ls", "--local-dir", str(tmp_path / "ck"), "--remote", missing)   # and as a process
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "does not exist" in r.stderr
+
+
+def test_read_only_commands_on_a_missing_file_remote_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    for cmd in ("ls", "status", "verify", "pull"):
+        rc, out, err = _main(capsys, cmd, "--local-dir", str(tmp_path / "ck"), "--remote", f"file://{tmp_path / 'nowhere'}/")
+        _one_line_exit_2(rc, out, err, "does not exist")
+        # an existing empty dir is an empty remote
+        rc, out, err = _main(capsys, cmd, "--local-dir", str(tmp_path / "ck"), "--remote", f"file://{tmp_path / 'empty'}/")
+        assert rc == 0, err
+
+
+def test_local_dir_that_is_a_file_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "afile").write_text("x")
+    remote = f"file://{tmp_path / 'remote'}/"
+    for cmd in ("ls", "status", "verify", "pull", "push"):
+        for local in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+            rc, out, err = _main(capsys, cmd, "--local-dir", str(local), "--remote", remote)
+            _one_line_exit_2(rc, out, err, "is a file" if local.name == "sub" else "is not a directory")
+    for cmd in ("run", "spot"):
+        extra = ["--workdir", str(tmp_path / "wd")] if cmd == "spot" else []
+        rc, out, err = _main(capsys, cmd, "--local-dir", str(tmp_path / "afile"), "--remote", remote,
+                             *extra, "--", "true")
+        _one_line_exit_2(rc, out, err, "is not a directory")
+    rc, out, err = _main(capsys, "spot", "--workdir", str(tmp_path / "afile"), "--", "true")
+    _one_line_exit_2(rc, out, err, "--workdir")
+    r = _cli("verify", "--local-dir", str(tmp_path / "afile"), "--remote", remote)   # not 1 ("damage")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not a directory" in r.stderr, r.stderr
+
+
+def test_push_from_a_missing_dir_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "remote").mkdir()
+    r = _cli("push", "--json", "--local-dir", str(tmp_path / "nope"), "--remote", f"file://{tmp_path / 'remote'}/")
+    _one_line_exit_2(r.returncode, r.stdout, r.stderr, "does not exist")
+    assert not (tmp_path / "nope").exists()         # it used to be created, and "pushed 0 B"
+    doc = json.loads(r.stdout)                      # --json: the error is a JSON document too
+    assert doc["ok"] is False and "does not exist" in doc["error"] and doc["exit_status"] == 2
+
+
+def test_json_errors_are_one_json_document(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "afile").write_text("x")
+    remote = f"file://{tmp_path / 'afile' / 'remote'}/"   # cannot exist, cannot be made
+    for cmd in ("ls", "status", "verify", "pull", "push"):
+        rc, out, err = _main(capsys, cmd, "--json", "--local-dir", str(tmp_path / "ck"), "--remote", remote)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        doc = json.loads(out)                       # stdout is exactly one JSON document
+        assert doc == {"ok": False, "error": err.strip(), "exit_status": 2}
+
+
+def test_json_usage_errors_are_one_json_document(capsys: pytest.CaptureFixture) -> None:
+    from spotckpt.cli import main
+
+    for argv in (["push", "--json", "--bogus"], ["spot", "--json", "--grace", "-1", "--", "true"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert json.loads(out)["ok"] is False and json.loads(out)["exit_status"] == 2
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--stable-seconds", "-1"], ["run", "--scan-interval", "-1"], ["run", "--scan-interval", "0"],
+    ["run", "--scan-interval", "nan"], ["run", "--grace", "-5"], ["run", "--grace", "0"],
+    ["run", "--grace", "inf"], ["run", "--keep-last", "0"], ["run", "--keep-last", "1.5"],
+    ["spot", "--interrupt-rate", "-1"], ["spot", "--interrupt-rate", "nan"], ["spot", "--max-run", "0"],
+    ["spot", "--max-run", "-3"], ["spot", "--max-wait", "nan"], ["spot", "--grace", "0"],
+    ["spot", "--spot-discount", "1"], ["spot", "--spot-discount", "-0.1"], ["spot", "--scan-interval", "0"],
+    ["spot", "--stable-seconds", "-1"], ["spot", "--interrupt-at", "5,-1"], ["spot", "--capacity-wait", "nan"],
+])
+def test_numeric_options_are_validated_by_argparse(tmp_path: Path, argv: list[str],
+                                                   capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from spotckpt.cli import main
+
+    monkeypatch.setenv("SPOTCKPT_LOCAL_DIR", str(tmp_path / "ck"))
+    with pytest.raises(SystemExit) as e:            # in-process: argparse stops before anything runs
+        main([*argv, "--workdir", str(tmp_path / "wd")] if argv[0] == "spot" else argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "", (out, err)
+    assert len(err.strip().splitlines()) == 1 and "argument" in err and argv[1] in err, err
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_open_remote_read_probe_refuses_a_missing_bucket(s3_remote: str, fast: bool) -> None:
+    """With s3fs alone (no boto3 fast path: session settings it cannot reproduce), a listing
+    of a missing bucket is empty; the read probe checks the bucket itself."""
+    from spotckpt._errors import RemoteNotFoundError
+    from spotckpt._pull import open_remote
+
+    opts = {} if fast else {"s3_additional_kwargs": {"ACL": "private"}}
+    assert (RemoteStore(s3_remote, opts).fast is not None) is fast
+    missing = "s3://spotckpt-no-such-bucket-" + s3_remote.split("/")[2][-12:] + "/run/"
+    with pytest.raises(RemoteNotFoundError, match="bucket 'spotckpt-no-such-bucket-.*' does not exist"):
+        open_remote(missing, opts, probe="read")
+    assert open_remote(s3_remote, opts, probe="read").committed() == []   # empty, and fine

@@ -155,7 +155,10 @@ def test_failed_command_is_failed_not_completed(tmp_path: Path) -> None:
     assert r.returncode == 1
     rep = json.loads((tmp_path / "wd" / "describe-training-job.json").read_text())
     assert rep["TrainingJobStatus"] == "Failed" and "status 3" in rep["FailureReason"]
-    assert '"TrainingJobStatus": "Failed"' in r.stdout   # --json prints the report too
+    # --json: stdout is the report and nothing else (it used to carry the status lines and
+    # the command's own output before it); those go to stderr
+    assert json.loads(r.stdout) == rep, r.stdout
+    assert "boom" in r.stderr and "[spot" in r.stderr and "Failed" in r.stderr
 
 
 def test_interrupt_rate_schedule_is_seeded_and_bounded() -> None:
@@ -178,3 +181,98 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, opts: list[str], needl
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
     assert "[spot" not in r.stdout
+
+
+# -- issue 14 item 8: the accounting of early interruptions --------------------------------
+EARLY = """
+import os, signal, sys, time
+first = not os.path.exists(sys.argv[1])
+open(sys.argv[1], "a").close()
+if first and sys.argv[2] == "imports":
+    time.sleep(120)         # the first start is still "importing" (no handler: SIGTERM kills it)
+import spotckpt
+state = {"w": [0]}
+with spotckpt.Checkpointer(state, every_steps=5) as ck:
+    if first and sys.argv[2] == "before-first-step":
+        while not ck.should_stop:   # the notice comes while the Checkpointer is open, before step 1
+            time.sleep(0.01)
+    for step in ck.steps(total=10):
+        state["w"] = [state["w"][0] + step]
+print("final", state["w"][0], flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["imports", "before-first-step"])
+def test_interruption_before_the_first_step_found_nothing_to_save(tmp_path: Path, where: str) -> None:
+    """A notice during the command's imports, or before its first step: nothing was trained
+    in that start, so nothing is lost (it used to say StepAtNotice null and count the start-up
+    as lost training)."""
+    (tmp_path / "early.py").write_text(EARLY)
+    wd = tmp_path / "wd"
+    r = run(spotckpt("spot", "--workdir", str(wd), "--grace", "10", "--capacity-wait", "0",
+                     "--max-run", "60", "--interrupt-at", "0.5",
+                     "--", PY, str(tmp_path / "early.py"), str(tmp_path / "started"), where),
+            env=run_env(), timeout=90)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((wd / "describe-training-job.json").read_text())
+    (i,) = rep["Interruptions"]
+    assert i["NothingToSave"] is True, i
+    assert i["StepAtNotice"] == 0 and i["LostSteps"] == 0 and i["LostSeconds"] == 0.0, i
+    assert i["SecondsSinceStart"] >= 0.5          # what the start-up cost, not lost training
+    assert rep["WorkLostSeconds"] == 0.0
+    assert "#1: nothing to save (before the first step" in r.stdout
+    assert "final 45" in r.stdout
+
+
+SAVE_THEN_DIE = """
+import os, signal, sys, time
+import spotckpt
+
+class Slow:                 # its state_dict() takes 0.6 s: the manifest is written well after
+    n = 0                   # the state was captured
+    def state_dict(self):
+        time.sleep(0.6)
+        return {"n": self.n}
+    def load_state_dict(self, d):
+        self.n = d["n"]
+
+state = {"slow": Slow(), "w": [0]}
+first = not os.path.exists(sys.argv[1])
+open(sys.argv[1], "a").close()
+with spotckpt.Checkpointer(state, every_steps=10**6) as ck:
+    if first:
+        ck.step = 3
+        print("captured", repr(time.time()), flush=True)
+        ck.save(blocking=True)
+        if ck.should_stop:
+            print("the notice came before the save: the test is void", flush=True)
+            sys.exit(3)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the next notice kills it: no save
+        print("saved", flush=True)
+        time.sleep(120)
+    for step in ck.steps(total=5):
+        pass
+print("done at", ck.step, flush=True)
+"""
+
+
+def test_lost_seconds_count_from_when_the_durable_state_was_captured(tmp_path: Path) -> None:
+    """LostSeconds = notice - the time the newest durable state was captured (its snapshot),
+    not the manifest's time (written after the snapshot and the write: it hid lost work)."""
+    import datetime as dt
+
+    (tmp_path / "die.py").write_text(SAVE_THEN_DIE)
+    wd = tmp_path / "wd"
+    r = run(spotckpt("spot", "--workdir", str(wd), "--grace", "10", "--capacity-wait", "0",
+                     "--max-run", "60", "--interrupt-at", "4",
+                     "--", PY, str(tmp_path / "die.py"), str(tmp_path / "started")),
+            env=run_env(), timeout=90)
+    assert r.returncode == 0, r.stdout + r.stderr
+    captured = float(re.search(r"^captured (\S+)$", r.stdout, re.M).group(1))
+    rep = json.loads((wd / "describe-training-job.json").read_text())
+    (i,) = rep["Interruptions"]
+    notice = dt.datetime.fromisoformat(i["Time"]).timestamp()
+    assert i["DurableStep"] == 3 and i["ResumedFromStep"] == 3 and i["NothingToSave"] is False, i
+    assert abs(i["LostSeconds"] - (notice - captured)) < 0.2, (i, notice - captured)
+    assert i["LostSeconds"] < i["SecondsSinceStart"]
+    assert "done at 5" in r.stdout
