@@ -179,7 +179,6 @@ class Checkpointer(Startup):
         save when the policy is due. At the end, a final save.
         """
         self._require_open()
-        _lineage.check_step(total, None)  # the final save is step `total`: fail before training
         if self.step < total and self._flags(consume=False)[0]:
             self._interrupt_save()  # the notice came before the first step
             return

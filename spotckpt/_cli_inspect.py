@@ -357,7 +357,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         events = EventLog(local.meta / "events.jsonl")
-        syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events)
+        syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events,
+                        mirror=getattr(args, "name", None) is None)  # a named lineage has no files
         steps = local.committed()
         remote_steps = set(store.committed())
         lf, rf = local_freeform(local.root), remote_freeform(store)

@@ -29,8 +29,9 @@ def describe(state: Any, local_dir: Any, name: str | None) -> str:
     return f"Checkpointer({named}state keys {keys}, local_dir '{local_dir}')"
 
 
-def claim(remote: str | None, name: str | None, who: str) -> str | None:
-    """Register the lineage ``(remote, name)`` as written by ``who`` in this process.
+def claim(remote: str | None, who: str) -> str | None:
+    """Register the lineage at ``remote`` (its URL, ``ckpt-<name>/`` included) as written by
+    ``who`` in this process.
 
     Without a remote the local dir's lock does this job. Returns the key for :func:`release`.
 

@@ -40,12 +40,13 @@ class Startup:
         local = LocalDir(cfg.local_dir).lineage(cfg.name)
         # one rank of many: its own part dir, so ranks sharing a host never collide
         local = self._local = local if d is None else local.part(rank_dirname(d.rank))
-        self._lineage_key = _lineage.claim(cfg.lineage_remote, cfg.name,
+        self._lineage_key = _lineage.claim(cfg.lineage_remote,
                                            _lineage.describe(self.state, local.root, cfg.name))
         try:
             local.lock()
         except BaseException:
             _lineage.release(self._lineage_key)
+            self._lineage_key = None
             raise
         try:
             if cfg.name is not None:
