@@ -13,13 +13,16 @@ and ``<remote>ckpt-X/`` (same layout below). Two rules keep a lineage meaningful
 from __future__ import annotations
 
 import operator
+import os
 import threading
 from typing import Any
 
 from ._errors import CheckpointLockedError, ConfigError
 from ._manifest import MAX_STEP
 
-_live: dict[str, str] = {}  # lineage key -> description of the Checkpointer that holds it
+# (pid, remote URL) -> the Checkpointer that writes it; the pid: a forked child inherits this
+# dict but not the parent's open Checkpointers
+_live: dict[tuple[int, str], str] = {}
 _live_lock = threading.Lock()
 
 
@@ -29,7 +32,7 @@ def describe(state: Any, local_dir: Any, name: str | None) -> str:
     return f"Checkpointer({named}state keys {keys}, local_dir '{local_dir}')"
 
 
-def claim(remote: str | None, who: str) -> str | None:
+def claim(remote: str | None, who: str) -> tuple[int, str] | None:
     """Register the lineage at ``remote`` (its URL, ``ckpt-<name>/`` included) as written by
     ``who`` in this process.
 
@@ -40,18 +43,20 @@ def claim(remote: str | None, who: str) -> str | None:
     """
     if remote is None:
         return None
+    key = (os.getpid(), remote)
     with _live_lock:
-        other = _live.get(remote)
+        other = _live.get(key)
         if other is not None:
             raise CheckpointLockedError(
-                f"spotckpt: {who} and {other} both write checkpoints to {remote}: they would "
-                "overwrite each other's step-N checkpoints and a restart would load one's state "
-                "into the other; give each Checkpointer its own name= (e.g. name='ema')")
-        _live[remote] = who
-    return remote
+                f"spotckpt: cannot open {who}: {other} already writes checkpoints to {remote} "
+                "in this process; the two would overwrite each other's step-N checkpoints and a "
+                "restart would load one's state into the other. Give each Checkpointer its own "
+                "name= (e.g. name='ema'), or close the first one before opening the second")
+        _live[key] = who
+    return key
 
 
-def release(key: str | None) -> None:
+def release(key: tuple[int, str] | None) -> None:
     if key is not None:
         with _live_lock:
             _live.pop(key, None)

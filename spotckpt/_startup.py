@@ -27,7 +27,7 @@ from ._writer import BackgroundWriter
 class Startup:
     """``open()`` for the Checkpointer (whose ``__init__`` sets the attributes used here)."""
 
-    _lineage_key: str | None = None
+    _lineage_key: tuple[int, str] | None = None
 
     def open(self) -> None:
         """Validate settings, take the local dir, restore the newest checkpoint, start the

@@ -152,3 +152,15 @@ def test_step_going_backwards_is_an_error_and_a_named_phase_is_the_fix(tmp_path:
         assert (r2.restored_step, r2.durable_step) == (4, 4)
         assert list(r1.steps(10)) == []  # phase 1 is done
     assert torch.equal(s1["w"], torch.full((2,), 10.0)) and torch.equal(s2["w"], torch.full((2,), -4.0))
+
+
+def test_local_only_lineages_are_locked_per_name(tmp_path: Path) -> None:
+    """Without a remote the local dir's lock (a flock: other processes too) is per lineage."""
+    with spotckpt.Checkpointer({"a": 1}, local_dir=tmp_path, remote=None), \
+            spotckpt.Checkpointer({"b": 2}, local_dir=tmp_path, remote=None, name="b") as cb:
+        with pytest.raises(CheckpointLockedError, match="ckpt-b"):
+            spotckpt.Checkpointer({"c": 3}, local_dir=tmp_path, remote=None, name="b").open()
+        cb.step = 3
+        cb.save(blocking=True)
+    assert (tmp_path / "ckpt-b" / "step-000000000003" / "MANIFEST.json").is_file()
+    assert not any(p.name.startswith("step-") for p in tmp_path.iterdir())
