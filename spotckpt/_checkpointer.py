@@ -7,27 +7,24 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from . import _distributed, _state
-from ._layout import RankLayout, rank_dirname
-from ._config import _UNSET, Config, supervised
-from ._engine import Engine, restore_newest
+from . import _distributed, _lineage, _state
+from ._config import _UNSET, Config
+from ._engine import Engine
 from ._errors import RemoteError
-from ._events import EventLog, log
+from ._events import log
 from ._local import LocalDir
-from ._metadata import MetadataWatcher, sources_from_env
+from ._metadata import MetadataWatcher
 from ._notices import LifelineSource, Notice, NoticeBoard, SignalSource
 from ._planner import PLAN_ACTIONS, FlushPlanner
-from ._policies import make_policy
-from ._store import RemoteStore
+from ._startup import Startup
 from ._syncer import Syncer
-from ._watch_pull import restore_files
 from ._writer import BackgroundWriter
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what a container runtime reports for a SIGTERM exit
 _FLUSH_MARGIN = 1.0     # seconds kept back from the deadline for process exit
 
 
-class Checkpointer:
+class Checkpointer(Startup):
     """Checkpoint a training loop locally and to a remote; resume it after an interruption.
 
     Args:
@@ -43,6 +40,9 @@ class Checkpointer:
         grace_seconds: time from a notice to the deadline (default 30; 120 on SageMaker).
         exit_on_interrupt: leave the ``with`` block by ``SystemExit(143)`` after an
             interruption save (set False to handle it yourself via :attr:`interrupted`).
+        name: this Checkpointer's own lineage, for several in one job (model and EMA,
+            generator and discriminator): checkpoints go to ``<local_dir>/ckpt-<name>/`` and
+            ``<remote>ckpt-<name>/``. Default: none (``<local_dir>/``, ``<remote>``).
 
     Example:
         >>> with Checkpointer({"model": model, "optim": opt}, every_steps=500) as ckpt:  # doctest: +SKIP
@@ -52,6 +52,10 @@ class Checkpointer:
     Raises:
         ConfigError, LocalDirError, RemoteError: on entry, for a bad setting, before any
             training step runs.
+        CheckpointLockedError: on entry, when another Checkpointer of this process writes
+            the same remote and name (or another process uses the local dir).
+        ConfigError: at a step boundary or save, for a step out of ``0..10**12-1`` or below
+            the lineage's newest step (steps only grow).
     """
 
     def __init__(self, state: dict[str, Any], *, local_dir: str | os.PathLike[str] | None = None,
@@ -59,12 +63,13 @@ class Checkpointer:
                  every_seconds: float | None = None, keep_last: int | None = None,
                  grace_seconds: float | None = None, signals: tuple[int | str, ...] | None = None,
                  storage_options: Mapping[str, Any] | None = None, exit_on_interrupt: bool = True,
-                 framework: str = "torch", clock: Callable[[], float] = time.monotonic) -> None:
+                 framework: str = "torch", clock: Callable[[], float] = time.monotonic,
+                 name: str | None = None) -> None:
         self.state = state
         self._args = dict(local_dir=local_dir, remote=remote, every_steps=every_steps,
                           every_seconds=every_seconds, keep_last=keep_last,
                           grace_seconds=grace_seconds, signals=signals,
-                          storage_options=storage_options)
+                          storage_options=storage_options, name=name)
         self.exit_on_interrupt = exit_on_interrupt
         self.framework = framework
         self.clock = clock
@@ -92,86 +97,6 @@ class Checkpointer:
     def __enter__(self) -> Checkpointer:
         self.open()
         return self
-
-    def open(self) -> None:
-        """Validate settings, take the local dir, restore the newest checkpoint, start the
-        background threads and the signal handlers."""
-        cfg = self.config = Config.resolve(**self._args)
-        d = self._dist = _distributed.detect()
-        # one rank of many: its own part dir, so ranks sharing a host never collide
-        local = LocalDir(cfg.local_dir)
-        local = self._local = local if d is None else local.part(rank_dirname(d.rank))
-        local.lock()
-        try:
-            # Notices first: a SIGTERM during the restore (a big download, a slow load) is
-            # recorded, and the first step boundary then does the interruption save instead
-            # of the process dying with a local-only checkpoint never uploaded.
-            self._signals = SignalSource(self._board, cfg.signals, cfg.grace_seconds)
-            self._signals.install()
-            if supervised():
-                self._lifeline = LifelineSource.from_env(self._board, cfg.grace_seconds)
-                if self._lifeline is not None:
-                    self._lifeline.start()
-            local.clean_temp()
-            events = self.events = EventLog(local.meta / "events.jsonl")
-            store = None
-            remote = cfg.remote
-            if d is not None and not remote:  # ranks on one host commit through a shared dir
-                remote = f"file://{cfg.local_dir}/shared/"
-            if remote and not supervised():
-                store = RemoteStore(remote, cfg.storage_options)
-                store.probe()
-            self._policy = make_policy(cfg.every_steps, cfg.every_seconds, self.clock)
-            if d is None:
-                found = restore_newest(local, store, events=events)
-                if store is not None:
-                    # the files the script writes itself come back too: the in-process
-                    # watcher mirrors the dir as it is, deletes included (_watch.py)
-                    restore_files(local, store, events=events)
-            else:
-                found = _distributed.restore(d, local, store, events=events)
-            if found is not None:
-                step, manifest, durable = found
-                payload = _state.read_state(local.path(step), manifest.serializer)
-                missing = _state.apply(self.state, payload)
-                if missing:
-                    log.warning("spotckpt: checkpoint step %d has no entry for %s; left as is", step, missing)
-                self.step = self.restored_step = self._last_saved = step
-                log.info("spotckpt: resumed from step %d", step)
-            if store is not None:
-                self._syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events,
-                                      mirror=d is None)
-                if d is not None:
-                    self._syncer.layout = RankLayout(d.rank, d.world_size, wait_seconds=cfg.grace_seconds)
-                self._syncer.start()
-                if found is not None and not found[2]:
-                    self._syncer.submit(found[0])
-                elif found is not None:
-                    self._syncer.durable_step = found[0]  # restored from a remote commit
-            self._engine = Engine(local, syncer=self._syncer, keep_last=cfg.keep_last, events=events,
-                                  local_retention=not supervised(),
-                                  rank=0 if d is None else d.rank,
-                                  world_size=1 if d is None else d.world_size)
-            self._writer = BackgroundWriter()
-            self._planner = FlushPlanner(uploads=store is not None)
-            if self._syncer is not None:
-                self._syncer.on_upload = self._after_upload
-                self._engine.retention_after_upload = True
-            self._watcher = MetadataWatcher(
-                self._board, sources_from_env(), on_advise=self._board.advise,
-                interval=float(os.environ.get("SPOTCKPT_METADATA_INTERVAL") or 5.0))
-            self._watcher.start()
-            self._open = True
-        except BaseException:
-            self._teardown()
-            raise
-
-    def _after_upload(self, step: int, nbytes: int, seconds: float) -> None:
-        """Syncer thread: learn the upload rate; drop local checkpoints that were kept only
-        because they were still uploading."""
-        self._planner.record_upload(nbytes, seconds)
-        if self._engine is not None:
-            self._engine.retention()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and not issubclass(exc_type, (GeneratorExit, StopIteration)):
@@ -232,6 +157,8 @@ class Checkpointer:
             self._writer.close()
         if self._local is not None:
             self._local.unlock()
+        _lineage.release(self._lineage_key)
+        self._lineage_key = None
 
     # -- the loop ----------------------------------------------------------------------------
     @property
@@ -280,6 +207,7 @@ class Checkpointer:
     def boundary(self) -> None:
         """Call after each completed step if you drive the loop yourself (``self.step``
         already advanced): handles notices and periodic saves."""
+        self.step = _lineage.check_step(self.step, self._last_saved)
         stop, due, advisories = self._flags()
         if stop:
             self._interrupt_save()
@@ -299,8 +227,8 @@ class Checkpointer:
         """
         self._require_open()
         assert self._writer is not None and self._engine is not None
+        step = self.step = _lineage.check_step(self.step, self._last_saved)  # before any work
         self._writer.wait()  # at most one snapshot in memory
-        step = self.step
         if self._last_saved == step and self._local.is_committed(step):
             return
         t0 = time.monotonic()

@@ -6,6 +6,7 @@ Each returns an exit status and prints a table, or one JSON document with ``--js
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from ._config import _UNSET, Config, probe_local_dir, require_dir
 from ._errors import ConfigError, CorruptCheckpointError, RemoteError
 from ._events import EventLog
 from ._fileset import FileSet, newest_set
-from ._local import LocalDir
+from ._local import LINEAGE_MARKER, LINEAGE_PREFIX, LocalDir
 from ._manifest import Manifest, hasher, step_dirname, verify_dir
 from ._progress import Progress
 from ._pull import human_bytes, local_freeform, open_remote, pull, remote_freeform
@@ -35,8 +36,13 @@ def _setup(args: argparse.Namespace, *, need_remote: bool = False, create_local:
             a file is an error for every command.
     """
     cfg = Config.resolve(local_dir=args.local_dir, remote=args.remote if args.remote else _UNSET,
-                         check_local=False)
+                         check_local=False, name=getattr(args, "name", None))
     require_dir(cfg.local_dir, must_exist=need_local)
+    local = LocalDir(cfg.local_dir).lineage(cfg.name)
+    if cfg.name is not None:  # Checkpointer(name=): a local dir and a remote of its own
+        if create_local:
+            local.mark_lineage()
+        cfg = dataclasses.replace(cfg, local_dir=local.root, remote=cfg.lineage_remote, name=None)
     if need_remote and not cfg.remote:
         raise ConfigError(f"spotckpt {args.command}: no remote; pass --remote s3://bucket/prefix/ "
                           "or set SPOTCKPT_REMOTE")
@@ -47,7 +53,7 @@ def _setup(args: argparse.Namespace, *, need_remote: bool = False, create_local:
     # read-only ones, so a missing bucket is an error and not an empty remote.
     probe = "write" if args.command == "push" else "read"
     store = open_remote(cfg.remote, cfg.storage_options, probe=probe, attempts=3) if cfg.remote else None
-    return cfg, LocalDir(cfg.local_dir), store
+    return cfg, local, store
 
 
 def _emit(args: argparse.Namespace, doc: Any, lines: list[str]) -> None:
@@ -84,6 +90,20 @@ def _manifests(local: LocalDir, store: RemoteStore | None) -> tuple[dict[int, Ma
     return loc, rem
 
 
+def _names(local: LocalDir, store: RemoteStore | None) -> list[str]:
+    """Names of the named lineages (``Checkpointer(name=)``) beside this one, local or remote."""
+    found = {p.name for p in local.root.glob(f"{LINEAGE_PREFIX}*") if (p / LINEAGE_MARKER).is_file()}
+    if store is not None:
+        def top() -> list:
+            store.fs.invalidate_cache()
+            try:
+                return store.fs.ls(store.root, detail=False)
+            except FileNotFoundError:
+                return []
+        found |= {str(x).rstrip("/").rsplit("/", 1)[-1] for x in store._call("listing", top)}
+    return sorted(n[len(LINEAGE_PREFIX):] for n in found if n.startswith(LINEAGE_PREFIX))
+
+
 # -- ls ----------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace) -> int:
     cfg, local, store = _setup(args)
@@ -98,7 +118,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rf = remote_freeform(store) if store is not None else {}
     files = [{"path": p, "bytes": lf.get(p, rf.get(p)), "local": p in lf, "remote": p in rf,
               "durable": p in rf and (p not in lf or rf[p] == lf[p])} for p in sorted(set(lf) | set(rf))]
-    doc = {"local_dir": str(cfg.local_dir), "remote": cfg.remote, "checkpoints": rows, "files": files}
+    names = _names(local, store) if getattr(args, "name", None) is None else []
+    doc = {"local_dir": str(cfg.local_dir), "remote": cfg.remote, "checkpoints": rows, "files": files,
+           "names": names}
     yn = {True: "yes", False: "no"}
     lines = [f"local dir: {cfg.local_dir}", f"remote:    {cfg.remote or '(none)'}"]
     if rows:
@@ -113,6 +135,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for f in files:
             lines.append(f"{f['path']:<32}  {human_bytes(f['bytes'] or 0):>9}  {yn[f['local']]:<5}  "
                          f"{yn[f['remote']]:<6}  {yn[f['durable']]}")
+    if names:
+        lines.append(f"named checkpointers here (see each with --name NAME): {', '.join(names)}")
     _emit(args, doc, lines)
     return 0
 
@@ -340,7 +364,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         events = EventLog(local.meta / "events.jsonl")
-        syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events)
+        syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events,
+                        mirror=getattr(args, "name", None) is None)  # a named lineage has no files
         steps = local.committed()
         remote_steps = set(store.committed())
         lf, rf = local_freeform(local.root), remote_freeform(store)

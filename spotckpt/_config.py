@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 from ._errors import ConfigError, LocalDirError
+from ._local import LINEAGE_PREFIX
 
 DEFAULT_LOCAL_DIR = "/opt/ml/checkpoints"  # SageMaker's CheckpointConfig.LocalPath
 DEFAULT_KEEP_LAST = 2
@@ -20,6 +22,7 @@ DEFAULT_GRACE = 30.0
 SAGEMAKER_GRACE = 120.0  # SageMaker gives two minutes between SIGTERM and SIGKILL
 
 _UNSET: Any = object()
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def on_sagemaker(env: Mapping[str, str] | None = None) -> bool:
@@ -44,6 +47,14 @@ class Config:
     grace_seconds: float
     signals: tuple[int, ...]
     storage_options: dict[str, Any]
+    name: str | None = None  # a named lineage: <local_dir>/ckpt-<name>/ and <remote>ckpt-<name>/
+
+    @property
+    def lineage_remote(self) -> str | None:
+        """The remote URL this lineage's checkpoints go to (``remote`` when unnamed)."""
+        if self.remote is None or self.name is None:
+            return self.remote
+        return f"{self.remote}{LINEAGE_PREFIX}{self.name}/"
 
     @classmethod
     def resolve(
@@ -57,6 +68,7 @@ class Config:
         grace_seconds: float | None = None,
         signals: tuple[int | str, ...] | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        name: str | None = None,
         env: Mapping[str, str] | None = None,
         check_local: bool = True,
     ) -> Config:
@@ -65,6 +77,8 @@ class Config:
         Args:
             remote: an fsspec URL; ``None`` explicitly means local only; unset reads
                 ``SPOTCKPT_REMOTE``.
+            name: a lineage name (``Checkpointer(name=)``, ``--name``); no variable: one
+                value for every Checkpointer of a process would be the collision it avoids.
             check_local: create the local dir and probe that it is writable.
 
         Raises:
@@ -93,6 +107,7 @@ class Config:
             ),
             signals=_signals(signals if signals is not None else env.get("SPOTCKPT_SIGNALS")),
             storage_options=dict(storage_options or {}),
+            name=_name(name),
         )
         if check_local:
             probe_local_dir(cfg.local_dir)
@@ -127,6 +142,15 @@ def _float(name: str, value: Any, default: float | None) -> float | None:
         raise ConfigError(f"spotckpt: {name}={value!r} must be a positive number of seconds; "
                           f"fix the argument or SPOTCKPT_{name.upper()}")
     return x
+
+
+def _name(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise ConfigError(f"spotckpt: name={value!r} is not a valid checkpointer name; use 1-64 "
+                          "letters, digits, '_' or '-', starting with a letter or digit (e.g. 'ema')")
+    return value
 
 
 def _signals(value: Any) -> tuple[int, ...]:

@@ -38,7 +38,8 @@ class CorruptCheckpointError(SpotckptError, ValueError):
 
 
 class CheckpointLockedError(SpotckptError, BlockingIOError):
-    """Another process already uses this local checkpoint dir."""
+    """Another process already uses this local checkpoint dir, or another open Checkpointer
+    of this process writes the same remote lineage (remote and ``name``)."""
 
 
 class MissingDependencyError(SpotckptError, ImportError):

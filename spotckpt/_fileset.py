@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 from ._errors import CorruptCheckpointError, RemoteError, RemoteNotFoundError
 from ._manifest import _MAX_FILE_SIZE, check_relpath, parse_step_dirname
+from ._local import LINEAGE_PREFIX
 from ._store import RemoteStore, log
 
 FILES = "files"
@@ -165,8 +166,9 @@ def newest_set(store: RemoteStore, sets: dict[int, str] | None = None) -> FileSe
 
 
 def foreign(keys: Iterable[str]) -> list[str]:
-    """Keys under the prefix that are neither a step checkpoint's, the watched dir's, nor
-    spotckpt's probe: somebody else's objects, skipped by restore."""
+    """Keys under the prefix that are neither a step checkpoint's, the watched dir's, a
+    named Checkpointer's (``ckpt-<name>/``) nor spotckpt's probe: somebody else's objects,
+    skipped by restore."""
     out = []
     for k in keys:
         first, sep, _ = k.partition("/")
@@ -174,6 +176,9 @@ def foreign(keys: Iterable[str]) -> list[str]:
             continue
         if first.startswith(".spotckpt-probe-"):
             continue
+        if sep and first.startswith(LINEAGE_PREFIX):
+            continue  # a named Checkpointer's checkpoints: its own lineage
+
         out.append(k)
     return sorted(out)
 

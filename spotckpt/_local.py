@@ -8,6 +8,8 @@ Layout of the local dir (the dir a script also writes its own files into)::
         MANIFEST.json
     .step-000000000200.<id>.tmp.sagemaker-ignore/   being written; never synced
     checkpoint.pth                free-form user files, mirrored as they are
+    ckpt-<name>/                  a named Checkpointer's own local dir (same layout), marked
+        .spotckpt-name.sagemaker-ignore   by this file; never mirrored as user files
 
 Nothing else of spotckpt's is in it: locks, events.jsonl, quarantine/ and the mirror's
 state live in the *state dir* (:func:`state_dir`), outside the local dir, because scripts
@@ -34,6 +36,8 @@ STEP_MARKER = ".spotckpt-step"     # in each step dir we make, before it is rena
 STATE_ENV = "SPOTCKPT_STATE_DIR"
 LEGACY_META = ".spotckpt.sagemaker-ignore"  # where earlier versions kept their state: in the local dir
 _SCRATCH = "tmp"                   # state dir subdir for transient files, emptied by clean_temp()
+LINEAGE_PREFIX = "ckpt-"           # a named Checkpointer's dir: <local_dir>/ckpt-<name>/, <remote>/ckpt-<name>/
+LINEAGE_MARKER = ".spotckpt-name.sagemaker-ignore"  # in <local_dir>/ckpt-<name>/: that dir is ours
 
 
 def state_dir(root: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Path:
@@ -118,6 +122,8 @@ def is_internal(rel: str, root: str | os.PathLike[str] | None = None) -> bool:
     parts = rel.split("/")
     if any(part.endswith(".sagemaker-ignore") for part in parts):
         return True  # our temp files, and SageMaker's own convention for "not uploaded"
+    if root is not None and parts[0].startswith(LINEAGE_PREFIX):
+        return (Path(root) / parts[0] / LINEAGE_MARKER).is_file()  # a named Checkpointer's dir
     if parse_step_dirname(parts[0]) is None:
         return False
     if root is None:
@@ -174,6 +180,17 @@ class LocalDir:
         """The local dir of one rank's part, ``<root>/<name>``, whose state goes in
         ``<state dir>/<name>`` (not beside it: that would be inside this local dir)."""
         return LocalDir(self.root / name, state=self.meta / name)
+
+    def lineage(self, name: str | None) -> LocalDir:
+        """The local dir of the Checkpointer named ``name`` (``None``: this one), a part
+        ``<root>/ckpt-<name>/``; :meth:`mark_lineage` tells the unnamed lineage it is ours."""
+        return self if name is None else self.part(LINEAGE_PREFIX + name)
+
+    def mark_lineage(self) -> None:
+        """Mark this (named) dir as spotckpt's, so a watcher of the parent skips it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / LINEAGE_MARKER).is_file():
+            write_atomic(self.root / LINEAGE_MARKER, b"spotckpt\n")
 
     # -- locking -------------------------------------------------------------------------
     def lock(self, role: str = "trainer") -> None:

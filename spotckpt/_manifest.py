@@ -33,13 +33,14 @@ READS = ("spotckpt/1", FORMAT)
 ALGO = "xxh3_128"  # what new manifests use
 _DIGEST_RE = {"xxh3_128": re.compile(r"[0-9a-f]{32}"), "sha256": re.compile(r"[0-9a-f]{64}")}
 _STEP_RE = re.compile(r"^step-(\d{12})$")
+MAX_STEP = 10**12 - 1  # step dir names have 12 digits (sorting by name sorts by step)
 _MAX_FILE_SIZE = 1 << 44  # 16 TiB: anything larger in a manifest is hostile or broken
 _CHUNK = 256 << 10
 
 
 def step_dirname(step: int) -> str:
     """``step-000000000042`` for step 42."""
-    if step < 0 or step >= 10**12:
+    if step < 0 or step > MAX_STEP:
         raise ValueError(f"step {step} out of range")
     return f"step-{step:012d}"
 

@@ -127,6 +127,9 @@ def number(*, gt: float | None = None, ge: float | None = None, lt: float | None
 def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     p.add_argument("--local-dir", metavar="DIR", help="local checkpoint dir (SPOTCKPT_LOCAL_DIR; default /opt/ml/checkpoints)")
     p.add_argument("--remote", metavar="URL", help="s3://bucket/prefix/, file:///path/ ... (SPOTCKPT_REMOTE)")
+    if json_flag:  # not for `run`: the supervisor serves the unnamed lineage
+        p.add_argument("--name", metavar="NAME", help="the lineage of Checkpointer(name=NAME): "
+                       "<local-dir>/ckpt-NAME/ and <remote>ckpt-NAME/ (default: the unnamed one)")
     if json_flag:
         p.add_argument("--json", action="store_true", help="print one JSON document (for scripts)")
 
