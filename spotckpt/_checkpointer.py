@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from . import _distributed, _state
+from . import _dircommit, _distributed, _state
 from ._layout import RankLayout, rank_dirname
 from ._config import _UNSET, Config, supervised
 from ._engine import Engine, restore_newest
-from ._errors import RemoteError
+from ._errors import ConfigError, RemoteError
 from ._events import EventLog, log
 from ._local import LocalDir
 from ._metadata import MetadataWatcher, sources_from_env
@@ -35,6 +36,8 @@ class Checkpointer:
             optimizers, schedulers, GradScaler, your own) are saved and loaded through them;
             other values (ints, lists, tensors) are saved as they are and, on restore,
             replaced in this dict. Python, numpy and torch RNG states are always included.
+            ``None``: the framework writes its checkpoints itself, as directories committed
+            with :meth:`commit_dir`; restore sets :attr:`restored_path`.
         local_dir: where checkpoints are committed (``SPOTCKPT_LOCAL_DIR``,
             default ``/opt/ml/checkpoints``).
         remote: fsspec URL to sync to (``SPOTCKPT_REMOTE``); ``None`` for local only.
@@ -54,7 +57,7 @@ class Checkpointer:
             training step runs.
     """
 
-    def __init__(self, state: dict[str, Any], *, local_dir: str | os.PathLike[str] | None = None,
+    def __init__(self, state: dict[str, Any] | None, *, local_dir: str | os.PathLike[str] | None = None,
                  remote: str | None = _UNSET, every_steps: int | None = None,
                  every_seconds: float | None = None, keep_last: int | None = None,
                  grace_seconds: float | None = None, signals: tuple[int | str, ...] | None = None,
@@ -70,6 +73,7 @@ class Checkpointer:
         self.clock = clock
         self.step = 0
         self.restored_step: int | None = None
+        self.restored_path: Path | None = None  # the restored directory (state=None)
         self.interrupted = False
         self.config: Config | None = None
         self._board = NoticeBoard(clock)
@@ -132,10 +136,18 @@ class Checkpointer:
                 found = _distributed.restore(d, local, store, events=events)
             if found is not None:
                 step, manifest, durable = found
-                payload = _state.read_state(local.path(step), manifest.serializer)
-                missing = _state.apply(self.state, payload)
-                if missing:
-                    log.warning("spotckpt: checkpoint step %d has no entry for %s; left as is", step, missing)
+                if (manifest.serializer == _dircommit.DIR) != (self.state is None):
+                    raise ConfigError(
+                        f"spotckpt: checkpoint step {step} in {cfg.local_dir} (or the remote) was written "
+                        f"by a {manifest.framework} job that {'commits directories' if self.state is not None else 'saves a state'}; "
+                        "this one does not: use a new local_dir/remote for a different job")
+                if self.state is None:
+                    self.restored_path = local.path(step)
+                else:
+                    payload = _state.read_state(local.path(step), manifest.serializer)
+                    missing = _state.apply(self.state, payload)
+                    if missing:
+                        log.warning("spotckpt: checkpoint step %d has no entry for %s; left as is", step, missing)
                 self.step = self.restored_step = self._last_saved = step
                 log.info("spotckpt: resumed from step %d", step)
             if store is not None:
@@ -291,6 +303,53 @@ class Checkpointer:
         elif due:
             self.save()
 
+    def poll(self) -> tuple[bool, bool]:
+        """At a step boundary of a framework that writes its own checkpoints (``self.step``
+        advanced): ``(stop, save)``, whether a notice arrived and whether the cadence (or a
+        rebalance advisory) wants a save, agreed by all ranks. Have the framework write its
+        checkpoint, :meth:`commit_dir` it, and after a stop call :meth:`boundary`, which makes
+        it durable within the deadline."""
+        stop, due, advisories = self._flags()
+        if advisories and not stop:
+            self.events.emit("advisory", source=",".join(advisories), step=self.step)
+        return stop, due or bool(advisories)
+
+    def commit_dir(self, path: str | os.PathLike[str], step: int | None = None, *,
+                   only: Callable[[str], bool] | None = None) -> None:
+        """Commit the directory ``path`` a framework wrote (a Transformers ``checkpoint-N/``)
+        as checkpoint ``step`` (default :attr:`step`): one unit, same manifest, verification,
+        upload and retention as :meth:`save`. Only hard links are made in this thread (a copy
+        across filesystems): the framework may delete its directory at once. The restore of
+        such a step sets :attr:`restored_path` (``state=None``). ``only``: which files
+        (relative ``/``-separated paths) this process commits, e.g. one rank's part.
+        """
+        self._require_open()
+        assert self._writer is not None and self._engine is not None and self._local is not None
+        self._writer.wait()
+        step = self.step if step is None else step
+        if self._last_saved == step and self._local.is_committed(step):
+            return
+        t0 = time.monotonic()
+        staged = _dircommit.stage(self._local, Path(path), step, only)
+        snapshot_s = time.monotonic() - t0
+        self._last_saved = step
+        self._policy.saved(step)
+
+        def job() -> None:
+            t1 = time.monotonic()
+            try:
+                self._engine.commit(step, lambda tmp, ready: _dircommit.move_into(staged, tmp),
+                                    framework=self.framework, serializer=_dircommit.DIR)
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+            self.save_seconds = time.monotonic() - t1
+            nbytes = self._local.read_manifest(step).total_bytes if self._local.is_committed(step) else 0
+            self._planner.record_save(snapshot_s, self.save_seconds, nbytes)
+            self.events.emit("saved", step=step, bytes=nbytes, snapshot_s=round(snapshot_s, 4),
+                             write_s=round(self.save_seconds, 4), dir=str(path))
+
+        self._writer.submit(job)
+
     def save(self, *, blocking: bool = False) -> None:
         """Snapshot the state now (CPU copy in this thread); write and upload in the background.
 
@@ -298,6 +357,8 @@ class Checkpointer:
             blocking: also wait for the local commit.
         """
         self._require_open()
+        if self.state is None:
+            raise RuntimeError("spotckpt: this Checkpointer commits directories (state=None): use commit_dir()")
         assert self._writer is not None and self._engine is not None
         self._writer.wait()  # at most one snapshot in memory
         step = self.step
@@ -407,7 +468,7 @@ class Checkpointer:
                          seconds_left=round(left, 2), reason=plan.reason)
         log.warning("spotckpt: %s received at step %d, %.1f s left: %s", notice.source, self.step,
                     left, plan.reason)
-        if plan.action == "save":
+        if plan.action == "save" and self.state is not None:  # (state=None: commit_dir did)
             self.save(blocking=True)
         ok = True
         if self._syncer is not None:
