@@ -253,8 +253,9 @@ class SpotCheckpoint:
         if ckpt is None or not control.should_save or ckpt._last_saved != state.global_step:
             return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self._rank == 0 or self._world == 1:
-            shutil.rmtree(path, ignore_errors=True)
+        for f in list(path.rglob("*")) if path.is_dir() else ():
+            if not f.is_dir() and self._mine(f.relative_to(path).as_posix()):  # (each rank its own)
+                f.unlink(missing_ok=True)
 
     def _close(self, *, raise_errors: bool) -> None:
         ckpt, self.checkpointer = self.checkpointer, None

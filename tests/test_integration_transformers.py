@@ -132,7 +132,7 @@ def test_trainer_under_accelerate_launch_two_processes(
 
 
 # -- in-process: the rules around the one line ------------------------------------------------
-def tiny_trainer(tmp: Path, spot, max_steps: int = 8):  # 2 epochs of 4 steps
+def tiny_trainer(tmp: Path, spot, max_steps: int = 8, **extra):  # 2 epochs of 4 steps
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     sys.path.insert(0, str(Path(SCRIPT).parent))
@@ -140,8 +140,9 @@ def tiny_trainer(tmp: Path, spot, max_steps: int = 8):  # 2 epochs of 4 steps
 
     config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0,
                         eos_token_id=0)
-    targs = TrainingArguments(output_dir=str(tmp / "out"), max_steps=max_steps, save_strategy="no", report_to=[],
-                              use_cpu=True, seed=0, per_device_train_batch_size=4, disable_tqdm=True)
+    targs = TrainingArguments(output_dir=str(tmp / "out"), max_steps=max_steps, report_to=[], use_cpu=True,
+                              seed=0, per_device_train_batch_size=4, disable_tqdm=True,
+                              **{"save_strategy": "no", **extra})
     torch.manual_seed(0)
     return Trainer(model=GPT2LMHeadModel(config), args=targs, train_dataset=RandomTokens(16, 8, 50),
                    callbacks=[spot])
@@ -193,3 +194,23 @@ def test_a_checkpoint_not_passed_to_train_is_refused_and_a_finished_job_trains_n
     t.train(resume_from_checkpoint=spot.resume_path())
     assert seen == [] and t.state.global_step == 8
     assert any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())  # the restored weights
+
+
+def test_a_second_trainer_save_at_a_committed_step_does_not_write_into_it(tmp_path: Path, _offline: None) -> None:
+    """Our cadence saves at each epoch's last step, then Trainer's epoch strategy saves that step
+    again: it must write new files, not truncate the ones the committed step links to."""
+    from spotckpt._manifest import verify_dir
+    from spotckpt._local import LocalDir
+    from spotckpt.integrations.transformers import SpotCheckpoint
+
+    local = tmp_path / "ckpt"
+    spot = SpotCheckpoint(every_n_steps=4, local_dir=local, remote=None, keep_last=5)
+    tiny_trainer(tmp_path, spot, save_strategy="epoch").train(resume_from_checkpoint=spot.resume_path())
+    d = LocalDir(local)
+    assert d.committed() == [4, 8]
+    for step in (4, 8):
+        verify_dir(d.path(step), d.read_manifest(step))
+        trainers = tmp_path / "out" / f"checkpoint-{step}"
+        shared = [f.name for f in trainers.iterdir()
+                  if os.stat(f).st_ino == os.stat(d.path(step) / f.name).st_ino]
+        assert not shared, f"Trainer's second save wrote into the committed step-{step}: {shared}"
