@@ -132,7 +132,7 @@ def test_trainer_under_accelerate_launch_two_processes(
 
 
 # -- in-process: the rules around the one line ------------------------------------------------
-def tiny_trainer(tmp: Path, spot, max_steps: int = 8, **extra):  # 2 epochs of 4 steps
+def tiny_trainer(tmp: Path, spot, max_steps: int = 8, eval_dataset=None, **extra):  # 2 epochs of 4 steps
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     sys.path.insert(0, str(Path(SCRIPT).parent))
@@ -145,7 +145,7 @@ def tiny_trainer(tmp: Path, spot, max_steps: int = 8, **extra):  # 2 epochs of 4
                               **{"save_strategy": "no", **extra})
     torch.manual_seed(0)
     return Trainer(model=GPT2LMHeadModel(config), args=targs, train_dataset=RandomTokens(16, 8, 50),
-                   callbacks=[spot])
+                   eval_dataset=eval_dataset, callbacks=[spot])
 
 
 @pytest.fixture
@@ -214,3 +214,46 @@ def test_a_second_trainer_save_at_a_committed_step_does_not_write_into_it(tmp_pa
         shared = [f.name for f in trainers.iterdir()
                   if os.stat(f).st_ino == os.stat(d.path(step) / f.name).st_ino]
         assert not shared, f"Trainer's second save wrote into the committed step-{step}: {shared}"
+
+
+def test_early_stopping_and_log_history_continue_exactly(tmp_path: Path, _offline: None) -> None:
+    """An interruption while EarlyStoppingCallback counts evaluations without improvement: the
+    resumed run (a new callback instance, an empty output dir) stops at the same step, with
+    the same log history and weights, as an uninterrupted one."""
+    import signal as sig
+
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    from spotckpt.integrations.transformers import SpotCheckpoint
+
+    sys.path.insert(0, str(Path(SCRIPT).parent))
+    from hf_spot_train import RandomTokens
+
+    class SigtermAt(TrainerCallback):
+        def __init__(self, at: int | None) -> None:
+            self.at = at
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == self.at:
+                os.kill(os.getpid(), sig.SIGTERM)  # recorded by spotckpt's handler
+
+    def run(name: str, local: Path, at: int | None):
+        spot = SpotCheckpoint(local_dir=local, remote=None, exit_on_interrupt=False)
+        extra = dict(eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=100,
+                     metric_for_best_model="eval_loss", greater_is_better=False, learning_rate=1e-4,
+                     logging_steps=1)
+        t = tiny_trainer(tmp_path / name, spot, max_steps=12, eval_dataset=RandomTokens(8, 8, 50), **extra)
+        t.add_callback(EarlyStoppingCallback(early_stopping_patience=3, early_stopping_threshold=0.05))
+        t.callback_handler.callbacks.insert(0, SigtermAt(at))  # before the SpotCheckpoint polls
+        t.train(resume_from_checkpoint=spot.resume_path())
+        history = [{k: v for k, v in e.items() if "runtime" not in k and "per_second" not in k}
+                   for e in t.state.log_history if "train_loss" not in e]
+        return spot.interrupted, t.state.global_step, history, {k: v.clone() for k, v in t.model.state_dict().items()}
+
+    _, ref_step, ref_hist, ref_w = run("ref", tmp_path / "ref-ckpt", None)
+    assert 2 < ref_step < 12, "early stopping must end the reference run before max_steps"
+    interrupted, step, _, _ = run("a", tmp_path / "ckpt", 2)
+    assert interrupted and step == 2
+    _, step, hist, w = run("b", tmp_path / "ckpt", None)  # a new Trainer, output dir and callbacks
+    assert step == ref_step and hist == ref_hist
+    assert all(torch.equal(w[k], ref_w[k]) for k in ref_w)
