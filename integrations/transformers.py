@@ -143,8 +143,7 @@ class SpotCheckpoint:
             self._close(raise_errors=False)
             raise
         if self._resume is not None:
-            log.warning("spotckpt: Trainer checkpoint step %d restored into %s: pass "
-                        "resume_from_checkpoint=<callback>.resume_path() to train()", ckpt.restored_step, self._resume)
+            log.warning("spotckpt: resuming Trainer from step %d (%s)", ckpt.restored_step, self._resume)
 
     def _resume_dir(self, ckpt: Checkpointer) -> Path | None:
         path = ckpt.restored_path

@@ -90,7 +90,7 @@ def run_interrupted(tmp: Path, s3_remote: str, nproc: int, interruptions: int) -
         p = start(tmp, f"run{i}", nproc, "--every", "5", "--wait-at", str(at), remote=s3_remote)
         m = p.wait_for(r"^(resume from step-0*(\d+)|fresh start)$", 180)
         assert (None if m.group(2) is None else int(m.group(2))) == resumed, (m.group(0), resumed)
-        pids = [int(p.wait_for(rf"^rank {r} pid (\d+)$", 180).group(1)) for r in range(nproc)]
+        pids = [int(p.wait_for(rf"rank {r} pid (\d+)", 180).group(1)) for r in range(nproc)]
         p.wait_for(rf"^waiting at step {at}$", 180)
         for pid in pids:  # every rank (one process: the job itself)
             os.kill(pid, signal.SIGTERM)

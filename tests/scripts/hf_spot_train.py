@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,7 +39,8 @@ class Report(TrainerCallback):
         self.spot, self.wait_at = spot, wait_at
 
     def on_train_begin(self, args, state, control, **kw):
-        print(f"rank {args.process_index} pid {os.getpid()}", flush=True)
+        sys.stdout.flush()  # one write(2) per line: the ranks share the pipe
+        os.write(1, f"rank {args.process_index} pid {os.getpid()}\n".encode())
 
     def on_step_end(self, args, state, control, **kw):
         if state.is_world_process_zero:
