@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from . import _distributed, _lineage, _state
+from . import _dircommit, _distributed, _lineage, _state
 from ._config import _UNSET, Config
 from ._engine import Engine
 from ._errors import RemoteError
@@ -32,6 +33,8 @@ class Checkpointer(Startup):
             optimizers, schedulers, GradScaler, your own) are saved and loaded through them;
             other values (ints, lists, tensors) are saved as they are and, on restore,
             replaced in this dict. Python, numpy and torch RNG states are always included.
+            ``None``: the framework writes its checkpoints itself, as directories committed
+            with :meth:`commit_dir`; restore sets :attr:`restored_path`.
         local_dir: where checkpoints are committed (``SPOTCKPT_LOCAL_DIR``,
             default ``/opt/ml/checkpoints``).
         remote: fsspec URL to sync to (``SPOTCKPT_REMOTE``); ``None`` for local only.
@@ -58,7 +61,7 @@ class Checkpointer(Startup):
             the lineage's newest step (steps only grow).
     """
 
-    def __init__(self, state: dict[str, Any], *, local_dir: str | os.PathLike[str] | None = None,
+    def __init__(self, state: dict[str, Any] | None, *, local_dir: str | os.PathLike[str] | None = None,
                  remote: str | None = _UNSET, every_steps: int | None = None,
                  every_seconds: float | None = None, keep_last: int | None = None,
                  grace_seconds: float | None = None, signals: tuple[int | str, ...] | None = None,
@@ -75,6 +78,7 @@ class Checkpointer(Startup):
         self.clock = clock
         self.step = 0
         self.restored_step: int | None = None
+        self.restored_path: Path | None = None  # the restored directory (state=None)
         self.interrupted = False
         self.config: Config | None = None
         self._board = NoticeBoard(clock)
@@ -219,6 +223,53 @@ class Checkpointer(Startup):
         elif due:
             self.save()
 
+    def poll(self) -> tuple[bool, bool]:
+        """At a step boundary of a framework that writes its own checkpoints (``self.step``
+        advanced): ``(stop, save)``, whether a notice arrived and whether the cadence (or a
+        rebalance advisory) wants a save, agreed by all ranks. Have the framework write its
+        checkpoint, :meth:`commit_dir` it, and after a stop call :meth:`boundary`, which makes
+        it durable within the deadline."""
+        stop, due, advisories = self._flags()
+        if advisories and not stop:
+            self.events.emit("advisory", source=",".join(advisories), step=self.step)
+        return stop, due or bool(advisories)
+
+    def commit_dir(self, path: str | os.PathLike[str], step: int | None = None, *,
+                   only: Callable[[str], bool] | None = None) -> None:
+        """Commit the directory ``path`` a framework wrote (a Transformers ``checkpoint-N/``)
+        as checkpoint ``step`` (default :attr:`step`): one unit, same manifest, verification,
+        upload and retention as :meth:`save`. Only hard links are made in this thread (a copy
+        across filesystems): the framework may delete its directory at once. The restore of
+        such a step sets :attr:`restored_path` (``state=None``). ``only``: which files
+        (relative ``/``-separated paths) this process commits, e.g. one rank's part.
+        """
+        self._require_open()
+        assert self._writer is not None and self._engine is not None and self._local is not None
+        self._writer.wait()
+        step = self.step if step is None else step
+        if self._last_saved == step and self._local.is_committed(step):
+            return
+        t0 = time.monotonic()
+        staged = _dircommit.stage(self._local, Path(path), step, only)
+        snapshot_s = time.monotonic() - t0
+        self._last_saved = step
+        self._policy.saved(step)
+
+        def job() -> None:
+            t1 = time.monotonic()
+            try:
+                self._engine.commit(step, lambda tmp, ready: _dircommit.move_into(staged, tmp),
+                                    framework=self.framework, serializer=_dircommit.DIR)
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+            self.save_seconds = time.monotonic() - t1
+            nbytes = self._local.read_manifest(step).total_bytes if self._local.is_committed(step) else 0
+            self._planner.record_save(snapshot_s, self.save_seconds, nbytes)
+            self.events.emit("saved", step=step, bytes=nbytes, snapshot_s=round(snapshot_s, 4),
+                             write_s=round(self.save_seconds, 4), dir=str(path))
+
+        self._writer.submit(job)
+
     def save(self, *, blocking: bool = False) -> None:
         """Snapshot the state now (CPU copy in this thread); write and upload in the background.
 
@@ -226,6 +277,8 @@ class Checkpointer(Startup):
             blocking: also wait for the local commit.
         """
         self._require_open()
+        if self.state is None:
+            raise RuntimeError("spotckpt: this Checkpointer commits directories (state=None): use commit_dir()")
         assert self._writer is not None and self._engine is not None
         step = self.step = _lineage.check_step(self.step, self._last_saved)  # before any work
         self._writer.wait()  # at most one snapshot in memory
@@ -335,7 +388,7 @@ class Checkpointer(Startup):
                          seconds_left=round(left, 2), reason=plan.reason)
         log.warning("spotckpt: %s received at step %d, %.1f s left: %s", notice.source, self.step,
                     left, plan.reason)
-        if plan.action == "save":
+        if plan.action == "save" and self.state is not None:  # (state=None: commit_dir did)
             self.save(blocking=True)
         ok = True
         if self._syncer is not None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 
-from . import _distributed, _lineage, _state
+from . import _dircommit, _distributed, _lineage, _state
 from ._config import Config, supervised
 from ._engine import Engine, restore_newest
+from ._errors import ConfigError
 from ._events import EventLog, log
 from ._layout import RankLayout, rank_dirname
 from ._local import LocalDir
@@ -80,10 +81,18 @@ class Startup:
                 found = _distributed.restore(d, local, store, events=events)
             if found is not None:
                 step, manifest, durable = found
-                payload = _state.read_state(local.path(step), manifest.serializer)
-                missing = _state.apply(self.state, payload)
-                if missing:
-                    log.warning("spotckpt: checkpoint step %d has no entry for %s; left as is", step, missing)
+                if (manifest.serializer == _dircommit.DIR) != (self.state is None):
+                    raise ConfigError(
+                        f"spotckpt: checkpoint step {step} in {cfg.local_dir} (or the remote) was written "
+                        f"by a {manifest.framework} job that {'commits directories' if self.state is not None else 'saves a state'}; "
+                        "this one does not: use a new local_dir/remote for a different job")
+                if self.state is None:
+                    self.restored_path = local.path(step)
+                else:
+                    payload = _state.read_state(local.path(step), manifest.serializer)
+                    missing = _state.apply(self.state, payload)
+                    if missing:
+                        log.warning("spotckpt: checkpoint step %d has no entry for %s; left as is", step, missing)
                 self.step = self.restored_step = self._last_saved = step
                 log.info("spotckpt: resumed from step %d", step)
             if store is not None:
