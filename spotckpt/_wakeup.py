@@ -6,7 +6,8 @@ the command's open files: 4% of a core while the command idled. With it the supe
 sleeps in ``select`` and polls at once when something happens:
 
 - a signal (``signal.set_wakeup_fd``): a notice is forwarded without delay;
-- the child's exit (a pidfd, Linux 5.3+);
+- the child's exit (a pidfd, Linux 5.3+), and any other child's (SIGCHLD: an orphan
+  re-parented to us is reaped at once);
 - a file closed after writing, created, moved or deleted anywhere under the local dir
   (inotify, Linux): the writer gate learns promptly that the writer was alive when it
   closed the file, and a new ``step-*/`` is submitted at once;
@@ -89,6 +90,10 @@ class _Inotify:
             self.fd = -1
 
 
+def _ignore(signum: int, frame: object) -> None:
+    pass
+
+
 class Wakeup:
     """Wait until a signal, the child's exit, a change under ``root`` or a poke, or a
     timeout. Install from the main thread (``signal.set_wakeup_fd``); :meth:`close` undoes it.
@@ -104,6 +109,8 @@ class Wakeup:
         for fd in (self._sig_r, self._sig_w, self._poke_r, self._poke_w):
             os.set_blocking(fd, False)
         self._old_wakeup = signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
+        # A handler, so that SIGCHLD reaches the wakeup fd (ignored signals never do).
+        self._old_chld = signal.signal(signal.SIGCHLD, _ignore)
         self._pidfd = -1
         self._inotify = _Inotify(root)
 
@@ -148,6 +155,7 @@ class Wakeup:
     def close(self) -> None:
         try:
             signal.set_wakeup_fd(self._old_wakeup)
+            signal.signal(signal.SIGCHLD, self._old_chld if self._old_chld is not None else signal.SIG_DFL)
         except ValueError:
             pass
         self._inotify.close()
