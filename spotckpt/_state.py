@@ -19,6 +19,7 @@ import io
 import os
 import pickle
 import random
+import re
 import sys
 import threading
 from pathlib import Path
@@ -311,5 +312,8 @@ def _load(ckpt_dir: Path, serializer: str) -> Any:
             with open(ckpt_dir / "state.pkl", "rb") as f:
                 return _SafeUnpickler(io.BufferedReader(f)).load()
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise CorruptCheckpointError(f"spotckpt: cannot load {ckpt_dir}: {e}".splitlines()[0]) from e
+        # torch's first line only says that loading failed; the type is further down
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        why = f"it holds a {m.group(1)}, which a checkpoint may not hold" if m else str(e)
+        raise CorruptCheckpointError(f"spotckpt: cannot load {ckpt_dir}: {why}".splitlines()[0]) from e
     raise CorruptCheckpointError(f"spotckpt: {ckpt_dir}: unknown serializer {serializer!r}")

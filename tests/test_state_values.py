@@ -124,6 +124,19 @@ def test_nested_place_is_named(tmp_path: Path) -> None:
         holder.close()
 
 
+def test_an_old_checkpoint_that_cannot_load_names_the_type(tmp_path: Path) -> None:
+    """One written before values were refused at the save: the error names the type, not
+    only torch's first line ("Weights only load failed ...")."""
+    import torch
+
+    from spotckpt import _state
+
+    torch.save({"recent": collections.deque([1.0])}, tmp_path / "state.pt")
+    with pytest.raises(spotckpt.CorruptCheckpointError) as ei:
+        _state.read_state(tmp_path, "torch")
+    assert "it holds a collections.deque" in str(ei.value) and "\n" not in str(ei.value)
+
+
 @dataclasses.dataclass
 class Grown:
     a: int
