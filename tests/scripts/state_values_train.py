@@ -104,6 +104,7 @@ def values() -> dict[str, typing.Any]:
         "Generator-MT19937": mt,
         "RandomState": legacy,
         "random.Random": pyrng,
+        "BitGenerator": np.random.PCG64DXSM(11),
         "defaultdict": counts,
         "defaultdict-enum-keys": by_phase,
         "Counter": collections.Counter("abracadabra"),
@@ -123,6 +124,8 @@ def same(a: typing.Any, b: typing.Any) -> bool:
         return False
     if isinstance(a, (random.Random, np.random.Generator, np.random.RandomState)):
         return rng_draws(a) == rng_draws(b)
+    if isinstance(a, np.random.BitGenerator):
+        return a.state == b.state and a.random_raw(3).tolist() == b.random_raw(3).tolist()
     if isinstance(a, np.ndarray):
         return a.dtype == b.dtype and a.shape == b.shape and all(x == y for x, y in zip(a.ravel(), b.ravel()))
     if isinstance(a, collections.defaultdict) and a.default_factory is not b.default_factory:
