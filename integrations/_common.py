@@ -43,10 +43,10 @@ UNSET: Any = _UNSET
 
 
 # -- arrays -------------------------------------------------------------------------------
-# ``torch.load(weights_only=True)`` (the core's serialiser whenever torch is imported, as it is
-# under Keras' torch backend) refuses numpy arrays, and the ``pickle-safe`` one admits them.
-# Plain (dtype, shape, bytes) records load under both, and cost one copy, which the snapshot
-# needs anyway.
+# The core's snapshot encodes what an adapter's state_dict() returns (spotckpt._values: numpy
+# arrays, RNG states, dataclasses, ... load under both serialisers, and anything it could not
+# restore is refused at the save). Variables are still kept as plain (dtype, shape, bytes)
+# records: they cost one copy, which the snapshot needs anyway, and depend on no pickling.
 def pack_array(a: Any) -> dict[str, Any]:
     import numpy as np
 

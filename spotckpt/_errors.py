@@ -37,6 +37,10 @@ class CorruptCheckpointError(SpotckptError, ValueError):
     """A checkpoint failed verification (size, checksum or manifest)."""
 
 
+class UnsupportedStateError(SpotckptError, TypeError):
+    """The state holds a value that a checkpoint could not restore (raised at the save)."""
+
+
 class CheckpointLockedError(SpotckptError, BlockingIOError):
     """Another process already uses this local checkpoint dir, or another open Checkpointer
     of this process writes the same remote lineage (remote and ``name``)."""

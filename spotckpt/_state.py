@@ -7,20 +7,26 @@ happens in the background. Two serialisers:
   is imported by the user, so no unpickling can run code.
 - ``pickle-safe``: pickle written, and read back with an unpickler that only admits plain
   containers, numbers, strings, bytes and numpy arrays. For users without torch (XGBoost).
+
+Both load plain values only: :func:`snapshot` encodes the other values a state commonly holds
+(``deque``, ``defaultdict``, ``datetime``, dataclasses, ...) into plain ones and refuses the
+rest at the save; :func:`read_state` rebuilds them (:mod:`spotckpt._values_decode`).
 """
 from __future__ import annotations
 
-import collections
-import copy
+import functools
 import io
 import os
 import pickle
 import random
+import re
 import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from . import _values
+from ._values_decode import decode
 from ._errors import CorruptCheckpointError
 from ._manifest import FileEntry, file_digest
 
@@ -96,30 +102,28 @@ def _poolable_tensor(torch: Any, t: Any) -> bool:
 
 def snapshot_value(obj: Any, pool: SnapshotPool | None = None, key: tuple = ()) -> Any:
     """A deep CPU copy of ``obj`` that later training steps cannot change (into ``pool``'s
-    buffers where given: ``key`` names the value's place in the state)."""
+    buffers where given: ``key`` names the value's place in the state), encoded into plain
+    values that both serialisers load (:mod:`spotckpt._values`).
+
+    Raises:
+        UnsupportedStateError: ``obj`` holds a value that could not be restored.
+    """
+    return _values.encode(obj, key, _copy if pool is None else functools.partial(_pooled, pool))
+
+
+def _copy(obj: Any, key: tuple) -> Any:
+    """A tensor or a numeric numpy array, copied to fresh CPU memory."""
     torch = _torch()
     if torch is not None and isinstance(obj, torch.Tensor):
-        if pool is not None and _poolable_tensor(torch, obj):
-            return pool.tensor(key, obj)
         return obj.detach().to("cpu", copy=True)
-    np = sys.modules.get("numpy")
-    if np is not None and isinstance(obj, np.ndarray):
-        if pool is not None and obj.dtype != object and type(obj) is np.ndarray:
-            return pool.array(key, obj)
-        return obj.copy()
-    if isinstance(obj, dict):
-        out = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
-        for k, v in obj.items():
-            out[k] = snapshot_value(v, pool, key + (repr(k),))
-        meta = getattr(obj, "_metadata", None)  # nn.Module.state_dict() versions
-        if meta is not None:
-            out._metadata = copy.deepcopy(meta)  # type: ignore[attr-defined]
-        return out
-    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
-        return type(obj)(snapshot_value(v, pool, key + (i,)) for i, v in enumerate(obj))
-    if isinstance(obj, (int, float, str, bytes, bool, type(None))):
-        return obj
-    return copy.deepcopy(obj)
+    return obj.copy()
+
+
+def _pooled(pool: SnapshotPool, obj: Any, key: tuple) -> Any:
+    torch = _torch()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return pool.tensor(key, obj) if _poolable_tensor(torch, obj) else _copy(obj, key)
+    return pool.array(key, obj)
 
 
 def snapshot(state: Mapping[str, Any], pool: SnapshotPool | None = None) -> dict[str, Any]:
@@ -250,6 +254,8 @@ _SAFE_GLOBALS = {
 } | {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"),
      ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
      ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+     # pickle protocol 5 writes a contiguous array as _frombuffer(bytes, dtype, shape, order)
+     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
      ("_codecs", "encode")}
 
 
@@ -281,11 +287,20 @@ def _torch_safe_globals() -> list[Any]:
 
 
 def read_state(ckpt_dir: Path, serializer: str) -> Any:
-    """Load a payload written by :func:`write_state` without running code from it.
+    """Load a payload written by :func:`write_state` without running code from it, and
+    rebuild the values :func:`snapshot` encoded (:mod:`spotckpt._values_decode`).
 
     Raises:
         CorruptCheckpointError: the file cannot be loaded safely.
+        UnsupportedStateError: it holds a user class that is not imported.
     """
+    try:
+        return decode(_load(ckpt_dir, serializer))
+    except RecursionError as e:
+        raise CorruptCheckpointError(f"spotckpt: cannot load {ckpt_dir}: nested too deeply") from e
+
+
+def _load(ckpt_dir: Path, serializer: str) -> Any:
     try:
         if serializer == "torch":
             torch = _torch()
@@ -297,5 +312,8 @@ def read_state(ckpt_dir: Path, serializer: str) -> Any:
             with open(ckpt_dir / "state.pkl", "rb") as f:
                 return _SafeUnpickler(io.BufferedReader(f)).load()
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise CorruptCheckpointError(f"spotckpt: cannot load {ckpt_dir}: {e}".splitlines()[0]) from e
+        # torch's first line only says that loading failed; the type is further down
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        why = f"it holds a {m.group(1)}, which a checkpoint may not hold" if m else str(e)
+        raise CorruptCheckpointError(f"spotckpt: cannot load {ckpt_dir}: {why}".splitlines()[0]) from e
     raise CorruptCheckpointError(f"spotckpt: {ckpt_dir}: unknown serializer {serializer!r}")
