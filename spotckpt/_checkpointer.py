@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator, Mapping
 from . import _distributed, _state
 from ._layout import RankLayout, rank_dirname
 from ._config import _UNSET, Config, supervised
-from ._engine import Engine, restore_newest
+from ._engine import Engine
 from ._errors import RemoteError
 from ._events import EventLog, log
 from ._local import LocalDir
@@ -18,9 +18,9 @@ from ._metadata import MetadataWatcher, sources_from_env
 from ._notices import LifelineSource, Notice, NoticeBoard, SignalSource
 from ._planner import PLAN_ACTIONS, FlushPlanner
 from ._policies import make_policy
+from ._resume import resume
 from ._store import RemoteStore
 from ._syncer import Syncer
-from ._watch_pull import restore_files
 from ._writer import BackgroundWriter
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what a container runtime reports for a SIGTERM exit
@@ -97,7 +97,7 @@ class Checkpointer:
         """Validate settings, take the local dir, restore the newest checkpoint, start the
         background threads and the signal handlers."""
         cfg = self.config = Config.resolve(**self._args)
-        d = self._dist = _distributed.detect()
+        d = self._dist = _distributed.detect(self.state)
         # one rank of many: its own part dir, so ranks sharing a host never collide
         local = LocalDir(cfg.local_dir)
         local = self._local = local if d is None else local.part(rank_dirname(d.rank))
@@ -122,20 +122,10 @@ class Checkpointer:
                 store = RemoteStore(remote, cfg.storage_options)
                 store.probe()
             self._policy = make_policy(cfg.every_steps, cfg.every_seconds, self.clock)
-            if d is None:
-                found = restore_newest(local, store, events=events)
-                if store is not None:
-                    # the files the script writes itself come back too: the in-process
-                    # watcher mirrors the dir as it is, deletes included (_watch.py)
-                    restore_files(local, store, events=events)
-            else:
-                found = _distributed.restore(d, local, store, events=events)
+            found = resume(self.state, root=cfg.local_dir, local=local, store=store, remote=cfg.remote,
+                           d=d, events=events)
             if found is not None:
-                step, manifest, durable = found
-                payload = _state.read_state(local.path(step), manifest.serializer)
-                missing = _state.apply(self.state, payload)
-                if missing:
-                    log.warning("spotckpt: checkpoint step %d has no entry for %s; left as is", step, missing)
+                step = found[0]
                 self.step = self.restored_step = self._last_saved = step
                 log.info("spotckpt: resumed from step %d", step)
             if store is not None:
@@ -152,6 +142,7 @@ class Checkpointer:
                                   local_retention=not supervised(),
                                   rank=0 if d is None else d.rank,
                                   world_size=1 if d is None else d.world_size)
+            self._codec = _distributed.codec(self.state, d)  # DCP for a sharded state
             self._writer = BackgroundWriter()
             self._planner = FlushPlanner(uploads=store is not None)
             if self._syncer is not None:
@@ -301,13 +292,13 @@ class Checkpointer:
         assert self._writer is not None and self._engine is not None
         self._writer.wait()  # at most one snapshot in memory
         step = self.step
-        if self._last_saved == step and self._local.is_committed(step):
-            return
+        if self._last_saved == step and (self._local.is_committed(step) or step == self.restored_step):
+            return  # (a step resharded from another world size is committed on the remote only)
         t0 = time.monotonic()
-        payload = _state.snapshot(self.state, pool=self._pool)  # buffers reused: a memcpy
+        payload = self._codec.snapshot(self._pool)  # buffers reused: a memcpy
         snapshot_s = time.monotonic() - t0
         payload_step = step
-        serializer = _state.serializer_name()
+        serializer = self._codec.serializer
         self._last_saved = step
         self._policy.saved(step)
 
@@ -317,12 +308,12 @@ class Checkpointer:
 
             def write(tmp: Path, ready: Callable[[str, int], None]) -> list:
                 nonlocal nbytes
-                entries = _state.write_state(tmp, payload, serializer, ready=ready)
+                entries = self._codec.write(tmp, payload, serializer, ready=ready)
                 nbytes = sum(e.size for e in entries)
                 return entries
 
             self._engine.commit(payload_step, write, framework=self.framework, serializer=serializer,
-                                stream=[_state.payload_name(serializer)])  # uploaded while written
+                                stream=self._codec.stream(serializer))  # uploaded while written
             self.save_seconds = time.monotonic() - t1
             self._planner.record_save(snapshot_s, self.save_seconds, nbytes)
             est = self._planner.estimate()
