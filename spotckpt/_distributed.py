@@ -129,7 +129,7 @@ def check_world(m: Manifest, *, where: str, d: Dist | None) -> None:
     if saved_ranked and ranked and sharded and d is not None and d.sharded:
         return  # DCP reshards it
     was = f"{saved} rank(s) (torch.distributed)" if saved_ranked else "1 process"
-    now = f"{world} rank(s)" if ranked else "1 process" + (" without torch.distributed" if saved_ranked else "")
+    now = f"{world} rank(s)" if ranked else "1 process"
     why = ("It is sharded (DCP): a job whose state holds the sharded model (FSDP2 fully_shard, "
            "DTensor) resumes it at any world size." if sharded else
            "Its state is per rank (state.pt) and cannot be resharded.")
