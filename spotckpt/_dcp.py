@@ -83,6 +83,13 @@ def _get(state: Mapping[str, Any], key: str) -> Any:
                       "and optimizers only")
 
 
+def _unstepped(obj: Any) -> bool:
+    """An optimizer before its first step: nothing to save. (``get_optimizer_state_dict``
+    would initialise its state with a zero-gradient step, and Adam's step count would then
+    be one ahead of an uninterrupted run's.)"""
+    return isinstance(obj, torch.optim.Optimizer) and not obj.state
+
+
 def _split(obj: Any, path: str, out: dict[str, Any], copy: Callable[[str, Any], Any]) -> Any:
     """``obj`` with every tensor replaced by ``_SLOT``; the tensors go to ``out[path]``."""
     if isinstance(obj, torch.Tensor):
@@ -93,6 +100,18 @@ def _split(obj: Any, path: str, out: dict[str, Any], copy: Callable[[str, Any], 
     if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
         return type(obj)(_split(v, f"{path}/{i}", out, copy) for i, v in enumerate(obj))
     return _state.snapshot_value(obj)
+
+
+def _slots(obj: Any, path: str, out: set[str]) -> None:
+    """The paths of the tensors in a state dict saved by :func:`_split`."""
+    if isinstance(obj, str) and obj == _SLOT:
+        out.add(path)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _slots(v, f"{path}/{k}", out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _slots(v, f"{path}/{i}", out)
 
 
 def _join(obj: Any, path: str, tensors: Mapping[str, Any]) -> Any:
@@ -150,7 +169,8 @@ class ShardedCodec:
             for k, v in plain.items():
                 sd = getattr(v, "state_dict", None)
                 payload[k] = _state.snapshot_value(sd() if callable(sd) else v, pool, (repr(k),))
-            payload[SHARDED_KEY] = {k: _split(_get(self.state, k), k, tensors, copy) for k in self.keys}
+            payload[SHARDED_KEY] = {k: None if _unstepped(self.state[k]) else
+                                    _split(_get(self.state, k), k, tensors, copy) for k in self.keys}
         finally:
             pool.end()
         payload[_state.RNG_KEY] = _state.rng_state()
@@ -219,10 +239,14 @@ def load(state: dict[str, Any], tree: Path, rank: int, saved_world: int, *, grou
     if not own:
         plain.pop(_state.RNG_KEY, None)
     saved_sharded: dict[str, Any] = plain.pop(SHARDED_KEY, {})
-    keys = [k for k in state if k in saved_sharded]
+    keys = [k for k in state if saved_sharded.get(k) is not None]  # (None: an unstepped optimizer)
     targets: dict[str, Any] = {}
-    current = {k: _split(_get(state, k), k, targets, lambda _p, t: t) for k in keys}
-    del current  # only the targets: the shapes and shardings of this job
+    for k in keys:  # the tensors this job loads into, in its own shapes and shardings
+        _split(_get(state, k), k, targets, lambda _p, t: t)
+    saved: set[str] = set()
+    for k in keys:
+        _slots(saved_sharded[k], k, saved)
+    targets = {p: t for p, t in targets.items() if p in saved}  # _join names any saved one missing
     dcp.load(targets, storage_reader=_Reader(tree), process_group=group)
     for k in keys:
         sd = _join(saved_sharded[k], k, targets)

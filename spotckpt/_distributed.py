@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._errors import ConfigError, CorruptCheckpointError, SpotckptError
+from ._errors import CorruptCheckpointError, SpotckptError, WorldSizeError
 from ._events import log
 from ._manifest import Manifest
 
@@ -27,10 +27,6 @@ DEFAULT_TIMEOUT = 1800.0  # seconds; a step boundary waits for the slowest rank'
 
 class RankLostError(SpotckptError, TimeoutError):
     """Another rank did not reach the agreement point in time (it died or hangs)."""
-
-
-class WorldSizeError(ConfigError):
-    """The newest checkpoint was written by another world size and cannot be resharded."""
 
 
 @dataclasses.dataclass

@@ -147,3 +147,17 @@ def test_world_size_change_of_per_rank_state_is_a_clear_error(tmp_path: Path, s3
     assert "WorldSizeError" in out and "step 10" in out, out
     assert "written by 2 rank(s) (torch.distributed); this job has 1 process" in out, out
     assert "per rank (state.pt) and cannot be resharded" in out, out
+
+
+def test_save_before_first_optimizer_step_leaves_the_optimizer_unstepped(tmp_path: Path) -> None:
+    """get_optimizer_state_dict initialises an empty optimizer with a zero-gradient step
+    (Adam's step count then runs one ahead of an uninterrupted run); spotckpt must not."""
+    script = Path(__file__).parent / "scripts" / "fsdp_unstepped.py"
+    outs = []
+    for _ in range(2):
+        p = subprocess.run([sys.executable, str(script), str(free_port())], capture_output=True, text=True,
+                           timeout=120, env=run_env(SPOTCKPT_LOCAL_DIR=str(tmp_path / "ck"), SPOTCKPT_REMOTE=""))
+        assert p.returncode == 0, p.stdout + p.stderr
+        outs.append(p.stdout)
+    assert "restored None state 0" in outs[0] and "after save: state 0" in outs[0], outs[0]
+    assert "restored 0 state 0" in outs[1], outs[1]
