@@ -85,6 +85,7 @@ class Checkpointer:
         self._local: LocalDir | None = None
         self._last_saved: int | None = None
         self._pool = _state.SnapshotPool()  # CPU copy of the state, refilled each save
+        self._codec: Any = None  # _state.PlainCodec, or _dcp.ShardedCodec for a sharded state
         self._open = False
         self.save_seconds: float | None = None  # duration of the last background write
 

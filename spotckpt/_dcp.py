@@ -17,9 +17,9 @@ checkpoint is unpickled except ``weights_only`` tensors and a ``.metadata`` rest
 DCP's own classes: DCP's bytes items (``torch.load(weights_only=False)``) are never used.
 
 Example:
-    >>> codec = ShardedCodec(state, group=io_group)  # doctest: +SKIP
-    >>> payload = codec.snapshot(pool)               # training thread: CPU copies
-    >>> entries = codec.write(tmpdir, payload)       # writer thread: collective on io_group
+    >>> codec = ShardedCodec(state, sharded_keys(state), group=io_group)  # doctest: +SKIP
+    >>> payload = codec.snapshot(pool)          # training thread: CPU copies of the shards
+    >>> entries = codec.write(tmpdir, payload)  # writer thread: collective on io_group
 """
 from __future__ import annotations
 

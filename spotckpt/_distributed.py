@@ -81,9 +81,11 @@ def detect(state: Any = None) -> Dist | None:
 
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    from ._dcp import sharded_keys
+    keys: list[str] = []
+    if "torch.distributed.tensor" in sys.modules:  # else no DTensor exists (and DDP pays no import)
+        from ._dcp import sharded_keys
 
-    keys = sharded_keys(state or {})
+        keys = sharded_keys(state or {})
     if dist.get_world_size() < 2 and not keys:
         return None
     timeout = float(os.environ.get("SPOTCKPT_DIST_TIMEOUT") or DEFAULT_TIMEOUT)
