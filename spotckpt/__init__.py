@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 from ._checkpointer import Checkpointer
 from ._errors import (CheckpointLockedError, ConfigError, CorruptCheckpointError,
                       LocalDirError, MissingDependencyError, NoCheckpointError, RemoteError,
-                      SpotckptError, UnsupportedStateError)
+                      SpotckptError, UnsupportedStateError, WorldSizeError)
 from ._notices import Notice
 
 __all__ = [
     "Checkpointer", "Notice", "SpotckptError", "ConfigError", "LocalDirError", "RemoteError",
     "NoCheckpointError", "CorruptCheckpointError", "CheckpointLockedError",
-    "MissingDependencyError", "UnsupportedStateError", "__version__",
+    "MissingDependencyError", "UnsupportedStateError", "WorldSizeError", "__version__",
 ]

@@ -94,6 +94,7 @@ class Checkpointer(Startup):
         self._local: LocalDir | None = None
         self._last_saved: int | None = None
         self._pool = _state.SnapshotPool()  # CPU copy of the state, refilled each save
+        self._codec: Any = None  # _state.PlainCodec, or _dcp.ShardedCodec for a sharded state
         self._open = False
         self.save_seconds: float | None = None  # duration of the last background write
 
@@ -282,13 +283,13 @@ class Checkpointer(Startup):
         assert self._writer is not None and self._engine is not None
         step = self.step = _lineage.check_step(self.step, self._last_saved)  # before any work
         self._writer.wait()  # at most one snapshot in memory
-        if self._last_saved == step and self._local.is_committed(step):
-            return
+        if self._last_saved == step and (self._local.is_committed(step) or step == self.restored_step):
+            return  # (a step resharded from another world size is committed on the remote only)
         t0 = time.monotonic()
-        payload = _state.snapshot(self.state, pool=self._pool)  # buffers reused: a memcpy
+        payload = self._codec.snapshot(self._pool)  # buffers reused: a memcpy
         snapshot_s = time.monotonic() - t0
         payload_step = step
-        serializer = _state.serializer_name()
+        serializer = self._codec.serializer
         self._last_saved = step
         self._policy.saved(step)
 
@@ -298,12 +299,12 @@ class Checkpointer(Startup):
 
             def write(tmp: Path, ready: Callable[[str, int], None]) -> list:
                 nonlocal nbytes
-                entries = _state.write_state(tmp, payload, serializer, ready=ready)
+                entries = self._codec.write(tmp, payload, serializer, ready=ready)
                 nbytes = sum(e.size for e in entries)
                 return entries
 
             self._engine.commit(payload_step, write, framework=self.framework, serializer=serializer,
-                                stream=[_state.payload_name(serializer)])  # uploaded while written
+                                stream=self._codec.stream(serializer))  # uploaded while written
             self.save_seconds = time.monotonic() - t1
             self._planner.record_save(snapshot_s, self.save_seconds, nbytes)
             est = self._planner.estimate()

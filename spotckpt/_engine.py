@@ -210,9 +210,13 @@ def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest
     return tmp
 
 
-def restore_newest(local: LocalDir, store: RemoteStore | None, *,
-                   events: EventLog | None = None) -> tuple[int, Manifest, bool] | None:
+def restore_newest(local: LocalDir, store: RemoteStore | None, *, events: EventLog | None = None,
+                   accept: Callable[[Manifest], None] | None = None) -> tuple[int, Manifest, bool] | None:
     """Find, fetch and verify the newest committed checkpoint.
+
+    Args:
+        accept: called with a remote manifest before its files are fetched; raises to stop
+            (a checkpoint of another world size).
 
     Returns:
         ``(step, manifest, durable)`` with the checkpoint verified in ``local.path(step)``,
@@ -236,6 +240,8 @@ def restore_newest(local: LocalDir, store: RemoteStore | None, *,
             tmp: Path | None = None
             try:
                 m = store.read_manifest(step)
+                if accept is not None:
+                    accept(m)
                 tmp = _download(store, local, step, m)
                 verify_dir(tmp, m)
             except CorruptCheckpointError as e:
@@ -253,6 +259,26 @@ def restore_newest(local: LocalDir, store: RemoteStore | None, *,
             events.emit("restore", step=step, source="remote", bytes=m.total_bytes)
             return step, m, True
     return None
+
+
+def fetch_all(local: LocalDir, store: RemoteStore, step: int, manifest: Manifest, *,
+              events: EventLog | None = None, rank: int = 0) -> Path:
+    """Every rank's part of the committed multi-rank checkpoint ``step`` (its combined
+    ``manifest``), downloaded and verified into a temp dir of ``local`` that the caller
+    removes: what DCP reads to reshard.
+
+    Raises:
+        CorruptCheckpointError: a file is missing or damaged.
+    """
+    tmp = _download(store, local, step, manifest)
+    try:
+        verify_dir(tmp, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (events or EventLog(None)).emit("restore", step=step, source="remote", rank=rank,
+                                    bytes=manifest.total_bytes, parts=manifest.world_size)
+    return tmp
 
 
 def restore_part(local: LocalDir, store: RemoteStore, step: int, rank: int, world_size: int, *,

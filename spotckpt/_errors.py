@@ -60,3 +60,8 @@ def missing(package: str, extra: str) -> MissingDependencyError:
         f"spotckpt: this feature needs '{package}', which is not installed; "
         f"run: pip install 'spotckpt[{extra}]'"
     )
+
+
+class WorldSizeError(ConfigError):
+    """The newest checkpoint was written by another world size and cannot be resharded
+    (its state is per rank, or this job's state is not sharded)."""

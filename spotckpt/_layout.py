@@ -13,7 +13,7 @@ import dataclasses
 import time
 from typing import Callable
 
-from ._errors import RemoteError
+from ._errors import CorruptCheckpointError, RemoteError
 from ._manifest import MANIFEST, FileEntry, Manifest, step_dirname
 from ._store import RemoteStore
 
@@ -39,6 +39,10 @@ class SingleLayout:
     def after_marker(self, store: RemoteStore, step: int, manifest: Manifest) -> None:
         """Called once this process's files and marker are durable."""
 
+    def marker_is_ours(self, store: RemoteStore, step: int, manifest: Manifest) -> bool:
+        """Whether the marker found at ``step`` stands for these very files."""
+        return True  # one process: the step's manifest; a committed step is never rewritten
+
 
 class RankLayout(SingleLayout):
     """One rank of ``world_size``; rank 0 commits the combined manifest.
@@ -59,6 +63,16 @@ class RankLayout(SingleLayout):
 
     def marker_key(self, step: int) -> str:
         return f"{step_dirname(step)}/{rank_dirname(self.rank)}/{PART}"
+
+    def marker_is_ours(self, store: RemoteStore, step: int, manifest: Manifest) -> bool:
+        """A part marker may be left by an earlier run that never committed this step (killed
+        before rank 0's manifest), with other files: of another world size, or another
+        training history. Such a part is replaced, never combined with this run's parts."""
+        try:
+            old = Manifest.from_json(store.cat(self.marker_key(step)), expect_step=step)
+        except (CorruptCheckpointError, FileNotFoundError):
+            return False
+        return sorted(old.files) == sorted(manifest.files)
 
     def after_marker(self, store: RemoteStore, step: int, manifest: Manifest) -> None:
         if self.rank != 0:

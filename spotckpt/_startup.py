@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 
-from . import _dircommit, _distributed, _lineage, _state
+from . import _distributed, _lineage
 from ._config import Config, supervised
-from ._engine import Engine, restore_newest
-from ._errors import ConfigError
+from ._engine import Engine
 from ._events import EventLog, log
 from ._layout import RankLayout, rank_dirname
 from ._local import LocalDir
@@ -19,9 +18,9 @@ from ._metadata import MetadataWatcher, sources_from_env
 from ._notices import LifelineSource, SignalSource
 from ._planner import FlushPlanner
 from ._policies import make_policy
+from ._resume import resume
 from ._store import RemoteStore
 from ._syncer import Syncer
-from ._watch_pull import restore_files
 from ._writer import BackgroundWriter
 
 
@@ -34,7 +33,7 @@ class Startup:
         """Validate settings, take the local dir, restore the newest checkpoint, start the
         background threads and the signal handlers."""
         cfg = self.config = Config.resolve(**self._args)
-        d = self._dist = _distributed.detect()
+        d = self._dist = _distributed.detect(self.state)
         # A named lineage has its own dir and remote prefix; under `spotckpt run` it still
         # uploads itself (the supervisor syncs the unnamed lineage and the script's files).
         sup = supervised() and cfg.name is None
@@ -71,28 +70,14 @@ class Startup:
                 store = RemoteStore(remote, cfg.storage_options)
                 store.probe()
             self._policy = make_policy(cfg.every_steps, cfg.every_seconds, self.clock)
-            if d is None:
-                found = restore_newest(local, store, events=events)
-                if store is not None and cfg.name is None:
-                    # the files the script writes itself come back too: the in-process
-                    # watcher mirrors the dir as it is, deletes included (_watch.py)
-                    restore_files(local, store, events=events)
-            else:
-                found = _distributed.restore(d, local, store, events=events)
+            lineage_root = LocalDir(cfg.local_dir).lineage(cfg.name).root
+            found = resume(self.state, root=lineage_root, local=local, store=store,
+                           remote=cfg.lineage_remote, d=d, events=events,
+                           files=cfg.name is None)
             if found is not None:
-                step, manifest, durable = found
-                if (manifest.serializer == _dircommit.DIR) != (self.state is None):
-                    raise ConfigError(
-                        f"spotckpt: checkpoint step {step} in {cfg.local_dir} (or the remote) was written "
-                        f"by a {manifest.framework} job that {'commits directories' if self.state is not None else 'saves a state'}; "
-                        "this one does not: use a new local_dir/remote for a different job")
+                step = found[0]
                 if self.state is None:
                     self.restored_path = local.path(step)
-                else:
-                    payload = _state.read_state(local.path(step), manifest.serializer)
-                    missing = _state.apply(self.state, payload)
-                    if missing:
-                        log.warning("spotckpt: checkpoint step %d has no entry for %s; left as is", step, missing)
                 self.step = self.restored_step = self._last_saved = step
                 log.info("spotckpt: resumed from step %d", step)
             if store is not None:
@@ -109,6 +94,7 @@ class Startup:
                                   local_retention=not sup,
                                   rank=0 if d is None else d.rank,
                                   world_size=1 if d is None else d.world_size)
+            self._codec = _distributed.codec(self.state, d)  # DCP for a sharded state
             self._writer = BackgroundWriter()
             self._planner = FlushPlanner(uploads=store is not None)
             if self._syncer is not None:

@@ -164,6 +164,30 @@ def apply(state: dict[str, Any], saved: Mapping[str, Any]) -> list[str]:
     return missing
 
 
+class PlainCodec:
+    """The state as one file (:func:`write_state`), uploaded while it is written.
+
+    (``_dcp.ShardedCodec`` has the same methods, for a sharded state.)
+    """
+
+    def __init__(self, state: Mapping[str, Any]) -> None:
+        self.state = state
+
+    @property
+    def serializer(self) -> str:
+        return serializer_name()
+
+    def snapshot(self, pool: SnapshotPool | None = None) -> dict[str, Any]:
+        return snapshot(self.state, pool=pool)
+
+    def stream(self, serializer: str) -> list[str]:
+        return [payload_name(serializer)]
+
+    def write(self, tmpdir: Path, payload: Any, serializer: str,
+              ready: Callable[[str, int], None] | None = None) -> list[FileEntry]:
+        return write_state(tmpdir, payload, serializer, ready=ready)
+
+
 # -- RNG ---------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """Python, numpy (if imported) and torch (if imported) global RNG states, in types that

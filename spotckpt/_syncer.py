@@ -217,7 +217,7 @@ class Syncer:
             return  # deleted or quarantined meanwhile
         manifest = self.local.read_manifest(step)
         lay = self.layout
-        if self.store.exists(lay.marker_key(step)):
+        if self.store.exists(lay.marker_key(step)) and lay.marker_is_ours(self.store, step, manifest):
             lay.after_marker(self.store, step, manifest)
             self.durable_step = max(self.durable_step or -1, step)
             return
