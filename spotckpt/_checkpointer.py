@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from . import _distributed, _state
+from . import _distributed, _exit, _state
 from ._layout import RankLayout, rank_dirname
 from ._config import _UNSET, Config, supervised
 from ._engine import Engine, restore_newest
@@ -24,7 +25,7 @@ from ._watch_pull import restore_files
 from ._writer import BackgroundWriter
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what a container runtime reports for a SIGTERM exit
-_FLUSH_MARGIN = 1.0     # seconds kept back from the deadline for process exit
+_FLUSH_MARGIN = 1.5     # seconds kept back from the deadline for process exit (_exit.py)
 
 
 class Checkpointer:
@@ -183,7 +184,9 @@ class Checkpointer:
         self._leaving = self.interrupted and self.exit_on_interrupt
         self.close()
         if self.interrupted and self.exit_on_interrupt:
-            raise SystemExit(EXIT_INTERRUPTED)
+            # uncaught, it ends the process at once (os._exit) instead of after the
+            # interpreter's teardown, which CPU load stretches past the deadline (_exit.py)
+            raise _exit.Leaving(EXIT_INTERRUPTED) if _exit.armed() else SystemExit(EXIT_INTERRUPTED)
 
     def close(self, timeout: float | None = None, *, raise_errors: bool = True) -> None:
         """Finish background writes and uploads, restore signal handlers, release the dir.
@@ -202,15 +205,18 @@ class Checkpointer:
                 self._writer.wait()
             if self._syncer is not None:
                 notice = self.notice
-                if notice is not None:
+                if self.interrupted:
+                    timeout = 0.0  # the interruption flush waited for what fits; no more
+                elif notice is not None:
                     timeout = max(0.0, notice.seconds_left(self.clock) - _FLUSH_MARGIN)
-                if not self._syncer.close(timeout):
+                if not self._syncer.close(timeout, join=0.0 if self.interrupted else None):
                     problem = self._syncer.last_error or RemoteError(
                         f"spotckpt: uploads to {self.config.remote} did not finish within {timeout:.0f} s")
                     if self.interrupted:
-                        # Past the deadline the process must exit (143) now; what is durable
-                        # was logged by the interruption flush.
-                        log.error("%s", problem)
+                        # The process must exit (143) by the deadline; what is durable was
+                        # logged by the interruption flush.
+                        log.warning("spotckpt: uploads still running are abandoned (durable step: %s)",
+                                    self.durable_step)
                     else:
                         err = problem
         except BaseException as e:  # noqa: BLE001
@@ -222,7 +228,7 @@ class Checkpointer:
 
     def _teardown(self) -> None:
         if self._watcher is not None:
-            self._watcher.stop()
+            self._watcher.stop(timeout=0.1 if self.interrupted else 3.0)
         if self._signals is not None:
             self._signals.restore(until_exit=self._leaving)
         if self._lifeline is not None:
@@ -381,6 +387,9 @@ class Checkpointer:
         notice = self.notice
         assert notice is not None
         self.interrupted = True
+        if self.exit_on_interrupt and threading.current_thread() is threading.main_thread():
+            # from here on the process is leaving: gone by the deadline, whatever the load
+            _exit.arm(notice.deadline, EXIT_INTERRUPTED, clock=self.clock)
         t0 = self.clock()
         left = notice.seconds_left(self.clock)
         self.events.emit("notice", source=notice.source, step=self.step, seconds_left=round(left, 2))
@@ -393,8 +402,9 @@ class Checkpointer:
             nbytes, since = self._syncer.in_flight()
             total = self._planner.upload_seconds(nbytes) if nbytes else None
             queued_s = max(0.0, total - since) if total is not None else 0.0
-        plan = self._planner.decide(left, unsaved_work=not saved, undurable_commit=undurable,
-                                    queued_s=queued_s)
+        # plan with the time the flush may take: what is left now, less the exit's margin
+        plan = self._planner.decide(notice.seconds_left(self.clock) - _FLUSH_MARGIN, unsaved_work=not saved,
+                                    undurable_commit=undurable, queued_s=queued_s)
         if self._dist is not None:  # every rank follows the most careful plan, earliest deadline
             neg_left, code = self._dist.agree_max([-left, PLAN_ACTIONS.index(plan.action)],
                                                   where="the interruption plan")
@@ -402,6 +412,8 @@ class Checkpointer:
                 left = -neg_left
                 self._board.post_deadline(notice.source, self.clock() + left)
                 notice = self.notice
+                if _exit.armed():
+                    _exit.arm(notice.deadline, EXIT_INTERRUPTED, clock=self.clock)
             plan = dataclasses.replace(plan, action=PLAN_ACTIONS[int(code)], seconds_left=left)
         self.events.emit("plan", action=plan.action, estimate_s=plan.estimate,
                          seconds_left=round(left, 2), reason=plan.reason)

@@ -251,10 +251,10 @@ class MetadataWatcher:
             self._thread = threading.Thread(target=self._run, name="spotckpt-metadata", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=3)
+            self._thread.join(timeout=timeout)
 
     def _run(self) -> None:
         live = list(self.sources)
