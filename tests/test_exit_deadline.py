@@ -91,6 +91,7 @@ def test_gone_by_the_deadline_under_cpu_load(tmp_path: Path, s3_server, s3_remot
     finally:
         if proxy is not None:
             proxy.close()
+    print(f"exit {elapsed:.3f} s after the SIGTERM, deadline {grace} s, load {os.getloadavg()[0]:.1f}")
     assert proc.returncode == 143, out
     assert elapsed < grace, f"exited {elapsed:.2f} s after the SIGTERM, grace {grace} s\n{out}"
     ev = _events(local)
