@@ -44,6 +44,8 @@ class Checkpointer:
         grace_seconds: time from a notice to the deadline (default 30; 120 on SageMaker).
         exit_on_interrupt: leave the ``with`` block by ``SystemExit(143)`` after an
             interruption save (set False to handle it yourself via :attr:`interrupted`).
+            Uncaught, it ends the process with ``os._exit(143)`` once ``atexit`` handlers
+            ran, and a watchdog ends it 1 s before the deadline in any case (``_exit.py``).
 
     Example:
         >>> with Checkpointer({"model": model, "optim": opt}, every_steps=500) as ckpt:  # doctest: +SKIP
