@@ -97,11 +97,13 @@ def test_gone_by_the_deadline_under_cpu_load(tmp_path: Path, s3_server, s3_remot
     ev = _events(local)
     flush = next(e for e in ev if e["event"] == "flush")
     committed = RemoteStore(s3_remote).committed()
-    assert flush["durable_step"] is not None and committed[-1] == flush["durable_step"], (flush, committed)
+    # what the flush reported durable is on the remote (an abandoned upload may have
+    # committed a newer step while the process was leaving)
+    assert flush["durable_step"] in committed and committed[-1] >= flush["durable_step"], (flush, committed)
     if up_mib_s is None:  # the deadline allows it: the step at the notice is durable
         plan = next(e for e in ev if e["event"] == "plan")
         assert plan["action"] == "save" and flush["durable"] is True, (plan, flush)
-        assert flush["durable_step"] == flush["step"], flush
+        assert flush["durable_step"] == flush["step"] == committed[-1], (flush, committed)
 
 
 def _run(code: str, tmp_path: Path, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
