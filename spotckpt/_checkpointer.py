@@ -4,11 +4,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from . import _dircommit, _distributed, _lineage, _state
+from . import _dircommit, _distributed, _exit, _lineage, _state
 from ._config import _UNSET, Config
 from ._engine import Engine
 from ._errors import RemoteError
@@ -22,7 +23,7 @@ from ._syncer import Syncer
 from ._writer import BackgroundWriter
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what a container runtime reports for a SIGTERM exit
-_FLUSH_MARGIN = 1.0     # seconds kept back from the deadline for process exit
+_FLUSH_MARGIN = 1.5     # seconds kept back from the deadline for process exit (_exit.py)
 
 
 class Checkpointer(Startup):
@@ -43,6 +44,8 @@ class Checkpointer(Startup):
         grace_seconds: time from a notice to the deadline (default 30; 120 on SageMaker).
         exit_on_interrupt: leave the ``with`` block by ``SystemExit(143)`` after an
             interruption save (set False to handle it yourself via :attr:`interrupted`).
+            Uncaught, it ends the process with ``os._exit(143)`` once ``atexit`` handlers
+            ran, and a watchdog ends it 1 s before the deadline in any case (``_exit.py``).
         name: this Checkpointer's own lineage, for several in one job (model and EMA,
             generator and discriminator): checkpoints go to ``<local_dir>/ckpt-<name>/`` and
             ``<remote>ckpt-<name>/``. Default: none (``<local_dir>/``, ``<remote>``).
@@ -113,7 +116,9 @@ class Checkpointer(Startup):
         self._leaving = self.interrupted and self.exit_on_interrupt
         self.close()
         if self.interrupted and self.exit_on_interrupt:
-            raise SystemExit(EXIT_INTERRUPTED)
+            # uncaught, it ends the process at once (os._exit) instead of after the
+            # interpreter's teardown, which CPU load stretches past the deadline (_exit.py)
+            raise _exit.Leaving(EXIT_INTERRUPTED) if _exit.armed() else SystemExit(EXIT_INTERRUPTED)
 
     def close(self, timeout: float | None = None, *, raise_errors: bool = True) -> None:
         """Finish background writes and uploads, restore signal handlers, release the dir.
@@ -132,15 +137,18 @@ class Checkpointer(Startup):
                 self._writer.wait()
             if self._syncer is not None:
                 notice = self.notice
-                if notice is not None:
+                if self.interrupted:
+                    timeout = 0.0  # the interruption flush waited for what fits; no more
+                elif notice is not None:
                     timeout = max(0.0, notice.seconds_left(self.clock) - _FLUSH_MARGIN)
-                if not self._syncer.close(timeout):
+                if not self._syncer.close(timeout, join=0.0 if self.interrupted else None):
                     problem = self._syncer.last_error or RemoteError(
                         f"spotckpt: uploads to {self.config.remote} did not finish within {timeout:.0f} s")
                     if self.interrupted:
-                        # Past the deadline the process must exit (143) now; what is durable
-                        # was logged by the interruption flush.
-                        log.error("%s", problem)
+                        # The process must exit (143) by the deadline; what is durable was
+                        # logged by the interruption flush.
+                        log.warning("spotckpt: uploads still running are abandoned (durable step: %s)",
+                                    self.durable_step)
                     else:
                         err = problem
         except BaseException as e:  # noqa: BLE001
@@ -152,7 +160,7 @@ class Checkpointer(Startup):
 
     def _teardown(self) -> None:
         if self._watcher is not None:
-            self._watcher.stop()
+            self._watcher.stop(timeout=0.1 if self.interrupted else 3.0)
         if self._signals is not None:
             self._signals.restore(until_exit=self._leaving)
         if self._lifeline is not None:
@@ -363,6 +371,9 @@ class Checkpointer(Startup):
         notice = self.notice
         assert notice is not None
         self.interrupted = True
+        if self.exit_on_interrupt and threading.current_thread() is threading.main_thread():
+            # from here on the process is leaving: gone by the deadline, whatever the load
+            _exit.arm(notice.deadline, EXIT_INTERRUPTED, clock=self.clock)
         t0 = self.clock()
         left = notice.seconds_left(self.clock)
         self.events.emit("notice", source=notice.source, step=self.step, seconds_left=round(left, 2))
@@ -375,8 +386,9 @@ class Checkpointer(Startup):
             nbytes, since = self._syncer.in_flight()
             total = self._planner.upload_seconds(nbytes) if nbytes else None
             queued_s = max(0.0, total - since) if total is not None else 0.0
-        plan = self._planner.decide(left, unsaved_work=not saved, undurable_commit=undurable,
-                                    queued_s=queued_s)
+        # plan with the time the flush may take: what is left now, less the exit's margin
+        plan = self._planner.decide(notice.seconds_left(self.clock) - _FLUSH_MARGIN, unsaved_work=not saved,
+                                    undurable_commit=undurable, queued_s=queued_s)
         if self._dist is not None:  # every rank follows the most careful plan, earliest deadline
             neg_left, code = self._dist.agree_max([-left, PLAN_ACTIONS.index(plan.action)],
                                                   where="the interruption plan")
@@ -384,6 +396,8 @@ class Checkpointer(Startup):
                 left = -neg_left
                 self._board.post_deadline(notice.source, self.clock() + left)
                 notice = self.notice
+                if _exit.armed():
+                    _exit.arm(notice.deadline, EXIT_INTERRUPTED, clock=self.clock)
             plan = dataclasses.replace(plan, action=PLAN_ACTIONS[int(code)], seconds_left=left)
         self.events.emit("plan", action=plan.action, estimate_s=plan.estimate,
                          seconds_left=round(left, 2), reason=plan.reason)

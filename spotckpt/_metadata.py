@@ -13,6 +13,11 @@ Configuration (environment):
 - ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` (the AWS SDKs' variable; ``AWS_EC2_METADATA_DISABLED=true``
   turns EC2 off), ``GCE_METADATA_HOST`` (google-auth's), ``SPOTCKPT_AZURE_METADATA_ENDPOINT``.
 - ``SPOTCKPT_METADATA_INTERVAL``: seconds between polls (default 5).
+
+Deadlines are kept on the monotonic clock, measured from when the notice was first seen
+(see :func:`notice_deadline`): a notice's own time (EC2's ``time``, Azure's ``NotBefore``)
+is read with the local wall clock, which may be off by minutes, so it is used only inside
+the platform's documented grace.
 """
 from __future__ import annotations
 
@@ -35,8 +40,11 @@ log = logging.getLogger("spotckpt")
 EC2_DEFAULT = "http://169.254.169.254"
 GCP_DEFAULT = "http://metadata.google.internal"
 AZURE_DEFAULT = "http://169.254.169.254"
+EC2_GRACE = 120.0     # EC2 spot interruption: two minutes from the notice to the stop
 GCP_GRACE = 30.0      # GCP preemption: 30 s from the notice to the stop
-AZURE_MIN = 30.0      # Azure Spot eviction: at least 30 s notice
+AZURE_GRACE = {"Preempt": 30.0}  # Azure Scheduled Events: the notice of each event type we act on
+MIN_LEFT = 5.0        # a notice's own time is never taken to leave less than this
+_SKEW_TOLERANCE = 2.0  # a notice's time this close to the bounds is used silently (1 s resolution)
 _TIMEOUT = 1.0
 
 
@@ -49,8 +57,42 @@ def _http(method: str, url: str, headers: Mapping[str, str], timeout: float = _T
         return e.code, b""
 
 
-def _wall_to_monotonic(wall: float, now_wall: float, now_mono: float) -> float:
-    return now_mono + (wall - now_wall)
+def notice_deadline(wall: float | None, *, grace: float, now_wall: float, seen: float,
+                    since: float | None = None) -> tuple[float, str | None]:
+    """The monotonic deadline of a stop notice first seen at monotonic time ``seen``.
+
+    The platform stops the machine ``grace`` seconds after it issues the notice, and the
+    notice was issued after the last poll that did not find it (monotonic ``since``; without
+    one, no earlier than ``seen`` is known): so the deadline is at most ``since + grace``,
+    whatever the clocks say. The notice's own time ``wall`` (wall clock, as served) is used
+    within ``[seen + MIN_LEFT, since + grace]``; a time in the past by the local clock, or
+    missing, means the platform's grace from ``since``.
+
+    Returns:
+        ``(deadline, why)``: ``why`` is None when the notice's time was used as it is, else
+        one line saying what was used instead (for the log).
+
+    Example:
+        >>> notice_deadline(1_000_000 - 30.0, grace=120, now_wall=1_000_000, seen=50.0)[0]  # skewed
+        170.0
+        >>> notice_deadline(1_000_000 + 90.0, grace=120, now_wall=1_000_000, seen=50.0)
+        (140.0, None)
+    """
+    start = seen if since is None else min(since, seen)
+    latest = start + grace
+    if wall is None:
+        return latest, None  # no time in the notice: the documented grace is all there is
+    left = wall - now_wall
+    if left <= 0:
+        return latest, (f"its time is {-left:.0f} s in the past by the local clock (clock skew?): "
+                        f"using the platform's {grace:.0f} s grace")
+    d = min(max(seen + left, seen + min(MIN_LEFT, grace)), latest)
+    if abs(d - (seen + left)) <= _SKEW_TOLERANCE:
+        return d, None
+    if d == latest:
+        return d, (f"its time is {left:.0f} s away by the local clock, more than the platform's "
+                   f"{grace:.0f} s grace (clock skew?): using {d - seen:.0f} s")
+    return d, f"its time is only {left:.1f} s away by the local clock: using {d - seen:.0f} s"
 
 
 def _dmi(name: str, root: Path = Path("/sys/class/dmi/id")) -> str:
@@ -61,10 +103,13 @@ def _dmi(name: str, root: Path = Path("/sys/class/dmi/id")) -> str:
 
 
 class Source:
-    """One metadata endpoint. ``check()`` returns ``(kind, wall_deadline)`` or None, where
-    kind is ``"stop"`` or ``"advise"``; it raises OSError when the endpoint is unreachable."""
+    """One metadata endpoint. ``check()`` returns ``(kind, what, wall_deadline)`` tuples, where
+    kind is ``"stop"`` or ``"advise"`` and ``wall_deadline`` is the notice's own time of the
+    stop (wall clock) or None; it raises OSError when the endpoint is unreachable. ``grace``:
+    the platform's documented seconds from a stop notice to the stop."""
 
     name = "?"
+    grace = 30.0
 
     def check(self) -> list[tuple[str, str, float | None]]:
         raise NotImplementedError
@@ -75,6 +120,7 @@ class EC2Source(Source):
     time of the stop) and ``events/recommendations/rebalance`` (an early checkpoint)."""
 
     name = "ec2"
+    grace = EC2_GRACE
 
     def __init__(self, endpoint: str = EC2_DEFAULT) -> None:
         self.endpoint = endpoint.rstrip("/")
@@ -104,7 +150,7 @@ class EC2Source(Source):
                 when = datetime.strptime(d["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
                 out.append(("stop", f"ec2-spot-{d.get('action', 'terminate')}", when.timestamp()))
             except (ValueError, KeyError, TypeError):
-                out.append(("stop", "ec2-spot", time.time() + 120.0))
+                out.append(("stop", "ec2-spot", None))  # no usable time: the two minutes
         if not self._rebalance_seen:
             status, body = self._get("events/recommendations/rebalance")
             if status == 200:
@@ -117,6 +163,7 @@ class GCPSource(Source):
     """GCP: ``instance/preempted`` turns ``TRUE`` about 30 s before the stop."""
 
     name = "gcp"
+    grace = GCP_GRACE
 
     def __init__(self, endpoint: str = GCP_DEFAULT) -> None:
         self.endpoint = endpoint.rstrip("/")
@@ -127,7 +174,7 @@ class GCPSource(Source):
         if status != 200:
             raise OSError(f"GCP metadata answered {status}")
         if body.strip().upper() == b"TRUE":
-            return [("stop", "gcp-preempted", time.time() + GCP_GRACE)]
+            return [("stop", "gcp-preempted", None)]  # no time given: 30 s from now
         return []
 
 
@@ -135,6 +182,7 @@ class AzureSource(Source):
     """Azure Scheduled Events: a ``Preempt`` event; the deadline is its ``NotBefore``."""
 
     name = "azure"
+    grace = AZURE_GRACE["Preempt"]
 
     def __init__(self, endpoint: str = AZURE_DEFAULT) -> None:
         self.endpoint = endpoint.rstrip("/")
@@ -146,12 +194,12 @@ class AzureSource(Source):
             raise OSError(f"Azure Scheduled Events answered {status}")
         out: list[tuple[str, str, float | None]] = []
         for ev in json.loads(body).get("Events", []) or []:
-            if ev.get("EventType") != "Preempt":
+            if ev.get("EventType") not in AZURE_GRACE:
                 continue
             try:
-                when = email.utils.parsedate_to_datetime(ev["NotBefore"]).timestamp()
+                when: float | None = email.utils.parsedate_to_datetime(ev["NotBefore"]).timestamp()
             except (KeyError, TypeError, ValueError):
-                when = time.time() + AZURE_MIN
+                when = None
             out.append(("stop", "azure-preempt", when))
         return out
 
@@ -203,16 +251,19 @@ class MetadataWatcher:
             self._thread = threading.Thread(target=self._run, name="spotckpt-metadata", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=3)
+            self._thread.join(timeout=timeout)
 
     def _run(self) -> None:
         live = list(self.sources)
         first = True
+        quiet: dict[str, float] = {}  # source -> when its last poll that found no stop began
+        posted: set[tuple[str, str]] = set()
         while live and not self._stop.is_set():
             for src in list(live):
+                asked = self.board.clock()
                 try:
                     found = src.check()
                 except (OSError, ValueError) as e:
@@ -222,12 +273,19 @@ class MetadataWatcher:
                     continue
                 if first:
                     self.active.append(src.name)
+                if not any(kind == "stop" for kind, _, _ in found):
+                    quiet[src.name] = asked
                 for kind, what, wall in found:
-                    if kind == "stop":
-                        now_wall, now_mono = time.time(), self.board.clock()
-                        deadline = _wall_to_monotonic(wall or now_wall, now_wall, now_mono)
-                        self.board.post_deadline(what, deadline)
-                    else:
+                    if kind != "stop":
                         self.on_advise(what)
+                    elif (src.name, what) not in posted:
+                        # once per notice, from when it was first seen: later polls (and a
+                        # wall clock that steps meanwhile) do not move the deadline
+                        posted.add((src.name, what))
+                        deadline, why = notice_deadline(wall, grace=src.grace, now_wall=time.time(),
+                                                        seen=self.board.clock(), since=quiet.get(src.name))
+                        if why:
+                            log.warning("spotckpt: %s notice: %s", what, why)
+                        self.board.post_deadline(what, deadline)
             first = False
             self._stop.wait(self.interval)

@@ -151,8 +151,11 @@ class Syncer:
                 self._cv.wait(0.05 if left is None else min(0.05, left))
             return self.last_error is None and self._pending is None
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Flush, then stop the thread. Returns whether everything became durable."""
+    def close(self, timeout: float | None = None, *, join: float | None = None) -> bool:
+        """Flush, then stop the thread. Returns whether everything became durable.
+
+        ``join``: seconds to wait for the thread to end (default 5 s, 0.2 s after a failed
+        flush); a process leaving by its deadline passes 0."""
         ok = self.flush(timeout)
         if self.watcher is not None:
             self.watcher.beat(clean=True)
@@ -163,7 +166,7 @@ class Syncer:
         if self._thread is not None:
             # An upload still running after a failed flush is abandoned: the thread is a
             # daemon, and without its manifest the partial upload does not exist.
-            self._thread.join(timeout=5 if ok else 0.2)
+            self._thread.join(timeout=join if join is not None else 5 if ok else 0.2)
         return ok
 
     # -- the thread ------------------------------------------------------------------------

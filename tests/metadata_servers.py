@@ -7,6 +7,10 @@
   ``Metadata-Flavor: Google``.
 - Azure: ``/metadata/scheduledevents`` lists a ``Preempt`` event once armed, requires
   ``Metadata: true``.
+
+``skew``: seconds the client's wall clock is ahead of the platform's. The times the server
+serves (EC2 ``time``, Azure ``NotBefore``) are shifted by ``-skew``, as a client whose clock
+is that far off reads them (150: the client's clock is 2.5 minutes fast).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ class MetadataServer:
         self.rebalance = False
         self.gcp_preempted = False
         self.azure_not_before: float | None = None
+        self.skew = 0.0
         self.requests: list[tuple[str, str]] = []
         self.unauthorized = 0
         outer = self
@@ -55,11 +60,11 @@ class MetadataServer:
                         outer.unauthorized += 1
                         return self._send(401)
                     if p.endswith("/spot/instance-action") and outer.spot_at is not None:
-                        t = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(outer.spot_at))
+                        t = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(outer.spot_at - outer.skew))
                         return self._send(200, json.dumps({"action": "terminate", "time": t}).encode(),
                                           "application/json")
                     if p.endswith("/events/recommendations/rebalance") and outer.rebalance:
-                        t = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                        t = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - outer.skew))
                         return self._send(200, json.dumps({"noticeTime": t}).encode(), "application/json")
                     return self._send(404)
                 if p == "/computeMetadata/v1/instance/preempted":
@@ -74,7 +79,7 @@ class MetadataServer:
                         events.append({
                             "EventId": "A1", "EventType": "Preempt", "ResourceType": "VirtualMachine",
                             "Resources": ["vm0"], "EventStatus": "Scheduled",
-                            "NotBefore": email.utils.formatdate(outer.azure_not_before, usegmt=True),
+                            "NotBefore": email.utils.formatdate(outer.azure_not_before - outer.skew, usegmt=True),
                             "Description": "", "EventSource": "Platform", "DurationInSeconds": -1})
                     body = json.dumps({"DocumentIncarnation": len(events), "Events": events}).encode()
                     return self._send(200, body, "application/json")
@@ -82,7 +87,7 @@ class MetadataServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self) -> MetadataServer:
         self._thread.start()
