@@ -409,11 +409,16 @@ class Checkpointer(Startup):
         if self._syncer is not None:
             budget = max(0.0, notice.seconds_left(self.clock) - _FLUSH_MARGIN)
             if plan.action == "finish-upload":
-                # finish what is in flight; whatever is queued behind it would not fit
-                target = self._syncer.uploading_step()
                 busy = self._syncer.busy_steps()
-                if target is None and busy:
-                    target = max(busy)
+                if saved and self.step in busy:
+                    # the current step is committed (a periodic save, commit_dir): that is
+                    # the one to make durable, not only the older one still in flight
+                    target: int | None = self.step
+                else:
+                    # finish what is in flight; whatever is queued behind it would not fit
+                    target = self._syncer.uploading_step()
+                    if target is None and busy:
+                        target = max(busy)
                 ok = target is None or self._syncer.wait_durable(target, budget)
             else:
                 ok = self._syncer.flush(budget)
