@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from . import _distributed, _state
+from ._batches import KEY as _BATCHES_KEY, Batches, Registry
 from ._layout import RankLayout, rank_dirname
 from ._config import _UNSET, Config, supervised
 from ._engine import Engine, restore_newest
@@ -85,6 +86,7 @@ class Checkpointer:
         self._local: LocalDir | None = None
         self._last_saved: int | None = None
         self._pool = _state.SnapshotPool()  # CPU copy of the state, refilled each save
+        self._batches = Registry()  # the data positions of batches(), saved with the state
         self._open = False
         self.save_seconds: float | None = None  # duration of the last background write
 
@@ -134,6 +136,7 @@ class Checkpointer:
                 step, manifest, durable = found
                 payload = _state.read_state(local.path(step), manifest.serializer)
                 missing = _state.apply(self.state, payload)
+                self._batches.load_state_dict(payload.get(_BATCHES_KEY) or {})
                 if missing:
                     log.warning("spotckpt: checkpoint step %d has no entry for %s; left as is", step, missing)
                 self.step = self.restored_step = self._last_saved = step
@@ -266,6 +269,18 @@ class Checkpointer:
         else:
             self.save()
 
+    def batches(self, loader: Any, *, name: str = "train") -> Batches:
+        """The batches of ``loader`` epoch after epoch (it never ends), resumed exactly: the
+        shuffled order redrawn, the consumed batches skipped unloaded, the RNG untouched
+        (``spotckpt/_batches.py``). A ``StatefulDataLoader`` keeps its own position.
+
+        Example:
+            >>> data = ckpt.batches(loader)  # doctest: +SKIP
+            >>> for step in ckpt.steps(total=10_000):
+            ...     x, y = next(data)
+        """
+        return self._batches.make(loader, name, self.state)
+
     def _flags(self, *, consume: bool = True) -> tuple[bool, bool, list[str]]:
         """(stop, periodic save due, advisories) at this boundary, agreed by all ranks."""
         stop = self.should_stop
@@ -304,7 +319,8 @@ class Checkpointer:
         if self._last_saved == step and self._local.is_committed(step):
             return
         t0 = time.monotonic()
-        payload = _state.snapshot(self.state, pool=self._pool)  # buffers reused: a memcpy
+        state = {**self.state, _BATCHES_KEY: self._batches} if self._batches.live else self.state
+        payload = _state.snapshot(state, pool=self._pool)  # buffers reused: a memcpy
         snapshot_s = time.monotonic() - t0
         payload_step = step
         serializer = _state.serializer_name()
