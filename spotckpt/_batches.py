@@ -18,8 +18,9 @@ at the epoch's start, not mid-epoch).
 from __future__ import annotations
 
 import copy
+import functools
 import sys
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 KEY = "__spotckpt_batches__"  # the checkpoint entry holding every Batches' state, by name
 
@@ -43,8 +44,11 @@ def generators(loader: Any) -> list[Any]:
 
 
 def epoch_rng(loader: Any) -> dict[str, Any]:
-    """The states that fix the next ``iter(loader)``'s order and worker seeds."""
-    return {"torch": _torch().get_rng_state(), "generators": [g.get_state() for g in generators(loader)]}
+    """The states that fix the next ``iter(loader)``'s order and worker seeds. ``reset``: that
+    ``iter()`` will reuse persistent workers (no base seed drawn, only the sampler's seed)."""
+    reset = bool(getattr(loader, "persistent_workers", False) and getattr(loader, "_iterator", None) is not None)
+    return {"torch": _torch().get_rng_state(), "generators": [g.get_state() for g in generators(loader)],
+            "reset": reset}
 
 
 def set_epoch_rng(loader: Any, st: Mapping[str, Any]) -> None:
@@ -62,23 +66,25 @@ class _Skip:
     """A sampler (or batch sampler) whose first iteration starts after ``skip`` items; later
     iterations are the inner sampler's own."""
 
-    def __init__(self, inner: Any, skip: int) -> None:
-        self.inner, self.skip = inner, skip
+    def __init__(self, inner: Any, skip: int, before: Callable[[], None] | None) -> None:
+        self.inner, self.skip, self.before = inner, skip, before
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def __iter__(self) -> _SkipIter:
-        return _SkipIter(self.inner, self.skip)
+        return _SkipIter(self.inner, self.skip, self.before)
 
 
 class _SkipIter:
-    def __init__(self, inner: Any, skip: int) -> None:
-        self._inner, self._skip, self._it = inner, skip, None
+    def __init__(self, inner: Any, skip: int, before: Callable[[], None] | None) -> None:
+        self._inner, self._skip, self._before, self._it = inner, skip, before, None
 
     def prime(self) -> None:
         """Start the inner sampler (it draws its seed now) and pass over the skipped items."""
         if self._it is None:
+            if self._before is not None:
+                self._before()
             self._it = iter(self._inner)
             for _ in range(self._skip):
                 if next(self._it, _END) is _END:
@@ -101,8 +107,10 @@ def _map_style(loader: Any) -> bool:
             and not isinstance(loader.dataset, torch.utils.data.IterableDataset))
 
 
-def iter_from(loader: Any, skip: int) -> Iterator[Any]:
-    """``iter(loader)`` positioned after its first ``skip`` batches.
+def iter_from(loader: Any, skip: int, rng: Mapping[str, Any] | None = None) -> Iterator[Any]:
+    """``iter(loader)`` positioned after its first ``skip`` batches, with the generators put
+    back to ``rng`` (from :func:`epoch_rng`) where that ``iter()`` started. The caller puts the
+    global RNG back afterwards.
 
     A map-style ``DataLoader`` skips at the sampler: the iterator is built from a shallow copy
     of the loader whose (batch) sampler passes over ``skip`` index batches, so no skipped
@@ -110,9 +118,10 @@ def iter_from(loader: Any, skip: int) -> Iterator[Any]:
     else (an ``IterableDataset``) is fetched and discarded. The iterator draws from the
     generators exactly as ``iter(loader)`` plus its first ``next()`` would.
     """
-    if skip <= 0:
-        return iter(loader)
-    if not _map_style(loader):
+    reset = rng is not None and bool(rng.get("reset"))
+    if rng is not None and (not reset or not _map_style(loader)):
+        set_epoch_rng(loader, rng)  # the base seed and the sampler's seed, as they were drawn
+    if skip <= 0 or not _map_style(loader):
         it = iter(loader)
         for _ in range(skip):
             if next(it, _END) is _END:
@@ -120,7 +129,9 @@ def iter_from(loader: Any, skip: int) -> Iterator[Any]:
         return it
     clone = copy.copy(loader)  # DataLoader refuses sampler assignment after __init__
     attr = "batch_sampler" if loader.batch_sampler is not None else "sampler"
-    clone.__dict__[attr] = _Skip(getattr(loader, attr), skip)
+    # Persistent workers reused at that epoch drew no base seed: the sampler draws from `rng`.
+    before = functools.partial(set_epoch_rng, loader, rng) if reset else None
+    clone.__dict__[attr] = _Skip(getattr(loader, attr), skip, before)
     clone.__dict__["_iterator"] = None
     it = clone._get_iterator()
     it._index_sampler = loader._index_sampler  # a persistent worker's next epoch: the real one
@@ -205,8 +216,7 @@ class Batches:
                 self._it = iter(())  # the epoch was finished: the next one starts now
                 return
             assert self._rng is not None, "a mid-epoch Batches state always has the epoch's RNG"
-            set_epoch_rng(self.loader, self._rng)
-            self._it = iter_from(self.loader, self.index)
+            self._it = iter_from(self.loader, self.index, self._rng)
         finally:
             torch.set_rng_state(now)
 

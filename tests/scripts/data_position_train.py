@@ -21,6 +21,7 @@ import spotckpt
 ap = argparse.ArgumentParser()
 ap.add_argument("--loader", choices=["plain", "stateful"], default="plain")
 ap.add_argument("--workers", type=int, default=0)
+ap.add_argument("--persistent", action="store_true")
 ap.add_argument("--steps", type=int, default=36)
 ap.add_argument("--wait-at", type=int, default=-1)
 ap.add_argument("--old", action="store_true")
@@ -32,7 +33,8 @@ torch.set_num_threads(1)
 g = torch.Generator().manual_seed(1)
 x = torch.randn(96, 8, generator=g)
 data = TensorDataset(x, x.sum(1, keepdim=True).tanh())
-kw = dict(batch_size=8, shuffle=True, num_workers=args.workers)  # 12 batches an epoch
+kw = dict(batch_size=8, shuffle=True, num_workers=args.workers,
+          persistent_workers=args.persistent)  # 12 batches an epoch
 if args.loader == "stateful":
     from torchdata.stateful_dataloader import StatefulDataLoader
     loader = StatefulDataLoader(data, **kw)
