@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from spotckpt import Checkpointer
-from spotckpt import _state
+from spotckpt import _batches, _state
 from spotckpt._checkpointer import EXIT_INTERRUPTED
 from spotckpt._errors import ConfigError
 from spotckpt._events import log
@@ -109,13 +109,14 @@ class _TrainerState:
     def __init__(self) -> None:
         self.trainer: Any = None
         self.restored: dict[str, Any] | None = None
+        self.epoch_rng: dict[str, Any] | None = None  # the plain train loader's, at this epoch's iter()
 
     def state_dict(self) -> dict[str, Any]:
         # What Trainer.save_checkpoint writes, kept in memory so that the core writes it in
         # the background. The RNG is also kept here (not only in the core's copy) because it
         # must be put back later than the restore, just before the first resumed batch.
         ckpt = self.trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        return {"checkpoint": ckpt, "rng": _state.rng_state()}
+        return {"checkpoint": ckpt, "rng": _state.rng_state(), "epoch_rng": self.epoch_rng}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.restored = dict(sd)
@@ -166,6 +167,7 @@ class SpotCheckpoint:
         self._resume_file: Path | None = None
         self._grace_left = 0.0  # seconds to the deadline when the Checkpointer closed
         self.interrupted = False
+        self._first_epoch = 0  # the epoch whose train iterator on_train_start made
         # Lightning's notes for OnExceptionCheckpoint users do not apply to this callback.
         for text in (r".*ckpt_path=None\)` was called without a model",
                      r'.*ckpt_path="last"\) is set, but there is no last checkpoint available'):
@@ -193,6 +195,7 @@ class SpotCheckpoint:
             return self.checkpointer
         self.interrupted = False
         self._state.restored = None
+        self._state.epoch_rng = None
         ckpt = Checkpointer({"lightning": self._state}, every_steps=self.every_n_steps,
                             every_seconds=self.every_seconds, exit_on_interrupt=False,
                             framework="lightning", **self._options)
@@ -261,6 +264,15 @@ class SpotCheckpoint:
             _state.set_rng_state(restored["rng"])
             self._state.restored = None
         self._drop_resume_file()
+        made = _data_position(trainer, self._state, restored)
+        self._first_epoch = trainer.current_epoch if made else -1
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        # From the second epoch on, the fit loop calls iter() on the train loader right after
+        # this hook: its order comes from the RNG as it is now.
+        loader = _plain_loader(trainer)
+        if loader is not None and trainer.current_epoch > self._first_epoch:
+            self._state.epoch_rng = _batches.epoch_rng(loader)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -332,6 +344,75 @@ class SpotCheckpoint:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass
+
+
+def _plain_loader(trainer: Any) -> Any:
+    """The train loader when it is one map-style ``DataLoader`` that cannot resume itself
+    (no ``state_dict``), else None."""
+    combined = trainer.fit_loop._combined_loader
+    if combined is None or len(combined.flattened) != 1:
+        return None
+    dl = combined.flattened[0]
+    return dl if _batches._map_style(dl) and not _batches.stateful(dl) else None
+
+
+def _data_position(trainer: Any, state: _TrainerState, restored: Mapping[str, Any] | None) -> bool:
+    """Put a plain shuffled train loader where the checkpoint left it; True if this epoch's
+    iterator was replaced.
+
+    Lightning cannot fast-forward a ``DataLoader`` without ``state_dict``: resumed mid-epoch,
+    it iterates a new order from the start. The fit loop has made this epoch's iterator
+    already (before any hook); it is replaced here. Resumed mid-epoch: from the epoch's
+    recorded RNG (the same order), after the batches Lightning counted as fetched, with the
+    global RNG left as just restored. Otherwise (a fresh fit, a resume at an epoch's end) by
+    one that calls ``iter()`` at its first fetch, where the uninterrupted run's ``iter()``
+    stood (after the validation that ends the previous epoch), and records the RNG there.
+    """
+    loader = _plain_loader(trainer)
+    mode = getattr(trainer.fit_loop._combined_loader, "_iterator", None)
+    if loader is None or mode is None or not getattr(mode, "iterators", None):
+        return False
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    saved = restored.get("epoch_rng") if restored is not None else None
+    mid_epoch = restored is not None and 0 < done < trainer.num_training_batches
+    if mid_epoch and saved is None:
+        return False  # a checkpoint written before the data position was kept: Lightning's warning
+    import torch
+
+    old = mode.iterators[0]
+    stop = getattr(old, "_shutdown_workers", None)
+    if callable(stop):
+        stop()  # the workers the fit loop started for the iterator replaced here
+    if getattr(loader, "_iterator", None) is old:
+        loader._iterator = None
+    if not mid_epoch:
+        mode.iterators[0] = _FirstFetch(loader, state)
+        return True
+    # Lightning warns next that it cannot resume this loader mid-epoch: it is resumed here.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    now = torch.get_rng_state()
+    try:
+        state.epoch_rng = saved
+        mode.iterators[0] = _batches.iter_from(loader, done, saved)
+    finally:
+        torch.set_rng_state(now)
+    return True
+
+
+class _FirstFetch:
+    """``iter(loader)``, made at the first fetch; the RNG it starts from is recorded."""
+
+    def __init__(self, loader: Any, state: _TrainerState) -> None:
+        self._loader, self._state, self._it = loader, state, None
+
+    def __iter__(self) -> _FirstFetch:
+        return self
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            self._state.epoch_rng = _batches.epoch_rng(self._loader)
+            self._it = iter(self._loader)
+        return next(self._it)
 
 
 def _accumulating(trainer: Any, batch_idx: int) -> bool:
