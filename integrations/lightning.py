@@ -28,10 +28,11 @@ another explicit ``ckpt_path`` while a spotckpt checkpoint exists is refused.
 
 What is exact: with ``torch.use_deterministic_algorithms``-grade settings (CPU, fixed threads)
 the weights after an interrupted and resumed run are bitwise those of an uninterrupted one,
-when the interruption falls at an epoch boundary, or anywhere if the train dataloader is
-resumable (``state_dict``/``load_state_dict``, e.g. torchdata's ``StatefulDataLoader`` or the
-loader in ``examples/train_lightning.py``); Lightning cannot fast-forward a plain shuffled
-``DataLoader`` mid-epoch. The RNG states are put back just before the first resumed batch.
+wherever the interruption falls: a train dataloader with ``state_dict``/``load_state_dict``
+(torchdata's ``StatefulDataLoader``) restores its own position, and one plain shuffled
+``DataLoader``, which Lightning cannot fast-forward, is resumed here (``_lightning_data.py``:
+the RNG its epoch's order came from is saved, the same order redrawn, the batches done skipped
+at the sampler). The RNG states are put back just before the first resumed batch.
 Hyperparameters saved in checkpoints must be plain values (checkpoints load with
 ``weights_only=True``). Being a Lightning ``Checkpoint`` callback, it
 needs ``enable_checkpointing=True`` (the default) and replaces the default
@@ -66,6 +67,7 @@ from spotckpt._errors import ConfigError
 from spotckpt._events import log
 
 from ._common import UNSET, checkpointer_options, require
+from ._lightning_data import data_position, plain_loader
 from ._lightning_dist import (bypass_sigterm_notifier, exit_after_launcher, hand_to_lightning,
                                multi_process, restore_sigterm_notifier)
 
@@ -264,13 +266,13 @@ class SpotCheckpoint:
             _state.set_rng_state(restored["rng"])
             self._state.restored = None
         self._drop_resume_file()
-        made = _data_position(trainer, self._state, restored)
+        made = data_position(trainer, self._state, restored)
         self._first_epoch = trainer.current_epoch if made else -1
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         # From the second epoch on, the fit loop calls iter() on the train loader right after
         # this hook: its order comes from the RNG as it is now.
-        loader = _plain_loader(trainer)
+        loader = plain_loader(trainer)
         if loader is not None and trainer.current_epoch > self._first_epoch:
             self._state.epoch_rng = _batches.epoch_rng(loader)
 
@@ -344,75 +346,6 @@ class SpotCheckpoint:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass
-
-
-def _plain_loader(trainer: Any) -> Any:
-    """The train loader when it is one map-style ``DataLoader`` that cannot resume itself
-    (no ``state_dict``), else None."""
-    combined = trainer.fit_loop._combined_loader
-    if combined is None or len(combined.flattened) != 1:
-        return None
-    dl = combined.flattened[0]
-    return dl if _batches._map_style(dl) and not _batches.stateful(dl) else None
-
-
-def _data_position(trainer: Any, state: _TrainerState, restored: Mapping[str, Any] | None) -> bool:
-    """Put a plain shuffled train loader where the checkpoint left it; True if this epoch's
-    iterator was replaced.
-
-    Lightning cannot fast-forward a ``DataLoader`` without ``state_dict``: resumed mid-epoch,
-    it iterates a new order from the start. The fit loop has made this epoch's iterator
-    already (before any hook); it is replaced here. Resumed mid-epoch: from the epoch's
-    recorded RNG (the same order), after the batches Lightning counted as fetched, with the
-    global RNG left as just restored. Otherwise (a fresh fit, a resume at an epoch's end) by
-    one that calls ``iter()`` at its first fetch, where the uninterrupted run's ``iter()``
-    stood (after the validation that ends the previous epoch), and records the RNG there.
-    """
-    loader = _plain_loader(trainer)
-    mode = getattr(trainer.fit_loop._combined_loader, "_iterator", None)
-    if loader is None or mode is None or not getattr(mode, "iterators", None):
-        return False
-    done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-    saved = restored.get("epoch_rng") if restored is not None else None
-    mid_epoch = restored is not None and 0 < done < trainer.num_training_batches
-    if mid_epoch and saved is None:
-        return False  # a checkpoint written before the data position was kept: Lightning's warning
-    import torch
-
-    old = mode.iterators[0]
-    stop = getattr(old, "_shutdown_workers", None)
-    if callable(stop):
-        stop()  # the workers the fit loop started for the iterator replaced here
-    if getattr(loader, "_iterator", None) is old:
-        loader._iterator = None
-    if not mid_epoch:
-        mode.iterators[0] = _FirstFetch(loader, state)
-        return True
-    # Lightning warns next that it cannot resume this loader mid-epoch: it is resumed here.
-    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
-    now = torch.get_rng_state()
-    try:
-        state.epoch_rng = saved
-        mode.iterators[0] = _batches.iter_from(loader, done, saved)
-    finally:
-        torch.set_rng_state(now)
-    return True
-
-
-class _FirstFetch:
-    """``iter(loader)``, made at the first fetch; the RNG it starts from is recorded."""
-
-    def __init__(self, loader: Any, state: _TrainerState) -> None:
-        self._loader, self._state, self._it = loader, state, None
-
-    def __iter__(self) -> _FirstFetch:
-        return self
-
-    def __next__(self) -> Any:
-        if self._it is None:
-            self._state.epoch_rng = _batches.epoch_rng(self._loader)
-            self._it = iter(self._loader)
-        return next(self._it)
 
 
 def _accumulating(trainer: Any, batch_idx: int) -> bool:

@@ -17,7 +17,7 @@ from ._events import EventLog, log
 from ._local import LocalDir
 from ._metadata import MetadataWatcher, sources_from_env
 from ._notices import LifelineSource, Notice, NoticeBoard, SignalSource
-from ._planner import PLAN_ACTIONS, FlushPlanner
+from ._planner import PLAN_ACTIONS, FlushPlanner, finish_uploads
 from ._policies import make_policy
 from ._store import RemoteStore
 from ._syncer import Syncer
@@ -404,13 +404,8 @@ class Checkpointer:
         self._writer.wait()  # a periodic save in flight counts as committed for the plan
         saved = self._last_saved == self.step
         undurable = self._syncer is not None and bool(self._syncer.busy_steps())
-        queued_s = 0.0
-        if self._syncer is not None:
-            nbytes, since = self._syncer.in_flight()
-            total = self._planner.upload_seconds(nbytes) if nbytes else None
-            queued_s = max(0.0, total - since) if total is not None else 0.0
         plan = self._planner.decide(left, unsaved_work=not saved, undurable_commit=undurable,
-                                    queued_s=queued_s)
+                                    queued_s=self._planner.queued_seconds(self._syncer))
         if self._dist is not None:  # every rank follows the most careful plan, earliest deadline
             neg_left, code = self._dist.agree_max([-left, PLAN_ACTIONS.index(plan.action)],
                                                   where="the interruption plan")
@@ -428,21 +423,7 @@ class Checkpointer:
         ok = True
         if self._syncer is not None:
             budget = max(0.0, notice.seconds_left(self.clock) - _FLUSH_MARGIN)
-            if plan.action == "finish-upload":
-                # finish what is in flight; whatever is queued behind it would not fit
-                target = self._syncer.uploading_step()
-                busy = self._syncer.busy_steps()
-                if target is None and busy:
-                    target = max(busy)
-                ok = target is None or self._syncer.wait_durable(target, budget)
-            else:
-                ok = self._syncer.flush(budget)
-            durable = self._syncer.durable_step
-            if ok:
-                log.warning("spotckpt: step %s is durable at %s", durable, self.config.remote)
-            else:
-                log.error("spotckpt: uploads did NOT finish before the deadline (%s); durable step: %s",
-                          self._syncer.last_error or "timeout", durable)
+            ok = finish_uploads(self._syncer, plan.action, budget, self.config.remote)
         self.events.emit("flush", action=plan.action, step=self.step, durable=ok,
                          durable_step=self.durable_step, estimate_s=plan.estimate,
                          actual_s=round(self.clock() - t0, 3),
