@@ -169,7 +169,7 @@ class Batches:
             self.epoch, self.index, self._rng = int(saved["epoch"]), int(saved["index"]), saved.get("rng")
             if self._own_loader_state and saved.get("loader") is not None:
                 loader.load_state_dict(saved["loader"])
-            self._resume = self.index > 0 or self._delegate
+            self._resume = self.index > 0
 
     def state_dict(self) -> dict[str, Any]:
         sd: dict[str, Any] = {"epoch": self.epoch, "index": self.index, "rng": self._rng}

@@ -115,3 +115,51 @@ def test_lightning_plain_dataloader_resumes_mid_epoch_bitwise(s3_server: S3Serve
     assert resumed_step(out2) == step + 1, out2
     assert_bitwise(torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "final.pt"))
     assert "not resumable" not in out2, out2  # Lightning's warning: it is resumed here
+
+
+class _Counting(torch.utils.data.Dataset):
+    """24 samples; remembers which ones were loaded."""
+
+    def __init__(self) -> None:
+        self.loaded: list[int] = []
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        self.loaded.append(i)
+        return torch.tensor(i)
+
+
+def test_batches_skip_at_the_sampler_and_leave_the_rng_alone() -> None:
+    """In-process: resumed after 3 batches of an epoch of 6, the next 7 batches are the
+    uninterrupted run's, the 3 skipped are never loaded, and the global RNG ends where the
+    uninterrupted run's did (it is drawn from between batches, as dropout would)."""
+    from spotckpt._batches import Batches
+
+    data = _Counting()
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)
+
+    def take(b: Batches, n: int) -> list[list[int]]:
+        out = []
+        for _ in range(n):
+            out.append(next(b).tolist())
+            torch.rand(3)  # the training step's own draws
+        return out
+
+    torch.manual_seed(0)
+    ref = take(Batches(loader, own_loader_state=True, saved=None), 10)
+    ref_rng = torch.get_rng_state()
+
+    torch.manual_seed(0)
+    first = Batches(loader, own_loader_state=True, saved=None)
+    assert take(first, 3) == ref[:3]
+    saved, rng = first.state_dict(), torch.get_rng_state()  # what a checkpoint holds
+    data.loaded.clear()
+    torch.manual_seed(123)  # a new process
+    torch.set_rng_state(rng)  # the Checkpointer's restore
+    resumed = Batches(loader, own_loader_state=True, saved=saved)
+    assert take(resumed, 7) == ref[3:]
+    assert sorted(data.loaded) == sorted(i for batch in ref[3:] for i in batch)  # nothing skipped was loaded
+    assert torch.equal(torch.get_rng_state(), ref_rng)
+    assert (resumed.epoch, resumed.index) == (1, 4)

@@ -22,9 +22,11 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--loader", choices=["plain", "stateful"], default="plain")
 ap.add_argument("--workers", type=int, default=0)
 ap.add_argument("--persistent", action="store_true")
+ap.add_argument("--generator", action="store_true", help="DataLoader(generator=...)")
 ap.add_argument("--steps", type=int, default=36)
 ap.add_argument("--wait-at", type=int, default=-1)
 ap.add_argument("--old", action="store_true")
+ap.add_argument("--loader-not-in-state", action="store_true", help="batches() saves the loader's state")
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
 
@@ -34,7 +36,8 @@ g = torch.Generator().manual_seed(1)
 x = torch.randn(96, 8, generator=g)
 data = TensorDataset(x, x.sum(1, keepdim=True).tanh())
 kw = dict(batch_size=8, shuffle=True, num_workers=args.workers,
-          persistent_workers=args.persistent)  # 12 batches an epoch
+          persistent_workers=args.persistent,
+          generator=torch.Generator().manual_seed(5) if args.generator else None)  # 12 batches an epoch
 if args.loader == "stateful":
     from torchdata.stateful_dataloader import StatefulDataLoader
     loader = StatefulDataLoader(data, **kw)
@@ -43,7 +46,7 @@ else:
 model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1))
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
 state = {"model": model, "opt": opt}
-if args.loader == "stateful":
+if args.loader == "stateful" and not args.loader_not_in_state:
     state["loader"] = loader
 
 with spotckpt.Checkpointer(state, every_steps=5) as ckpt:
