@@ -1,8 +1,10 @@
 """A custom PyTorch loop that survives spot interruptions with one `with` block.
 
-A small MLP (with dropout, so RNG state matters) on synthetic data, a shuffled DataLoader,
-Adam and a step LR scheduler. The data order of every epoch comes from a generator seeded by
-the epoch number, so a resumed run sees exactly the batches an uninterrupted run would.
+A small MLP (with dropout, so RNG state matters) on synthetic data, a plain shuffled
+DataLoader, Adam and a step LR scheduler. ``ckpt.batches(loader)`` owns the iterator across
+epochs: a resumed run redraws the interrupted epoch's order, skips the batches already
+trained on (without loading them) and leaves the RNG as the checkpoint had it, so it sees
+exactly the batches and dropout masks an uninterrupted run would.
 
     SPOTCKPT_REMOTE=s3://bucket/run1/ python examples/train_custom_loop.py --steps 300
 
@@ -28,17 +30,12 @@ def make_data(n: int = 2048, dim: int = 32) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-def batches(data: TensorDataset, epoch: int, batch_size: int):
-    """The shuffled batches of one epoch: the same for the same epoch, in any process."""
-    g = torch.Generator().manual_seed(10_000 + epoch)
-    return iter(DataLoader(data, batch_size=batch_size, shuffle=True, generator=g, drop_last=True))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every-steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per step, to make runs interruptible")
     ap.add_argument("--out", default=None, help="write the final state_dict here")
     args = ap.parse_args()
@@ -49,20 +46,16 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=100, gamma=0.5)
-    steps_per_epoch = len(data) // args.batch_size
+    loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        num_workers=args.workers)
 
     state = {"model": model, "optim": opt, "sched": sched}
     with spotckpt.Checkpointer(state, every_steps=args.every_steps) as ckpt:
         print(f"resumed at step {ckpt.restored_step}" if ckpt.restored_step is not None
               else "fresh start at step 0", flush=True)
-        it, epoch = None, None
+        batches = ckpt.batches(loader)  # epoch after epoch; resumes where the checkpoint was
         for step in ckpt.steps(total=args.steps):
-            e, i = divmod(step, steps_per_epoch)
-            if e != epoch:  # (re)build the epoch's iterator and skip the batches already done
-                epoch, it = e, batches(data, e, args.batch_size)
-                for _ in range(i):
-                    next(it)
-            x, y = next(it)
+            x, y = next(batches)
             loss = nn.functional.mse_loss(model(x), y)
             opt.zero_grad()
             loss.backward()

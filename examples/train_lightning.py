@@ -1,9 +1,10 @@
 """A Lightning Trainer that survives spot interruptions with one callback.
 
 A small MLP (built in ``configure_model``, with dropout, so the RNG matters), Adam and a
-step LR scheduler, on synthetic data with a validation set. The train loader is resumable (``state_dict``/``load_state_dict``), so a checkpoint taken
-mid-epoch resumes at the next batch and the final weights are bitwise those of an
-uninterrupted run.
+step LR scheduler, on synthetic data with a validation set. The train loader is a plain
+shuffled ``DataLoader``: the callback records the RNG each epoch's order is drawn from, so a
+checkpoint taken mid-epoch resumes at the next batch of the same order (the consumed ones are
+skipped, not loaded) and the final weights are bitwise those of an uninterrupted run.
 
     SPOTCKPT_REMOTE=s3://bucket/run1/ python examples/train_lightning.py --max-epochs 4
 
@@ -28,33 +29,6 @@ def make_data(n: int = 1280, dim: int = 16) -> TensorDataset:
     x = torch.randn(n, dim, generator=g)
     w = torch.randn(dim, 1, generator=g)
     return TensorDataset(x, torch.tanh(x @ w) + 0.1 * torch.randn(n, 1, generator=g))
-
-
-class ShuffledBatches:
-    """Batches in an order fixed by the epoch number, and resumable mid-epoch: Lightning
-    saves ``state_dict()`` with every checkpoint and calls ``load_state_dict()`` on resume."""
-
-    def __init__(self, data: TensorDataset, batch_size: int) -> None:
-        self.data, self.batch_size = data, batch_size
-        self.epoch, self.pos = 0, 0  # pos: batches of this epoch already handed out
-
-    def __len__(self) -> int:
-        return len(self.data) // self.batch_size
-
-    def __iter__(self):
-        if self.pos >= len(self):
-            self.epoch, self.pos = self.epoch + 1, 0
-        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(10_000 + self.epoch))
-        while self.pos < len(self):
-            idx = order[self.pos * self.batch_size:(self.pos + 1) * self.batch_size]
-            self.pos += 1
-            yield self.data[idx]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
 
 
 class Regressor(L.LightningModule):
@@ -97,6 +71,7 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=4)
     ap.add_argument("--every-steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per step, to make runs interruptible")
     ap.add_argument("--out", default=None, help="write the final state_dict here")
     args = ap.parse_args()
@@ -109,7 +84,8 @@ def main() -> None:
                         callbacks=[SpotCheckpoint(every_n_steps=args.every_steps)])
     data = make_data()
     train, val = TensorDataset(*data[:1024]), TensorDataset(*data[1024:])
-    trainer.fit(model, ShuffledBatches(train, args.batch_size), DataLoader(val, batch_size=64))
+    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
+    trainer.fit(model, loader, DataLoader(val, batch_size=64))
     print(f"finished at step {trainer.global_step}", flush=True)
     if args.out:
         torch.save(model.state_dict(), args.out)

@@ -28,10 +28,11 @@ another explicit ``ckpt_path`` while a spotckpt checkpoint exists is refused.
 
 What is exact: with ``torch.use_deterministic_algorithms``-grade settings (CPU, fixed threads)
 the weights after an interrupted and resumed run are bitwise those of an uninterrupted one,
-when the interruption falls at an epoch boundary, or anywhere if the train dataloader is
-resumable (``state_dict``/``load_state_dict``, e.g. torchdata's ``StatefulDataLoader`` or the
-loader in ``examples/train_lightning.py``); Lightning cannot fast-forward a plain shuffled
-``DataLoader`` mid-epoch. The RNG states are put back just before the first resumed batch.
+wherever the interruption falls: a train dataloader with ``state_dict``/``load_state_dict``
+(torchdata's ``StatefulDataLoader``) restores its own position, and one plain shuffled
+``DataLoader``, which Lightning cannot fast-forward, is resumed here (``_lightning_data.py``:
+the RNG its epoch's order came from is saved, the same order redrawn, the batches done skipped
+at the sampler). The RNG states are put back just before the first resumed batch.
 Hyperparameters saved in checkpoints must be plain values (checkpoints load with
 ``weights_only=True``). Being a Lightning ``Checkpoint`` callback, it
 needs ``enable_checkpointing=True`` (the default) and replaces the default
@@ -60,12 +61,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from spotckpt import Checkpointer
-from spotckpt import _state
+from spotckpt import _batches, _state
 from spotckpt._checkpointer import EXIT_INTERRUPTED
 from spotckpt._errors import ConfigError
 from spotckpt._events import log
 
 from ._common import UNSET, checkpointer_options, require
+from ._lightning_data import data_position, plain_loader
 from ._lightning_dist import (bypass_sigterm_notifier, exit_after_launcher, hand_to_lightning,
                                multi_process, restore_sigterm_notifier)
 
@@ -109,13 +111,14 @@ class _TrainerState:
     def __init__(self) -> None:
         self.trainer: Any = None
         self.restored: dict[str, Any] | None = None
+        self.epoch_rng: dict[str, Any] | None = None  # the plain train loader's, at this epoch's iter()
 
     def state_dict(self) -> dict[str, Any]:
         # What Trainer.save_checkpoint writes, kept in memory so that the core writes it in
         # the background. The RNG is also kept here (not only in the core's copy) because it
         # must be put back later than the restore, just before the first resumed batch.
         ckpt = self.trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        return {"checkpoint": ckpt, "rng": _state.rng_state()}
+        return {"checkpoint": ckpt, "rng": _state.rng_state(), "epoch_rng": self.epoch_rng}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.restored = dict(sd)
@@ -166,6 +169,7 @@ class SpotCheckpoint:
         self._resume_file: Path | None = None
         self._grace_left = 0.0  # seconds to the deadline when the Checkpointer closed
         self.interrupted = False
+        self._first_epoch = 0  # the epoch whose train iterator on_train_start made
         # Lightning's notes for OnExceptionCheckpoint users do not apply to this callback.
         for text in (r".*ckpt_path=None\)` was called without a model",
                      r'.*ckpt_path="last"\) is set, but there is no last checkpoint available'):
@@ -193,6 +197,7 @@ class SpotCheckpoint:
             return self.checkpointer
         self.interrupted = False
         self._state.restored = None
+        self._state.epoch_rng = None
         ckpt = Checkpointer({"lightning": self._state}, every_steps=self.every_n_steps,
                             every_seconds=self.every_seconds, exit_on_interrupt=False,
                             framework="lightning", **self._options)
@@ -261,6 +266,15 @@ class SpotCheckpoint:
             _state.set_rng_state(restored["rng"])
             self._state.restored = None
         self._drop_resume_file()
+        made = data_position(trainer, self._state, restored)
+        self._first_epoch = trainer.current_epoch if made else -1
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        # From the second epoch on, the fit loop calls iter() on the train loader right after
+        # this hook: its order comes from the RNG as it is now.
+        loader = plain_loader(trainer)
+        if loader is not None and trainer.current_epoch > self._first_epoch:
+            self._state.epoch_rng = _batches.epoch_rng(loader)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

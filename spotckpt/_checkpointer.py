@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from . import _dircommit, _distributed, _exit, _lineage, _state
+from ._batches import KEY as _BATCHES_KEY, Batches, Registry
 from ._config import _UNSET, Config
 from ._engine import Engine
 from ._errors import RemoteError
@@ -17,7 +18,7 @@ from ._events import log
 from ._local import LocalDir
 from ._metadata import MetadataWatcher
 from ._notices import LifelineSource, Notice, NoticeBoard, SignalSource
-from ._planner import PLAN_ACTIONS, FlushPlanner
+from ._planner import PLAN_ACTIONS, FlushPlanner, finish_uploads
 from ._startup import Startup
 from ._syncer import Syncer
 from ._writer import BackgroundWriter
@@ -98,6 +99,7 @@ class Checkpointer(Startup):
         self._last_saved: int | None = None
         self._pool = _state.SnapshotPool()  # CPU copy of the state, refilled each save
         self._codec: Any = None  # _state.PlainCodec, or _dcp.ShardedCodec for a sharded state
+        self._batches = Registry()  # the data positions of batches(), saved with the state
         self._open = False
         self.save_seconds: float | None = None  # duration of the last background write
 
@@ -206,6 +208,18 @@ class Checkpointer(Startup):
         else:
             self.save()
 
+    def batches(self, loader: Any, *, name: str = "train") -> Batches:
+        """The batches of ``loader`` epoch after epoch (it never ends), resumed exactly: the
+        shuffled order redrawn, the consumed batches skipped unloaded, the RNG untouched
+        (``spotckpt/_batches.py``). A ``StatefulDataLoader`` keeps its own position.
+
+        Example:
+            >>> data = ckpt.batches(loader)  # doctest: +SKIP
+            >>> for step in ckpt.steps(total=10_000):
+            ...     x, y = next(data)
+        """
+        return self._batches.make(loader, name, self.state)
+
     def _flags(self, *, consume: bool = True) -> tuple[bool, bool, list[str]]:
         """(stop, periodic save due, advisories) at this boundary, agreed by all ranks."""
         stop = self.should_stop
@@ -294,7 +308,12 @@ class Checkpointer(Startup):
         if self._last_saved == step and (self._local.is_committed(step) or step == self.restored_step):
             return  # (a step resharded from another world size is committed on the remote only)
         t0 = time.monotonic()
-        payload = self._codec.snapshot(self._pool)  # buffers reused: a memcpy
+        if self._batches.live:  # the data positions of batches(), saved with the state
+            self.state[_BATCHES_KEY] = self._batches
+        try:
+            payload = self._codec.snapshot(self._pool)  # buffers reused: a memcpy
+        finally:
+            self.state.pop(_BATCHES_KEY, None)
         snapshot_s = time.monotonic() - t0
         payload_step = step
         serializer = self._codec.serializer
@@ -381,14 +400,10 @@ class Checkpointer(Startup):
         self._writer.wait()  # a periodic save in flight counts as committed for the plan
         saved = self._last_saved == self.step
         undurable = self._syncer is not None and bool(self._syncer.busy_steps())
-        queued_s = 0.0
-        if self._syncer is not None:
-            nbytes, since = self._syncer.in_flight()
-            total = self._planner.upload_seconds(nbytes) if nbytes else None
-            queued_s = max(0.0, total - since) if total is not None else 0.0
         # plan with the time the flush may take: what is left now, less the exit's margin
         plan = self._planner.decide(notice.seconds_left(self.clock) - _FLUSH_MARGIN, unsaved_work=not saved,
-                                    undurable_commit=undurable, queued_s=queued_s)
+                                    undurable_commit=undurable,
+                                    queued_s=self._planner.queued_seconds(self._syncer))
         if self._dist is not None:  # every rank follows the most careful plan, earliest deadline
             neg_left, code = self._dist.agree_max([-left, PLAN_ACTIONS.index(plan.action)],
                                                   where="the interruption plan")
@@ -408,26 +423,8 @@ class Checkpointer(Startup):
         ok = True
         if self._syncer is not None:
             budget = max(0.0, notice.seconds_left(self.clock) - _FLUSH_MARGIN)
-            if plan.action == "finish-upload":
-                busy = self._syncer.busy_steps()
-                if saved and self.step in busy:
-                    # the current step is committed (a periodic save, commit_dir): that is
-                    # the one to make durable, not only the older one still in flight
-                    target: int | None = self.step
-                else:
-                    # finish what is in flight; whatever is queued behind it would not fit
-                    target = self._syncer.uploading_step()
-                    if target is None and busy:
-                        target = max(busy)
-                ok = target is None or self._syncer.wait_durable(target, budget)
-            else:
-                ok = self._syncer.flush(budget)
-            durable = self._syncer.durable_step
-            if ok:
-                log.warning("spotckpt: step %s is durable at %s", durable, self.config.remote)
-            else:
-                log.error("spotckpt: uploads did NOT finish before the deadline (%s); durable step: %s",
-                          self._syncer.last_error or "timeout", durable)
+            ok = finish_uploads(self._syncer, plan.action, budget, self.config.remote,
+                                current=self.step if saved else None)
         self.events.emit("flush", action=plan.action, step=self.step, durable=ok,
                          durable_step=self.durable_step, estimate_s=plan.estimate,
                          actual_s=round(self.clock() - t0, 3),

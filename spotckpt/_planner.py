@@ -8,6 +8,9 @@ with a durable checkpoint rather than a half-uploaded one).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+
+from ._events import log
 
 PLAN_ACTIONS = ("save", "finish-upload", "nothing")  # ordered from least to most careful
 SAFETY = 1.25      # estimates are multiplied by this
@@ -50,6 +53,15 @@ class FlushPlanner:
     def upload_seconds(self, nbytes: int) -> float | None:
         return None if not self.bytes_per_s else nbytes / self.bytes_per_s
 
+    def queued_seconds(self, syncer: Any) -> float:
+        """Seconds the upload in flight on ``syncer`` (None: no remote) still needs, at the
+        measured rate."""
+        if syncer is None:
+            return 0.0
+        nbytes, since = syncer.in_flight()
+        total = self.upload_seconds(nbytes) if nbytes else None
+        return max(0.0, total - since) if total is not None else 0.0
+
     def estimate(self, *, queued_s: float = 0.0) -> float | None:
         """Seconds for a new full save until it is durable, or None before any measurement.
 
@@ -83,3 +95,32 @@ class FlushPlanner:
         return Plan("nothing", est, seconds_left,
                     f"a full save needs ~{est:.1f} s but only {seconds_left:.1f} s are left; "
                     "the newest durable checkpoint stays the resume point")
+
+
+def finish_uploads(syncer: Any, action: str, budget: float, remote: str | None,
+                   current: int | None = None) -> bool:
+    """After an interruption save: wait up to ``budget`` seconds for what ``action`` promised
+    (``finish-upload``: the upload in flight, or ``current``, the step at the notice when it
+    is committed already; otherwise everything queued). Logs the durable step; False if the
+    deadline came first."""
+    if action == "finish-upload":
+        busy = syncer.busy_steps()
+        if current is not None and current in busy:
+            # the current step is committed (a periodic save, commit_dir): that is the one
+            # to make durable, not only an older one still in flight
+            target: int | None = current
+        else:
+            # finish what is in flight; whatever is queued behind it would not fit
+            target = syncer.uploading_step()
+            if target is None and busy:
+                target = max(busy)
+        ok = target is None or syncer.wait_durable(target, budget)
+    else:
+        ok = syncer.flush(budget)
+    durable = syncer.durable_step
+    if ok:
+        log.warning("spotckpt: step %s is durable at %s", durable, remote)
+    else:
+        log.error("spotckpt: uploads did NOT finish before the deadline (%s); durable step: %s",
+                  syncer.last_error or "timeout", durable)
+    return ok

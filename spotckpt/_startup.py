@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from . import _distributed, _lineage
+from ._batches import KEY as _BATCHES_KEY
 from ._config import Config, supervised
 from ._engine import Engine
 from ._events import EventLog, log
@@ -71,9 +72,15 @@ class Startup:
                 store.probe()
             self._policy = make_policy(cfg.every_steps, cfg.every_seconds, self.clock)
             lineage_root = LocalDir(cfg.local_dir).lineage(cfg.name).root
-            found = resume(self.state, root=lineage_root, local=local, store=store,
-                           remote=cfg.lineage_remote, d=d, events=events,
-                           files=cfg.name is None)
+            if self.state is not None:  # batches() positions come back with the state
+                self.state[_BATCHES_KEY] = self._batches
+            try:
+                found = resume(self.state, root=lineage_root, local=local, store=store,
+                               remote=cfg.lineage_remote, d=d, events=events,
+                               files=cfg.name is None)
+            finally:
+                if self.state is not None:
+                    self.state.pop(_BATCHES_KEY, None)
             if found is not None:
                 step = found[0]
                 if self.state is None:

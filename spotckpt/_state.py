@@ -152,7 +152,8 @@ def apply(state: dict[str, Any], saved: Mapping[str, Any]) -> list[str]:
     missing = []
     for key, obj in list(state.items()):
         if key not in saved:
-            missing.append(key)
+            if not key.startswith("__spotckpt"):  # spotckpt's own entries are optional
+                missing.append(key)
             continue
         load = getattr(obj, "load_state_dict", None)
         if callable(load):
