@@ -11,24 +11,30 @@ What it does, beyond Keras' ``BackupAndRestore`` (epoch granularity, local files
   variables, the compiled metrics' accumulators, the epoch and the batch within it, and the
   Python, numpy and torch RNG states, through :class:`spotckpt.Checkpointer` (local commit,
   upload to the remote, retention).
-- On an interruption notice it saves after the current batch, makes the save durable within
-  the deadline, stops ``fit`` and, by default, ends the process with status 143. The
-  batches of the interrupted epoch that finished are kept.
+- On an interruption notice it saves after the current batch (after the epoch's validation
+  when that was the epoch's last batch), makes the save durable within the deadline, stops
+  ``fit`` and, by default, ends the process with status 143. The batches of the interrupted
+  epoch that finished are kept.
 - At the start of the next ``fit`` it restores the newest checkpoint, locally or from the
   remote (an empty local dir on a new machine is the normal case), and continues in the
   same epoch at the next batch: the RNG is put back as it was when that epoch started, so the
   shuffled order is drawn again identically, and the batches already trained are fetched
-  but not trained on. A first run with nothing to restore starts from scratch; a job that
-  had finished trains nothing more.
+  again inside Keras' epoch iterator (so the input pipeline is where it was), never trained
+  on, never shown to any callback. A save on an epoch's last batch is taken at the epoch's
+  end, as the start of the next epoch: resuming there replays nothing, and a job that had
+  finished trains and fetches nothing more. A first run with nothing to restore starts from
+  scratch.
 
-What is exact (tested with ``KERAS_BACKEND=torch``): weights are identical to an
-uninterrupted run's, at epoch boundaries and mid-epoch, when ``fit`` gets arrays (numpy or
-torch) with ``shuffle=True`` or ``False``, or any input whose order depends only on the epoch
-and the global RNGs, and the backend computes deterministically (CPU, fixed threads). With
-TensorFlow, ``tf.data`` shuffles with TF's own random state, which is not captured: resume
-is then exact at epoch boundaries only. Skipping the finished batches uses the same
-mechanism on the TensorFlow and JAX backends, which are untested here. The state of other
-callbacks (``EarlyStopping``'s patience, ``ReduceLROnPlateau``) is not saved.
+What is exact (tested on the torch, JAX and TensorFlow backends, measured by
+``bench/keras_exactness.py``, README "Framework callbacks"): weights are identical to an
+uninterrupted run's, mid-epoch and at epoch ends, for arrays with any ``shuffle``, a
+``PyDataset``, a torch ``DataLoader``, with ``steps_per_execution``, when the run is seeded
+(``keras.utils.set_random_seed``) and the backend computes deterministically (CPU, fixed
+threads). The fast-forward uses Keras' ``fit`` internals (3.15); where they are not found, a
+mid-epoch checkpoint resumes at its epoch's first batch, with a warning. With JAX, input of
+unknown length interrupted on its epoch's last batch resumes into an epoch with no batch
+left, which Keras' JAX ``fit`` does not support. The state of other callbacks
+(``EarlyStopping``'s patience, ``ReduceLROnPlateau``) is not saved.
 """
 from __future__ import annotations
 
@@ -127,6 +133,16 @@ def _start_epoch_at(iterator: Any, first: int, then: Callable[[], None]) -> None
         then()
 
     iterator._enumerate_iterator = resumed
+
+
+def _build_compiled_metrics(model: Any, iterator: Any) -> None:
+    """Create the compiled metrics' variables, to restore their accumulators before the first
+    step. The TensorFlow trainer creates them when it traces that step (the others before
+    ``fit`` calls any callback): build them from the dataset's element spec, fetching nothing."""
+    metrics = getattr(model, "_compile_metrics", None)
+    spec = getattr(getattr(iterator, "_distributed_dataset", None), "element_spec", None)
+    if metrics is not None and not metrics.built and spec is not None:
+        model._symbolic_build(data_batch=spec)
 
 
 class _ModelState:
@@ -244,6 +260,7 @@ class SpotCheckpoint:
                             "starts again from its first batch (not an exact resume)", epoch)
                 done = 0
             if done:
+                _build_compiled_metrics(self.model, self._iterator)
                 try:
                     _assign(self.model.metrics_variables, r["metrics"], "metrics")
                 except ConfigError:
