@@ -30,7 +30,8 @@ What is exact (tested on the torch, JAX and TensorFlow backends, measured by
 uninterrupted run's, mid-epoch and at epoch ends, for arrays with any ``shuffle``, a
 ``PyDataset``, a torch ``DataLoader``, with ``steps_per_execution``, when the run is seeded
 (``keras.utils.set_random_seed``) and the backend computes deterministically (CPU, fixed
-threads). The fast-forward uses Keras' ``fit`` internals (3.15); where they are not found, a
+threads); not for ``tf.data`` with ``.shuffle``, whose state is TensorFlow's own (not even
+at epoch ends). The fast-forward uses Keras' ``fit`` internals (3.15); where they are not found, a
 mid-epoch checkpoint resumes at its epoch's first batch, with a warning. With JAX, input of
 unknown length interrupted on its epoch's last batch resumes into an epoch with no batch
 left, which Keras' JAX ``fit`` does not support. The state of other callbacks
