@@ -2,13 +2,13 @@
 
 A small MLP (dropout and batch normalisation, so seed-generator states and moving
 statistics matter) with Adam on a decaying learning rate, on shuffled numpy arrays with a
-validation set. Run with any Keras backend; tested with the torch one:
+validation set. Run with any Keras backend (tested with torch, jax and tensorflow):
 
-    KERAS_BACKEND=torch SPOTCKPT_REMOTE=s3://bucket/run1/ python examples/train_keras.py --epochs 6
+    KERAS_BACKEND=jax SPOTCKPT_REMOTE=s3://bucket/run1/ python examples/train_keras.py --epochs 6
 
 Run the same command again after an interruption (on a new machine, with an empty local
 dir): ``fit`` continues in the interrupted epoch at the next batch, and the final weights are
-those of an uninterrupted run.
+those of an uninterrupted run. Run it once more after it finished: nothing is trained.
 """
 from __future__ import annotations
 

@@ -11,30 +11,38 @@ What it does, beyond Keras' ``BackupAndRestore`` (epoch granularity, local files
   variables, the compiled metrics' accumulators, the epoch and the batch within it, and the
   Python, numpy and torch RNG states, through :class:`spotckpt.Checkpointer` (local commit,
   upload to the remote, retention).
-- On an interruption notice it saves after the current batch, makes the save durable within
-  the deadline, stops ``fit`` and, by default, ends the process with status 143. The
-  batches of the interrupted epoch that finished are kept.
+- On an interruption notice it saves after the current batch (after the epoch's validation
+  when that was the epoch's last batch), makes the save durable within the deadline, stops
+  ``fit`` and, by default, ends the process with status 143. The batches of the interrupted
+  epoch that finished are kept.
 - At the start of the next ``fit`` it restores the newest checkpoint, locally or from the
   remote (an empty local dir on a new machine is the normal case), and continues in the
   same epoch at the next batch: the RNG is put back as it was when that epoch started, so the
   shuffled order is drawn again identically, and the batches already trained are fetched
-  but not trained on. A first run with nothing to restore starts from scratch; a job that
-  had finished trains nothing more.
+  again inside Keras' epoch iterator (so the input pipeline is where it was), never trained
+  on, never shown to any callback. A save on an epoch's last batch is taken at the epoch's
+  end, as the start of the next epoch: resuming there replays nothing, and a job that had
+  finished trains and fetches nothing more. A first run with nothing to restore starts from
+  scratch.
 
-What is exact (tested with ``KERAS_BACKEND=torch``): weights are identical to an
-uninterrupted run's, at epoch boundaries and mid-epoch, when ``fit`` gets arrays (numpy or
-torch) with ``shuffle=True`` or ``False``, or any input whose order depends only on the epoch
-and the global RNGs, and the backend computes deterministically (CPU, fixed threads). With
-TensorFlow, ``tf.data`` shuffles with TF's own random state, which is not captured: resume
-is then exact at epoch boundaries only. Skipping the finished batches uses the same
-mechanism on the TensorFlow and JAX backends, which are untested here. The state of other
-callbacks (``EarlyStopping``'s patience, ``ReduceLROnPlateau``) is not saved.
+What is exact (tested on the torch, JAX and TensorFlow backends, measured by
+``bench/keras_exactness.py``, README "Framework callbacks"): weights are identical to an
+uninterrupted run's, mid-epoch and at epoch ends, for arrays with any ``shuffle``, a
+``PyDataset``, a torch ``DataLoader``, with ``steps_per_execution``, when the run is seeded
+(``keras.utils.set_random_seed``) and the backend computes deterministically (CPU, fixed
+threads); not for ``tf.data`` with ``.shuffle``, whose state is TensorFlow's own (not even
+at epoch ends). The fast-forward uses Keras' ``fit`` internals (3.15); where they are not found, a
+mid-epoch checkpoint resumes at its epoch's first batch, with a warning. With JAX, input of
+unknown length interrupted on its epoch's last batch resumes into an epoch with no batch
+left, which Keras' JAX ``fit`` does not support. The state of other callbacks
+(``EarlyStopping``'s patience, ``ReduceLROnPlateau``) is not saved.
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Mapping
+import sys
+from typing import Any, Callable, Iterator, Mapping
 
 from spotckpt import Checkpointer
 from spotckpt import _state
@@ -79,6 +87,65 @@ def _assign(variables: list, saved: list[Mapping[str, Any]], what: str) -> None:
         v.assign(unpack_array(s))
 
 
+def _fit_epoch_iterator(model: Any) -> Any | None:
+    """The ``EpochIterator`` of the ``fit`` running on ``model``: a local variable of Keras'
+    ``fit`` (every backend's, Keras 3.15), found on the call stack; None if it is not there."""
+    try:
+        from keras.src.trainers.epoch_iterator import EpochIterator
+    except ImportError:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "fit" and "epoch_iterator" in code.co_varnames:
+            local = frame.f_locals
+            if local.get("self") is model and isinstance(local.get("epoch_iterator"), EpochIterator):
+                return local["epoch_iterator"]
+        frame = frame.f_back
+    return None
+
+
+def _start_epoch_at(iterator: Any, first: int, then: Callable[[], None]) -> None:
+    """Make the next epoch of Keras' ``EpochIterator`` begin at batch ``first``.
+
+    Batches ``0 .. first-1`` are still fetched, so the input pipeline ends where an
+    uninterrupted run's does, but inside the iterator: neither the train step nor any
+    callback sees them. ``then()`` runs after them, before the first batch that is trained.
+    Every backend's ``fit`` loops over ``(begin, end, data)`` from ``_enumerate_iterator()``
+    and pulls batches ``begin..end`` from ``data`` (itself, or inside its train step).
+    """
+    enumerate_epoch = iterator._enumerate_iterator
+
+    def resumed() -> Iterator[Any]:
+        del iterator._enumerate_iterator  # this epoch only
+        steps = enumerate_epoch()
+        for begin, end, data in steps:
+            if begin >= first:
+                then()
+                yield begin, end, data
+                yield from steps
+                return
+            for _ in range(end + 1 - begin):
+                try:
+                    next(data)
+                except StopIteration:  # the data ended sooner than in the interrupted run
+                    then()
+                    return
+        then()
+
+    iterator._enumerate_iterator = resumed
+
+
+def _build_compiled_metrics(model: Any, iterator: Any) -> None:
+    """Create the compiled metrics' variables, to restore their accumulators before the first
+    step. The TensorFlow trainer creates them when it traces that step (the others before
+    ``fit`` calls any callback): build them from the dataset's element spec, fetching nothing."""
+    metrics = getattr(model, "_compile_metrics", None)
+    spec = getattr(getattr(iterator, "_distributed_dataset", None), "element_spec", None)
+    if metrics is not None and not metrics.built and spec is not None:
+        model._symbolic_build(data_batch=spec)
+
+
 class _ModelState:
     """The Checkpointer's view of a model in ``fit``: variables, position and RNGs."""
 
@@ -89,6 +156,11 @@ class _ModelState:
 
     def state_dict(self) -> dict[str, Any]:
         m = self.model
+        # During fit, Keras' JAX trainer keeps the state in its own arrays and the variables
+        # hold no value (reading one raised "'NoneType' object is not callable"): put it back.
+        sync = getattr(m, "jax_state_sync", None)
+        if sync is not None:
+            sync()
         return {"variables": _pack(m.variables),
                 "optimizer": _pack(m.optimizer.variables) if m.optimizer is not None else [],
                 "metrics": _pack(m.metrics_variables), "rng": _state.rng_state(), **self.position}
@@ -142,10 +214,8 @@ class SpotCheckpoint:
         self._epoch_start_step = 0
         self._epoch_rng: dict[str, Any] | None = None
         self._resume: dict[str, Any] | None = None  # restored, until the resumed epoch starts
-        self._skip_until = 0                        # batches of this epoch already trained
-        self._resume_rng: dict[str, Any] | None = None  # RNG after the last of those batches
-        self._skipping = False
-        self._train_function: Callable | None = None
+        self._iterator: Any = None   # the running fit's EpochIterator
+        self._at_epoch_end = False   # the epoch's last batch is done; its boundary is at on_epoch_end
 
     # -- hooks -------------------------------------------------------------------------------
     def on_train_begin(self, logs: Any = None) -> None:
@@ -154,6 +224,7 @@ class SpotCheckpoint:
         self.interrupted = False
         model = self._state.model = self.model
         self._state.restored = None
+        self._iterator = _fit_epoch_iterator(model)
         ckpt = Checkpointer({"keras": self._state}, every_steps=self.every_n_batches,
                             every_seconds=self.every_seconds, exit_on_interrupt=False,
                             framework="keras", **self._options)
@@ -170,44 +241,48 @@ class SpotCheckpoint:
             _assign(model.optimizer.variables, r["optimizer"], "optimizer variables")
         epoch = self.params.get("epochs", 0) if r.get("finished") else r["epoch"]
         model._initial_epoch = epoch  # read by fit right after this hook (as BackupAndRestore does)
+        self._epoch = epoch - 1
         self._resume = r
         log.warning("spotckpt: resuming Keras at epoch %d, batch %d (step %d)",
                     r["epoch"], r["batch"], ckpt.restored_step)
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self._epoch = epoch
+        self._at_epoch_end = False
         r, self._resume = self._resume, None
         ckpt = self.checkpointer
+        done = 0  # batches of this epoch trained before the interruption
         if r is not None:
             self.model._initial_epoch = None
             _state.set_rng_state(r["epoch_rng"])  # fit shuffles after this hook: same order
-            self._skip_until = r["batch"]
-            self._resume_rng = r["rng"]
-            if self._skip_until:
+            done = r["batch"]
+            if done and self._iterator is None:
+                log.warning("spotckpt: cannot fast-forward this Keras version's fit: epoch %d "
+                            "starts again from its first batch (not an exact resume)", epoch)
+                done = 0
+            if done:
+                _build_compiled_metrics(self.model, self._iterator)
                 try:
                     _assign(self.model.metrics_variables, r["metrics"], "metrics")
                 except ConfigError:
                     log.warning("spotckpt: metrics not restored; this epoch's logs cover the resumed batches only")
-                self._wrap_train_function()
-        self._epoch_start_step = (ckpt.step if ckpt is not None else 0) - self._skip_until
+                rng = r["rng"]
+                _start_epoch_at(self._iterator, done, lambda: _state.set_rng_state(rng))
+        self._epoch_start_step = (ckpt.step if ckpt is not None else 0) - done
         self._epoch_rng = _state.rng_state()
-
-    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
-        self._skipping = batch < self._skip_until
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         ckpt = self.checkpointer
-        if ckpt is None:
-            return
-        if self._skipping:
-            if batch + 1 >= self._skip_until:  # the last batch trained before the interruption
-                self._unwrap_train_function()
-                self._skip_until, self._skipping = 0, False
-                _state.set_rng_state(self._resume_rng)
-            return
-        if self.interrupted:
+        if ckpt is None or self.interrupted:
             return
         ckpt.step = self._epoch_start_step + batch + 1
+        n = self._iterator.num_batches if self._iterator is not None else self.params.get("steps")
+        if n and batch + 1 >= n:
+            # The epoch's last batch: save (periodically or on a notice) at on_epoch_end, after
+            # validation, as the start of the next epoch; a resume then replays nothing of
+            # this one, and one of a finished fit fetches nothing.
+            self._at_epoch_end = True
+            return
         self._state.position = {"epoch": self._epoch, "batch": batch + 1, "epoch_rng": self._epoch_rng}
         ckpt.boundary()
         if ckpt.interrupted:
@@ -216,14 +291,17 @@ class SpotCheckpoint:
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         ckpt = self.checkpointer
-        if ckpt is not None and ckpt.should_stop and not self.interrupted:
-            self._at_epoch_start(epoch + 1)
-            ckpt.boundary()  # a notice that came after the epoch's last batch
-            self.interrupted = ckpt.interrupted
+        if ckpt is None or self.interrupted or not (self._at_epoch_end or ckpt.should_stop):
+            return
+        # (a callback before this one may have stopped training: EarlyStopping's end of the job)
+        finished = epoch + 1 >= self.params.get("epochs", 0) or self.model.stop_training
+        self._at_epoch_start(epoch + 1, finished=finished and not ckpt.should_stop)
+        ckpt.boundary()  # the periodic save due at the last batch, or a notice since
+        if ckpt.interrupted:
+            self.interrupted = True
             self.model.stop_training = True
 
     def on_train_end(self, logs: Any = None) -> None:
-        self._unwrap_train_function()
         ckpt = self.checkpointer
         if ckpt is None:
             return
@@ -241,36 +319,12 @@ class SpotCheckpoint:
         rng = _state.rng_state()
         self._state.position = {"epoch": epoch, "batch": 0, "epoch_rng": rng, "finished": finished}
 
-    def _wrap_train_function(self) -> None:
-        """Make the model's train step a no-op for the batches trained before the interruption.
-
-        Those batches are still fetched, so the input pipeline's order stays that of an
-        uninterrupted run."""
-        model = self.model
-        original = self._train_function = model.train_function
-        backend = _keras().backend.backend()
-        steps = getattr(model, "steps_per_execution", 1) or 1
-
-        def train_function(*args: Any, **kwargs: Any) -> Any:
-            if not self._skipping:
-                return original(*args, **kwargs)
-            if backend == "jax":  # (state, data) -> (logs, state)
-                return {}, args[0]
-            if backend == "tensorflow":  # the step pulls its batches from the iterator
-                for _ in range(steps):
-                    next(args[0])
-            return model.get_metrics_result()  # the restored metrics, as a step returns them
-
-        model.train_function = train_function
-
-    def _unwrap_train_function(self) -> None:
-        if self._train_function is not None:
-            self.model.train_function, self._train_function = self._train_function, None
-
     def _close(self, *, raise_errors: bool) -> None:
         ckpt, self.checkpointer = self.checkpointer, None
-        self._resume = self._resume_rng = None
-        self._skip_until, self._skipping = 0, False
+        self._resume = None
+        if self._iterator is not None:  # a fast-forward never started (fit stopped first)
+            self._iterator.__dict__.pop("_enumerate_iterator", None)
+        self._iterator = None
         if ckpt is not None:
             try:
                 ckpt.close(raise_errors=raise_errors)
