@@ -236,7 +236,9 @@ class Supervisor(Finish):
         wall, mono = time.time_ns(), time.monotonic()
         writers = pt.writing_under(pt.tree(self.child.pid), self.local.root)
         w = self.syncer.watcher if self.syncer is not None else None
-        files = w.snapshot() if snapshot and w is not None else None  # after the writers scan
+        files = None
+        if snapshot and w is not None:  # after the writers scan; only files nobody writes
+            files = {k: v for k, v in w.snapshot().items() if k not in writers}
         rc = self.child.poll()
         if rc is None:
             self._writers = writers

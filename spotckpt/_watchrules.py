@@ -141,7 +141,12 @@ class WriterGate:
         was closed alive, however short before the signal (no mtime guess)."""
         with self._cv:
             self.alive_at, self.poll_wall_ns, self.writers = t_mono, wall_ns, frozenset(writers)
-            self.files = files
+            if files is not None:
+                # A later poll without a snapshot does not make this one wrong: a file closed
+                # (not open for writing) and unchanged since a snapshot was closed alive.
+                # Dropping it let a poll 10 ms after a forwarded SIGTERM (the watcher asks
+                # for one) hold back a save closed 15 ms before it.
+                self.files = files
             self._cv.notify_all()
 
     def ended_with(self, ok: bool) -> None:
