@@ -8,8 +8,10 @@ import os
 from types import ModuleType
 from typing import Any, Mapping
 
+from spotckpt import _exit
 from spotckpt._config import _UNSET
 from spotckpt._errors import missing
+from spotckpt._interrupt import EXIT_INTERRUPTED
 
 
 def require(module: str, package: str, extra: str) -> ModuleType:
@@ -40,6 +42,21 @@ def checkpointer_options(*, local_dir: str | os.PathLike[str] | None, remote: An
 
 
 UNSET: Any = _UNSET
+
+
+def interrupted_exit(ckpt: Any) -> SystemExit:
+    """What an adapter raises to end the process with 143 after its interruption save.
+
+    After a notice: a :class:`spotckpt._exit.Leaving`, armed with the notice's deadline. Not
+    caught, it ends the process once the ``atexit`` handlers ran (no interpreter teardown,
+    which CPU load stretches past the deadline), and a watchdog ends it 1 s before the
+    deadline in any case; caught (a test, a notebook), it is a plain ``SystemExit(143)``.
+    """
+    notice = getattr(ckpt, "notice", None)
+    if notice is None:
+        return SystemExit(EXIT_INTERRUPTED)
+    _exit.arm(notice.deadline, EXIT_INTERRUPTED, clock=ckpt.clock)
+    return _exit.Leaving(EXIT_INTERRUPTED)
 
 
 # -- arrays -------------------------------------------------------------------------------

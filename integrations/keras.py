@@ -46,11 +46,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 from spotckpt import Checkpointer
 from spotckpt import _state
-from spotckpt._checkpointer import EXIT_INTERRUPTED
 from spotckpt._errors import ConfigError
 from spotckpt._events import log
 
-from ._common import UNSET, checkpointer_options, pack_array, require, unpack_array
+from ._common import UNSET, checkpointer_options, interrupted_exit, pack_array, require, unpack_array
 
 __all__ = ["SpotCheckpoint"]
 
@@ -312,7 +311,7 @@ class SpotCheckpoint:
                 ckpt.save()  # the end of training (skipped if this step is already saved)
         self._close(raise_errors=True)
         if self.interrupted and self.exit_on_interrupt:
-            raise SystemExit(EXIT_INTERRUPTED)
+            raise interrupted_exit(ckpt)  # gone by the deadline, whatever the load
 
     # -- helpers -----------------------------------------------------------------------------
     def _at_epoch_start(self, epoch: int, *, finished: bool = False) -> None:

@@ -50,12 +50,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from spotckpt import Checkpointer
-from spotckpt._checkpointer import EXIT_INTERRUPTED
 from spotckpt._errors import ConfigError
 from spotckpt._events import log
 from spotckpt._layout import rank_dirname
 
-from ._common import UNSET, checkpointer_options, require
+from ._common import UNSET, checkpointer_options, interrupted_exit, require
 
 __all__ = ["SpotCheckpoint"]
 
@@ -234,7 +233,7 @@ class SpotCheckpoint:
                 self.interrupted = True
         self._close(raise_errors=True)
         if self.interrupted and self.exit_on_interrupt:
-            raise SystemExit(EXIT_INTERRUPTED)
+            raise interrupted_exit(ckpt)  # gone by the deadline, whatever the load
 
     # -- helpers -----------------------------------------------------------------------------
     def _mine(self, rel: str) -> bool:

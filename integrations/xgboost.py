@@ -41,11 +41,10 @@ import os
 from typing import Any, Mapping, Sequence
 
 from spotckpt import Checkpointer
-from spotckpt._checkpointer import EXIT_INTERRUPTED
 from spotckpt._errors import SpotckptError
 from spotckpt._events import log
 
-from ._common import UNSET, checkpointer_options, require
+from ._common import UNSET, checkpointer_options, interrupted_exit, require
 
 __all__ = ["SpotCheckpoint", "train"]
 
@@ -237,7 +236,7 @@ class SpotCheckpoint:
             ckpt.save()  # the end of training (skipped if this round is already saved)
         self.close()
         if self.interrupted and self.exit_on_interrupt:
-            raise SystemExit(EXIT_INTERRUPTED)
+            raise interrupted_exit(ckpt)  # gone by the deadline, whatever the load
         return model
 
 

@@ -1,10 +1,8 @@
 """The user API: :class:`Checkpointer`, a context manager around a training loop."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -18,16 +16,16 @@ from ._events import log
 from ._local import LocalDir
 from ._metadata import MetadataWatcher
 from ._notices import LifelineSource, Notice, NoticeBoard, SignalSource
-from ._planner import PLAN_ACTIONS, FlushPlanner, finish_uploads
+from ._planner import FlushPlanner
+from ._interrupt import EXIT_INTERRUPTED, FLUSH_MARGIN as _FLUSH_MARGIN, Interrupt
 from ._startup import Startup
 from ._syncer import Syncer
 from ._writer import BackgroundWriter
 
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what a container runtime reports for a SIGTERM exit
-_FLUSH_MARGIN = 1.5     # seconds kept back from the deadline for process exit (_exit.py)
+__all__ = ["Checkpointer", "EXIT_INTERRUPTED"]
 
 
-class Checkpointer(Startup):
+class Checkpointer(Startup, Interrupt):
     """Checkpoint a training loop locally and to a remote; resume it after an interruption.
 
     Args:
@@ -381,56 +379,6 @@ class Checkpointer(Startup):
     def last_error(self) -> BaseException | None:
         """The last upload error, if the remote is failing (uploads keep retrying)."""
         return self._syncer.last_error if self._syncer is not None else None
-
-    def _interrupt_save(self) -> None:
-        if self.interrupted:
-            return
-        if self.notice is None:  # another rank got the notice; the deadline is agreed below
-            self._board.post("peer-rank", self.config.grace_seconds)
-        notice = self.notice
-        assert notice is not None
-        self.interrupted = True
-        if self.exit_on_interrupt and threading.current_thread() is threading.main_thread():
-            # from here on the process is leaving: gone by the deadline, whatever the load
-            _exit.arm(notice.deadline, EXIT_INTERRUPTED, clock=self.clock)
-        t0 = self.clock()
-        left = notice.seconds_left(self.clock)
-        self.events.emit("notice", source=notice.source, step=self.step, seconds_left=round(left, 2))
-        assert self._writer is not None
-        self._writer.wait()  # a periodic save in flight counts as committed for the plan
-        saved = self._last_saved == self.step
-        undurable = self._syncer is not None and bool(self._syncer.busy_steps())
-        # plan with the time the flush may take: what is left now, less the exit's margin
-        plan = self._planner.decide(notice.seconds_left(self.clock) - _FLUSH_MARGIN, unsaved_work=not saved,
-                                    undurable_commit=undurable,
-                                    queued_s=self._planner.queued_seconds(self._syncer))
-        if self._dist is not None:  # every rank follows the most careful plan, earliest deadline
-            neg_left, code = self._dist.agree_max([-left, PLAN_ACTIONS.index(plan.action)],
-                                                  where="the interruption plan")
-            if -neg_left < left:
-                left = -neg_left
-                self._board.post_deadline(notice.source, self.clock() + left)
-                notice = self.notice
-                if _exit.armed():
-                    _exit.arm(notice.deadline, EXIT_INTERRUPTED, clock=self.clock)
-            plan = dataclasses.replace(plan, action=PLAN_ACTIONS[int(code)], seconds_left=left)
-        self.events.emit("plan", action=plan.action, estimate_s=plan.estimate,
-                         seconds_left=round(left, 2), reason=plan.reason)
-        log.warning("spotckpt: %s received at step %d, %.1f s left: %s", notice.source, self.step,
-                    left, plan.reason)
-        if plan.action == "save" and self.state is not None:  # (state=None: commit_dir did)
-            self.save(blocking=True)
-        ok = True
-        if self._syncer is not None:
-            budget = max(0.0, notice.seconds_left(self.clock) - _FLUSH_MARGIN)
-            ok = finish_uploads(self._syncer, plan.action, budget, self.config.remote,
-                                current=self.step if saved else None)
-        self.events.emit("flush", action=plan.action, step=self.step, durable=ok,
-                         durable_step=self.durable_step, estimate_s=plan.estimate,
-                         actual_s=round(self.clock() - t0, 3),
-                         seconds_left=round(notice.seconds_left(self.clock), 2))
-        if self._dist is not None:  # leave together, so no rank is killed mid-flush
-            self._dist.agree_max([0], where="exit after the interruption save")
 
     def _require_open(self) -> None:
         if not self._open:

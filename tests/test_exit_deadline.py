@@ -158,3 +158,32 @@ def test_caught_leaving_disarms() -> None:
     except SystemExit as e:
         assert e.code == 143
     assert not _exit.armed()
+
+
+def test_framework_callback_leaves_by_the_deadline(tmp_path: Path) -> None:
+    """The adapters end the process the same way (here XGBoost's, the lightest framework to
+    start): after the interruption save, a non-daemon thread still working is not waited
+    for, so the exit does not depend on what the framework or the script left running."""
+    p, took = _run(f"""
+        import os, signal, threading, time
+        import numpy as np, xgboost as xgb
+        from spotckpt.integrations.xgboost import SpotCheckpoint, train
+        threading.Thread(target=time.sleep, args=(60,)).start()   # non-daemon, 60 s of work
+        rng = np.random.default_rng(0)
+        X = rng.normal(size=(200, 4)); y = (X[:, 0] > 0).astype(float)
+
+        class Kill(xgb.callback.TrainingCallback):
+            def after_iteration(self, model, epoch, evals_log):
+                if epoch == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return False
+
+        train({{"objective": "binary:logistic", "nthread": 1}}, xgb.DMatrix(X, label=y), 50,
+              callbacks=[Kill(), SpotCheckpoint(every_n_rounds=100, local_dir={str(tmp_path / "ck")!r},
+                                                remote=None, grace_seconds=30)])
+        print("not reached", flush=True)
+    """, tmp_path)
+    assert p.returncode == 143, p.stderr
+    assert "not reached" not in p.stdout
+    assert took < 30, took   # (before: the 60 s thread was waited for)
+    assert LocalDir(tmp_path / "ck").committed(), "the interruption save was not committed"
