@@ -3,6 +3,13 @@
 By default the S3 server is moto's server in a subprocess on a free 127.0.0.1 port. Set
 ``SPOTCKPT_TEST_S3_ENDPOINT`` (plus ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``) to run
 the same tests against a real MinIO instead.
+
+The modules in ``RGW_MODULES`` also run their S3 tests against Ceph's RADOS Gateway
+(``tests/servers/rgw.py``, brought up once per session): ``remote_url`` gains an ``rgw``
+leg next to ``file`` and ``s3`` (moto), and a test taking ``s3_server`` directly runs as
+``[moto]`` and ``[rgw]``. If RGW cannot start, its leg is skipped with one ``[rgw]`` line in
+the summary, or fails when ``SPOTCKPT_REQUIRE_RGW=1`` (``make test`` as root sets it);
+``SPOTCKPT_TEST_RGW=0`` leaves the leg out (skipped, with the same line).
 """
 from __future__ import annotations
 
@@ -28,9 +35,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Test modules whose S3 tests run against both moto and RGW (see the module docstring).
+RGW_MODULES = {"test_store_contract", "test_commit_restore", "test_e2e_custom_loop", "test_corruption",
+               "test_hostile_remote", "test_chaos_crash", "test_fencing"}
+# read at import: the autouse _isolated_env removes SPOTCKPT_* variables inside tests
+RGW_REQUIRED = os.environ.get("SPOTCKPT_REQUIRE_RGW") == "1"
+RGW_ENABLED = os.environ.get("SPOTCKPT_TEST_RGW", "1") != "0"
+
+
 class S3Server:
-    def __init__(self, endpoint: str, key: str, secret: str, proc: subprocess.Popen | None) -> None:
+    def __init__(self, endpoint: str, key: str, secret: str, proc: subprocess.Popen | None,
+                 kind: str = "moto") -> None:
         self.endpoint, self.key, self.secret, self.proc = endpoint, key, secret, proc
+        self.kind = kind  # "moto", "rgw" or "external" (SPOTCKPT_TEST_S3_ENDPOINT)
 
     def env(self) -> dict[str, str]:
         """Variables a user would set to point spotckpt (and boto3) at this server."""
@@ -86,17 +103,82 @@ def start_moto() -> S3Server:
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
+def moto_server() -> Iterator[S3Server]:
     ep = os.environ.get("SPOTCKPT_TEST_S3_ENDPOINT")
     if ep:
         yield S3Server(ep, os.environ.get("AWS_ACCESS_KEY_ID", "minioadmin"),
-                       os.environ.get("AWS_SECRET_ACCESS_KEY", "minioadmin"), None)
+                       os.environ.get("AWS_SECRET_ACCESS_KEY", "minioadmin"), None, "external")
         return
     server = start_moto()
     try:
         yield server
     finally:
         server.stop()
+
+
+class _RGW:
+    """The session's RGW: brought up on first use, the outcome kept for the summary line."""
+    result: dict | None = None
+    error: str | None = None
+
+
+@pytest.fixture(scope="session")
+def rgw_server() -> Iterator[S3Server]:
+    sys.path.insert(0, str(REPO / "tests" / "servers"))
+    import rgw
+
+    if not RGW_ENABLED:
+        _RGW.error = "SPOTCKPT_TEST_RGW=0"
+    else:
+        try:
+            _RGW.result = rgw.up(lease=os.getpid())
+        except (rgw.RGWError, OSError, subprocess.SubprocessError) as e:
+            _RGW.error = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if _RGW.error is not None:
+        msg = f"RGW leg not run: {_RGW.error}"
+        if RGW_REQUIRED:
+            pytest.fail(msg + " (SPOTCKPT_REQUIRE_RGW=1)", pytrace=False)
+        pytest.skip(msg)
+    env = _RGW.result["env"]
+    try:
+        yield S3Server(env["AWS_ENDPOINT_URL_S3"], env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
+                       None, "rgw")
+    finally:
+        rgw.release(os.getpid())
+
+
+@pytest.fixture
+def s3_backend(request: pytest.FixtureRequest) -> str:
+    """``moto`` (default) or ``rgw``: which server ``s3_server`` is, for this test."""
+    if hasattr(request, "param"):
+        return request.param
+    callspec = getattr(request.node, "callspec", None)
+    return "rgw" if callspec is not None and callspec.params.get("remote_url") == "rgw" else "moto"
+
+
+@pytest.fixture
+def s3_server(s3_backend: str, request: pytest.FixtureRequest) -> S3Server:
+    return request.getfixturevalue("rgw_server" if s3_backend == "rgw" else "moto_server")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    both = metafunc.module.__name__.rpartition(".")[2] in RGW_MODULES
+    if "remote_url" in metafunc.fixturenames:
+        metafunc.parametrize("remote_url", ["file", "s3", "rgw"] if both else ["file", "s3"], indirect=True)
+    elif both and "s3_server" in metafunc.fixturenames:
+        metafunc.parametrize("s3_backend", ["moto", "rgw"], indirect=True)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line on the RGW leg, whenever a test asked for it."""
+    if _RGW.result is not None:
+        r = _RGW.result
+        how = f"up in {r['up_s']:.1f} s" if r["started"] else f"reused a running instance ({r['up_s']:.1f} s)"
+        inst = f" (packages installed in {r['install_s']:.0f} s)" if r["install_s"] is not None else ""
+        terminalreporter.write_line(f"[rgw] {how}{inst}: {r['env']['AWS_ENDPOINT_URL_S3']}")
+    elif _RGW.error is not None:
+        terminalreporter.write_line(f"[rgw] RGW LEG NOT RUN ({'failed' if RGW_REQUIRED else 'skipped'}): "
+                                    f"{_RGW.error}", red=True, bold=True)
 
 
 @pytest.fixture
@@ -116,9 +198,10 @@ def s3_remote(s3_server: S3Server, s3_env: dict[str, str]) -> str:
     return f"s3://{s3_server.new_bucket()}/run/"
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture
 def remote_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The same test on both backends (one behaviour contract)."""
+    """The same test on both backends (one behaviour contract): ``file``, ``s3`` (moto) and,
+    in ``RGW_MODULES``, ``rgw`` (parametrized by pytest_generate_tests)."""
     if request.param == "file":
         return f"file://{tmp_path / 'remote'}/"
     return request.getfixturevalue("s3_remote")
