@@ -210,7 +210,7 @@ def remote_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for k in list(os.environ):
-        if k.startswith("SPOTCKPT_") and k != "SPOTCKPT_TEST_S3_ENDPOINT":
+        if k.startswith("SPOTCKPT_") and k != "SPOTCKPT_TEST_S3_ENDPOINT" and not k.startswith("SPOTCKPT_RGW_"):
             monkeypatch.delenv(k)
 
 

@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -82,6 +83,7 @@ fsid = {fsid}
 mon_host = [v2:127.0.0.1:{p + 1}]
 mon_initial_members = a
 public_addr = 127.0.0.1
+cluster_addr = 127.0.0.1
 ms_bind_msgr1 = false
 ms_bind_port_min = {p + 2}
 ms_bind_port_max = {p + 30}
@@ -181,9 +183,18 @@ def _http_ok() -> bool:
         return False
 
 
-def healthy(d: Path | None = None) -> bool:
+def healthy(d: Path | None = None, patience: float = 0.0) -> bool:
+    """All three daemons of ``d`` alive and the S3 port answering (within ``patience`` s: under
+    load a running instance that another tenant uses must not be mistaken for a dead one)."""
     d = d or run_dir()
-    return (all(_pid(d, n) for n in DAEMONS) and (d / "env").exists() and _http_ok())
+    if not (all(_pid(d, n) for n in DAEMONS) and (d / "env").exists()):
+        return False
+    deadline = time.monotonic() + patience
+    while not _http_ok():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)  # polling a port: no readiness event to wait on
+    return True
 
 
 def _wait(what: str, check, deadline: float, d: Path) -> None:
@@ -230,6 +241,14 @@ def _start(d: Path) -> None:
         shutil.rmtree(d)
     for sub in ("run", "log", "mon", "osd", "rgw", "leases"):
         (d / sub).mkdir(parents=True)
+    for port in (base_port(), base_port() + 1):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ceph binds (TIME_WAIT is fine)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                raise RGWError(f"port {port} on 127.0.0.1 is taken by another process "
+                               f"(choose another base with SPOTCKPT_RGW_PORT)") from None
     fsid = str(uuid.uuid4())
     conf = d / "ceph.conf"
     conf.write_text(_conf(d, fsid))
@@ -289,10 +308,10 @@ def up(lease: int | None = None) -> dict:
     until :func:`down`.
     """
     d = run_dir()
-    install_s = install()
-    t0 = time.monotonic()
     with _locked(d):
-        started = not healthy(d)
+        install_s = install()
+        t0 = time.monotonic()
+        started = not healthy(d, patience=30.0)
         if started:
             _stop(d)  # a stale run dir from a killed run: its daemons (if any), then its data
             try:
