@@ -19,8 +19,12 @@ $(STAMP): $(VENV)/bin/python pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# The RGW leg (tests/servers/rgw.py): as root (CI) it must run, so a failed bring-up fails
+# the suite instead of skipping it; elsewhere it is skipped with one [rgw] line.
+REQUIRE_RGW ?= $(if $(filter 0,$(shell id -u)),1,0)
+
 test: $(STAMP)
-	KERAS_BACKEND=torch $(VPY) -m pytest -q $(PYTEST_ARGS)
+	SPOTCKPT_REQUIRE_RGW=$(REQUIRE_RGW) KERAS_BACKEND=torch $(VPY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VPY) examples/demo.py

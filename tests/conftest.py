@@ -136,7 +136,7 @@ def rgw_server() -> Iterator[S3Server]:
             _RGW.error = str(e).splitlines()[0] if str(e) else type(e).__name__
     if _RGW.error is not None:
         msg = f"RGW leg not run: {_RGW.error}"
-        if RGW_REQUIRED:
+        if RGW_REQUIRED and RGW_ENABLED:  # SPOTCKPT_TEST_RGW=0 is a choice, not a failure
             pytest.fail(msg + " (SPOTCKPT_REQUIRE_RGW=1)", pytrace=False)
         pytest.skip(msg)
     env = _RGW.result["env"]
@@ -147,16 +147,14 @@ def rgw_server() -> Iterator[S3Server]:
         rgw.release(os.getpid())
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def s3_backend(request: pytest.FixtureRequest) -> str:
-    """``moto`` (default) or ``rgw``: which server ``s3_server`` is, for this test."""
-    if hasattr(request, "param"):
-        return request.param
-    callspec = getattr(request.node, "callspec", None)
-    return "rgw" if callspec is not None and callspec.params.get("remote_url") == "rgw" else "moto"
+    """``moto`` (default) or ``rgw``: which server ``s3_server`` is (module scope, so that
+    module-scoped fixtures may take ``s3_server`` as they did when it was moto's alone)."""
+    return getattr(request, "param", "moto")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def s3_server(s3_backend: str, request: pytest.FixtureRequest) -> S3Server:
     return request.getfixturevalue("rgw_server" if s3_backend == "rgw" else "moto_server")
 
@@ -166,7 +164,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "remote_url" in metafunc.fixturenames:
         metafunc.parametrize("remote_url", ["file", "s3", "rgw"] if both else ["file", "s3"], indirect=True)
     elif both and "s3_server" in metafunc.fixturenames:
-        metafunc.parametrize("s3_backend", ["moto", "rgw"], indirect=True)
+        metafunc.parametrize("s3_backend", ["moto", "rgw"], indirect=True, scope="module")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -177,19 +175,24 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         inst = f" (packages installed in {r['install_s']:.0f} s)" if r["install_s"] is not None else ""
         terminalreporter.write_line(f"[rgw] {how}{inst}: {r['env']['AWS_ENDPOINT_URL_S3']}")
     elif _RGW.error is not None:
-        terminalreporter.write_line(f"[rgw] RGW LEG NOT RUN ({'failed' if RGW_REQUIRED else 'skipped'}): "
+        terminalreporter.write_line(f"[rgw] RGW LEG NOT RUN ({'failed' if RGW_REQUIRED and RGW_ENABLED else 'skipped'}): "
                                     f"{_RGW.error}", red=True, bold=True)
 
 
-@pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Point this process (and subprocesses given os.environ) at the S3 test server."""
-    env = s3_server.env()
+def point_at(server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point this process (and subprocesses given os.environ) at ``server``."""
+    env = server.env()
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     return env
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point this process (and subprocesses given os.environ) at the S3 test server."""
+    return point_at(s3_server, monkeypatch)
 
 
 @pytest.fixture
@@ -204,6 +207,10 @@ def remote_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     in ``RGW_MODULES``, ``rgw`` (parametrized by pytest_generate_tests)."""
     if request.param == "file":
         return f"file://{tmp_path / 'remote'}/"
+    if request.param == "rgw":
+        server = request.getfixturevalue("rgw_server")
+        point_at(server, request.getfixturevalue("monkeypatch"))
+        return f"s3://{server.new_bucket()}/run/"
     return request.getfixturevalue("s3_remote")
 
 
