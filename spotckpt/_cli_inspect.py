@@ -248,7 +248,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # -- verify --------------------------------------------------------------------------------
 def _verify_remote(store: RemoteStore, step: int, m: Manifest, quick: bool) -> str | None:
-    d = step_dirname(step)
+    from ._fence import generation_of, payload_dir
+
+    d = payload_dir(step, generation_of(m))
     listing = {k: v for k, v in store.find().items() if k.startswith(d + "/")} if quick else None
     for e in m.files:
         rel = f"{d}/{e.path}"
