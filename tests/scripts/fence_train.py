@@ -3,7 +3,7 @@
     python fence_train.py --tag Z --total 40 [--sleep 0.01] [--pause-at K --pause-file F]
 
 Settings come from the ``SPOTCKPT_*`` variables (local dir, remote, keep_last). The state
-holds the tag of the instance that trained the last step and a 64 KiB ballast that depends
+holds the tag of the instance that trained the last step and a 16 KiB ballast that depends
 on it, so two instances never write equal bytes for one step. Prints ``generation G`` once
 open (``None`` where there are no generations), ``resumed S``, ``done S`` after each step,
 and at the end ``final <who> <digest>``: what a fresh restore must find if this instance
@@ -41,7 +41,7 @@ def main() -> None:
         for step in ckpt.steps(total=args.total):
             state["who"] = args.tag
             state["w"] = state["w"] * 31 + step + ord(args.tag[0])
-            state["blob"] = random.Random(f"{args.tag}-{step}").randbytes(64 << 10)
+            state["blob"] = random.Random(f"{args.tag}-{step}").randbytes(16 << 10)
             print(f"done {step}", flush=True)
             if step == args.pause_at and args.pause_file:
                 while not os.path.exists(args.pause_file):
