@@ -308,14 +308,15 @@ class Syncer:
         steps = sorted(s for s, rels in by_step.items() if f"{step_dirname(s)}/{MANIFEST}" in rels)
         keep = set(steps[-self.keep_last:]) | {newest}
         old = [s for s in steps if s not in keep and s < newest]
-        rm = self.store.rm_many if self.fence is None else self.fence.rm_many  # never a newer generation's
-        rm([f"{step_dirname(s)}/{MANIFEST}" for s in old])
-        for s in old:
-            self.events.emit("remote_deleted", step=s)
         doomed = {s: rels for s, rels in by_step.items() if s < newest and s not in keep
                   and f"{step_dirname(s)}/{MANIFEST}.quarantined" not in rels}
-        rm([rel for s, rels in doomed.items() for rel in rels
-            if not (s in old and rel.endswith(f"/{MANIFEST}"))])
+        if self.fence is not None and (old or doomed):
+            self.fence.check("retention's deletes")  # never a newer generation's checkpoints
+        self.store.rm_many([f"{step_dirname(s)}/{MANIFEST}" for s in old])
+        for s in old:
+            self.events.emit("remote_deleted", step=s)
+        self.store.rm_many([rel for s, rels in doomed.items() for rel in rels
+                            if not (s in old and rel.endswith(f"/{MANIFEST}"))])
         for s in sorted(set(doomed) - set(old)):
             self.events.emit("remote_orphan_deleted", step=s)
 
