@@ -9,7 +9,7 @@ open (``None`` where there are no generations), ``resumed S``, ``done S`` after 
 and at the end ``final <who> <digest>``: what a fresh restore must find if this instance
 held the newest generation.
 --pause-at K --pause-file F: after step K, wait until F exists (the test starts the
-replacement meanwhile).
+replacement meanwhile). --start-file F: wait for F before opening the Checkpointer.
 """
 from __future__ import annotations
 
@@ -33,7 +33,11 @@ def main() -> None:
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--pause-at", type=int, default=-1)
     ap.add_argument("--pause-file", default=None)
+    ap.add_argument("--start-file", default=None)
     args = ap.parse_args()
+    print("ready", flush=True)
+    while args.start_file and not os.path.exists(args.start_file):
+        time.sleep(0.005)  # imports done: the test picks the moment this instance starts
     state = {"who": "", "w": 0, "blob": b""}
     with spotckpt.Checkpointer(state, every_steps=1) as ckpt:
         print(f"generation {getattr(ckpt, 'generation', None)}", flush=True)
