@@ -360,14 +360,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from ._fence import claim
     cfg, local, store = _setup(args, need_remote=True, need_local=True)
     assert store is not None
     local.lock("supervisor")
     t0 = time.monotonic()
     try:
         events = EventLog(local.meta / "events.jsonl")
-        syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events,
-                        mirror=getattr(args, "name", None) is None)  # a named lineage has no files
+        syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events,  # a new generation:
+                        mirror=getattr(args, "name", None) is None, fence=claim(store))  # (no files: named)
         steps = local.committed()
         remote_steps = set(store.committed())
         lf, rf = local_freeform(local.root), remote_freeform(store)

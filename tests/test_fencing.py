@@ -345,3 +345,22 @@ def test_zombie_supervisor_never_overwrites_a_newer_file_set(remote_url: str, tm
     assert RemoteStore(remote_url).cat(entry.key) == b"R 4"  # the old code: the zombie's version
     lines = [line for line in z.err if STALE_LINE.search(line)]
     assert rc == EXIT_STALE and len(lines) == 1, (rc, z.stderr[-3000:])
+
+
+def test_a_server_that_ignores_if_none_match_gets_one_warning(s3_remote: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A server that accepts the claim's second conditional create does not enforce
+    conditional writes. Simulated on the real server by sending the PUTs without the
+    header (what such a server sees is what it ignores)."""
+    from spotckpt._fence import claim
+
+    store = RemoteStore(s3_remote)
+
+    def drop(params: dict, **kw: object) -> None:
+        params.pop("IfNoneMatch", None)
+    store.fast.client.meta.events.register("provide-client-params.s3.PutObject", drop)
+    with caplog.at_level(logging.WARNING, logger="spotckpt"):
+        fence = claim(store)
+    lines = [r.getMessage() for r in caplog.records if "If-None-Match" in r.getMessage()]
+    assert len(lines) == 1 and not fence.enforced, lines
+    assert claim(RemoteStore(s3_remote)).enforced  # the real server does enforce it
