@@ -54,11 +54,14 @@ class SingleLayout:
         """Called once this process's files and marker are durable."""
 
     def marker_is_ours(self, store: RemoteStore, step: int, manifest: Manifest) -> bool:
-        """Whether the marker found at ``step`` stands for these very files (in this
-        generation: another instance of the job may have committed that step)."""
+        """Whether the marker found at ``step`` stands for these very files (sizes and
+        checksums: another instance of the job may have committed that step with others; the
+        same files committed by an earlier generation, e.g. the checkpoint a start restored,
+        are durable as they are)."""
         try:
             old = Manifest.from_json(store.cat(self.marker_key(step)), expect_step=step)
-            return generation_of(old) == self.generation and sorted(old.files) == sorted(manifest.files)
+            generation_of(old)  # (a bad one is replaced)
+            return sorted(old.files) == sorted(manifest.files)
         except (CorruptCheckpointError, FileNotFoundError):
             return False
 
