@@ -116,10 +116,7 @@ class Checkpointer(Startup, Interrupt):
             return
         # Leaving by SystemExit(143): further notice signals must not change that (SignalSource.restore)
         self._leaving = self.interrupted and self.exit_on_interrupt
-        try:
-            self.close()
-        except StaleGenerationError as e:
-            self._leave_stale(e)
+        self._close_or_leave()  # (exit 3 if a newer instance of the job took over)
         if self.interrupted and self.exit_on_interrupt:
             # uncaught: os._exit at once, not after a teardown that load stretches (_exit.py)
             raise _exit.Leaving(EXIT_INTERRUPTED) if _exit.armed() else SystemExit(EXIT_INTERRUPTED)

@@ -32,6 +32,13 @@ class Interrupt:
         if stale is not None:
             raise StaleGenerationError(str(stale)) from None
 
+    def _close_or_leave(self) -> None:
+        """``close()``, leaving by :meth:`_leave_stale` if a newer generation took over."""
+        try:
+            self.close()
+        except StaleGenerationError as e:
+            self._leave_stale(e)
+
     def _leave_stale(self, e: BaseException) -> None:
         """Close without uploading anything more, then leave: one line on stderr and exit
         status ``EXIT_STALE`` (3), or re-raise ``e`` with ``exit_on_interrupt=False``."""
