@@ -81,7 +81,7 @@ class RankLayout(SingleLayout):
         self.owns_retention = rank == 0
 
     def payload_key(self, step: int, rel: str) -> str:
-        return f"{step_dirname(step)}/{rank_dirname(self.rank)}/{rel}"
+        return f"{payload_dir(step, self.generation)}/{rank_dirname(self.rank)}/{rel}"
 
     def marker_key(self, step: int) -> str:
         return f"{payload_dir(step, self.generation)}/{rank_dirname(self.rank)}/{PART}"
