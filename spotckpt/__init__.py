@@ -13,11 +13,12 @@ __version__ = "0.1.0"
 from ._checkpointer import Checkpointer
 from ._errors import (CheckpointLockedError, ConfigError, CorruptCheckpointError,
                       LocalDirError, MissingDependencyError, NoCheckpointError, RemoteError,
-                      SpotckptError, UnsupportedStateError, WorldSizeError)
+                      SpotckptError, StaleGenerationError, UnsupportedStateError, WorldSizeError)
 from ._notices import Notice
 
 __all__ = [
     "Checkpointer", "Notice", "SpotckptError", "ConfigError", "LocalDirError", "RemoteError",
     "NoCheckpointError", "CorruptCheckpointError", "CheckpointLockedError",
-    "MissingDependencyError", "UnsupportedStateError", "WorldSizeError", "__version__",
+    "MissingDependencyError", "UnsupportedStateError", "WorldSizeError", "StaleGenerationError",
+    "__version__",
 ]

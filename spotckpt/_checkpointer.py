@@ -11,7 +11,7 @@ from . import _dircommit, _distributed, _exit, _lineage, _state
 from ._batches import KEY as _BATCHES_KEY, Batches, Registry
 from ._config import _UNSET, Config
 from ._engine import Engine
-from ._errors import RemoteError
+from ._errors import RemoteError, StaleGenerationError
 from ._events import log
 from ._local import LocalDir
 from ._metadata import MetadataWatcher
@@ -81,6 +81,7 @@ class Checkpointer(Startup, Interrupt):
         self.step = 0
         self.restored_step: int | None = None
         self.restored_path: Path | None = None  # the restored directory (state=None)
+        self.generation: int | None = None  # of this job on the remote (_fence.py)
         self.interrupted = False
         self.config: Config | None = None
         self._board = NoticeBoard(clock)
@@ -107,17 +108,17 @@ class Checkpointer(Startup, Interrupt):
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if isinstance(exc, StaleGenerationError):  # a newer instance of the job took over: leave with 3
+            self._leave_stale(exc)
         if exc_type is not None and not issubclass(exc_type, (GeneratorExit, StopIteration)):
             # The loop failed: keep what is committed, flush briefly, and let the error out.
             self.close(timeout=min(self.config.grace_seconds if self.config else 30.0, 30.0), raise_errors=False)
             return
-        # Leaving by SystemExit(143): further notice signals must not change that (see
-        # SignalSource.restore).
+        # Leaving by SystemExit(143): further notice signals must not change that (SignalSource.restore)
         self._leaving = self.interrupted and self.exit_on_interrupt
-        self.close()
+        self._close_or_leave()  # (exit 3 if a newer instance of the job took over)
         if self.interrupted and self.exit_on_interrupt:
-            # uncaught, it ends the process at once (os._exit) instead of after the
-            # interpreter's teardown, which CPU load stretches past the deadline (_exit.py)
+            # uncaught: os._exit at once, not after a teardown that load stretches (_exit.py)
             raise _exit.Leaving(EXIT_INTERRUPTED) if _exit.armed() else SystemExit(EXIT_INTERRUPTED)
 
     def close(self, timeout: float | None = None, *, raise_errors: bool = True) -> None:
@@ -145,8 +146,7 @@ class Checkpointer(Startup, Interrupt):
                     problem = self._syncer.last_error or RemoteError(
                         f"spotckpt: uploads to {self.config.remote} did not finish within {timeout:.0f} s")
                     if self.interrupted:
-                        # The process must exit (143) by the deadline; what is durable was
-                        # logged by the interruption flush.
+                        # exit (143) by the deadline; the interruption flush logged what is durable
                         log.warning("spotckpt: uploads still running are abandoned (durable step: %s)",
                                     self.durable_step)
                     else:
@@ -155,6 +155,8 @@ class Checkpointer(Startup, Interrupt):
             err = e
         finally:
             self._teardown()
+        if self._syncer is not None and self._syncer.stale is not None:
+            err = StaleGenerationError(str(self._syncer.stale))  # whatever else went wrong
         if err is not None and raise_errors:
             raise err
 
@@ -233,6 +235,7 @@ class Checkpointer(Startup, Interrupt):
         """Call after each completed step if you drive the loop yourself (``self.step``
         already advanced): handles notices and periodic saves."""
         self.step = _lineage.check_step(self.step, self._last_saved)
+        self._check_stale()
         stop, due, advisories = self._flags()
         if stop:
             self._interrupt_save()
@@ -302,6 +305,7 @@ class Checkpointer(Startup, Interrupt):
             raise RuntimeError("spotckpt: this Checkpointer commits directories (state=None): use commit_dir()")
         assert self._writer is not None and self._engine is not None
         step = self.step = _lineage.check_step(self.step, self._last_saved)  # before any work
+        self._check_stale()
         self._writer.wait()  # at most one snapshot in memory
         if self._last_saved == step and (self._local.is_committed(step) or step == self.restored_step):
             return  # (a step resharded from another world size is committed on the remote only)

@@ -248,7 +248,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # -- verify --------------------------------------------------------------------------------
 def _verify_remote(store: RemoteStore, step: int, m: Manifest, quick: bool) -> str | None:
-    d = step_dirname(step)
+    from ._fence import generation_of, payload_dir
+
+    d = payload_dir(step, generation_of(m))
     listing = {k: v for k, v in store.find().items() if k.startswith(d + "/")} if quick else None
     for e in m.files:
         rel = f"{d}/{e.path}"
@@ -358,14 +360,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from ._fence import claim
     cfg, local, store = _setup(args, need_remote=True, need_local=True)
     assert store is not None
     local.lock("supervisor")
     t0 = time.monotonic()
     try:
         events = EventLog(local.meta / "events.jsonl")
-        syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events,
-                        mirror=getattr(args, "name", None) is None)  # a named lineage has no files
+        syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events,  # a new generation:
+                        mirror=getattr(args, "name", None) is None, fence=claim(store))  # (no files: named)
         steps = local.committed()
         remote_steps = set(store.committed())
         lf, rf = local_freeform(local.root), remote_freeform(store)

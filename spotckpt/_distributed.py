@@ -186,7 +186,10 @@ def restore(d: Dist, local: Any, store: Any, state: dict[str, Any] | None, *,
     from ._engine import fetch_all, restore_part
     from ._store import redact
 
-    candidates = d.broadcast(store.committed() if d.rank == 0 else None, where="restore")
+    from ._fence import order  # newest generation first, then newest step
+
+    candidates = d.broadcast(order(store, store.committed(), store.read_manifest)[::-1] if d.rank == 0 else None,
+                             where="restore")
     for step in reversed(candidates):
         combined = d.broadcast(_read(store, step) if d.rank == 0 else None, where=f"restore of step {step}")
         if combined is None:

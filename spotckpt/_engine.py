@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 
 from ._errors import ConfigError, CorruptCheckpointError, LocalDirError, SpotckptError
 from ._events import EventLog, log
+from ._fence import generation_of, order, payload_dir
 from ._local import LocalDir, owned_step_dir
 from ._manifest import (MANIFEST, FileEntry, Manifest, build_manifest, check_relpath, step_dirname,
                         verify_dir)
@@ -41,6 +42,7 @@ class Engine:
         self.retention_after_upload = False
         self.events = events or EventLog(None)
         self.rank, self.world_size = rank, world_size
+        self.generation = 0  # this job's generation on the remote, recorded in manifests
         self._retention_lock = threading.Lock()
 
     def commit(self, step: int, write: Callable[[Path, Callable[[str, int], None]], Iterable[FileEntry]], *,
@@ -72,6 +74,8 @@ class Engine:
                     up.finish(sizes[name])  # a different size than ready() said aborts it
                 else:
                     up.abort()
+            if self.generation:
+                extra = {**(extra or {}), "generation": self.generation}
             manifest = build_manifest(step, entries, framework=framework, serializer=serializer,
                                       rank=self.rank, world_size=self.world_size, extra=extra)
             if ups and set(ups) == set(sizes) and self.syncer is not None:
@@ -183,7 +187,7 @@ def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest
             f"local_dir '{local.root}' has {free} free; free space or use a bigger local_dir")
     tmp = local.begin(step)
     base = tmp.resolve()
-    d = step_dirname(step) if prefix is None else prefix
+    d = payload_dir(step, generation_of(manifest)) if prefix is None else prefix
     try:
         for e in manifest.files:
             target = (tmp / check_relpath(e.path)).resolve()
@@ -225,7 +229,33 @@ def restore_newest(local: LocalDir, store: RemoteStore | None, *, events: EventL
     events = events or EventLog(None)
     local_steps = set(local.committed())
     remote_steps = set(store.committed()) if store is not None else set()
-    for step in sorted(local_steps | remote_steps, reverse=True):
+    # Newest generation first, then newest step: a stale instance's late commit never wins
+    # over the newest one's (_fence.py). Remote manifests are read once here.
+    read: dict[int, Manifest] = {}
+    gens: dict[int, float] = {}  # remote step -> generation (inf: unreadable, tried first)
+
+    def manifest_of(s: int) -> Manifest:
+        if s not in read:
+            gens[s] = float("inf")
+            read[s] = store.read_manifest(s) if s in remote_steps else local.read_manifest(s)
+            gens[s] = generation_of(read[s])
+        return read[s]
+    ranked = order(store, remote_steps, manifest_of) if store is not None else []
+    top = max((g for g in gens.values() if g != float("inf")), default=0)
+
+    def local_gen(s: int) -> float:  # a local-only checkpoint: its own record, else the newest
+        try:
+            return generation_of(manifest_of(s)) or top
+        except (CorruptCheckpointError, OSError):
+            return float("inf")
+    gens = {s: g for s, g in gens.items() if s in remote_steps}
+    if gens:  # generations were read: they order the steps that order() looked at
+        keyed = [((gens[s], s), s) for s in ranked if s in gens]
+        keyed += [((local_gen(s), s), s) for s in local_steps - remote_steps]
+        candidates = [s for _, s in sorted(keyed, reverse=True)] + [s for s in ranked if s not in gens]
+    else:
+        candidates = sorted(local_steps | remote_steps, reverse=True)
+    for step in candidates:
         if step in local_steps:
             try:
                 m = local.read_manifest(step)
@@ -239,7 +269,7 @@ def restore_newest(local: LocalDir, store: RemoteStore | None, *, events: EventL
         if store is not None and step in remote_steps:
             tmp: Path | None = None
             try:
-                m = store.read_manifest(step)
+                m = read.pop(step, None) or store.read_manifest(step)
                 if accept is not None:
                     accept(m)
                 tmp = _download(store, local, step, m)
@@ -308,7 +338,8 @@ def restore_part(local: LocalDir, store: RemoteStore, step: int, rank: int, worl
         except CorruptCheckpointError as e:
             events.emit("quarantine", step=step, where="local", error=str(e))
         local.quarantine(step)
-    tmp = _download(store, local, step, want, prefix=f"{step_dirname(step)}/{rank_dirname(rank)}")
+    tmp = _download(store, local, step, want,
+                    prefix=f"{payload_dir(step, generation_of(combined))}/{rank_dirname(rank)}")
     try:
         verify_dir(tmp, want)
     except BaseException:

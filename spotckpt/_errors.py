@@ -46,6 +46,12 @@ class CheckpointLockedError(SpotckptError, BlockingIOError):
     of this process writes the same remote lineage (remote and ``name``)."""
 
 
+class StaleGenerationError(SpotckptError, RuntimeError):
+    """A newer start of this job (a replacement, a second launch) claimed a newer generation
+    on the remote: this instance stops before it overwrites or deletes anything of it. As a
+    process it exits with status 3 (``spotckpt._fence.EXIT_STALE``)."""
+
+
 class MissingDependencyError(SpotckptError, ImportError):
     """An optional dependency is not installed; the message names the extra."""
 

@@ -92,11 +92,14 @@ class FileSet:
     seq: int
     entries: dict[str, Entry]
     created: float = 0.0
+    generation: int = 0  # of the job that wrote it (_fence.py); 0: before generations
 
     def to_json(self) -> bytes:
-        return json.dumps({"format": FORMAT, "seq": self.seq, "created": self.created or time.time(),
-                           "entries": [e.to_dict() for _, e in sorted(self.entries.items())]},
-                          indent=1).encode()
+        d = {"format": FORMAT, "seq": self.seq, "created": self.created or time.time(),
+             "entries": [e.to_dict() for _, e in sorted(self.entries.items())]}
+        if self.generation:
+            d["generation"] = self.generation
+        return json.dumps(d, indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes, *, expect_seq: int | None = None) -> FileSet:
@@ -114,11 +117,29 @@ class FileSet:
                 if e.path in entries:
                     raise ValueError(f"{e.path!r} listed twice")
                 entries[e.path] = e
-            return cls(seq=seq, entries=entries, created=float(d.get("created", 0.0)))
+            gen = d.get("generation", 0)
+            if type(gen) is not int or not 0 <= gen < 10**12:
+                raise ValueError(f"bad generation {gen!r}")
+            return cls(seq=seq, entries=entries, created=float(d.get("created", 0.0)), generation=gen)
         except CorruptCheckpointError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
             raise CorruptCheckpointError(f"spotckpt: invalid file set: {type(e).__name__}: {e}"[:300]) from e
+
+
+def write_set(store: RemoteStore, fence: Any, seq: int, entries: dict[str, Entry]) -> FileSet:
+    """Commit ``entries`` as file set ``seq`` (with a ``fence``, :class:`._fence.Fence`: as
+    this generation, proven the newest, at the next free number above an older one's set)."""
+    gen = fence.generation if fence is not None else 0
+    created = time.time()
+
+    def make(n: int) -> bytes:
+        return FileSet(seq=n, entries=entries, created=created, generation=gen).to_json()
+    if fence is None:
+        store.put_data(set_key(seq), make(seq))
+    else:
+        seq = fence.commit_set(seq, make, lambda data: FileSet.from_json(data).generation, set_key)
+    return FileSet(seq=seq, entries=entries, created=created, generation=gen)
 
 
 def list_files_prefix(store: RemoteStore) -> tuple[dict[int, str], set[str]]:
@@ -172,7 +193,7 @@ def foreign(keys: Iterable[str]) -> list[str]:
     out = []
     for k in keys:
         first, sep, _ = k.partition("/")
-        if sep and (first == FILES or parse_step_dirname(first) is not None):
+        if sep and (first in (FILES, "gen") or parse_step_dirname(first) is not None):
             continue
         if first.startswith(".spotckpt-probe-"):
             continue

@@ -9,10 +9,13 @@ User-API layer: a mixin of :class:`~spotckpt._checkpointer.Checkpointer` (whose
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 
 from . import _exit
+from ._errors import StaleGenerationError
 from ._events import log
+from ._fence import EXIT_STALE
 from ._planner import PLAN_ACTIONS, finish_uploads
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what a container runtime reports for a SIGTERM exit
@@ -20,7 +23,31 @@ FLUSH_MARGIN = 1.5      # seconds kept back from the deadline for process exit (
 
 
 class Interrupt:
-    """``_interrupt_save()`` for the Checkpointer."""
+    """``_interrupt_save()`` for the Checkpointer, and leaving when a newer instance of the
+    job took over the remote (:mod:`._fence`)."""
+
+    def _check_stale(self) -> None:
+        """Raises :class:`StaleGenerationError` once the Syncer met a newer generation."""
+        stale = self._syncer.stale if self._syncer is not None else None
+        if stale is not None:
+            raise StaleGenerationError(str(stale)) from None
+
+    def _close_or_leave(self) -> None:
+        """``close()``, leaving by :meth:`_leave_stale` if a newer generation took over."""
+        try:
+            self.close()
+        except StaleGenerationError as e:
+            self._leave_stale(e)
+
+    def _leave_stale(self, e: BaseException) -> None:
+        """Close without uploading anything more, then leave: one line on stderr and exit
+        status ``EXIT_STALE`` (3), or re-raise ``e`` with ``exit_on_interrupt=False``."""
+        self.close(timeout=0.0, raise_errors=False)
+        if not self.exit_on_interrupt:
+            raise e
+        sys.stderr.write(f"spotckpt.StaleGenerationError: {e}\n")
+        sys.stderr.flush()
+        raise (_exit.Leaving(EXIT_STALE) if _exit.armed() else SystemExit(EXIT_STALE)) from None
 
     def _interrupt_save(self) -> None:
         if self.interrupted:

@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 from ._errors import CorruptCheckpointError, RemoteError
+from ._fence import Fence, generation_of, payload_dir, with_generation
 from ._manifest import MANIFEST, FileEntry, Manifest, step_dirname
 from ._store import RemoteStore
 
@@ -29,19 +30,40 @@ class SingleLayout:
 
     rank, world_size = 0, 1
     owns_retention = True
+    # This instance's generation of the lineage (_fence.py); 0 and None: unfenced.
+    generation = 0
+    fence: Fence | None = None
 
     def payload_key(self, step: int, rel: str) -> str:
-        return f"{step_dirname(step)}/{rel}"
+        return f"{payload_dir(step, self.generation)}/{rel}"
 
     def marker_key(self, step: int) -> str:
         return f"{step_dirname(step)}/{MANIFEST}"
+
+    def write_marker(self, store: RemoteStore, step: int, manifest: Manifest) -> None:
+        """Write this process's marker (one process: the manifest, fenced)."""
+        self._commit(store, f"{step_dirname(step)}/{MANIFEST}", manifest)
+
+    def _commit(self, store: RemoteStore, rel: str, manifest: Manifest) -> None:
+        if self.fence is not None:
+            self.fence.commit_manifest(rel, manifest)
+        else:
+            store.put_bytes(rel, with_generation(manifest, self.generation).to_json())
 
     def after_marker(self, store: RemoteStore, step: int, manifest: Manifest) -> None:
         """Called once this process's files and marker are durable."""
 
     def marker_is_ours(self, store: RemoteStore, step: int, manifest: Manifest) -> bool:
-        """Whether the marker found at ``step`` stands for these very files."""
-        return True  # one process: the step's manifest; a committed step is never rewritten
+        """Whether the marker found at ``step`` stands for these very files (sizes and
+        checksums: another instance of the job may have committed that step with others; the
+        same files committed by an earlier generation, e.g. the checkpoint a start restored,
+        are durable as they are)."""
+        try:
+            old = Manifest.from_json(store.cat(self.marker_key(step)), expect_step=step)
+            generation_of(old)  # (a bad one is replaced)
+            return sorted(old.files) == sorted(manifest.files)
+        except (CorruptCheckpointError, FileNotFoundError):
+            return False
 
 
 class RankLayout(SingleLayout):
@@ -59,10 +81,13 @@ class RankLayout(SingleLayout):
         self.owns_retention = rank == 0
 
     def payload_key(self, step: int, rel: str) -> str:
-        return f"{step_dirname(step)}/{rank_dirname(self.rank)}/{rel}"
+        return f"{payload_dir(step, self.generation)}/{rank_dirname(self.rank)}/{rel}"
 
     def marker_key(self, step: int) -> str:
-        return f"{step_dirname(step)}/{rank_dirname(self.rank)}/{PART}"
+        return f"{payload_dir(step, self.generation)}/{rank_dirname(self.rank)}/{PART}"
+
+    def write_marker(self, store: RemoteStore, step: int, manifest: Manifest) -> None:
+        store.put_bytes(self.marker_key(step), with_generation(manifest, self.generation).to_json())
 
     def marker_is_ours(self, store: RemoteStore, step: int, manifest: Manifest) -> bool:
         """A part marker may be left by an earlier run that never committed this step (killed
@@ -77,7 +102,7 @@ class RankLayout(SingleLayout):
     def after_marker(self, store: RemoteStore, step: int, manifest: Manifest) -> None:
         if self.rank != 0:
             return
-        d = step_dirname(step)
+        d = payload_dir(step, self.generation)
         end = time.monotonic() + self.wait_seconds
         missing = list(range(self.world_size))
         while True:
@@ -94,7 +119,7 @@ class RankLayout(SingleLayout):
             part = Manifest.from_json(store.cat(f"{d}/{rank_dirname(r)}/{PART}"), expect_step=step)
             files += [dataclasses.replace(e, path=f"{rank_dirname(r)}/{e.path}") for e in part.files]
         combined = dataclasses.replace(manifest, files=tuple(files), world_size=self.world_size, rank=0)
-        store.put_bytes(f"{d}/{MANIFEST}", combined.to_json())
+        self._commit(store, f"{step_dirname(step)}/{MANIFEST}", combined)  # fenced
 
 
 def part_of(manifest: Manifest, rank: int) -> Manifest:

@@ -13,6 +13,7 @@ from ._batches import KEY as _BATCHES_KEY
 from ._config import Config, supervised
 from ._engine import Engine
 from ._events import EventLog, log
+from ._fence import Fence, claim
 from ._layout import RankLayout, rank_dirname
 from ._local import LocalDir
 from ._metadata import MetadataWatcher, sources_from_env
@@ -63,13 +64,22 @@ class Startup:
                     self._lifeline.start()
             local.clean_temp()
             events = self.events = EventLog(local.meta / "events.jsonl")
-            store = None
+            store = fence = None
             remote = cfg.lineage_remote
             if d is not None and not remote:  # ranks on one host commit through a shared dir
                 remote = f"file://{local.root.parent}/shared/"
             if remote and not sup:
                 store = RemoteStore(remote, cfg.storage_options)
                 store.probe()
+                # A new generation of the job, before the restore: an older instance still
+                # running stops at its next commit (_fence.py). Ranks share rank 0's claim.
+                if d is None:
+                    fence = claim(store)
+                else:
+                    f = claim(store) if d.rank == 0 else None
+                    g, enforced = d.broadcast((f.generation, f.enforced) if f else None, where="generation claim")
+                    fence = Fence(store, g, enforced=enforced)
+                self.generation = fence.generation
             self._policy = make_policy(cfg.every_steps, cfg.every_seconds, self.clock)
             lineage_root = LocalDir(cfg.local_dir).lineage(cfg.name).root
             if self.state is not None:  # batches() positions come back with the state
@@ -92,6 +102,7 @@ class Startup:
                                       mirror=d is None and cfg.name is None)
                 if d is not None:
                     self._syncer.layout = RankLayout(d.rank, d.world_size, wait_seconds=cfg.grace_seconds)
+                self._syncer.set_fence(fence)
                 self._syncer.start()
                 if found is not None and not found[2]:
                     self._syncer.submit(found[0])
@@ -101,6 +112,7 @@ class Startup:
                                   local_retention=not sup,
                                   rank=0 if d is None else d.rank,
                                   world_size=1 if d is None else d.world_size)
+            self._engine.generation = fence.generation if fence is not None else 0
             self._codec = _distributed.codec(self.state, d)  # DCP for a sharded state
             self._writer = BackgroundWriter()
             self._planner = FlushPlanner(uploads=store is not None)

@@ -41,6 +41,7 @@ from ._config import Config
 from ._engine import Engine
 from ._errors import ConfigError
 from ._events import log
+from ._fence import claim
 from ._local import LocalDir
 from ._pull import open_remote, pull
 from ._store import RemoteStore
@@ -114,7 +115,7 @@ class Supervisor(Finish):
             self.store = open_remote(self.cfg.remote, self.cfg.storage_options)
             self.syncer = Syncer(self.local, self.store, keep_last=self.cfg.keep_last,
                                  events=self.events, scan_interval=self.scan_interval,
-                                 gate=self.gate, rules=self.rules)
+                                 gate=self.gate, rules=self.rules, fence=claim(self.store))
             if self.do_pull:
                 res = pull(self.local, self.store, events=self.events)
                 log.info("spotckpt run: pulled from %s: %s", self.cfg.remote, res.describe())
@@ -212,6 +213,9 @@ class Supervisor(Finish):
             if rc is not None:
                 self.gate.ended_with(rc == 0)
                 return rc
+            if self.syncer is not None and self.syncer.stale is not None:  # a newer instance took over
+                pt.send(pt.tree(self.child.pid), signal.SIGKILL)
+                return self.child.wait()
             if self.syncer is not None and self.syncer.watcher is not None:
                 self.syncer.watcher.beat()
             self._scan()

@@ -8,12 +8,14 @@ Also :class:`Tap`, the events log that tallies what reached the remote for that 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 from . import _proctree as pt
 from ._checkpointer import EXIT_INTERRUPTED
 from ._events import EventLog, log
+from ._fence import EXIT_STALE
 from ._local import LocalDir, is_internal
 from ._pull import human_bytes
 
@@ -64,7 +66,7 @@ class Finish:
                 self._hold_back(pt.writing_under(pt.descendants(), self.local.root),
                                 "it is still being written by a process the command left behind")
             self._scan()
-            if self.syncer is not None:
+            if self.syncer is not None and self.syncer.stale is None:
                 self._final_flush(rc)
             elif self.engine is not None:
                 self.engine.retention()
@@ -78,6 +80,10 @@ class Finish:
                 self._wake = None
             self._restore_signals()
             self.local.unlock()
+        if self.syncer is not None and self.syncer.stale is not None:
+            self.syncer.close(timeout=0.0, join=0.0)
+            sys.stderr.write(f"spotckpt.StaleGenerationError: {self.syncer.stale}\n")
+            return EXIT_STALE
         if self.notice_at is not None:
             # Interrupted, whatever the command returned: a command that exits 0 on SIGTERM
             # (Lightning does) did not complete, and an orchestrator must not read success.
@@ -154,6 +160,8 @@ class Finish:
         timeout = None if self.deadline is None else self._seconds_left(default=0.0)
         t0 = self.clock()
         ok = self.syncer.flush(timeout)
+        if self.syncer.stale is not None:
+            return  # a newer instance of the job took over: _finish says so
         self._scan()  # retention, now that uploads are done
         durable = self.syncer.durable_step
         step_bytes = 0

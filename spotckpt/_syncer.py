@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ._errors import StaleGenerationError
 from ._events import EventLog, log
+from ._fence import Fence
 from ._layout import SingleLayout
 from ._local import LocalDir
 from ._manifest import MANIFEST, Manifest, parse_step_dirname, step_dirname
@@ -39,7 +41,7 @@ class Syncer:
     def __init__(self, local: LocalDir, store: RemoteStore, *, keep_last: int,
                  events: EventLog | None = None, mirror: bool = True,
                  scan_interval: float = 2.0, gate: WriterGate | None = None,
-                 rules: tuple[DirRule, ...] | None = None,
+                 rules: tuple[DirRule, ...] | None = None, fence: Fence | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.local, self.store, self.keep_last = local, store, keep_last
         self.events = events or EventLog(None)
@@ -60,6 +62,9 @@ class Syncer:
         self._thread: threading.Thread | None = None
         self.durable_step: int | None = None
         self.last_error: BaseException | None = None
+        # Set when a newer generation of the job was claimed: nothing more is uploaded.
+        self.stale: StaleGenerationError | None = None
+        self.fence = fence
         self.bytes_uploaded = 0
         self.layout: SingleLayout = SingleLayout()  # RankLayout for one rank of many
         self.on_upload: Callable[[int, int, float], None] | None = None  # (step, bytes, seconds)
@@ -74,6 +79,15 @@ class Syncer:
                                    rules=rules_from_env() if rules is None else rules,
                                    should_yield=lambda: self._pending is not None,
                                    interval=scan_interval)
+        self.set_fence(fence)
+
+    def set_fence(self, fence: Fence | None) -> None:
+        """Write as generation ``fence.generation`` of the lineage (_fence.py); call after
+        setting :attr:`layout`."""
+        self.fence = self.layout.fence = fence
+        self.layout.generation = fence.generation if fence is not None else 0
+        if self.watcher is not None:
+            self.watcher.fence = fence
 
     # -- public ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -136,7 +150,7 @@ class Syncer:
         file not open for writing) is durable. Returns False on timeout or upload error."""
         end = None if timeout is None else self.clock() + max(0.0, timeout)
         with self._cv:
-            self.last_error = None
+            self.last_error = self.stale  # (sticky: a stale instance uploads nothing more)
             target = self._force_scan + 1 if (mirror and self.mirror) else self._scan_done
             if mirror and self.mirror:
                 self._force_scan = target
@@ -191,6 +205,12 @@ class Syncer:
                 if self.watcher is not None and (force or self._mirror_more or
                                                  time.monotonic() - self._last_scan >= self._idle_interval()):
                     self._mirror_pass(force=force)
+            except StaleGenerationError as e:  # a newer instance of the job: stop for good
+                self.stale = self.last_error = e
+                self.events.emit("stale_generation", step=step, error=str(e))  # the owner says it
+                with self._cv:
+                    self._stop, self._pending = True, None
+                return
             except Exception as e:  # noqa: BLE001 - recorded, surfaced by flush()/close()
                 self.last_error = e
                 self.events.emit("upload_failed", step=step, error=str(e))
@@ -255,7 +275,7 @@ class Syncer:
     def _committed(self, step: int, manifest: Manifest, t0: float) -> None:
         """Payload confirmed: write the marker, then account for the durable step."""
         lay = self.layout
-        self.store.put_bytes(lay.marker_key(step), manifest.to_json())
+        lay.write_marker(self.store, step, manifest)  # fenced: proves this generation is the newest
         lay.after_marker(self.store, step, manifest)  # rank 0 of many: the combined manifest
         dt = time.monotonic() - t0
         self.bytes_uploaded += manifest.total_bytes
@@ -288,11 +308,13 @@ class Syncer:
         steps = sorted(s for s, rels in by_step.items() if f"{step_dirname(s)}/{MANIFEST}" in rels)
         keep = set(steps[-self.keep_last:]) | {newest}
         old = [s for s in steps if s not in keep and s < newest]
+        doomed = {s: rels for s, rels in by_step.items() if s < newest and s not in keep
+                  and f"{step_dirname(s)}/{MANIFEST}.quarantined" not in rels}
+        if self.fence is not None and (old or doomed):
+            self.fence.check("retention's deletes")  # never a newer generation's checkpoints
         self.store.rm_many([f"{step_dirname(s)}/{MANIFEST}" for s in old])
         for s in old:
             self.events.emit("remote_deleted", step=s)
-        doomed = {s: rels for s, rels in by_step.items() if s < newest and s not in keep
-                  and f"{step_dirname(s)}/{MANIFEST}.quarantined" not in rels}
         self.store.rm_many([rel for s, rels in doomed.items() for rel in rels
                             if not (s in old and rel.endswith(f"/{MANIFEST}"))])
         for s in sorted(set(doomed) - set(old)):

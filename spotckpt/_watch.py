@@ -30,7 +30,7 @@ from typing import Callable
 from ._closed import suspect_test, write_beat, SETTLE_NS, Torn, emptied, open_for_writing, sig
 from ._errors import RemoteError
 from ._events import EventLog, log
-from ._fileset import Entry, FileSet, list_files_prefix, newest_set, object_key, set_key
+from ._fileset import Entry, FileSet, list_files_prefix, newest_set, object_key, set_key, write_set
 from ._local import LocalDir
 from ._manifest import file_digest, hasher
 from ._store import RemoteStore
@@ -71,6 +71,7 @@ class Watcher:
         self.events = events or EventLog(None)
         self.busy, self.should_yield, self.interval = busy, should_yield, interval
         self.current: FileSet | None = None
+        self.fence = None  # this job's generation (_fence.Fence), set by the Syncer
         self._loaded = False
         self._orphans: set[str] = set()
         self._warned: set[str] = set()
@@ -391,9 +392,7 @@ class Watcher:
         if new == old:
             self._collect()
             return False
-        self._seq += 1
-        fs = FileSet(seq=self._seq, entries=new, created=time.time())
-        self.store.put_data(set_key(fs.seq), fs.to_json())
+        self._seq = (fs := write_set(self.store, self.fence, self._seq + 1, new)).seq  # fenced
         prev = self.current
         self.current = fs
         named = {e.key for e in new.values() if e.link is None}
@@ -413,7 +412,7 @@ class Watcher:
         named = {e.key for e in self.current.entries.values()} if self.current else set()
         doomed = sorted(k for k in self._orphans if k not in named
                         and (self.current is None or k != set_key(self.current.seq)))
-        self.store.rm_many(doomed)
+        (self.store.rm_many if self.fence is None else self.fence.rm_many)(doomed)  # newer: kept
         self._orphans.clear()
         if doomed:
             self.events.emit("files_deleted", objects=len(doomed))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from conftest import S3Server
+from spotckpt._fence import generation_of, payload_dir
 from spotckpt._local import LocalDir
 from spotckpt._manifest import MANIFEST, Manifest, hasher, parse_step_dirname
 
@@ -38,7 +39,7 @@ def remote_audit(s3: S3Server, bucket: str, prefix: str) -> tuple[list[int], int
             m = Manifest.from_json(client.get_object(Bucket=bucket, Key=prefix + key)["Body"].read(),
                                    expect_step=step)
             for e in m.files:
-                k = f"{d}/{e.path}"
+                k = f"{payload_dir(step, generation_of(m))}/{e.path}"  # g-<G>/ after a restart
                 assert k in objects, f"remote manifest {key} names missing {k}"
                 body = client.get_object(Bucket=bucket, Key=prefix + k)["Body"].read()
                 assert len(body) == e.size and digest(e.algo, body) == e.digest, \
