@@ -49,10 +49,10 @@ def test_sagemaker_script_runs_unchanged_through_two_interruptions(tmp_path: Pat
     host_ml = _tree(Path("/opt/ml"))
     wd = tmp_path / "wd"
     r = run(spotckpt("spot", "--workdir", str(wd), "--job-name", "sm-contract", "--grace", "5",
-                     "--capacity-wait", "0.1", "--max-run", "120", "--interrupt-at", "1.5,3.5",
+                     "--capacity-wait", "0.1", "--max-run", "120", "--interrupt-at", "2,5",
                      "--remote", f"s3://{bucket}/checkpoints/", "--ml-root", "private",
                      "--channel", f"training=s3://{bucket}/data/train/",
-                     "--hyperparameter", "epochs=40", "--hyperparameter", "scale=2",
+                     "--hyperparameter", "epochs=50", "--hyperparameter", "scale=2",
                      "--hyperparameter", "sleep=0.1", "--output-path", f"s3://{bucket}/output/",
                      "--", PY, SCRIPT), env=run_env(), timeout=180)
     out = r.stdout + r.stderr
@@ -65,11 +65,11 @@ def test_sagemaker_script_runs_unchanged_through_two_interruptions(tmp_path: Pat
     # the script saw the contract: SM_* variables, hyperparameters as arguments and in
     # SM_HPS, the channel's data, a /opt/ml/checkpoints of its own (it exits 3 on foreign files)
     assert "host algo-1 of ['algo-1']" in out
-    assert 'hyperparameters {"epochs":40,"scale":2,"sleep":0.1}' in out
-    assert "--epochs 40 --scale 2 --sleep 0.1" in out
+    assert 'hyperparameters {"epochs":50,"scale":2,"sleep":0.1}' in out
+    assert "--epochs 50 --scale 2 --sleep 0.1" in out
     resumed = [int(x) for x in re.findall(r"resumed from checkpoint at epoch (\d+)", out)]
     assert resumed and max(resumed) > 0, out   # /opt/ml/checkpoints came back from the remote
-    assert f"done: total {_expected(40, 2):g}" in out   # no epoch skipped, none done twice
+    assert f"done: total {_expected(50, 2):g}" in out   # no epoch skipped, none done twice
     assert all(a["Channels"]["training"] == {"Files": 1, "Bytes": len(DATA)} for a in rep["Attempts"])
 
     # the model artifact, where SageMaker puts it, with what the script wrote to SM_MODEL_DIR
@@ -80,9 +80,9 @@ def test_sagemaker_script_runs_unchanged_through_two_interruptions(tmp_path: Pat
     with tarfile.open(fileobj=io.BytesIO(body)) as tar:
         assert tar.getnames() == ["model.json"]
         model = json.load(tar.extractfile("model.json"))
-    assert model == {"total": _expected(40, 2), "epochs": 40}
+    assert model == {"total": _expected(50, 2), "epochs": 50}
     s3.head_object(Bucket=bucket, Key="output/sm-contract/output/output.tar.gz")  # SM_OUTPUT_DATA_DIR
-    assert rep["HyperParameters"] == {"epochs": "40", "scale": "2", "sleep": "0.1"}
+    assert rep["HyperParameters"] == {"epochs": "50", "scale": "2", "sleep": "0.1"}
     assert rep["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://{bucket}/data/train/"
     assert rep["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
     # the host's /opt/ml (if any) was neither seen nor touched
@@ -179,3 +179,14 @@ def test_private_ml_root_hides_the_host_and_leaves_it_alone(tmp_path: Path, user
     assert lines[2] == str(os.getuid())
     assert (tmp_path / "inst" / "new").exists()
     assert _tree(Path(target)) == before and sorted(os.listdir("/opt")) == opt
+
+
+def test_spot_job_with_a_missing_channel_fails_with_a_client_error(tmp_path: Path) -> None:
+    wd = tmp_path / "wd"
+    r = run(spotckpt("spot", "--workdir", str(wd), "--capacity-wait", "0", "--ml-root", str(tmp_path / "ml"),
+                     "--channel", f"training={tmp_path / 'nothing'}/", "--", PY, SCRIPT), env=run_env(), timeout=90)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert [m.group(2) for m in STATUS.finditer(r.stdout)] == ["Starting", "Downloading", "Failed"]
+    rep = json.loads((wd / "describe-training-job.json").read_text())
+    assert rep["FailureReason"].startswith("ClientError: spotckpt: channel training: no objects found")
+    assert "ModelArtifacts" not in rep
