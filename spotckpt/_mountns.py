@@ -34,7 +34,14 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 FORCE_ENV = "SPOTCKPT_MOUNTNS_USER"  # "1": use a user namespace even as root (tests)
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc_handle: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _libc_handle
+    if _libc_handle is None:  # loaded on use: importing this module works on any OS
+        _libc_handle = ctypes.CDLL(None, use_errno=True)
+    return _libc_handle
 
 
 class NamespaceError(OSError):
@@ -49,7 +56,7 @@ def _check(rc: int, what: str) -> None:
 
 def _mount(src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     enc = (lambda s: None if s is None else os.fsencode(s))
-    _check(_libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+    _check(_libc().mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
            f"mount {src or fstype} on {target}")
 
 
@@ -66,7 +73,7 @@ def enter(host_dir: str, target: str = "/opt/ml") -> None:
     """
     uid, gid = os.getuid(), os.getgid()
     user = os.geteuid() != 0 or os.environ.get(FORCE_ENV) == "1"
-    _check(_libc.unshare(CLONE_NEWNS | (CLONE_NEWUSER if user else 0)),
+    _check(_libc().unshare(CLONE_NEWNS | (CLONE_NEWUSER if user else 0)),
            "unshare(CLONE_NEWNS" + (" | CLONE_NEWUSER)" if user else ")"))
     if user:
         _write("/proc/self/setgroups", "deny")

@@ -116,6 +116,11 @@ class SpotEmulator:
         self._stop_requested: str | None = None
 
     # -- helpers ---------------------------------------------------------------------------
+    def _state_dir(self) -> Path:
+        """The instance's spotckpt state dir, as its `spotckpt run` finds it (with the
+        contract, in the instance's own /opt/ml whatever SPOTCKPT_STATE_DIR says)."""
+        return state_dir(self.local_dir, env=self.ml.env() if self.ml else None)
+
     def _now(self) -> float:
         return time.monotonic()
 
@@ -128,7 +133,7 @@ class SpotEmulator:
     def _start_container(self) -> _Events:
         # A new instance: an empty local dir, and none of the last one's spotckpt state
         # (its events log, locks, mirror state) either.
-        state = state_dir(self.local_dir)
+        state = self._state_dir()
         for d in (self.local_dir, state):
             if d.exists():
                 shutil.rmtree(d)
@@ -212,7 +217,7 @@ class SpotEmulator:
         """When the command's Checkpointer took the dir's trainer lock in this attempt (the
         lock file's mtime; None if it never did: a command without one, or a notice during
         its imports). Read before the next start wipes the state dir."""
-        state = state_dir(self.local_dir)
+        state = self._state_dir()
         times = []
         for lock in (state / "trainer.lock", *state.glob("rank-*/trainer.lock")):
             try:
