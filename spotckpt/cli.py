@@ -81,6 +81,11 @@ Times: --max-run caps the seconds the instances run (all attempts together), --m
 caps the wall-clock time from job creation (capacity waits included) and must be larger
 than --max-run. --interrupt-at counts seconds of training time. With --json, stdout is the
 JSON report alone (status lines and the command's output go to stderr).
+
+With --channel, --hyperparameter(s), --output-path or --sagemaker, each instance also gets
+SageMaker's training-container contract: its own /opt/ml (a private mount namespace where
+Linux allows one), input channels downloaded before each start, SM_* variables,
+hyperparameters as --KEY VALUE, and /opt/ml/model uploaded as model.tar.gz at the end.
 """
 
 
