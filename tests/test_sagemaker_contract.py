@@ -190,3 +190,34 @@ def test_spot_job_with_a_missing_channel_fails_with_a_client_error(tmp_path: Pat
     rep = json.loads((wd / "describe-training-job.json").read_text())
     assert rep["FailureReason"].startswith("ClientError: spotckpt: channel training: no objects found")
     assert "ModelArtifacts" not in rep
+
+
+def test_without_a_namespace_auto_falls_back_with_a_warning_and_private_refuses(tmp_path: Path, monkeypatch) -> None:
+    """Where Linux refuses a mount namespace: `auto` says so and points SM_* into the
+    workdir's opt-ml/ (hard-coded /opt/ml paths will not work, and the warning says it);
+    `private` is one clear error."""
+    import argparse
+    import io as _io
+
+    from spotckpt import _spot_sagemaker
+    from spotckpt._errors import ConfigError
+
+    monkeypatch.setattr(_spot_sagemaker, "probe", lambda target: "unshare(CLONE_NEWNS | CLONE_NEWUSER): Operation not permitted")
+    args = argparse.Namespace(channel=["training=s3://b/d/"], hyperparameter=[], hyperparameters=[],
+                              output_path=None, sagemaker=False, local_dir=None, ml_root="auto")
+    out = _io.StringIO()
+    ml = _spot_sagemaker.InstanceML.from_args(args, tmp_path, "job", out)
+    assert ml is not None and not ml.private
+    assert ml.contract.ml_root == tmp_path / "opt-ml"
+    assert ml.contract.env({})["SM_CHANNEL_TRAINING"] == str(tmp_path / "opt-ml" / "input" / "data" / "training")
+    assert ml.wrap(["x"]) == ["x"]
+    assert "Operation not permitted" in out.getvalue() and "hard-codes /opt/ml" in out.getvalue()
+    args.ml_root = "private"
+    with pytest.raises(ConfigError, match="--ml-root private: unshare.*Operation not permitted"):
+        _spot_sagemaker.InstanceML.from_args(args, tmp_path, "job", out)
+
+
+@private_ml
+def test_probe_names_why_there_is_no_private_dir() -> None:
+    why = probe("/nonexistent-spotckpt/ml")
+    assert why is not None and "/nonexistent-spotckpt does not exist" in why, why
