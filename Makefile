@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PIP     := $(VPY) -m pip install --disable-pip-version-check -q
 
-.PHONY: venv test demo bench chaos clean
+.PHONY: venv test demo demo-sagemaker bench chaos clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VPY) examples/demo.py
+
+# A script written for SageMaker (SM_* variables, /opt/ml paths) under `spotckpt spot` with the
+# container contract: channel download, interruptions, model.tar.gz upload (~40 s).
+demo-sagemaker: $(STAMP)
+	$(VPY) examples/demo_sagemaker.py
 
 # Benchmarks against the S3 test server on loopback; writes BENCHMARKS.md (see bench/run.py).
 # QUICK=1: scaled-down sizes, under 10 minutes.

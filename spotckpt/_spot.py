@@ -39,6 +39,7 @@ from ._local import state_dir
 from ._pull import open_remote
 from ._spot_args import _floats, add_arguments, interruption_schedule
 from ._spot_report import Job
+from ._spot_sagemaker import InstanceML
 from ._child import resolve_command
 
 
@@ -94,7 +95,9 @@ class SpotEmulator:
             self.workdir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"spotckpt spot: --workdir {self.workdir}: {e.strerror or e}") from None
-        self.local_dir = Path(args.local_dir or self.workdir / "checkpoints").absolute()
+        self.json_out = sys.stderr if args.json else sys.stdout
+        self.ml = InstanceML.from_args(args, self.workdir, name, self.json_out)  # SageMaker's contract
+        self.local_dir = (self.ml.local_dir if self.ml else Path(args.local_dir or self.workdir / "checkpoints")).absolute()
         require_dir(self.local_dir)  # a file: one line, exit 2
         if args.local_dir and self.local_dir.exists() and any(self.local_dir.iterdir()):
             raise ConfigError(f"spotckpt spot: --local-dir {self.local_dir} is not empty; each start of "
@@ -105,13 +108,19 @@ class SpotEmulator:
         self.report_path = Path(args.report or self.workdir / "describe-training-job.json")
         # With --json, stdout carries the report alone: status lines and the command's own
         # output go to stderr.
-        self.out = sys.stderr if args.json else sys.stdout
-        self.job = Job(name, self.max_run, self.max_wait, self.cfg.remote, str(self.local_dir),
-                       args.spot_discount, out=self.out)
+        self.out = self.json_out
+        inside = str(self.ml.contract.ml_root / "checkpoints") if self.ml else str(self.local_dir)
+        self.job = Job(name, self.max_run, self.max_wait, self.cfg.remote, inside,
+                       args.spot_discount, out=self.out, extra=self.ml.describe() if self.ml else None)
         self.proc: subprocess.Popen | None = None
         self._stop_requested: str | None = None
 
     # -- helpers ---------------------------------------------------------------------------
+    def _state_dir(self) -> Path:
+        """The instance's spotckpt state dir, as its `spotckpt run` finds it (with the
+        contract, in the instance's own /opt/ml whatever SPOTCKPT_STATE_DIR says)."""
+        return state_dir(self.local_dir, env=self.ml.env() if self.ml else None)
+
     def _now(self) -> float:
         return time.monotonic()
 
@@ -124,18 +133,22 @@ class SpotEmulator:
     def _start_container(self) -> _Events:
         # A new instance: an empty local dir, and none of the last one's spotckpt state
         # (its events log, locks, mirror state) either.
-        state = state_dir(self.local_dir)
+        state = self._state_dir()
         for d in (self.local_dir, state):
             if d.exists():
                 shutil.rmtree(d)
-        self.local_dir.mkdir(parents=True)
+        if self.ml:
+            self.ml.fresh()  # and a fresh /opt/ml
+        self.local_dir.mkdir(parents=True, exist_ok=True)
         a = self.args
-        argv = [sys.executable, "-m", "spotckpt", "run", "--local-dir", str(self.local_dir),
+        argv = [sys.executable, "-m", "spotckpt", "run",
+                *(self.ml.run_args() if self.ml else ["--local-dir", str(self.local_dir)]),
                 "--remote", str(self.cfg.remote), "--grace", str(a.grace),
                 "--scan-interval", str(a.scan_interval),
                 *[x for r in a.dir_checkpoint for x in ("--dir-checkpoint", r)], "--", *self.cmd]
-        self.proc = subprocess.Popen(argv, start_new_session=True,  # a "container": its own session
-                                     stdout=sys.stderr if self.args.json else None)
+        self.proc = subprocess.Popen(self.ml.wrap(argv) if self.ml else argv, start_new_session=True,
+                                     stdout=sys.stderr if self.args.json else None,  # a "container": own session
+                                     env=self.ml.env() if self.ml else None)
         return _Events(state / "events.jsonl")
 
     def _kill_container(self) -> None:
@@ -193,12 +206,18 @@ class SpotEmulator:
                 attempt["StepAtNotice"] = e.get("step")
             elif kind == "upload_done":
                 attempt["DurableStep"] = max(e.get("step", -1), attempt.get("DurableStep") or -1)
+            elif kind == "channel_download":
+                attempt.setdefault("Channels", {})[e.get("channel")] = {"Files": e.get("files"), "Bytes": e.get("bytes")}
+            elif kind == "model_uploaded":
+                self.job.model_artifacts = e.get("url")
+            elif kind == "contract_error":
+                attempt["contract_error"] = e.get("message")
 
     def _checkpointer_opened(self) -> float | None:
         """When the command's Checkpointer took the dir's trainer lock in this attempt (the
         lock file's mtime; None if it never did: a command without one, or a notice during
         its imports). Read before the next start wipes the state dir."""
-        state = state_dir(self.local_dir)
+        state = self._state_dir()
         times = []
         for lock in (state / "trainer.lock", *state.glob("rank-*/trainer.lock")):
             try:
@@ -252,8 +271,8 @@ class SpotEmulator:
         job.attempts.append(attempt)
         events = self._start_container()
         started = self._now()
-        job.status("InProgress", "Downloading", f"Downloading checkpoints from {self.cfg.remote} "
-                   f"to {self.local_dir}")
+        job.status("InProgress", "Downloading", self.ml.downloading(self.cfg.remote) if self.ml else
+                   f"Downloading checkpoints from {self.cfg.remote} to {self.local_dir}")
         trained_before, train_t0 = job.training_seconds, None
         while True:
             self._absorb(events.new(), attempt)
@@ -267,7 +286,8 @@ class SpotEmulator:
                 job.status("InProgress", "Training", f"Training in progress ({what})")
             if train_t0 is not None and not attempt.get("uploading") and attempt.get("child_exited"):
                 attempt["uploading"] = True
-                job.status("InProgress", "Uploading", f"Uploading checkpoints to {self.cfg.remote}")
+                job.status("InProgress", "Uploading", self.ml.uploading(self.cfg.remote) if self.ml
+                           else f"Uploading checkpoints to {self.cfg.remote}")
             if train_t0 is not None and not attempt.get("uploading"):
                 job.training_seconds = trained_before + (now - train_t0)
             instance = job.instance_seconds + (now - started)
@@ -282,7 +302,8 @@ class SpotEmulator:
                 if rc == 0:
                     job.status("Completed", "Completed", "Training job completed")
                     return "Completed"
-                job.failure = f"AlgorithmError: the command exited with status {attempt['ExitStatus']}"
+                job.failure = (f"ClientError: {attempt['contract_error']}" if attempt.get("contract_error") else
+                               f"AlgorithmError: the command exited with status {attempt['ExitStatus']}")
                 job.status("Failed", "Failed", job.failure)
                 return "Failed"
             point = self.schedule[0] if self.schedule else None

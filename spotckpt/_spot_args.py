@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    dest="scan_interval", help="passed to `spotckpt run`: seconds between scans of the watched dir")
     p.add_argument("--dir-checkpoint", action="append", default=[], metavar="GLOB:MARKER",
                    help="passed to `spotckpt run` (repeatable)")
+    from ._sagemaker_env import add_run_arguments
+    add_run_arguments(p, spot=True)
     p.add_argument("--json", action="store_true", help="print the JSON report to stdout at the end "
                    "(the only thing on stdout: status lines and the command's output go to stderr)")
 

@@ -32,7 +32,8 @@ class Job:
     """Status transitions, times and interruptions of one emulated managed-spot job."""
 
     def __init__(self, name: str, max_run: float, max_wait: float, remote: str | None,
-                 local_dir: str, discount: float, *, out: TextIO | None = None) -> None:
+                 local_dir: str, discount: float, *, out: TextIO | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         self.name, self.max_run, self.max_wait = name, max_run, max_wait
         self.remote, self.local_dir, self.discount = remote, local_dir, discount
         self.out = out or sys.stdout
@@ -52,6 +53,8 @@ class Job:
         self.attempts: list[dict[str, Any]] = []
         self.failure: str | None = None
         self.ended: float | None = None
+        self.extra = extra or {}   # the SageMaker contract's fields (HyperParameters, InputDataConfig...)
+        self.model_artifacts: str | None = None   # model.tar.gz's URL, once uploaded
 
     def record(self, e: dict[str, Any]) -> None:
         """Take note of a save or upload event of the attempt's events log."""
@@ -179,6 +182,9 @@ class Job:
             "WorkLostSeconds": round(sum(i["LostSeconds"] for i in interruptions), 2),
             "Attempts": [{k: v for k, v in a.items() if k[0].isupper()} for a in self.attempts],
         }
+        d.update(self.extra)
+        if self.model_artifacts:
+            d["ModelArtifacts"] = {"S3ModelArtifacts": self.model_artifacts}
         if self.failure:
             d["FailureReason"] = self.failure
         return d
@@ -195,6 +201,7 @@ class Job:
               f"Billable seconds: {d['BillableTimeInSeconds']}\n"
               f"Managed Spot Training savings: {pct}\n"
               f"Interruptions: {d['InterruptionCount']} (work lost: {lost})\n"
+              + (f"Model artifact: {self.model_artifacts}\n" if self.model_artifacts else "") +
               f"Report: {path}", file=self.out, flush=True)
 
 

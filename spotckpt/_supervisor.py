@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 from . import _proctree as pt
 from ._child import Child, resolve_command
 from ._config import Config
+from ._sagemaker_env import Contract
 from ._engine import Engine
 from ._errors import ConfigError
 from ._events import log
@@ -66,6 +67,9 @@ class Supervisor(Finish):
             the next scan).
         rules: directory-checkpoint rules (:mod:`._watchrules`; default: the built-ins plus
             ``SPOTCKPT_DIR_CHECKPOINTS``).
+        contract: the SageMaker container contract: channels downloaded before the start,
+            ``SM_*`` variables and hyperparameter arguments, ``model.tar.gz`` uploaded when
+            the command completes.
 
     Example:
         >>> sup = Supervisor(["python", "train.py"], Config.resolve(remote="s3://b/run/"))  # doctest: +SKIP
@@ -74,13 +78,14 @@ class Supervisor(Finish):
 
     def __init__(self, cmd: Sequence[str], cfg: Config, *, scope: str = "auto",
                  scan_interval: float = 0.5, rules: tuple[DirRule, ...] | None = None,
-                 poll: float = 0.1, pull: bool = True,
+                 poll: float = 0.1, pull: bool = True, contract: Contract | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if scope not in pt.SCOPES:
             raise ConfigError(f"spotckpt: --signal-scope {scope!r}: use one of {', '.join(pt.SCOPES)}")
         self.cmd, self.cfg, self.scope = list(cmd), cfg, scope
         self.scan_interval, self.poll, self.do_pull, self.clock = scan_interval, poll, pull, clock
         self.rules = rules
+        self.contract = contract  # the SageMaker container contract (:mod:`._sagemaker_env`), if asked for
         self.gate = WriterGate()  # tells the watcher that a closed file's writer was alive
         self.local = LocalDir(cfg.local_dir)
         self.events = Tap(self.local)
@@ -111,6 +116,11 @@ class Supervisor(Finish):
         self.cmd = resolve_command(self.cmd)
         self.local.lock("supervisor")
         self._install_signals()
+        if self.contract is not None:  # SageMaker's Downloading: input channels, then checkpoints
+            from ._sagemaker_io import download_channels
+
+            download_channels(self.contract, self.events)
+            self.cmd += self.contract.user_args()
         if self.cfg.remote:
             self.store = open_remote(self.cfg.remote, self.cfg.storage_options)
             self.syncer = Syncer(self.local, self.store, keep_last=self.cfg.keep_last,
@@ -188,6 +198,8 @@ class Supervisor(Finish):
                    SPOTCKPT_SIGNALS=",".join(signal.Signals(s).name for s in self.notice_signals))
         if self.cfg.remote:
             env["SPOTCKPT_REMOTE"] = self.cfg.remote
+        if self.contract is not None:
+            env.update(self.contract.env(env))
         try:  # own process group, parent-death signal, lifeline: see _child
             self._child = Child.start(self.cmd, env)
         except OSError as e:

@@ -84,6 +84,8 @@ class Finish:
             self.syncer.close(timeout=0.0, join=0.0)
             sys.stderr.write(f"spotckpt.StaleGenerationError: {self.syncer.stale}\n")
             return EXIT_STALE
+        if rc is not None and status == 0 and self.notice_at is None and self.contract is not None:
+            status = self._upload_artifacts()
         if self.notice_at is not None:
             # Interrupted, whatever the command returned: a command that exits 0 on SIGTERM
             # (Lightning does) did not complete, and an orchestrator must not read success.
@@ -93,6 +95,21 @@ class Finish:
                             "none (not started)" if rc is None else status)
             return EXIT_INTERRUPTED
         return status
+
+    def _upload_artifacts(self: Supervisor) -> int:
+        """SageMaker's Uploading: the job completed, /opt/ml/model goes up as model.tar.gz.
+        Returns the exit status: 0, or 1 if the artifact could not be uploaded."""
+        from ._sagemaker_io import upload_artifacts
+
+        assert self.contract is not None
+        try:
+            upload_artifacts(self.contract, self.events)
+        except Exception as e:  # noqa: BLE001 - one line, and the job is not Completed
+            line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.error("spotckpt run: the model artifact was not uploaded: %s", line)
+            self.events.emit("contract_error", message=f"model upload failed: {line}")
+            return 1
+        return 0
 
     def _wait_for_writers(self: Supervisor) -> None:
         """The command has exited: processes it left behind that are still writing into the

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from typing import Any, Callable, NoReturn
 
@@ -80,6 +81,11 @@ Times: --max-run caps the seconds the instances run (all attempts together), --m
 caps the wall-clock time from job creation (capacity waits included) and must be larger
 than --max-run. --interrupt-at counts seconds of training time. With --json, stdout is the
 JSON report alone (status lines and the command's output go to stderr).
+
+With --channel, --hyperparameter(s), --output-path or --sagemaker, each instance also gets
+SageMaker's training-container contract: its own /opt/ml (a private mount namespace where
+Linux allows one), input channels downloaded before each start, SM_* variables,
+hyperparameters as --KEY VALUE, and /opt/ml/model uploaded as model.tar.gz at the end.
 """
 
 
@@ -164,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "it: uploaded and pulled whole (repeatable; SPOTCKPT_DIR_CHECKPOINTS; built in: "
                         "checkpoint-*:trainer_state.json, *.ckpt:meta.pt, torch DCP dirs)")
     r.add_argument("--no-pull", action="store_true", help="do not pull from the remote before starting")
+    from ._sagemaker_env import add_run_arguments
+    add_run_arguments(r)
     r.add_argument("cmd", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     s = sub.add_parser("spot", help="emulate SageMaker Managed Spot Training around `spotckpt run`",
@@ -212,12 +220,18 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ._supervisor import Supervisor
     from ._watchrules import rules_from_env
 
+    from ._sagemaker_env import contract_from_args
+
     cmd = _command(args, parser)
-    cfg = Config.resolve(local_dir=args.local_dir, remote=args.remote if args.remote else _UNSET,
+    contract = contract_from_args(args)
+    local_dir = args.local_dir
+    if contract is not None and not local_dir and not os.environ.get("SPOTCKPT_LOCAL_DIR"):
+        local_dir = contract.ml_root / "checkpoints"   # SageMaker's checkpoint_local_path
+    cfg = Config.resolve(local_dir=local_dir, remote=args.remote if args.remote else _UNSET,
                          keep_last=args.keep_last, grace_seconds=args.grace, signals=args.signals)
     sup = Supervisor(cmd, cfg, scope=args.signal_scope, scan_interval=args.scan_interval,
                      rules=rules_from_env(args.dir_checkpoint),
-                     pull=not args.no_pull)
+                     pull=not args.no_pull, contract=contract)
     sup.prepare()
     return sup.run()
 
