@@ -17,7 +17,8 @@ METRIC = {"stall": "training-thread stall per save", "durable": "save → durabl
 
 
 def run_peers(b: Any, size: int, rounds: int, reps: int, loop: dict[str, float] | None = None,
-              names: list[str] | None = None, loop_rounds: int | None = None) -> dict[str, Any]:
+              names: list[str] | None = None, loop_rounds: int | None = None,
+              loop_only: bool = False) -> dict[str, Any]:
     names = names or CONTENDERS
     out: dict[str, Any] = {"bytes": size, "rounds": rounds, "loop": loop, "runs": {n: [] for n in names}}
     bucket = b.bucket()
@@ -27,10 +28,12 @@ def run_peers(b: Any, size: int, rounds: int, reps: int, loop: dict[str, float] 
                 prefix = f"{name}/r{r}"
                 p = {"name": name, "bytes": size, "reps": reps, "bucket": bucket, "prefix": prefix}
                 if loop and r < (rounds if loop_rounds is None else loop_rounds):
-                    p.update(loop_seconds=loop["seconds"], interval=loop["interval"])
+                    p.update(loop_seconds=loop["seconds"], interval=loop["interval"], loop_steps=loop.get("steps"),
+                             loop_pairs=loop.get("pairs", 1))
                 got = b.case("save", script="peer_cases.py", **p)
-                got["restore"] = b.case("restore", script="peer_cases.py", name=name, bytes=size, bucket=bucket,
-                                        prefix=prefix)["seconds"]
+                if not loop_only:
+                    got["restore"] = b.case("restore", script="peer_cases.py", name=name, bytes=size, bucket=bucket,
+                                            prefix=prefix)["seconds"]
                 out["runs"][name].append(got)
                 b.empty(bucket, prefix)
     finally:
@@ -44,9 +47,12 @@ def summary(res: dict[str, Any]) -> dict[str, dict[str, float]]:
     for name, runs in res["runs"].items():
         if not runs:
             continue
-        m = {"stall": med([x for r in runs for x in r["stalls"]]),
-             "durable": med([x for r in runs for x in r["durables"]]),
-             "restore": med([r["restore"] for r in runs])}
+        m = {}
+        if all(r.get("stalls") for r in runs):
+            m["stall"] = med([x for r in runs for x in r["stalls"]])
+            m["durable"] = med([x for r in runs for x in r["durables"]])
+        if all("restore" in r for r in runs):
+            m["restore"] = med([r["restore"] for r in runs])
         if any("slowdown" in r for r in runs):
             m["slowdown"] = med([r["slowdown"] for r in runs if "slowdown" in r])
             m["saves"] = med([r["loop_saves"] for r in runs if "slowdown" in r])

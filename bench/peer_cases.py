@@ -75,13 +75,18 @@ def case_save(p: dict[str, Any]) -> dict[str, Any]:
         out.update(stall_first=stalls[0], durable_first=durable[0], stalls=stalls[1:], durables=durable[1:],
                    stall=median(stalls[1:]), durable=median(durable[1:]))
         if p.get("loop_seconds"):
-            per = _loop(30, _one_step)[0] / 30
-            steps = max(50, int(p["loop_seconds"] / per))
-            base, _ = _loop(steps, _one_step)
-            ckpt, saves = _loop(steps, _one_step, peer, p["interval"])
-            peer.wait()
-            out.update(loop_base=base, loop_ckpt=ckpt, loop_saves=saves, loop_steps=steps,
-                       slowdown=ckpt / base - 1)
+            # the same step count for every contender (given), the loop alone and saving, alternated
+            steps = p.get("loop_steps") or max(50, int(p["loop_seconds"] / (_loop(30, _one_step)[0] / 30)))
+            bases, ckpts, saves = [], [], []
+            for _ in range(p.get("loop_pairs", 1)):
+                bases.append(_loop(steps, _one_step)[0])
+                t, n = _loop(steps, _one_step, peer, p["interval"])
+                peer.wait()
+                ckpts.append(t)
+                saves.append(n)
+            base, ckpt = median(bases), median(ckpts)
+            out.update(loop_base=base, loop_ckpt=ckpt, loop_saves=median(saves), loop_steps=steps,
+                       slowdown=ckpt / base - 1, loop_bases=bases, loop_ckpts=ckpts)
     finally:
         peer.close()
         remove(wd)

@@ -21,6 +21,8 @@ def _why(res: dict[str, Any]) -> dict[str, str]:
     runs = res["runs"]["spotckpt"]
     size = human(res["bytes"])
     out: dict[str, str] = {}
+    if "stall" not in sp:  # the loop alone
+        return {f"{k}@{res['bytes']}": v for k, v in _why_loop(res, s, sp, peers, runs).items()}
     dcp = peers.get("dcp_local", {})
     out["stall"] = (f"spotckpt's save is one memcpy into buffers reused from save to save; DCP's `async_save` "
                     f"stages into its cached CPU copy the same way ({ms(dcp.get('stall', 0))}); the others copy into "
@@ -40,6 +42,11 @@ def _why(res: dict[str, Any]) -> dict[str, str]:
                       f"prefix for the script's own files; the best peer ({LABELS[best_r].split(':')[0]}) lists and "
                       f"downloads. spotckpt per round: " + ", ".join(sec(r["restore"]) for r in runs)
                       + "; best peer: " + ", ".join(sec(r["restore"]) for r in res["runs"][best_r]) + f" ({size}).")
+    return {f"{k}@{res['bytes']}": v for k, v in out.items()}
+
+
+def _why_loop(res: dict[str, Any], s: dict, sp: dict, peers: dict, runs: list) -> dict[str, str]:
+    out: dict[str, str] = {}
     if "slowdown" in sp:
         best_l = min(peers, key=lambda n: peers[n]["slowdown"])
         out["slowdown"] = (f"the client has one core and the loop keeps it busy: every CPU-second of the background "
@@ -50,7 +57,7 @@ def _why(res: dict[str, Any]) -> dict[str, str]:
                            + ", ".join(f"{100 * a['slowdown']:+.1f}% / {100 * b['slowdown']:+.1f}%"
                                        for a, b in zip(runs, res["runs"][best_l])
                                        if "slowdown" in a and "slowdown" in b) + ".")
-    return {f"{k}@{res['bytes']}": v for k, v in out.items()}
+    return out
 
 
 def peer_sections(r: dict[str, Any], repo: Path) -> list[str]:
@@ -83,6 +90,13 @@ def peer_sections(r: dict[str, Any], repo: Path) -> list[str]:
         _, verdicts = table(res)
         rows += verdict_rows(verdicts, _why(res))[2 if rows else 0:]
     lines += rows
+    pl = r.get("peer_loop")
+    if pl:
+        lp = pl["loop"]
+        lines += ["", f"### CPU-bound loop, {human(pl['bytes'])} state: {lp['steps']} steps alone and saving every "
+                  f"{lp['interval']:g} s, alternated ({lp['pairs']} pairs per contender, {pl['rounds']} round(s))", ""]
+        t, verdicts = table(pl)
+        lines += t + [""] + verdict_rows(verdicts, _why(pl))
     pm = r.get("peers_moto")
     if pm:
         lines += ["", f"### Second column: the same peers at {human(pm['bytes'])} on moto", ""]

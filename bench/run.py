@@ -1,10 +1,14 @@
 """Run every benchmark against the S3 test server on loopback and write BENCHMARKS.md.
 
-    python bench/run.py            # full sizes (1 GiB states), ~30-40 min on 2 cores
-    python bench/run.py --quick    # scaled-down sizes, under 10 min
+    python bench/run.py            # full sizes (1 GiB states, the scale curve to 4 GiB), ~1 h on 2 cores
+    python bench/run.py --quick    # scaled-down sizes, under 10 min: the peers at 64 MiB (no
+                                   # CPU-bound loop), the scale curve to 256 MiB, rows 2, 4, 6-8
+    python bench/run.py --parts peers,scale --peer-sizes 1024   # one part alone
+    python bench/run.py --from-json a.json b.json               # parts run apart, one report
 
-The S3 server (moto, in a subprocess on a free 127.0.0.1 port) runs on one core and the
-benchmark client on the other (``os.sched_setaffinity``), so neither steals the other's
+The S3 server (Ceph RGW, brought up by the bench from tests/servers/; moto's when RGW cannot
+start, said loudly; BENCH_SERVER=moto chooses moto) runs on one core and the benchmark client
+on the other (``os.sched_setaffinity``), so neither steals the other's
 CPU. Each case runs in a fresh client process and measures its baseline in that same
 process; the report gives every ratio, never a bare time alone.
 """
@@ -38,9 +42,11 @@ QUICK = dict(big=256 * MiB, small_big=64 * MiB, slow_bytes=128 * MiB, slow_inter
 
 
 # The peers (bench/peers.py): state sizes with their targets, rounds, the loop's cadence.
-FULL.update(peer_sizes=[64 * MiB, GiB], peer_rounds=3, peer_loop={"seconds": 12.0, "interval": 2.0},
+FULL.update(peer_sizes=[64 * MiB, GiB], peer_rounds=3, peer_loop={"steps": 300, "interval": 2.0, "pairs": 2,
+                                                                   "seconds": 0},
             loop_rounds=3, scale=[64 * MiB, 256 * MiB, GiB, 4 * GiB], scale_names=["spotckpt", "sagemaker", "dcp_local"])
-QUICK.update(peer_sizes=[64 * MiB], peer_rounds=3, peer_loop={"seconds": 4.0, "interval": 1.0},
+QUICK.update(peer_sizes=[64 * MiB], peer_rounds=3, peer_loop={"steps": 150, "interval": 1.0, "pairs": 1,
+                                                               "seconds": 0},
              loop_rounds=1, scale=[64 * MiB, 256 * MiB], scale_names=["spotckpt", "sagemaker", "dcp_local"])
 
 
@@ -123,7 +129,7 @@ def warm_memory(nbytes: int) -> None:
     del a
 
 
-PARTS = ("base", "peers", "scale")
+PARTS = ("base", "peers", "loop", "scale")
 
 
 def run(quick: bool, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
@@ -137,7 +143,7 @@ def run(quick: bool, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
     try:
         print("warming memory", flush=True)
         warm_memory(6 * p["big"] if not quick else 4 * GiB)
-        if "peers" in parts or "scale" in parts:
+        if "peers" in parts or "scale" in parts or "loop" in parts:
             run_peer_parts(b, res, parts)
         res["elapsed_peers"] = time.monotonic() - t0
         if "base" in parts:
@@ -157,8 +163,7 @@ def run_peer_parts(b: Bench, res: dict[str, Any], parts: tuple[str, ...]) -> Non
     small = min(p["peer_sizes"])
     if "peers" in parts:
         print(f"peers on {b.server.name}:", flush=True)
-        res["peers"] = [run_peers(b, size, p["peer_rounds"], reps=2 if size <= 256 * MiB else 1,
-                                  loop=p["peer_loop"] if size == small else None, loop_rounds=p["loop_rounds"])
+        res["peers"] = [run_peers(b, size, p["peer_rounds"], reps=2 if size <= 256 * MiB else 1)
                         for size in p["peer_sizes"]]
         if b.server.name != "moto":
             print("peers on moto (second column):", flush=True)
@@ -167,6 +172,9 @@ def run_peer_parts(b: Bench, res: dict[str, Any], parts: tuple[str, ...]) -> Non
                 res["peers_moto"] = run_peers(mb, small, p["peer_rounds"], reps=2)
             finally:
                 mb.close()
+    if "loop" in parts:  # every contender runs the same steps, alone and saving, alternated
+        print("peers in the CPU-bound loop:", flush=True)
+        res["peer_loop"] = run_peers(b, small, p["loop_rounds"] or 1, reps=0, loop=p["peer_loop"], loop_only=True)
     if "scale" in parts:
         done = {r["bytes"] for r in res.get("peers", [])}
         print("scale curve:", flush=True)
@@ -225,8 +233,9 @@ def run_rest(b: Bench, res: dict[str, Any]) -> None:
     res["watched"] = b.case("watched", bytes=p["big"], reps=p["reps"])
     res["slowdown"] = b.case("slowdown", bytes=p["slow_bytes"], interval=p["slow_interval"],
                              seconds=p["slow_seconds"], pairs=p["slow_pairs"])
-    res["slowdown_idle"] = b.case("slowdown", bytes=p["slow_bytes"], interval=p["slow_interval"],
-                                  seconds=p["slow_seconds"], pairs=p["slow_pairs"], work="idle")
+    if not b.quick:
+        res["slowdown_idle"] = b.case("slowdown", bytes=p["slow_bytes"], interval=p["slow_interval"],
+                                      seconds=p["slow_seconds"], pairs=p["slow_pairs"], work="idle")
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -286,6 +295,7 @@ def main() -> None:
                     help="which parts to run: base (rows 1-8), peers, scale (default: all)")
     ap.add_argument("--peer-sizes", help="the peers' state sizes in MiB, comma-separated (default: 64,1024; "
                     "quick: 64)")
+    ap.add_argument("--loop-rounds", type=int, help="rounds that also run the CPU-bound loop (default: all; quick: 0)")
     ap.add_argument("--from-json", nargs="+", help="only re-render the report from saved results files "
                     "(several: parts run separately, merged in order)")
     a = ap.parse_args()
@@ -294,6 +304,8 @@ def main() -> None:
     else:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the servers are stopped on the way out
         parts = tuple(x for x in a.parts.split(",") if x)
+        if a.loop_rounds is not None:
+            (QUICK if a.quick else FULL)["loop_rounds"] = a.loop_rounds
         if a.peer_sizes:
             (QUICK if a.quick else FULL)["peer_sizes"] = [int(x) * MiB for x in a.peer_sizes.split(",")]
         r = run(a.quick, parts)
