@@ -263,6 +263,10 @@ def report(r: dict[str, Any]) -> str:
         + (f" (peers and scale curve {r['elapsed_peers'] / 60:.1f} min)" if "elapsed_peers" in r else "") + ". "
         + server_line(r),
     ]
+    if r.get("merged"):
+        lines += ["", "Parts run separately (the deadline did not fit one full run) and rendered together with "
+                  "`bench/run.py --from-json`; ratios are always within one run: "
+                  + "; ".join(r["merged"]) + "."]
     lines += base_report(r) if "slowdown" in r else []
     lines += peer_sections(r, REPO)
     lines += ["", "## Raw results", "", "```json", json.dumps(r, indent=1, default=str)[:30000], "```", ""]
