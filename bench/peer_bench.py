@@ -104,7 +104,7 @@ def verdict_rows(verdicts: list[dict[str, Any]], why: dict[str, str]) -> list[st
         ratio = f"{v['ratio']:.2f}×" if v["ratio"] is not None else f"{100 * (v['spot'] - v['best']):+.1f} pts"
         reason = why.get(f"{m}@{v['bytes']}", why.get(m, ""))
         lines.append(f"| {target} | {human(v['bytes'])} | {fmt(m, v['spot'])} | {fmt(m, v['best'])} "
-                     f"({LABELS[v['best_name']].split(':')[0]}) | {ratio} | {'met' if v['ok'] else '**missed**'} | "
+                     f"({LABELS[v['best_name']].split(': ')[0]}) | {ratio} | {'met' if v['ok'] else '**missed**'} | "
                      f"{reason} |")
     return lines
 
@@ -173,7 +173,7 @@ def svg(scale: dict[str, Any], path: Path, title: str) -> None:
 
 def scale_table(scale: dict[str, Any]) -> list[str]:
     names = scale["names"]
-    lines = ["| state | " + " | ".join(f"{LABELS[n].split(':')[0]}: durable / restore" for n in names) + " |",
+    lines = ["| state | " + " | ".join(f"{LABELS[n].split(': ')[0]}: durable / restore" for n in names) + " |",
              "|---" * (len(names) + 1) + "|"]
     for i, size in enumerate(scale["sizes"]):
         lines.append(f"| {human(size)} | " + " | ".join(

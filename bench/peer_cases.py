@@ -72,9 +72,10 @@ def case_save(p: dict[str, Any]) -> dict[str, Any]:
             stalls.append(now() - t)
             peer.wait()
             durable.append(now() - t)
-        out.update(stall_first=stalls[0], durable_first=durable[0], stalls=stalls[1:], durables=durable[1:],
-                   stall=median(stalls[1:]), durable=median(durable[1:]))
-        if p.get("loop_seconds"):
+        out.update(stall_first=stalls[0], durable_first=durable[0], stalls=stalls[1:], durables=durable[1:])
+        if stalls[1:]:
+            out.update(stall=median(stalls[1:]), durable=median(durable[1:]))
+        if p.get("loop_seconds") or p.get("loop_steps"):
             # the same step count for every contender (given), the loop alone and saving, alternated
             steps = p.get("loop_steps") or max(50, int(p["loop_seconds"] / (_loop(30, _one_step)[0] / 30)))
             bases, ckpts, saves = [], [], []

@@ -31,7 +31,7 @@ def _why(res: dict[str, Any]) -> dict[str, str]:
                     + ", ".join(ms(x) for r in runs for x in r["stalls"]) + ".")
     best_d = min(peers, key=lambda n: peers[n]["durable"])
     out["durable"] = (f"spotckpt streams the payload while `torch.save` writes it (multipart, 8 parts in flight), "
-                      f"then commits the manifest; the best peer ({LABELS[best_d].split(':')[0]}) writes the file "
+                      f"then commits the manifest; the best peer ({LABELS[best_d].split(': ')[0]}) writes the file "
                       f"first, then uploads it with the same client settings. spotckpt per save: "
                       + ", ".join(sec(x) for r in runs for x in r["durables"]) + "; best peer: "
                       + ", ".join(sec(x) for r in res["runs"][best_d] for x in r["durables"]) + ".")
@@ -39,7 +39,7 @@ def _why(res: dict[str, Any]) -> dict[str, str]:
     out["restore"] = (f"both download with parallel ranged GETs; spotckpt also sends a write probe (PUT + DELETE: a "
                       f"remote it could not write to must fail before training, not at the first save), lists the "
                       f"checkpoints, reads the manifest, checks the payload's size and XXH3 checksum, and lists the "
-                      f"prefix for the script's own files; the best peer ({LABELS[best_r].split(':')[0]}) lists and "
+                      f"prefix for the script's own files; the best peer ({LABELS[best_r].split(': ')[0]}) lists and "
                       f"downloads. spotckpt per round: " + ", ".join(sec(r["restore"]) for r in runs)
                       + "; best peer: " + ", ".join(sec(r["restore"]) for r in res["runs"][best_r]) + f" ({size}).")
     return {f"{k}@{res['bytes']}": v for k, v in out.items()}
@@ -51,7 +51,7 @@ def _why_loop(res: dict[str, Any], s: dict, sp: dict, peers: dict, runs: list) -
         best_l = min(peers, key=lambda n: peers[n]["slowdown"])
         out["slowdown"] = (f"the client has one core and the loop keeps it busy: every CPU-second of the background "
                            f"pipeline is taken from training. spotckpt saved {sp['saves']:.0f} times per loop, the best "
-                           f"peer ({LABELS[best_l].split(':')[0]}) {peers[best_l]['saves']:.0f} times; spotckpt's extra "
+                           f"peer ({LABELS[best_l].split(': ')[0]}) {peers[best_l]['saves']:.0f} times; spotckpt's extra "
                            "work per save is the XXH3 checksum and the fsync of the local commit, the boto3 peers' the "
                            "file write and the upload, as spotckpt's. Per round (spotckpt / best peer): "
                            + ", ".join(f"{100 * a['slowdown']:+.1f}% / {100 * b['slowdown']:+.1f}%"

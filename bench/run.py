@@ -169,7 +169,7 @@ def run_peer_parts(b: Bench, res: dict[str, Any], parts: tuple[str, ...]) -> Non
             print("peers on moto (second column):", flush=True)
             mb = Bench(b.quick, server=start_server("moto"))
             try:
-                res["peers_moto"] = run_peers(mb, small, p["peer_rounds"], reps=2)
+                res["peers_moto"] = run_peers(mb, min(small, 64 * MiB), p["peer_rounds"], reps=2)
             finally:
                 mb.close()
     if "loop" in parts:  # every contender runs the same steps, alone and saving, alternated
