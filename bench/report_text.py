@@ -39,7 +39,7 @@ def why(r: dict[str, Any], row: str) -> str:
     load = r["load_before"][0]
     noisy = (f" The machine was shared (load average {load:.1f} on {len(r['cores'])} cores when the run "
              "started), which adds noise to every time here." if load > 1.0 else "")
-    u, g, gs = r["upload"], r["sigterm"], r["sigterm_small"]
+    u, g, gs = r.get("upload", {}), r.get("sigterm", {}), r.get("sigterm_small", {})
     if row == "stall":
         s = r["stall"]
         return (f"the steady-state save copies {human(s['bytes'])} into reused buffers; the memcpy baseline took "
@@ -47,7 +47,7 @@ def why(r: dict[str, Any], row: str) -> str:
                 + ", ".join(ms(x) for x in s["stalls"][1:]) + "): preemption by other processes on the client "
                 "core shows up here first." + noisy)
     if row == "sigterm":
-        small_ok = gs["spotckpt"] <= gs["limit"]
+        small_ok = bool(gs) and gs["spotckpt"] <= gs["limit"]
         fresh = (f" Row 4r measures that effect: the same raw upload of a file written just before (not timed) "
                  f"took {sec(g['upload_fresh'])} instead of {sec(g['upload'])}, and against it spotckpt's ratio is "
                  f"{g['spotckpt'] / (g['memcpy'] + g['upload_fresh']):.2f}×." if "upload_fresh" in g else "")

@@ -204,7 +204,7 @@ def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest
                 if remote_size != e.size:
                     raise CorruptCheckpointError(
                         f"spotckpt: remote {key} has {remote_size} bytes, its manifest says {e.size}")
-                store.get_file(key, target)
+                store.get_file(key, target, size=remote_size)
             except FileNotFoundError as err:  # the bucket is there: we just read the manifest
                 raise CorruptCheckpointError(
                     f"spotckpt: remote {key} is named by its manifest but missing") from err

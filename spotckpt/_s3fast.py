@@ -36,6 +36,9 @@ def _part_size(size: int) -> int:
     return part
 
 
+# s3fs options S3Fast reproduces as they are (anything else: S3Fast.for_fs on a built s3fs).
+_OPTIONS = {"key", "secret", "token", "anon", "endpoint_url", "client_kwargs", "config_kwargs", "profile",
+            "use_ssl", "skip_instance_cache", "use_listings_cache"}
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket", "NoSuchUpload"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
            "InvalidToken", "ExpiredToken"}
@@ -76,6 +79,7 @@ class S3Fast:
         self._lock = threading.Lock()
         self._client: Any = None
         self._manager: Any = None
+        self._etags: dict[str, str | None] = {}  # key -> ETag of its last HEAD, until get_file
 
     @classmethod
     def for_fs(cls, fs: Any, root: str) -> S3Fast | None:
@@ -92,25 +96,45 @@ class S3Fast:
         profile = extra.pop("profile", None)
         if extra:
             return None  # session settings we would not reproduce faithfully
+        opts = {k: getattr(fs, k, None) for k in ("client_kwargs", "endpoint_url", "key", "secret", "token",
+                                                    "use_ssl", "config_kwargs", "anon")}
+        return cls._build(root, dict(opts, profile=profile))
+
+    @classmethod
+    def for_options(cls, opts: dict[str, Any], root: str) -> S3Fast | None:
+        """As :meth:`for_fs`, from the s3fs options themselves (no s3fs import), or None when
+        they hold anything beyond the settings below (the caller then builds the s3fs
+        filesystem and asks :meth:`for_fs`)."""
+        if set(opts) - _OPTIONS:
+            return None
+        try:
+            import boto3  # noqa: F401
+            import s3transfer.manager  # noqa: F401
+        except ImportError:
+            return None
+        return cls._build(root, opts)
+
+    @classmethod
+    def _build(cls, root: str, o: dict[str, Any]) -> S3Fast | None:
         bucket = root.split("/", 1)[0]
         if not bucket:
             return None
         session_kwargs: dict[str, Any] = {}
-        if profile:
-            session_kwargs["profile_name"] = profile
-        ck = dict(getattr(fs, "client_kwargs", {}) or {})
-        if getattr(fs, "endpoint_url", None) and "endpoint_url" not in ck:
-            ck["endpoint_url"] = fs.endpoint_url
-        if getattr(fs, "key", None):
-            ck.setdefault("aws_access_key_id", fs.key)
-        if getattr(fs, "secret", None):
-            ck.setdefault("aws_secret_access_key", fs.secret)
-        if getattr(fs, "token", None):
-            ck.setdefault("aws_session_token", fs.token)
-        if getattr(fs, "use_ssl", True) is False:
+        if o.get("profile"):
+            session_kwargs["profile_name"] = o["profile"]
+        ck = dict(o.get("client_kwargs") or {})
+        if o.get("endpoint_url") and "endpoint_url" not in ck:
+            ck["endpoint_url"] = o["endpoint_url"]
+        if o.get("key"):
+            ck.setdefault("aws_access_key_id", o["key"])
+        if o.get("secret"):
+            ck.setdefault("aws_secret_access_key", o["secret"])
+        if o.get("token"):
+            ck.setdefault("aws_session_token", o["token"])
+        if o.get("use_ssl", True) is False:
             ck.setdefault("use_ssl", False)
-        cfg = dict(getattr(fs, "config_kwargs", {}) or {})
-        if getattr(fs, "anon", False):
+        cfg = dict(o.get("config_kwargs") or {})
+        if o.get("anon"):
             from botocore import UNSIGNED
 
             cfg["signature_version"] = UNSIGNED
@@ -174,28 +198,35 @@ class S3Fast:
         self._transfer(lambda m, subs: m.upload(local, self.bucket, key, subscribers=subs), part, progress)
         return False
 
-    def get_file(self, key: str, local: str, progress: Callable[[int], None] | None = None) -> None:
+    def get_file(self, key: str, local: str, progress: Callable[[int], None] | None = None,
+                 size: int | None = None) -> None:
         """Download ``key`` to ``local`` with CONCURRENCY parallel ranged GETs.
 
         One range per connection (64-256 MiB): S3 serves each connection at a steady
         rate, so more, smaller ranges only add requests, and servers that copy the object for
         every range request (moto does) slow down with each one (bench/).
         """
-        size = self.size(key)
+        etag = self._etags.pop(key, None)
+        if size is None:
+            size = self.size(key)
+            etag = self._etags.pop(key, None)
         part = min(max(MIN_RANGE, -(-size // CONCURRENCY)), MAX_RANGE)  # big files: a straggler costs less
         part = -(-part // (1 << 20)) << 20
         self._transfer(lambda m, subs: m.download(self.bucket, key, local, subscribers=subs), part,
-                       progress, size=size)
+                       progress, size=size, etag=etag)
 
     def _transfer(self, start: Callable[[Any, list], Any], part: int,
-                  progress: Callable[[int], None] | None, size: int | None = None) -> None:
+                  progress: Callable[[int], None] | None, size: int | None = None,
+                  etag: str | None = None) -> None:
         subs: list = []
         if size is not None:
             from s3transfer.subscribers import BaseSubscriber
 
-            class _Size(BaseSubscriber):  # s3transfer skips its own HEAD
+            class _Size(BaseSubscriber):  # with both, s3transfer skips its own HEAD
                 def on_queued(self, future: Any, **kw: Any) -> None:
                     future.meta.provide_transfer_size(size)
+                    if etag is not None:  # the ranges are then read If-Match this version
+                        future.meta.provide_object_etag(etag)
 
             subs.append(_Size())
         if progress is not None:
@@ -246,4 +277,8 @@ class S3Fast:
 
     def size(self, key: str) -> int:
         """The object's size. Raises FileNotFoundError if it does not exist."""
-        return int(self._call(lambda: self.client.head_object(Bucket=self.bucket, Key=key))["ContentLength"])
+        resp = self._call(lambda: self.client.head_object(Bucket=self.bucket, Key=key))
+        if len(self._etags) > 64:  # sizes checked without a download after (uploads)
+            self._etags.clear()
+        self._etags[key] = resp.get("ETag")  # for get_file, which then needs no HEAD of its own
+        return int(resp["ContentLength"])

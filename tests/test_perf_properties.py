@@ -196,3 +196,53 @@ def test_save_stall_does_not_grow_with_upload_time(tmp_path: Path, env: S3Server
     assert saving < upload / 2
     assert statistics.median(slow) < statistics.median(fast) + 0.25, (slow, fast)
     assert max(slow) < 1.0, (slow, upload)  # each upload took seconds
+
+
+_FIRST_BYTE = r"""
+import json, sys
+import boto3, torch  # imported before, as a script would; what open() imports is the point
+import spotckpt
+from spotckpt import _s3fast
+seen = {}
+orig = _s3fast.S3Fast.get_file
+def get_file(self, *a, **k):
+    seen.setdefault("modules", sorted(m for m in ("s3fs", "aiobotocore", "aiohttp", "fsspec") if m in sys.modules))
+    return orig(self, *a, **k)
+_s3fast.S3Fast.get_file = get_file
+state = {"w": torch.zeros(1)}
+with spotckpt.Checkpointer(state, local_dir=sys.argv[1], remote=sys.argv[2]) as ck:
+    seen["step"] = ck.restored_step
+    seen["ok"] = bool(state["w"].numel() == 2 * 1024 * 1024)
+print("SEEN " + json.dumps(seen))
+"""
+
+
+def test_restore_first_byte_waits_for_nothing_needless(tmp_path: Path, env: S3Server) -> None:
+    """A restore from ``s3://`` on an empty dir reaches the payload's first GET through one
+    boto3 client alone: no s3fs (nor its aiobotocore/aiohttp stack) imported by then, and no
+    request beyond the write probe, one listing, the manifest and one size check (bench/
+    peers: s3fs's import and first request cost ~0.4 s of a 64 MiB restore; a second HEAD
+    of the payload another round trip)."""
+    import subprocess
+    import sys
+
+    bucket = env.new_bucket()
+    remote = f"s3://{bucket}/run/"
+    with spotckpt.Checkpointer({"w": torch.rand(2 * MiB)}, local_dir=tmp_path / "a", remote=remote) as ck:
+        ck.save()
+        assert ck.flush(60)
+        step = ck.step
+    with Recording(env) as rec:
+        out = subprocess.run([sys.executable, "-c", _FIRST_BYTE, str(tmp_path / "b"), remote],
+                             env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("SEEN "))[5:])
+    assert seen["step"] == step and seen["ok"], seen
+    assert seen["modules"] == [], seen  # s3fs and its async stack: not needed before the first byte
+    payload = f"/{bucket}/run/step-{step:012d}/state.pt"
+    first = next(i for i, (m, p, _) in enumerate(rec.requests) if m == "GET" and p == payload)
+    before = [(m, p.replace(f"/{bucket}/run/", "")) for m, p, _ in rec.requests[:first]]
+    assert len(before) == 5, before
+    assert [m for m, _ in before] == ["PUT", "DELETE", "GET", "GET", "HEAD"], before
+    assert before[1][1] == before[0][1] and ".spotckpt-probe-" in before[0][1], before  # the probe
+    assert before[3:] == [("GET", f"step-{step:012d}/MANIFEST.json"), ("HEAD", f"step-{step:012d}/state.pt")]
