@@ -124,7 +124,16 @@ def test_stale_handler_with_default_original_terminates(tmp_path: Path) -> None:
 def test_sigint_as_a_notice_does_not_chain_to_keyboard_interrupt() -> None:
     """SIGINT configured as a notice (as `spotckpt run` configures its child) is a notice,
     not a KeyboardInterrupt in the middle of the interruption save."""
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own SIGINT handler, whatever the suite inherited: a shell starts background
+    # jobs with SIGINT ignored, and Python then keeps SIG_IGN (a `make test &` failed here).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _sigint_as_a_notice()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _sigint_as_a_notice() -> None:
     board = NoticeBoard()
     src = SignalSource(board, (int(signal.SIGTERM), int(signal.SIGINT)), 30)
     src.install()

@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from spotckpt import _watch
+from spotckpt import _closed, _watch
 from spotckpt._fileset import newest_set
 from spotckpt._local import LocalDir
 from spotckpt._store import RemoteStore
@@ -91,7 +91,14 @@ def test_a_file_being_truncated_by_open_is_never_committed_empty(tmp_path: Path,
         _watch.os.stat = real_stat
     assert newest_set(store).entries["model.pt"] == first, "committed while being truncated"
     # The truncation is over (blocks 0) but the open has not returned yet: just emptied.
-    w.run_pass()
+    # "Just" is SETTLE_NS after the truncation; a pass on a loaded machine may start later
+    # than that, so the window is widened here rather than raced (it failed at load 12).
+    settle = _closed.SETTLE_NS
+    _closed.SETTLE_NS = 3600 * 1_000_000_000
+    try:
+        w.run_pass()
+    finally:
+        _closed.SETTLE_NS = settle
     assert newest_set(store).entries["model.pt"] == first, "committed a file emptied just now"
     # An empty file that stays empty and closed is a real version: it goes up once settled.
     old = time.time_ns() - 5_000_000_000
