@@ -151,7 +151,12 @@ def open_remote(url: str, storage_options: dict | None = None, *, probe: str | N
         quick_store(url, storage_options).probe()
     elif probe == "read":
         quick = quick_store(url, storage_options)
-        quick.committed()
+        try:
+            quick.committed()
+        except RemoteError:
+            # boto3's listing of a missing bucket fails (s3fs's was empty): name what is missing
+            require_container(quick)
+            raise
         require_container(quick)
     return RemoteStore(url, storage_options, attempts=attempts)
 
