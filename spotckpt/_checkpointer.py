@@ -129,11 +129,13 @@ class Checkpointer(Startup, Interrupt):
         """
         if not self._open:
             return
-        self._open = False
         err: BaseException | None = None
         try:
-            if self.notice is not None and not self.interrupted:
-                self._interrupt_save()  # a notice that came after the last step boundary
+            try:
+                if self.notice is not None and not self.interrupted:
+                    self._interrupt_save()  # a notice that came after the last step boundary
+            finally:
+                self._open = False  # (after: that save needs the Checkpointer open)
             if self._writer is not None:
                 self._writer.wait()
             if self._syncer is not None:
@@ -157,8 +159,13 @@ class Checkpointer(Startup, Interrupt):
             self._teardown()
         if self._syncer is not None and self._syncer.stale is not None:
             err = StaleGenerationError(str(self._syncer.stale))  # whatever else went wrong
-        if err is not None and raise_errors:
-            raise err
+        if err is not None:
+            if raise_errors:
+                raise err
+            if not isinstance(err, StaleGenerationError):  # (_leave_stale says that one itself)
+                # leaving on another error (the loop's, or a framework's exit): say what this was
+                log.error("spotckpt: closing the Checkpointer failed too: %s: %s", type(err).__name__,
+                          err)
 
     def _teardown(self) -> None:
         if self._watcher is not None:

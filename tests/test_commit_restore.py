@@ -1,7 +1,10 @@
 """The commit protocol, verified restore and retention, on file:// and on the S3 server."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -284,3 +287,30 @@ def test_wait_durable(tmp_path: Path, remote_url: str) -> None:
     with spotckpt.Checkpointer(state, local_dir=tmp_path / "b", remote=remote_url) as ck:
         assert ck.restored_step == 1 and ck.durable_step == 1
         assert ck.wait_durable(timeout=1)  # the restored checkpoint is on the remote already
+
+
+@pytest.mark.parametrize("leave", ["with", "close"])
+def test_notice_after_the_last_boundary_is_saved_on_leaving(tmp_path: Path, remote_url: str, leave: str) -> None:
+    """A SIGTERM after the loop's last step boundary (say, during an evaluation after
+    training): leaving the ``with`` block, or ``close()``, saves that step and makes it durable.
+    Before the fix close() marked itself closed first, so its own interruption save was
+    refused ("use the Checkpointer inside `with`")."""
+    state = {"w": torch.zeros(3)}
+    ck = spotckpt.Checkpointer(state, local_dir=tmp_path / "a", remote=remote_url, every_steps=100,
+                               exit_on_interrupt=False)
+    with ck if leave == "with" else contextlib.nullcontext():
+        if leave == "close":
+            ck.open()
+        for _ in range(5):
+            state["w"] = state["w"] + 1
+            ck.step += 1
+            ck.boundary()
+        os.kill(os.getpid(), signal.SIGTERM)
+        end = time.monotonic() + 30
+        while not ck.should_stop and time.monotonic() < end:  # (the handler runs between bytecodes)
+            time.sleep(0.001)
+        assert ck.should_stop and not ck.interrupted
+        if leave == "close":
+            ck.close()
+    assert ck.interrupted and ck.durable_step == 5
+    assert RemoteStore(remote_url).committed() == [5]

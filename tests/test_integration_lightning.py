@@ -36,6 +36,23 @@ ex.Regressor = Model
 ex.main()
 """
 
+# The same, with the SIGTERM while validating after a chosen step: Lightning's own SIGTERM
+# handling ends fit there (SIGTERMException) before any training batch boundary.
+KILL_IN_VALIDATION = """
+import os, signal, sys
+sys.path.insert(0, {examples!r})
+import train_lightning as ex
+
+class Model(ex.Regressor):
+    def validation_step(self, batch, batch_idx):
+        if self.global_step == {step} and not self.trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().validation_step(batch, batch_idx)
+
+ex.Regressor = Model
+ex.main()
+"""
+
 
 @pytest.fixture(scope="module")
 def reference(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -86,6 +103,27 @@ def test_sigterm_in_an_epochs_last_batch_resumes_bitwise(reference: dict, s3_ser
     out2 = run(SCRIPT, [*ARGS, "--out", str(tmp_path / "final.pt")],
                script_env(s3_server, tmp_path / "local-2", s3_remote))
     assert resumed_step(out2) == boundary, out2
+    assert_bitwise(torch.load(tmp_path / "final.pt"), reference["weights"])
+
+
+def test_sigterm_during_validation_saves_and_resumes_bitwise(reference: dict, s3_server: S3Server,
+                                                          s3_remote: str, tmp_path: Path) -> None:
+    """The notice comes after the last training batch's boundary: the callback saves when
+    Lightning ends fit (on_exception, then Checkpointer.close). Before the fix close() refused
+    its own interruption save ("use the Checkpointer inside `with`"), swallowed the error and
+    the process exited 143 with nothing durable."""
+    step = 2 * STEPS_PER_EPOCH
+    wrapper = tmp_path / "kill_in_validation.py"
+    wrapper.write_text(KILL_IN_VALIDATION.format(examples=str(EXAMPLES), step=step))
+    proc = start(wrapper, ARGS, script_env(s3_server, tmp_path / "local-1", s3_remote))
+    out1, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out1
+    assert f"step {step} is durable" in out1, out1
+    assert remote_steps(s3_server, s3_remote)[-1] == step, out1
+
+    out2 = run(SCRIPT, [*ARGS, "--out", str(tmp_path / "final.pt")],
+               script_env(s3_server, tmp_path / "local-2", s3_remote))
+    assert resumed_step(out2) == step, out2
     assert_bitwise(torch.load(tmp_path / "final.pt"), reference["weights"])
 
 
