@@ -12,6 +12,7 @@ Takes about a minute. Needs the test extras (moto[server], boto3): `make demo` i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "demo-work"
@@ -34,22 +36,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_s3() -> tuple[subprocess.Popen, str]:
+@contextlib.contextmanager
+def s3_server(work: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """An S3 server (moto, logging to ``work``/moto.log) for the length of the block: yields
+    its endpoint and this environment pointed at it (credentials, no SPOTCKPT_* settings)."""
     port = free_port()
-    log = open(WORK / "moto.log", "wb")
+    log = open(work / "moto.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=log)
     endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            return proc, endpoint
-        except OSError:
-            if proc.poll() is not None:
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
                 break
-            time.sleep(0.1)
-    proc.kill()
-    sys.exit(f"demo: the S3 test server did not start (see {WORK / 'moto.log'})")
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        else:
+            proc.kill()
+        if proc.poll() is not None:
+            sys.exit(f"demo: the S3 test server did not start (see {work / 'moto.log'})")
+        env = dict(os.environ, AWS_ENDPOINT_URL_S3=endpoint, AWS_ACCESS_KEY_ID="demo",
+                   AWS_SECRET_ACCESS_KEY="demo-secret-key", AWS_REGION="us-east-1",
+                   AWS_EC2_METADATA_DISABLED="true", PYTHONUNBUFFERED="1")
+        for k in [k for k in env if k.startswith("SPOTCKPT_")]:
+            del env[k]
+        yield endpoint, env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 def banner(text: str) -> None:
@@ -59,13 +80,7 @@ def banner(text: str) -> None:
 def main() -> int:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
-    server, endpoint = start_s3()
-    try:
-        env = dict(os.environ, AWS_ENDPOINT_URL_S3=endpoint, AWS_ACCESS_KEY_ID="demo",
-                   AWS_SECRET_ACCESS_KEY="demo-secret-key", AWS_REGION="us-east-1",
-                   AWS_EC2_METADATA_DISABLED="true", PYTHONUNBUFFERED="1")
-        for k in [k for k in env if k.startswith("SPOTCKPT_")]:
-            del env[k]
+    with s3_server(WORK) as (endpoint, env):
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="demo",
@@ -107,12 +122,6 @@ def main() -> int:
         same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         banner(f"final weights bitwise identical to the uninterrupted run: {same}")
         return rc if same else 1
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tarfile
 
-from demo import REPO, banner, start_s3
+from demo import REPO, banner, s3_server
 
 WORK = REPO / "demo-work" / "sagemaker"
 SCRIPT = REPO / "examples" / "sagemaker_style_contract.py"
@@ -32,16 +31,7 @@ EPOCHS, SCALE = 60, 2
 def main() -> int:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
-    import demo
-
-    demo.WORK = WORK  # start_s3 logs there
-    server, endpoint = start_s3()
-    try:
-        env = dict(os.environ, AWS_ENDPOINT_URL_S3=endpoint, AWS_ACCESS_KEY_ID="demo",
-                   AWS_SECRET_ACCESS_KEY="demo-secret-key", AWS_REGION="us-east-1",
-                   AWS_EC2_METADATA_DISABLED="true", PYTHONUNBUFFERED="1")
-        for k in [k for k in env if k.startswith("SPOTCKPT_")]:
-            del env[k]
+    with s3_server(WORK) as (endpoint, env):
         import boto3
 
         s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="demo",
@@ -82,12 +72,6 @@ def main() -> int:
         banner(f"{url}: model.json {model}; uninterrupted result {want:g}: "
                f"{'identical' if model['total'] == want else 'DIFFERENT'}")
         return rc if model["total"] == want else 1
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 if __name__ == "__main__":
