@@ -110,6 +110,26 @@ def remote_for(base: str, tmp: Path, i: int) -> str:
     return f"{base}z{i}/" if base.startswith("s3://") else f"file://{tmp / f'remote{i}'}/"
 
 
+def judge(run: str, remote: str, run_dir: Path, new: Proc, rc_new: int, old: Proc, rc_old: int,
+          failures: list[str], names: tuple[str, str]) -> str | None:
+    """What both attacks check once the two instances ended: every committed manifest
+    verifies, the newer instance finished, the older one stopped with the documented line and
+    status (or finished before the newer claim), and a fresh restore gets the newer one's
+    final state. Returns "stopped" or "finished"; None after recording a failure."""
+    bad = bad_manifests(remote, run_dir)
+    if bad:
+        failures.append(f"{run}: {len(bad)} committed manifest(s) fail their checksum: {bad[:3]}")
+    if rc_new != 0:
+        failures.append(f"{run}: {names[0]} exited {rc_new}:\n{new.stderr[-2000:]}")
+        return None
+    outcome = "stopped" if check_stale(old, rc_old, failures, f"{run}: {names[1]}") else "finished"
+    step, digest = fresh_restore(remote, run_dir)
+    if (step, digest) != (TOTAL, final(new)):
+        failures.append(f"{run}: a fresh restore got step {step} {digest}, {names[0]} ended at "
+                        f"step {TOTAL} {final(new)} ({names[1]}: {final(old)})")
+    return outcome
+
+
 def test_zombie_and_replacement(remote_url: str, tmp_path: Path) -> None:
     """The old instance (Z) pauses, a replacement (R) starts on an empty local dir and runs
     to the end; Z goes on at a random moment. The replacement's lineage wins, Z stops with
@@ -139,20 +159,9 @@ def test_zombie_and_replacement(remote_url: str, tmp_path: Path) -> None:
             time.sleep(rng.uniform(0.0, 0.3))
             gate.touch()
         rc_r, rc_z = r.finish(120), z.finish(120)
-        if rc_r != 0:
-            failures.append(f"run {i}: the replacement exited {rc_r}:\n{r.stderr[-2000:]}")
-            continue
-        if check_stale(z, rc_z, failures, f"run {i}: the zombie"):
-            stopped += 1
-        else:
-            finished += 1
-        bad = bad_manifests(remote, run_dir)
-        if bad:
-            failures.append(f"run {i}: {len(bad)} committed manifest(s) fail their checksum: {bad[:3]}")
-        step, digest = fresh_restore(remote, run_dir)
-        if (step, digest) != (TOTAL, final(r)):
-            failures.append(f"run {i}: a fresh restore got step {step} {digest}, the replacement "
-                            f"ended at step {TOTAL} {final(r)} (zombie: {final(z)})")
+        outcome = judge(f"run {i}", remote, run_dir, r, rc_r, z, rc_z, failures, ("the replacement", "the zombie"))
+        stopped += outcome == "stopped"
+        finished += outcome == "finished"
     print(f"[fence] zombie+replacement on {remote_url.split(':')[0]}: {runs(remote_url)} runs in "
           f"{time.monotonic() - t0:.1f} s, zombie stopped (exit {EXIT_STALE}) {stopped}, done before "
           f"the claim {finished}, failures {len(failures)}")
@@ -182,24 +191,14 @@ def test_double_launch(remote_url: str, tmp_path: Path) -> None:
         (run_dir / "start-b").touch()
         ga, gb = generation(a), generation(b)
         rc_a, rc_b = a.finish(120), b.finish(120)
-        bad = bad_manifests(remote, run_dir)
-        if bad:
-            failures.append(f"run {i}: {len(bad)} committed manifest(s) fail their checksum: {bad[:3]}")
         if ga is None or gb is None or ga == gb:
             failures.append(f"run {i}: generations {ga} and {gb}")
             continue
         (new, rc_new), (old, rc_old) = sorted([(a, rc_a), (b, rc_b)], key=lambda x: -generation(x[0]))
-        if rc_new != 0:
-            failures.append(f"run {i}: the newer instance exited {rc_new}:\n{new.stderr[-2000:]}")
-            continue
-        if check_stale(old, rc_old, failures, f"run {i}: the older instance"):
-            stopped += 1
-        else:
-            finished += 1
-        step, digest = fresh_restore(remote, run_dir)
-        if (step, digest) != (TOTAL, final(new)):
-            failures.append(f"run {i}: a fresh restore got step {step} {digest}, the newer instance "
-                            f"ended at step {TOTAL} {final(new)}")
+        outcome = judge(f"run {i}", remote, run_dir, new, rc_new, old, rc_old, failures,
+                        ("the newer instance", "the older instance"))
+        stopped += outcome == "stopped"
+        finished += outcome == "finished"
     print(f"[fence] double launch on {remote_url.split(':')[0]}: {runs(remote_url)} runs in "
           f"{time.monotonic() - t0:.1f} s, older stopped (exit {EXIT_STALE}) {stopped}, done before "
           f"the newer claim {finished}, failures {len(failures)}")
