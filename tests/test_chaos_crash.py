@@ -300,3 +300,37 @@ def test_retention_catches_up_with_a_backlog_in_a_few_requests(tmp_path: Path, s
     committed, orphans = remote_audit(s3_server, bucket, "run/")
     assert committed == [30, 50] and orphans == 0, (committed, orphans)
     assert len(deletes) <= 4, deletes
+
+
+def test_retention_cut_short_by_an_error_runs_again(tmp_path: Path) -> None:
+    """Regression: an error in the retention after a run's last upload (a failed delete)
+    made the Syncer retry the step, and the retry found the step committed and returned:
+    that run left its orphans and a checkpoint too many."""
+    import hashlib
+
+    from spotckpt._errors import RemoteError
+    from spotckpt._manifest import FileEntry, build_manifest, step_dirname
+    from spotckpt._store import RemoteStore
+    from spotckpt._syncer import Syncer
+
+    store = RemoteStore(f"file://{tmp_path / 'remote'}/")
+    store.put_bytes(f"{step_dirname(2)}/state.pkl", b"orphaned payload")
+    local = LocalDir(tmp_path / "ck")
+    entry = FileEntry("state.pkl", 1, hashlib.sha256(b"p").hexdigest(), "sha256")
+    tmp = local.begin(5)
+    (tmp / "state.pkl").write_bytes(b"p")
+    local.commit(tmp, build_manifest(5, [entry], framework="t", serializer="x"))
+    rm_many, failed = store.rm_many, []
+
+    def flaky(rels: list[str]) -> None:
+        if rels and not failed:
+            failed.append(rels)
+            raise RemoteError("spotckpt: injected delete failure")
+        rm_many(rels)
+    store.rm_many = flaky  # type: ignore[method-assign]
+    syncer = Syncer(local, store, keep_last=2, mirror=False, scan_interval=0.05)
+    syncer.start()
+    syncer.submit(5)
+    assert not syncer.flush(30) and failed  # the retention failed ...
+    assert syncer.close(30)  # ... and the retry of step 5 ran it again
+    assert sorted(store.find()) == [f"{step_dirname(5)}/{MANIFEST}", f"{step_dirname(5)}/state.pkl"]
