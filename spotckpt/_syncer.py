@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ._errors import StaleGenerationError
+from ._errors import CorruptCheckpointError, RemoteError, StaleGenerationError
 from ._events import EventLog, log
-from ._fence import Fence
+from ._fence import Fence, generation_of, payload_dir
 from ._layout import SingleLayout
 from ._local import LocalDir
 from ._manifest import MANIFEST, Manifest, parse_step_dirname, step_dirname
@@ -28,6 +28,17 @@ from ._watch import Watcher
 from ._watchrules import DirRule, WriterGate, rules_from_env
 
 _IDLE_CPU = 0.005          # share of a core an idle Syncer may spend scanning the local dir
+
+
+def _generation_dir(name: str) -> bool:
+    """Whether ``name`` (under ``step-N/``) is a generation's payload dir ``g-<G>``."""
+    return len(name) == 14 and name.startswith("g-") and name[2:].isdigit()
+
+
+def _upload_dir(rel: str) -> str:
+    """The dir of one generation's upload that ``rel`` (under ``step-N/``) is in."""
+    parts = rel.split("/", 2)
+    return "/".join(parts[:2]) if len(parts) > 2 and _generation_dir(parts[1]) else parts[0]
 
 
 class Syncer:
@@ -53,6 +64,7 @@ class Syncer:
         # streamed files (see submit()); and the last step committed remotely that way.
         self._early: tuple[int, Manifest, dict[str, Path]] | None = None
         self._early_done: int | None = None
+        self._retention_due: int | None = None  # a step whose remote retention did not complete
         self._uploading: int | None = None
         self._uploading_bytes = 0
         self._uploading_since: float | None = None
@@ -243,6 +255,8 @@ class Syncer:
         if self.store.exists(lay.marker_key(step)) and lay.marker_is_ours(self.store, step, manifest):
             lay.after_marker(self.store, step, manifest)
             self.durable_step = max(self.durable_step or -1, step)
+            if lay.owns_retention and self._retention_due == step:
+                self._remote_retention(step)  # an error cut it short: the retry of the step
             return
         t0 = self._started(step, manifest)
         for e in manifest.files:
@@ -296,7 +310,14 @@ class Syncer:
         each upload still catches up (one delete after another, it fell behind by one
         checkpoint per kill). Payload without a manifest there was left by a process killed
         between payload and manifest upload, or between these two requests: it never was a
-        checkpoint, and nothing else would ever remove it. Quarantined checkpoints stay."""
+        checkpoint, and nothing else would ever remove it. Quarantined checkpoints stay.
+
+        Above the newest step, and beside the checkpoints kept, payload may be this
+        process's upload in flight, but then it is under this generation's dir: another
+        (older: the fence check proves no newer one) generation's payload there was left by
+        a killed process that had run ahead of the remote, and can never be committed now
+        (:meth:`_stale_payload`)."""
+        self._retention_due = newest
         # A superseded step's stream may still be sending: done first, so that its payload
         # is in the listing (a late one stayed on the remote after a run's last upload).
         self.store.streams.drop_before(newest)
@@ -310,15 +331,51 @@ class Syncer:
         old = [s for s in steps if s not in keep and s < newest]
         doomed = {s: rels for s, rels in by_step.items() if s < newest and s not in keep
                   and f"{step_dirname(s)}/{MANIFEST}.quarantined" not in rels}
-        if self.fence is not None and (old or doomed):
+        stale = self._stale_payload(newest, {s: rels for s, rels in by_step.items() if s not in doomed})
+        if self.fence is not None and (old or doomed or stale):
             self.fence.check("retention's deletes")  # never a newer generation's checkpoints
         self.store.rm_many([f"{step_dirname(s)}/{MANIFEST}" for s in old])
         for s in old:
             self.events.emit("remote_deleted", step=s)
         self.store.rm_many([rel for s, rels in doomed.items() for rel in rels
-                            if not (s in old and rel.endswith(f"/{MANIFEST}"))])
-        for s in sorted(set(doomed) - set(old)):
+                            if not (s in old and rel.endswith(f"/{MANIFEST}"))]
+                           + [rel for rels in stale.values() for rel in rels])
+        for s in sorted((set(doomed) - set(old)) | set(stale)):
             self.events.emit("remote_orphan_deleted", step=s)
+        self._retention_due = None
+
+    def _stale_payload(self, newest: int, by_step: dict[int, list[str]]) -> dict[int, list[str]]:
+        """Of the step dirs retention keeps (``step -> objects``), the objects of another
+        generation's upload that no manifest names: everything but this generation's
+        ``g-<G>/`` dir and the manifest, unless the manifest is another generation's (read
+        only where the dir holds two uploads). Nothing while this instance writes where
+        generations 0 and 1 did (``step-N/`` itself, which it cannot tell apart)."""
+        g = self.layout.generation
+        if self.fence is None or g <= 1:
+            return {}
+        out: dict[int, list[str]] = {}
+        for s, rels in by_step.items():
+            d = step_dirname(s)
+            if f"{d}/{MANIFEST}.quarantined" in rels:
+                continue
+            mine = f"{payload_dir(s, g)}/"
+            theirs = [r for r in rels if not r.startswith(mine) and r != f"{d}/{MANIFEST}"]
+            if not theirs:
+                continue
+            if f"{d}/{MANIFEST}" in rels and s != newest:  # (newest: ours, just committed)
+                if len({_upload_dir(r) for r in rels if r != f"{d}/{MANIFEST}"}) < 2:
+                    continue  # one upload: the manifest's (the usual case: no request)
+                try:
+                    named = payload_dir(s, generation_of(self.store.read_manifest(s)))
+                except (CorruptCheckpointError, RemoteError):
+                    continue  # unreadable or gone: not ours to judge here
+                if named != d:
+                    theirs = [r for r in theirs if not r.startswith(f"{named}/")]
+                else:  # generations 0 and 1: right in step-N/, beside the others' g-<G>/ dirs
+                    theirs = [r for r in theirs if _upload_dir(r) != d]
+            if theirs:
+                out[s] = theirs
+        return out
 
     # -- the watched dir ----------------------------------------------------------------------
     def _idle_interval(self) -> float:

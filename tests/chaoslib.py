@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from conftest import S3Server
 from spotckpt._fence import generation_of, payload_dir
@@ -21,20 +22,21 @@ def remote_audit(s3: S3Server, bucket: str, prefix: str) -> tuple[list[int], int
     """Check every remote manifest against the objects it names (size and checksum).
 
     Returns:
-        (committed steps, number of step dirs without a manifest).
+        (committed steps, number of payload dirs, ``step-N/`` or ``step-N/g-<G>/``, holding
+        objects that no manifest names: a step dir without a manifest, or another
+        generation's upload beside a committed checkpoint).
     """
     client = s3.client()
     objects: set[str] = set()
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for o in page.get("Contents", []):
             objects.add(o["Key"][len(prefix):])
-    committed, dirs = [], set()
+    committed = []
     for key in sorted(objects):
         d = key.split("/", 1)[0]
         step = parse_step_dirname(d)
         if step is None:
             continue
-        dirs.add(step)
         if key == f"{d}/{MANIFEST}":
             m = Manifest.from_json(client.get_object(Bucket=bucket, Key=prefix + key)["Body"].read(),
                                    expect_step=step)
@@ -45,7 +47,38 @@ def remote_audit(s3: S3Server, bucket: str, prefix: str) -> tuple[list[int], int
                 assert len(body) == e.size and digest(e.algo, body) == e.digest, \
                     f"remote manifest {key} does not match {k}"
             committed.append(step)
-    return sorted(committed), len(dirs - set(committed))
+    orphans = {"/".join(k.split("/")[:2 if k.split("/")[1].startswith("g-") and k.count("/") > 1 else 1])
+               for k in unnamed(objects, lambda k: client.get_object(Bucket=bucket, Key=prefix + k)["Body"].read())}
+    return sorted(committed), len(orphans)
+
+
+def orphan_keys(s3: S3Server, bucket: str, prefix: str) -> list[str]:
+    """The keys under step dirs that no manifest names (for an assertion's message)."""
+    client = s3.client()
+    keys = {o["Key"][len(prefix):] for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix) for o in page.get("Contents", [])}
+    return unnamed(keys, lambda k: client.get_object(Bucket=bucket, Key=prefix + k)["Body"].read())
+
+
+def unnamed(keys: set[str], read: Callable[[str], bytes]) -> list[str]:
+    """Of the relative ``keys`` of a remote, those under a ``step-N/`` dir that are neither its
+    manifest nor a file that manifest names (in its generation's payload dir): payload of an
+    upload that never became a checkpoint, another generation's included."""
+    out = []
+    manifests: dict[str, Manifest] = {}
+    for key in sorted(keys):
+        d = key.split("/", 1)[0]
+        step = parse_step_dirname(d)
+        if step is None or "/" not in key or key == f"{d}/{MANIFEST}":
+            continue
+        if f"{d}/{MANIFEST}" in keys:
+            if d not in manifests:
+                manifests[d] = Manifest.from_json(read(f"{d}/{MANIFEST}"), expect_step=step)
+            m = manifests[d]
+            if key in {f"{payload_dir(step, generation_of(m))}/{e.path}" for e in m.files}:
+                continue
+        out.append(key)
+    return out
 
 
 def events(root: Path) -> list[dict]:
