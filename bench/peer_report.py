@@ -10,7 +10,6 @@ from peer_bench import durable_within, scale_table, summary, svg, table, verdict
 from peers import LABELS
 from report_text import human, ms, sec
 
-SVG_NAME = "bench/scale.svg"
 
 
 def _why(res: dict[str, Any]) -> dict[str, str]:
@@ -60,7 +59,7 @@ def _why_loop(res: dict[str, Any], s: dict, sp: dict, peers: dict, runs: list) -
     return out
 
 
-def peer_sections(r: dict[str, Any], repo: Path) -> list[str]:
+def peer_sections(r: dict[str, Any], svg_path: Path, svg_ref: str) -> list[str]:
     if not r.get("peers"):
         return []
     server = r.get("server", "moto")
@@ -104,8 +103,8 @@ def peer_sections(r: dict[str, Any], repo: Path) -> list[str]:
     sc = r.get("scale")
     if sc:
         full = merge_scale(r)
-        svg(full, repo / SVG_NAME, f"save → durable and restore against state size ({server})")
-        lines += ["", "## Scale curve", "", f"![scale curve]({SVG_NAME})", ""] + scale_table(full)
+        svg(full, svg_path, f"save → durable and restore against state size ({server})")
+        lines += ["", "## Scale curve", "", f"![scale curve]({svg_ref})", ""] + scale_table(full)
         rows_, model = durable_within(full)
         lines += ["", f"Largest state durable within a grace period on {server} (spotckpt, a periodic save at the "
                   "notice, from the scale curve):", "", "| grace | largest state |", "|---|---|"] + rows_

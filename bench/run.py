@@ -44,10 +44,10 @@ QUICK = dict(big=256 * MiB, small_big=64 * MiB, slow_bytes=128 * MiB, slow_inter
 # The peers (bench/peers.py): state sizes with their targets, rounds, the loop's cadence.
 FULL.update(peer_sizes=[64 * MiB, GiB], peer_rounds=3, peer_loop={"steps": 300, "interval": 2.0, "pairs": 2,
                                                                    "seconds": 0},
-            loop_rounds=3, scale=[64 * MiB, 256 * MiB, GiB, 4 * GiB], scale_names=["spotckpt", "sagemaker", "dcp_local"])
+            loop_rounds=3, moto_rounds=3, scale=[64 * MiB, 256 * MiB, GiB, 4 * GiB], scale_names=["spotckpt", "sagemaker", "dcp_local"])
 QUICK.update(peer_sizes=[64 * MiB], peer_rounds=3, peer_loop={"steps": 150, "interval": 1.0, "pairs": 1,
                                                                "seconds": 0},
-             loop_rounds=1, scale=[64 * MiB, 256 * MiB], scale_names=["spotckpt", "sagemaker", "dcp_local"])
+             loop_rounds=1, moto_rounds=1, scale=[64 * MiB, 256 * MiB], scale_names=["spotckpt", "sagemaker", "dcp_local"])
 
 
 def choose_server(kind: str | None = None) -> Any:
@@ -169,7 +169,7 @@ def run_peer_parts(b: Bench, res: dict[str, Any], parts: tuple[str, ...]) -> Non
             print("peers on moto (second column):", flush=True)
             mb = Bench(b.quick, server=start_server("moto"))
             try:
-                res["peers_moto"] = run_peers(mb, min(small, 64 * MiB), p["peer_rounds"], reps=2)
+                res["peers_moto"] = run_peers(mb, min(small, 64 * MiB), p["moto_rounds"], reps=2)
             finally:
                 mb.close()
     if "loop" in parts:  # every contender runs the same steps, alone and saving, alternated
@@ -249,7 +249,8 @@ def server_line(r: dict[str, Any]) -> str:
                                                          "measures moto**" if fb else "") + ".")
 
 
-def report(r: dict[str, Any]) -> str:
+def report(r: dict[str, Any], out: Path, raw: str | None = None) -> str:
+    """The report to write at ``out``; its plot beside it (bench/scale.svg for BENCHMARKS.md)."""
     cmd = "make bench QUICK=1" if r["quick"] else "make bench"
     parts = r.get("parts", list(PARTS))
     lines = [
@@ -268,8 +269,12 @@ def report(r: dict[str, Any]) -> str:
                   "`bench/run.py --from-json`; ratios are always within one run: "
                   + "; ".join(r["merged"]) + "."]
     lines += base_report(r) if "slowdown" in r else []
-    lines += peer_sections(r, REPO)
-    lines += ["", "## Raw results", "", "```json", json.dumps(r, indent=1, default=str)[:30000], "```", ""]
+    default = out.resolve() == (REPO / "BENCHMARKS.md").resolve()
+    svg = REPO / "bench" / "scale.svg" if default else out.with_name(out.stem + "-scale.svg")
+    lines += peer_sections(r, svg, os.path.relpath(svg, out.resolve().parent))
+    if raw is not None:
+        lines += ["", "## Raw results", "", f"Every figure above, in full: [`{raw}`]({raw}) (re-render this "
+                  f"report with `python bench/run.py --from-json {raw}`).", ""]
     return "\n".join(lines)
 
 
@@ -316,8 +321,15 @@ def main() -> None:
         (REPO / "bench" / "out").mkdir(exist_ok=True)
         name = "results.json" if set(parts) == set(PARTS) else f"results-{'-'.join(parts)}.json"
         (REPO / "bench" / "out" / name).write_text(json.dumps(r, indent=1))
-    Path(a.out).write_text(report(r))
-    print(f"wrote {a.out}")
+    out = Path(a.out)
+    # the raw results, in full, beside the report: bench/results.json for BENCHMARKS.md
+    raw = REPO / "bench" / "results.json" if out.resolve() == (REPO / "BENCHMARKS.md").resolve() \
+        else out.with_suffix(".json")
+    if not (a.from_json and [str(Path(f).resolve()) for f in a.from_json] == [str(raw.resolve())]):
+        raw.write_text(json.dumps(r, indent=1, default=str) + "\n")
+    rel = os.path.relpath(raw, out.resolve().parent)
+    out.write_text(report(r, out, rel))
+    print(f"wrote {a.out} and {raw}")
 
 
 if __name__ == "__main__":
