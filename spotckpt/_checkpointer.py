@@ -177,6 +177,7 @@ class Checkpointer(Startup, Interrupt):
             self._lifeline = None
         if self._writer is not None:
             self._writer.close()
+        _distributed.release(self._dist, self._codec)  # its gloo threads joined now, not at exit
         if self._local is not None:
             self._local.unlock()
         _lineage.release(self._lineage_key)

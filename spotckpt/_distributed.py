@@ -95,6 +95,36 @@ def detect(state: Any = None) -> Dist | None:
     return Dist(dist.get_rank(), dist.get_world_size(), group, timeout, keys, io_group)
 
 
+def release(d: Dist | None, *holders: Any) -> None:
+    """At close: destroy the process groups :func:`detect` created and drop every reference
+    to them (``d``'s, and the ``group`` of each of ``holders``, e.g. the DCP codec).
+
+    The last reference going makes the C++ ``ProcessGroupGloo`` join its worker threads
+    here, while the interpreter is whole. Left to the interpreter's exit, a worker that
+    still releases a collective's tensors needs the GIL of a finalizing interpreter, which
+    ends the thread with ``pthread_exit`` inside a C++ destructor: ``std::terminate``,
+    SIGABRT after a run that succeeded. (``destroy_process_group`` alone does not stop a
+    gloo group's threads.) Call it once no thread of spotckpt runs a collective."""
+    if d is None:
+        return
+    groups = [g for g in (d.group, d.io_group) if g is not None]
+    d.group = d.io_group = None
+    for h in holders:
+        if getattr(h, "group", None) is not None and any(h.group is g for g in groups):
+            h.group = None
+    if not groups:
+        return
+    import torch.distributed as dist
+
+    for g in groups:
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group(g)  # unregistered: torch holds it no more
+            except (ValueError, RuntimeError, KeyError):
+                pass  # already destroyed (the script destroyed everything first)
+    del g, groups  # the last references: each group's destructor joins its worker threads
+
+
 def codec(state: dict[str, Any], d: Dist | None) -> Any:
     """How ``state`` is snapshotted and written: DCP when it is sharded, else one file."""
     from ._state import PlainCodec

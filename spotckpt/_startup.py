@@ -7,6 +7,8 @@ longest method and the one job of starting up; the rest of the class runs the lo
 from __future__ import annotations
 
 import os
+import weakref
+from typing import Any
 
 from . import _distributed, _lineage
 from ._batches import KEY as _BATCHES_KEY
@@ -117,7 +119,10 @@ class Startup:
             self._writer = BackgroundWriter()
             self._planner = FlushPlanner(uploads=store is not None)
             if self._syncer is not None:
-                self._syncer.on_upload = self._after_upload
+                # weakly: a cycle would keep the Checkpointer, and the state (the model, its
+                # process groups) with it, alive until the interpreter's exit (_distributed.release)
+                after = weakref.WeakMethod(self._after_upload)
+                self._syncer.on_upload = lambda *a: _call(after, *a)
                 self._engine.retention_after_upload = True
             self._watcher = MetadataWatcher(
                 self._board, sources_from_env(), on_advise=self._board.advise,
@@ -135,3 +140,8 @@ class Startup:
         if self._engine is not None:
             self._engine.retention()
 
+
+def _call(ref: weakref.WeakMethod, *args: Any) -> None:
+    method = ref()
+    if method is not None:
+        method(*args)
