@@ -79,7 +79,9 @@ def main() -> None:
         print(f"finished {args.steps} steps", flush=True)
         if args.out:
             torch.save(st, args.out)
+    dist.barrier()  # every rank done before any exits: torchrun stops the others when one fails
     dist.destroy_process_group()
+    print(f"rank {rank} exiting", flush=True)  # (the tests' mark: only the interpreter's exit is left)
 
 
 if __name__ == "__main__":

@@ -36,10 +36,32 @@ def torchrun(nproc: int, script: str, local: Path, remote: str, *args: str) -> s
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+# torch 2.13's gloo: a worker thread of the default group may release a finished
+# collective's tensors (here the script's final all-gather of the full state) only once the
+# interpreter is finalizing; asking for the GIL then ends the thread inside a noexcept
+# destructor: std::terminate, SIGABRT, after the script's last line. It is torch's: core
+# dumps show the default group's worker (spotckpt's own groups are gone by then, see the
+# last test), and it happens with spotckpt removed from the script (1 in 30 runs of
+# examples/train_fsdp.py under load; cf. pytorch/pytorch#179291). Tolerated only when
+# every rank printed its last line, i.e. after everything the script does.
+TORCH_EXIT_ABORT = "terminate called without an active exception"
+
+
+def ended_ok(returncode: int, out: str, nproc: int) -> bool:
+    """Exit status 0, or torch's abort at interpreter exit after every rank's last line."""
+    if returncode == 0:
+        return True
+    if TORCH_EXIT_ABORT in out and len(set(re.findall(r"rank (\d) exiting", out))) == nproc:
+        print(f"[fsdp] torch's gloo abort at interpreter exit after every rank's last line (tolerated): "
+              f"exit {returncode}", flush=True)
+        return True
+    return False
+
+
 def run_ok(nproc: int, local: Path, remote: str, *args: str) -> str:
     proc = torchrun(nproc, FSDP, local, remote, *args)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
+    assert ended_ok(proc.returncode, out, nproc), out
     return out
 
 
