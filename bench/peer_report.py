@@ -61,7 +61,7 @@ def _why_loop(res: dict[str, Any], s: dict, sp: dict, peers: dict, runs: list) -
 
 def peer_sections(r: dict[str, Any], svg_path: Path, svg_ref: str) -> list[str]:
     if not r.get("peers"):
-        return []
+        return scale_section(r, svg_path, svg_ref)  # (the scale part run alone)
     server = r.get("server", "moto")
     lines = ["", "## Against the peers", "",
              f"What users pick instead, each measured in this run on the same state (float32 tensors, 16 of them) "
@@ -100,16 +100,21 @@ def peer_sections(r: dict[str, Any], svg_path: Path, svg_ref: str) -> list[str]:
     if pm:
         lines += ["", f"### Second column: the same peers at {human(pm['bytes'])} on moto", ""]
         lines += table(pm)[0]
-    sc = r.get("scale")
-    if sc:
-        full = merge_scale(r)
-        svg(full, svg_path, f"save → durable and restore against state size ({server})")
-        lines += ["", "## Scale curve", "", f"![scale curve]({svg_ref})", ""] + scale_table(full)
-        rows_, model = durable_within(full)
-        lines += ["", f"Largest state durable within a grace period on {server} (spotckpt, a periodic save at the "
-                  "notice, from the scale curve):", "", "| grace | largest state |", "|---|---|"] + rows_
-        lines += ["", model]
-    return lines
+    return lines + scale_section(r, svg_path, svg_ref)
+
+
+def scale_section(r: dict[str, Any], svg_path: Path, svg_ref: str) -> list[str]:
+    """The scale curve (plot, table) and the largest state durable per grace period."""
+    if not r.get("scale"):
+        return []
+    server = r.get("server", "moto")
+    full = merge_scale(r)
+    svg(full, svg_path, f"save → durable and restore against state size ({server})")
+    lines = ["", "## Scale curve", "", f"![scale curve]({svg_ref})", ""] + scale_table(full)
+    rows_, model = durable_within(full)
+    lines += ["", f"Largest state durable within a grace period on {server} (spotckpt, a periodic save at the "
+              "notice, from the scale curve):", "", "| grace | largest state |", "|---|---|"] + rows_
+    return lines + ["", model]
 
 
 def merge_scale(r: dict[str, Any]) -> dict[str, Any]:
