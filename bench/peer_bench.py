@@ -192,7 +192,12 @@ def durable_within(scale: dict[str, Any], name: str = "spotckpt") -> tuple[list[
     fixed = my - slope * mx
     if slope <= 0 or fixed < 0:
         slope, fixed = my / mx, 0.0
-    rows = [f"| {g} s | {human(max(0.0, (g - fixed) / slope))} |" for g in (10, 30, 120)]
+    largest = max(x for x, _ in pts)
+    rows = []
+    for g in (10, 30, 120):
+        size = max(0.0, (g - fixed) / slope)
+        beyond = f" (extrapolated: the largest measured is {human(largest)})" if size > largest else ""
+        rows.append(f"| {g} s | {human(size)}{beyond} |")
     model = (f"Model: {fixed:.2f} s + size / ({human(1 / slope)}/s), a least-squares line through "
              + ", ".join(f"{human(x)} in {y:.2f} s" for x, y in pts) + ".")
     return rows, model
