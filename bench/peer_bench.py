@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from peers import CONTENDERS, LABELS
-from report_text import human, med, ms, sec
+from report_text import grace_table, human, med, ms, sec
 
 TARGETS = ("stall", "durable", "restore", "slowdown")
 METRIC = {"stall": "training-thread stall per save", "durable": "save → durable on the remote",
@@ -183,21 +183,5 @@ def scale_table(scale: dict[str, Any]) -> list[str]:
 
 def durable_within(scale: dict[str, Any], name: str = "spotckpt") -> tuple[list[str], str]:
     """Largest state durable in 10/30/120 s of grace: a least-squares line through spotckpt's
-    save → durable points of the scale curve (fixed cost + size / rate)."""
-    pts = [(p["bytes"], p["durable"]) for p in scale["points"][name]]
-    n = len(pts)
-    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
-    sxx = sum((x - mx) ** 2 for x, _ in pts)
-    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else my / mx
-    fixed = my - slope * mx
-    if slope <= 0 or fixed < 0:
-        slope, fixed = my / mx, 0.0
-    largest = max(x for x, _ in pts)
-    rows = []
-    for g in (10, 30, 120):
-        size = max(0.0, (g - fixed) / slope)
-        beyond = f" (extrapolated: the largest measured is {human(largest)})" if size > largest else ""
-        rows.append(f"| {g} s | {human(size)}{beyond} |")
-    model = (f"Model: {fixed:.2f} s + size / ({human(1 / slope)}/s), a least-squares line through "
-             + ", ".join(f"{human(x)} in {y:.2f} s" for x, y in pts) + ".")
-    return rows, model
+    save → durable points of the scale curve (``report_text.grace_table``)."""
+    return grace_table([(p["bytes"], p["durable"]) for p in scale["points"][name]])

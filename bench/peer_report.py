@@ -12,8 +12,9 @@ from report_text import human, ms, sec
 
 
 
-def _why(res: dict[str, Any]) -> dict[str, str]:
-    """Why each target was met or missed, from this run's numbers."""
+def _why(res: dict[str, Any], r: dict[str, Any] | None = None) -> dict[str, str]:
+    """Why each target was met or missed, from this run's numbers (``r``: the whole run,
+    whose row 3 measured the writer with the payload streaming)."""
     s = summary(res)
     sp = s["spotckpt"]
     peers = {n: v for n, v in s.items() if n != "spotckpt"}
@@ -33,7 +34,8 @@ def _why(res: dict[str, Any]) -> dict[str, str]:
                       f"then commits the manifest; the best peer ({LABELS[best_d].split(': ')[0]}) writes the file "
                       f"first, then uploads it with the same client settings. spotckpt per save: "
                       + ", ".join(sec(x) for r in runs for x in r["durables"]) + "; best peer: "
-                      + ", ".join(sec(x) for r in res["runs"][best_d] for x in r["durables"]) + ".")
+                      + ", ".join(sec(x) for r in res["runs"][best_d] for x in r["durables"]) + "."
+                      + _one_core(r or {}))
     best_r = min(peers, key=lambda n: peers[n]["restore"])
     out["restore"] = (f"both download with parallel ranged GETs; spotckpt also sends a write probe (PUT + DELETE: a "
                       f"remote it could not write to must fail before training, not at the first save), lists the "
@@ -42,6 +44,19 @@ def _why(res: dict[str, Any]) -> dict[str, str]:
                       f"downloads. spotckpt per round: " + ", ".join(sec(r["restore"]) for r in runs)
                       + "; best peer: " + ", ".join(sec(r["restore"]) for r in res["runs"][best_r]) + f" ({size}).")
     return {f"{k}@{res['bytes']}": v for k, v in out.items()}
+
+
+def _one_core(r: dict[str, Any]) -> str:
+    """What row 3 of the same run measured of a save whose payload streams while it is written."""
+    u, st = r.get("upload"), r.get("stall")
+    if not u or not st or not u.get("write"):
+        return ""
+    return (f" Row 3 of this run measured why streaming gains nothing here: with the payload streaming up, the "
+            f"writer (`torch.save`, XXH3, fsync) took {sec(u['write'])} for {human(u['bytes'])}, against "
+            f"{sec(st['torch_save'])} for `torch.save` with fsync alone ({human(st['bytes'])}, the reference under "
+            "row 1): the client has one core, and the writer and the upload (botocore's Python, CRC32, socket "
+            "copies) take turns on it and on the GIL, where the SageMaker pattern runs them one after the other. "
+            "On a host with a spare core the two overlap; that is not measured here.")
 
 
 def _why_loop(res: dict[str, Any], s: dict, sp: dict, peers: dict, runs: list) -> dict[str, str]:
@@ -87,7 +102,7 @@ def peer_sections(r: dict[str, Any], svg_path: Path, svg_ref: str) -> list[str]:
     rows = []
     for res in r["peers"]:
         _, verdicts = table(res)
-        rows += verdict_rows(verdicts, _why(res))[2 if rows else 0:]
+        rows += verdict_rows(verdicts, _why(res, r))[2 if rows else 0:]
     lines += rows
     pl = r.get("peer_loop")
     if pl:

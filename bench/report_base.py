@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from report_text import human, med, ms, sec, why, why_slowdown
+from report_text import grace_table, human, med, ms, sec, why, why_slowdown
 
 def rows(r: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
     out, misses = [], []
@@ -70,7 +70,8 @@ def rows(r: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
     if "idle" in r:
         i = r["idle"]
         row("7", "idle Syncer CPU / requests", f"{i['cpu_percent']:.2f}% of a core, {i['requests']} requests",
-            "—", "—", "< 1%, 0 requests", f"{i['files']:,} files, {i['seconds']:.0f} s idle",
+            "—", "—", "< 1%, 0 requests", f"{i['files']:,} files, {i['seconds']:.0f} s idle"
+            + (" (after the start-up)" if "startup_seconds" in i else ""),
             i["cpu_percent"] < 1.0 and i["requests"] == 0, why(r, "idle"))
     w = r.get("watched")
     if w:
@@ -82,18 +83,10 @@ def rows(r: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
 
 
 def durable_within(r: dict[str, Any]) -> list[str]:
-    """Largest state durable within 10/30/120 s: a line through the two sizes measured for
-    row 4 (through the origin from the larger one if the line's fixed cost comes out < 0)."""
-    a, b = r["sigterm_small"], r["sigterm"]
-    x1, y1, x2, y2 = a["bytes"], a["spotckpt"], b["bytes"], b["spotckpt"]
-    slope = (y2 - y1) / (x2 - x1) if x2 != x1 else 0.0
-    fixed = y1 - slope * x1
-    if slope <= 0 or fixed < 0:
-        slope, fixed = y2 / x2, 0.0
-    out = [f"| {budget} s | {human(max(0.0, (budget - fixed) / slope))} |" for budget in (10, 30, 120)]
-    return out + [f"\nModel: {fixed:.2f} s + size / ({human(1 / slope)}/s), from {human(x1)} in {y1:.2f} s "
-                  f"and {human(x2)} in {y2:.2f} s."]
-
+    """Largest state durable within 10/30/120 s after SIGTERM: the line through the two sizes
+    measured for row 4."""
+    rows_, model = grace_table([(x["bytes"], x["spotckpt"]) for x in (r["sigterm_small"], r["sigterm"])])
+    return rows_ + ["", model]
 
 
 def base_report(r: dict[str, Any]) -> list[str]:
@@ -140,6 +133,13 @@ def base_report(r: dict[str, Any]) -> list[str]:
         ref += ["- Largest state durable within a grace period after SIGTERM here (a line through the two "
                 "sizes measured for row 4; the S3 server's intake bounds it):", "", "| grace | largest state |",
                 "|---|---|"] + durable_within(r)
+    if "startup_seconds" in r.get("idle", {}):
+        i = r["idle"]
+        ref.append(f"- Row 7's start-up, before its idle window: the restore of the script's {i['files']:,} files "
+                   f"and the Syncer's first pass over the dir (listing the committed set) took "
+                   f"{i['startup_seconds']:.1f} s, {i['startup_cpu']:.1f} CPU-s and {i['startup_requests']} requests; "
+                   f"idle passes then came every {i['pass_interval']:.1f} s (the interval stretches so that "
+                   "scanning costs at most 0.5% of a core).")
     if ref:
         lines += ["", "### For reference", ""] + ref
     if misses:

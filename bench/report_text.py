@@ -29,6 +29,29 @@ def sec(s: float) -> str:
     return f"{s:.2f} s"
 
 
+def grace_table(pts: list[tuple[float, float]]) -> tuple[list[str], str]:
+    """The largest state durable within 10/30/120 s of grace, from (bytes, seconds) points: a
+    least-squares line, fixed cost + size / rate (through two points, the line through them;
+    through the origin from the largest point if the fixed cost comes out < 0). Sizes past the
+    largest point measured are marked extrapolated. Returns the table's rows and the model."""
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else 0.0
+    fixed = my - slope * mx
+    largest, at_largest = max(pts)
+    if slope <= 0 or fixed < 0:
+        slope, fixed = at_largest / largest, 0.0
+    rows = []
+    for grace in (10, 30, 120):
+        size = max(0.0, (grace - fixed) / slope)
+        beyond = f" (extrapolated: the largest measured is {human(largest)})" if size > largest else ""
+        rows.append(f"| {grace} s | {human(size)}{beyond} |")
+    how = "the line through" if n == 2 else "a least-squares line through"
+    return rows, (f"Model: {fixed:.2f} s + size / ({human(1 / slope)}/s), {how} "
+                  + ", ".join(f"{human(x)} in {y:.2f} s" for x, y in pts) + ".")
+
+
 # Why a row misses and what would close the gap: filled in from what the measurements show
 # (kept here so the next run's report carries them).
 WHY: dict[str, str] = {}
@@ -40,37 +63,44 @@ def why(r: dict[str, Any], row: str) -> str:
     noisy = (f" The machine was shared (load average {load:.1f} on {len(r['cores'])} cores when the run "
              "started), which adds noise to every time here." if load > 1.0 else "")
     u, g, gs = r.get("upload", {}), r.get("sigterm", {}), r.get("sigterm_small", {})
+    srv = {"rgw": "Ceph RGW"}.get(r.get("server", "moto"), r.get("server", "moto"))
     if row == "stall":
         s = r["stall"]
         return (f"the steady-state save copies {human(s['bytes'])} into reused buffers; the memcpy baseline took "
                 f"{ms(s['memcpy'])} and the save {ms(s['stall'])} (runs: "
                 + ", ".join(ms(x) for x in s["stalls"][1:]) + "): preemption by other processes on the client "
                 "core shows up here first." + noisy)
+    st = r.get("stall", {})
+    serial = (f" (`torch.save` with fsync alone took {sec(st['torch_save'])} for {human(st['bytes'])}, the "
+              "reference under row 1)" if "torch_save" in st else "")
+    one_core = ("client has one core (the server has the other), so the writer and the upload (botocore's "
+                "Python, CRC32, socket copies) take turns on it and on the GIL: streaming the payload while it is "
+                "written overlaps the write's I/O, not its CPU")
+    moto_fresh = (" On moto the server is a bottleneck too, slower right after the client wrote a fresh file: the "
+                  "page cache the new file takes leaves moto colder memory for the object it builds (its CPU time for "
+                  "the same upload grows by about half; measured with psutil in a side run)." if srv == "moto" else "")
     if row == "sigterm":
         small_ok = bool(gs) and gs["spotckpt"] <= gs["limit"]
-        fresh = (f" Row 4r measures that effect: the same raw upload of a file written just before (not timed) "
-                 f"took {sec(g['upload_fresh'])} instead of {sec(g['upload'])}, and against it spotckpt's ratio is "
+        fresh = (f" Row 4r: the same raw upload of a file written just before (not timed) took "
+                 f"{sec(g['upload_fresh'])} instead of {sec(g['upload'])}, and against it spotckpt's ratio is "
                  f"{g['spotckpt'] / (g['memcpy'] + g['upload_fresh']):.2f}×." if "upload_fresh" in g else "")
-        return ("the S3 server (moto, on the other core) is the bottleneck of both, and it ingests more slowly right "
-                "after the client has written a fresh 1 GiB file: on this VM memory that was not touched recently is "
-                "slow to touch (see the note above), and the page cache the new checkpoint file takes leaves moto "
-                "colder memory for the object it builds (its CPU time for the same upload grows by about half; "
-                "measured with psutil in a side run). The baseline uploads a file written long before, so it never "
-                "pays this; any checkpoint written at the notice does." + fresh
+        return ("at the notice spotckpt serialises the state into a checkpoint file" + serial + " and uploads it "
+                "as it is written; the baseline uploads a file that already exists, so no serialisation is in its "
+                f"time. The {one_core}." + moto_fresh + fresh
                 + (f" At {human(gs['bytes'])} the row meets its target ({sec(gs['spotckpt'])} against "
                    f"{sec(gs['limit'])})." if small_ok else "")
-                + " What would close it: a server that is not on the same VM (real S3 or a MinIO elsewhere), or "
-                "uploading an interruption save straight from the snapshot without a local file (the local copy "
-                "is worth little on a machine about to be reclaimed; a change to the commit protocol)." + noisy)
+                + " What would close it: a spare client core (any training host has several), or uploading an "
+                "interruption save straight from the snapshot without a local file (the local copy is worth little "
+                "on a machine about to be reclaimed; a change to the commit protocol)." + noisy)
     if row == "upload":
-        return (f"the S3 server is the bottleneck (moto's CPU time equals the upload's duration in both), and the "
-                f"save's own work overlaps it: the writer (`torch.save`, XXH3, fsync) took {sec(u['write'] or 0)} "
-                f"for {human(u['bytes'])}, the payload streaming up meanwhile, and {sec(u['upload_stage'] or 0)} of "
-                "upload remained after the local commit. What is left is the server's slower intake right after "
-                "the client wrote a fresh file (see #4)"
-                + (f": the raw upload of a file written just before took {sec(u['base_fresh'])} (row 3r), and "
-                   f"against that spotckpt's ratio is {u['base_fresh'] / u['spotckpt']:.2f}×" if "base_fresh" in u
-                   else "") + ". What would close it: a server not on the same VM." + noisy)
+        return (f"the writer (`torch.save`, XXH3, fsync) took {sec(u['write'] or 0)} for {human(u['bytes'])} with the "
+                f"payload streaming up meanwhile" + serial + f", and {sec(u['upload_stage'] or 0)} of upload remained "
+                f"after the local commit: the {one_core}, so the save's time is close to the write's plus the "
+                "upload's." + moto_fresh
+                + (f" The raw upload of a file written just before took {sec(u['base_fresh'])} (row 3r), and against "
+                   f"that spotckpt's ratio is {u['base_fresh'] / u['spotckpt']:.2f}×." if "base_fresh" in u else "")
+                + f" What would close it: a spare client core for the upload, or a server ({srv} here) not on the "
+                "same VM." + noisy)
     if row == "restore":
         return ("the restore also checks the XXH3 checksum of every byte before loading, which the baseline "
                 "does not, plus the Checkpointer's setup (probe write, listing, manifest)." + noisy)
@@ -100,7 +130,9 @@ def why(r: dict[str, Any], row: str) -> str:
                 "scanning for it." + noisy)
     if row == "idle":
         i = r["idle"]
-        return (f"{i['cpu_percent']:.2f}% of a core and {i['requests']} requests over {i['seconds']:.0f} s." + noisy)
+        return (f"{i['cpu_percent']:.2f}% of a core and {i['requests']} requests over {i['seconds']:.0f} s"
+                + (f", a pass over the dir every {i['pass_interval']:.1f} s" if "pass_interval" in i else "")
+                + "." + noisy)
     return ""
 
 

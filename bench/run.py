@@ -1,9 +1,10 @@
 """Run every benchmark against the S3 test server on loopback and write BENCHMARKS.md.
 
-    python bench/run.py            # full sizes (1 GiB states, the scale curve to 4 GiB), ~1 h on 2 cores
-    python bench/run.py --quick    # scaled-down sizes, under 10 min: the peers at 64 MiB (no
-                                   # CPU-bound loop), the scale curve to 256 MiB, rows 2, 4, 6-8
+    python bench/run.py            # full sizes (1 GiB states, the scale curve to 4 GiB), ~80 min on 2 cores
+    python bench/run.py --quick    # scaled-down sizes, under 10 min: the peers at 64 MiB (the
+                                   # CPU-bound loop 1 round), the scale curve to 256 MiB, rows 2, 4, 6-8
     python bench/run.py --parts peers,scale --peer-sizes 1024   # one part alone
+    python bench/run.py --parts idle                            # row 7 alone (on moto)
     python bench/run.py --from-json a.json b.json               # parts run apart, one report
 
 The S3 server (Ceph RGW, brought up by the bench from tests/servers/; moto's when RGW cannot
@@ -34,10 +35,10 @@ from report_base import base_report  # noqa: E402
 from report_text import GiB, MiB  # noqa: E402
 
 FULL = dict(big=GiB, small_big=256 * MiB, slow_bytes=512 * MiB, slow_interval=10.0, slow_seconds=60.0,
-            slow_pairs=3, reps=3, stall_reps=5, small=MiB, small_reps=30, files=10_000, idle_seconds=60.0,
+            slow_pairs=3, reps=3, stall_reps=5, small=MiB, small_reps=30, files=10_000, idle_seconds=60.0, idle_passes=2,
             sweep=[[8, 8], [16, 8], [32, 4], [64, 4]], sweep_reps=2)
 QUICK = dict(big=256 * MiB, small_big=64 * MiB, slow_bytes=128 * MiB, slow_interval=2.5, slow_seconds=8.0,
-             slow_pairs=2, reps=2, stall_reps=4, small=MiB, small_reps=15, files=10_000, idle_seconds=10.0,
+             slow_pairs=2, reps=2, stall_reps=4, small=MiB, small_reps=15, files=2_000, idle_seconds=10.0, idle_passes=0,
              sweep=[[16, 8], [32, 4]], sweep_reps=1)
 
 
@@ -148,6 +149,13 @@ def run(quick: bool, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
         res["elapsed_peers"] = time.monotonic() - t0
         if "base" in parts:
             run_base(b, res)
+        elif "idle" in parts:  # row 7 alone
+            mb = b if b.server.name == "moto" else Bench(b.quick, server=start_server("moto"))
+            try:
+                res["idle"] = run_idle(mb)
+            finally:
+                if mb is not b:
+                    mb.close()
     finally:
         b.close()
     res["elapsed"] = time.monotonic() - t0
@@ -219,15 +227,21 @@ def run_restore(b: Bench, res: dict[str, Any], part: int) -> None:
                       "sweep": {k: v["seconds"] for k, v in sweep.items()}}
 
 
+def run_idle(b: Bench) -> dict[str, Any]:
+    """Row 7 (on moto, whose recorder counts the requests)."""
+    p = b.p
+    return b.case("idle", files=p["files"], seconds=p["idle_seconds"], min_passes=p["idle_passes"])
+
+
 def run_rest(b: Bench, res: dict[str, Any]) -> None:
     p = b.p
     res["small"] = b.case("small", bytes=p["small"], reps=p["small_reps"])
     if b.server.name == "moto":
-        res["idle"] = b.case("idle", files=p["files"], seconds=p["idle_seconds"])
+        res["idle"] = run_idle(b)
     else:  # requests are counted by moto's recorder: this row runs on moto
         mb = Bench(b.quick, server=start_server("moto"))
         try:
-            res["idle"] = mb.case("idle", files=p["files"], seconds=p["idle_seconds"])
+            res["idle"] = run_idle(mb)
         finally:
             mb.close()
     res["watched"] = b.case("watched", bytes=p["big"], reps=p["reps"])
@@ -265,8 +279,8 @@ def report(r: dict[str, Any], out: Path, raw: str | None = None) -> str:
         + server_line(r),
     ]
     if r.get("merged"):
-        lines += ["", "Parts run separately (the deadline did not fit one full run) and rendered together with "
-                  "`bench/run.py --from-json`; ratios are always within one run: "
+        lines += ["", "Parts run separately and rendered together with `bench/run.py --from-json` (the header "
+                  "above is the first run's); ratios are always within one run: "
                   + "; ".join(r["merged"]) + "."]
     lines += base_report(r) if "slowdown" in r else []
     default = out.resolve() == (REPO / "BENCHMARKS.md").resolve()
@@ -278,17 +292,23 @@ def report(r: dict[str, Any], out: Path, raw: str | None = None) -> str:
     return "\n".join(lines)
 
 
+# What describes a run rather than measures: the merged report's header keeps the first run's.
+META = {"quick", "params", "started", "load_before", "load_after", "cores", "server", "server_fallback",
+        "client_cores", "server_cores", "elapsed_peers"}
+
+
 def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Results of parts run separately, as one: later runs win, except the peers' sizes (all
-    kept, one per size) and the parts and times (summed)."""
+    """Results of parts run separately, as one: the first run's header (date, load, server),
+    later runs' results winning, except the peers' sizes (all kept, one per size); the parts
+    united and the times summed."""
     r: dict[str, Any] = {}
     peers: dict[int, Any] = {}
-    for x in runs:
+    for i, x in enumerate(runs):
         for res in x.get("peers", []):
             peers[res["bytes"]] = res
         parts = sorted(set(r.get("parts", [])) | set(x.get("parts", [])))
         elapsed = r.get("elapsed", 0.0) + x.get("elapsed", 0.0)
-        r.update(x)
+        r.update(x if i == 0 else {k: v for k, v in x.items() if k not in META})
         r["parts"], r["elapsed"] = parts, elapsed
     r["peers"] = [peers[k] for k in sorted(peers)]
     r["merged"] = [f"{x.get('started')} ({', '.join(x.get('parts', []))}, {'quick' if x.get('quick') else 'full'}, "
@@ -301,7 +321,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", default=os.environ.get("QUICK") not in (None, "", "0"))
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     ap.add_argument("--parts", default=",".join(PARTS),
-                    help="which parts to run: base (rows 1-8), peers, scale (default: all)")
+                    help="which parts to run: base (rows 1-8), peers, loop, scale (default: all); idle: row 7 alone")
     ap.add_argument("--peer-sizes", help="the peers' state sizes in MiB, comma-separated (default: 64,1024; "
                     "quick: 64)")
     ap.add_argument("--loop-rounds", type=int, help="rounds that also run the CPU-bound loop (default: all; quick: 0)")
