@@ -51,12 +51,15 @@ def _one_core(r: dict[str, Any]) -> str:
     u, st = r.get("upload"), r.get("stall")
     if not u or not st or not u.get("write"):
         return ""
-    return (f" Row 3 of this run measured why streaming gains nothing here: with the payload streaming up, the "
+    return (f" Row 3 of this run shows why streaming gains nothing here: with the payload streaming up, the "
             f"writer (`torch.save`, XXH3, fsync) took {sec(u['write'])} for {human(u['bytes'])}, against "
-            f"{sec(st['torch_save'])} for `torch.save` with fsync alone ({human(st['bytes'])}, the reference under "
-            "row 1): the client has one core, and the writer and the upload (botocore's Python, CRC32, socket "
-            "copies) take turns on it and on the GIL, where the SageMaker pattern runs them one after the other. "
-            "On a host with a spare core the two overlap; that is not measured here.")
+            f"{sec(st['torch_save'])} for `torch.save` with fsync alone (the reference under row 1): the client has "
+            "one core, so the writer and the upload (botocore's Python, CRC32, socket copies) take turns on it and "
+            "on the GIL. spotckpt's save → durable is then the write plus the upload plus what spotckpt adds: the "
+            f"snapshot memcpy ({ms(st['memcpy'])} for {human(st['bytes'])}), the XXH3 checksum, the local commit's "
+            "fsync, the manifest PUT and the generation check; the SageMaker pattern's is the write (in the training "
+            "thread) and the upload. On a host with a spare core the write and the upload overlap; that is not "
+            "measured here.")
 
 
 def _why_loop(res: dict[str, Any], s: dict, sp: dict, peers: dict, runs: list) -> dict[str, str]:
