@@ -311,8 +311,10 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
         r.update(x if i == 0 else {k: v for k, v in x.items() if k not in META})
         r["parts"], r["elapsed"] = parts, elapsed
     r["peers"] = [peers[k] for k in sorted(peers)]
-    r["merged"] = [f"{x.get('started')} ({', '.join(x.get('parts', []))}, {'quick' if x.get('quick') else 'full'}, "
-                   f"load {x['load_before'][0]:.1f}-{x['load_after'][0]:.1f})" for x in runs]
+    # (a merged file re-rendered alone keeps the runs it was merged from)
+    r["merged"] = [m for x in runs for m in x.get("merged") or [
+        f"{x.get('started')} ({', '.join(x.get('parts', []))}, {'quick' if x.get('quick') else 'full'}, "
+        f"load {x['load_before'][0]:.1f}-{x['load_after'][0]:.1f})"]]
     return r
 
 
