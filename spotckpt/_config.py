@@ -9,6 +9,7 @@ import dataclasses
 import os
 import re
 import signal
+import stat
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
@@ -218,9 +219,16 @@ def require_dir(path: Path, *, must_exist: bool = False) -> None:
         LocalDirError: ``path`` (or a parent of it) is a file, or it is missing and
             ``must_exist``; one line naming the dir.
     """
-    if path.is_dir():
+    # One look (stat), not two: the ranks of a job start at once on one dir, and a dir another
+    # process creates between an is_dir() and an exists() is not "not a directory".
+    try:
+        is_dir = stat.S_ISDIR(path.stat().st_mode)
+        found = True
+    except (FileNotFoundError, NotADirectoryError):
+        is_dir, found = False, path.is_symlink()  # (a dangling symlink)
+    if is_dir:
         return
-    if path.exists() or path.is_symlink():
+    if found:
         raise LocalDirError(f"spotckpt: local_dir '{path}' is not a directory; "
                             "pass a directory as --local-dir / local_dir= or SPOTCKPT_LOCAL_DIR")
     parent = path.parent

@@ -82,3 +82,31 @@ def test_env_then_args_then_defaults(tmp_path: Path) -> None:
 def test_bad_env_value_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(spotckpt.ConfigError, match="SPOTCKPT_EVERY_SECONDS"):
         Config.resolve(env={"SPOTCKPT_EVERY_SECONDS": "ten"}, local_dir=tmp_path)
+
+
+def test_local_dir_created_by_another_process_meanwhile_is_accepted(tmp_path: Path) -> None:
+    """Ranks of one job start at once on the same local dir: one creates it while another
+    checks it. The check must not call a dir that appeared between its two looks "not a
+    directory" (seen in a 2-rank torchrun start: rank 1 died with LocalDirError)."""
+    import threading
+
+    from spotckpt._config import probe_local_dir
+
+    errors: list[BaseException] = []
+    for i in range(150):
+        path = tmp_path / f"d{i}" / "ckpt"
+        go = threading.Barrier(8)
+
+        def start() -> None:
+            go.wait()
+            try:
+                probe_local_dir(path)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=start) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
