@@ -46,7 +46,7 @@ QUICK = dict(big=256 * MiB, small_big=64 * MiB, slow_bytes=128 * MiB, slow_inter
 FULL.update(peer_sizes=[64 * MiB, GiB], peer_rounds=3, peer_loop={"steps": 300, "interval": 2.0, "pairs": 2,
                                                                    "seconds": 0},
             loop_rounds=3, moto_rounds=3, scale=[64 * MiB, 256 * MiB, GiB, 4 * GiB], scale_names=["spotckpt", "sagemaker", "dcp_local"])
-QUICK.update(peer_sizes=[64 * MiB], peer_rounds=3, peer_loop={"steps": 150, "interval": 1.0, "pairs": 1,
+QUICK.update(peer_sizes=[64 * MiB], peer_rounds=2, peer_loop={"steps": 150, "interval": 1.0, "pairs": 1,
                                                                "seconds": 0},
              loop_rounds=1, moto_rounds=1, scale=[64 * MiB, 256 * MiB], scale_names=["spotckpt", "sagemaker", "dcp_local"])
 
