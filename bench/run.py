@@ -150,12 +150,7 @@ def run(quick: bool, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
         if "base" in parts:
             run_base(b, res)
         elif "idle" in parts:  # row 7 alone
-            mb = b if b.server.name == "moto" else Bench(b.quick, server=start_server("moto"))
-            try:
-                res["idle"] = run_idle(mb)
-            finally:
-                if mb is not b:
-                    mb.close()
+            res["idle"] = run_idle(b)
     finally:
         b.close()
     res["elapsed"] = time.monotonic() - t0
@@ -228,22 +223,21 @@ def run_restore(b: Bench, res: dict[str, Any], part: int) -> None:
 
 
 def run_idle(b: Bench) -> dict[str, Any]:
-    """Row 7 (on moto, whose recorder counts the requests)."""
+    """Row 7, on moto (its recorder counts the requests): the bench's server if that is moto."""
     p = b.p
-    return b.case("idle", files=p["files"], seconds=p["idle_seconds"], min_passes=p["idle_passes"])
+    if b.server.name == "moto":
+        return b.case("idle", files=p["files"], seconds=p["idle_seconds"], min_passes=p["idle_passes"])
+    mb = Bench(b.quick, server=start_server("moto"))
+    try:
+        return run_idle(mb)
+    finally:
+        mb.close()
 
 
 def run_rest(b: Bench, res: dict[str, Any]) -> None:
     p = b.p
     res["small"] = b.case("small", bytes=p["small"], reps=p["small_reps"])
-    if b.server.name == "moto":
-        res["idle"] = run_idle(b)
-    else:  # requests are counted by moto's recorder: this row runs on moto
-        mb = Bench(b.quick, server=start_server("moto"))
-        try:
-            res["idle"] = run_idle(mb)
-        finally:
-            mb.close()
+    res["idle"] = run_idle(b)
     res["watched"] = b.case("watched", bytes=p["big"], reps=p["reps"])
     res["slowdown"] = b.case("slowdown", bytes=p["slow_bytes"], interval=p["slow_interval"],
                              seconds=p["slow_seconds"], pairs=p["slow_pairs"])
