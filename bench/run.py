@@ -10,8 +10,9 @@
 The S3 server (Ceph RGW, brought up by the bench from tests/servers/; moto's when RGW cannot
 start, said loudly; BENCH_SERVER=moto chooses moto) runs on one core and the benchmark client
 on the other (``os.sched_setaffinity``), so neither steals the other's
-CPU. Each case runs in a fresh client process and measures its baseline in that same
-process; the report gives every ratio, never a bare time alone.
+CPU. Each case runs in a fresh client process (the peers' cases forked from a warm parent per
+contender, bench/zygote.py) and measures its baseline in that same process; the report gives
+every ratio, never a bare time alone.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from peer_bench import run_peers, run_scale  # noqa: E402
 from peer_report import peer_sections  # noqa: E402
 from report_base import base_report  # noqa: E402
 from report_text import GiB, MiB  # noqa: E402
+from zygote import Zygote  # noqa: E402
 
 FULL = dict(big=GiB, small_big=256 * MiB, slow_bytes=512 * MiB, slow_interval=10.0, slow_seconds=60.0,
             slow_pairs=3, reps=3, stall_reps=5, small=MiB, small_reps=30, files=10_000, idle_seconds=60.0, idle_passes=2,
@@ -46,7 +48,7 @@ QUICK = dict(big=256 * MiB, small_big=64 * MiB, slow_bytes=128 * MiB, slow_inter
 FULL.update(peer_sizes=[64 * MiB, GiB], peer_rounds=3, peer_loop={"steps": 300, "interval": 2.0, "pairs": 2,
                                                                    "seconds": 0},
             loop_rounds=3, moto_rounds=3, scale=[64 * MiB, 256 * MiB, GiB, 4 * GiB], scale_names=["spotckpt", "sagemaker", "dcp_local"])
-QUICK.update(peer_sizes=[64 * MiB], peer_rounds=2, peer_loop={"steps": 150, "interval": 1.0, "pairs": 1,
+QUICK.update(peer_sizes=[64 * MiB], peer_rounds=2, peer_loop={"steps": 200, "interval": 2.0, "pairs": 1,
                                                                "seconds": 0},
              loop_rounds=1, moto_rounds=1, scale=[64 * MiB, 256 * MiB], scale_names=["spotckpt", "sagemaker", "dcp_local"])
 
@@ -66,7 +68,7 @@ def choose_server(kind: str | None = None) -> Any:
 
 
 class Bench:
-    def __init__(self, quick: bool, server: Any = None) -> None:
+    def __init__(self, quick: bool, server: Any = None, zygotes: dict[str, Zygote] | None = None) -> None:
         self.quick = quick
         self.p = QUICK if quick else FULL
         self.cores = sorted(os.sched_getaffinity(0))
@@ -85,20 +87,38 @@ class Bench:
         self.env["PYTHONUNBUFFERED"] = "1"
         self.env.pop("SPOTCKPT_REMOTE", None)
         self.env.pop("SPOTCKPT_LOCAL_DIR", None)
+        # the peers' cases fork from a warm parent per contender (bench/zygote.py), shared
+        # with the moto column's Bench (``zygotes``)
+        self.own_zygotes = zygotes is None
+        self.zygotes: dict[str, Zygote] = zygotes if zygotes is not None else {}
 
     def close(self) -> None:
+        for z in self.zygotes.values() if self.own_zygotes else ():
+            z.close()
         self.server.stop()
 
     def case(self, case_name: str, script: str = "cases.py", **params: Any) -> dict[str, Any]:
+        """One case in a fresh client process, ``python bench/SCRIPT NAME '<json>'``; a peer's
+        case (``peer_cases.py``) forked from its contender's warm parent (``bench/zygote.py``:
+        the imports before the clock paid once, not once per case)."""
         name = case_name
         t = time.monotonic()
         cores = self.client_cores
-        proc = subprocess.run([sys.executable, str(REPO / "bench" / script), name, json.dumps(params)],
-                              env=self.env, capture_output=True, text=True,
-                              preexec_fn=lambda: os.sched_setaffinity(0, cores))
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"bench case {name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        if script == "peer_cases.py":
+            z = self.zygotes.get(params["name"])
+            if z is None:
+                z = self.zygotes[params["name"]] = Zygote("peer_cases", params["name"], self.env,
+                                                          lambda: os.sched_setaffinity(0, cores), self.tmp)
+            rc, stdout = z.run(name, params, self.env)
+            stderr = ""
+        else:
+            proc = subprocess.run([sys.executable, str(REPO / "bench" / script), name, json.dumps(params)],
+                                  env=self.env, capture_output=True, text=True,
+                                  preexec_fn=lambda: os.sched_setaffinity(0, cores))
+            rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+        lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+        if rc != 0 or not lines:
+            raise RuntimeError(f"bench case {name} failed ({rc}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
         out = json.loads(lines[-1][7:])
         print(f"  {name}: {time.monotonic() - t:.0f} s  {json.dumps(out)[:300]}", flush=True)
         return out
@@ -170,7 +190,7 @@ def run_peer_parts(b: Bench, res: dict[str, Any], parts: tuple[str, ...]) -> Non
                         for size in p["peer_sizes"]]
         if b.server.name != "moto":
             print("peers on moto (second column):", flush=True)
-            mb = Bench(b.quick, server=start_server("moto"))
+            mb = Bench(b.quick, server=start_server("moto"), zygotes=b.zygotes)
             try:
                 res["peers_moto"] = run_peers(mb, min(small, 64 * MiB), p["moto_rounds"], reps=2)
             finally:
