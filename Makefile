@@ -35,7 +35,7 @@ demo-sagemaker: $(STAMP)
 	$(VPY) examples/demo_sagemaker.py
 
 # Benchmarks against the S3 test server on loopback; writes BENCHMARKS.md (see bench/run.py).
-# QUICK=1: scaled-down sizes; meant to take under 10 minutes (over 10 today: README "Performance").
+# QUICK=1: scaled-down sizes, under 10 minutes (8.3 min on a quiet machine: README "Performance").
 bench: $(STAMP)
 	$(VPY) bench/run.py $(if $(filter-out 0,$(QUICK)),--quick)
 
