@@ -345,7 +345,8 @@ def main() -> None:
                     "(several: parts run separately, merged in order)")
     a = ap.parse_args()
     if a.from_json:
-        r = merge([json.loads(Path(f).read_text()) for f in a.from_json])
+        runs = [json.loads(Path(f).read_text()) for f in a.from_json]
+        r = merge(runs) if len(runs) > 1 else runs[0]  # (one run re-rendered is not a merge)
     else:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the servers are stopped on the way out
         parts = tuple(x for x in a.parts.split(",") if x)
