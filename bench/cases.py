@@ -20,7 +20,7 @@ from typing import Any, Callable
 from common import (MiB, checkpointer, client, cpu_seconds, drop_bucket, endpoint, make_state, median,  # noqa: F401
                     memcpy_seconds, new_bucket, now, proc_status, raw_upload, serialized_file,
                     transfer_manager, workdir)
-from spotckpt._local import LocalDir
+from spotckpt._commit._local import LocalDir
 
 
 # -- cases ------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def case_stall(p: dict[str, Any]) -> dict[str, Any]:
         base = memcpy_seconds(list(state.values()))
         ts = []
         for i in range(p.get("torch_save_reps", 2)):
-            from spotckpt import _state
+            from spotckpt._state import _snapshot as _state
 
             snap = _state.snapshot({"model": state})
             f = wd / f"plain-{i}.pt"
@@ -378,9 +378,9 @@ def case_idle(p: dict[str, Any]) -> dict[str, Any]:
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_bytes(b"x" * 64)
         # As left by an earlier run that uploaded them all: one committed file set (untimed).
-        from spotckpt._local import LocalDir
-        from spotckpt._store import RemoteStore
-        from spotckpt._watch import Watcher
+        from spotckpt._commit._local import LocalDir
+        from spotckpt._remote._store import RemoteStore
+        from spotckpt._watch._watcher import Watcher
 
         w = Watcher(LocalDir(local), RemoteStore(f"s3://{bucket}/run/"))
         while not w.run_pass():

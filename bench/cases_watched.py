@@ -74,7 +74,7 @@ class _Events:
 
 def _committed_version(bucket: str, seq: int, rel: str) -> tuple[int, int] | None:
     """(size, mtime_ns) of ``rel`` in the remote set ``seq``."""
-    from spotckpt._fileset import set_key
+    from spotckpt._watch._fileset import set_key
 
     body = client().get_object(Bucket=bucket, Key="run/" + set_key(seq))["Body"].read()
     for e in json.loads(body)["entries"]:
@@ -88,8 +88,8 @@ def case_watched(p: dict[str, Any]) -> dict[str, Any]:
     concurrency). Baseline and spotckpt alternate; both upload while the server holds one
     earlier copy (spotckpt's previous version until its new set is written, the
     baseline's previous raw copy)."""
-    from spotckpt._local import LocalDir
-    from spotckpt._s3fast import CONCURRENCY, PART_SIZE
+    from spotckpt._commit._local import LocalDir
+    from spotckpt._remote._s3fast import CONCURRENCY, PART_SIZE
 
     n, reps, scan = p["bytes"], p["reps"], p.get("scan_interval", 0.5)
     part, conc = PART_SIZE >> 20, CONCURRENCY

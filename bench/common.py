@@ -117,7 +117,7 @@ def memcpy_seconds(tensors: list[Any], reps: int = 5) -> float:
 
 def serialized_file(state: dict[str, Any], path: Path) -> int:
     """The bytes spotckpt would upload for ``state`` (its own serialiser), at ``path``."""
-    from spotckpt import _state
+    from spotckpt._state import _snapshot as _state
 
     path.parent.mkdir(parents=True, exist_ok=True)
     snap = _state.snapshot({"model": state})

@@ -8,13 +8,23 @@ Public surface (everything else is internal):
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from spotckpt._checkpointer import Checkpointer
+from spotckpt._notices import Notice
 
-from ._checkpointer import Checkpointer
-from ._errors import (CheckpointLockedError, ConfigError, CorruptCheckpointError,
-                      LocalDirError, MissingDependencyError, NoCheckpointError, RemoteError,
-                      SpotckptError, StaleGenerationError, UnsupportedStateError, WorldSizeError)
-from ._notices import Notice
+from ._errors import (
+                      CheckpointLockedError,
+                      ConfigError,
+                      CorruptCheckpointError,
+                      LocalDirError,
+                      MissingDependencyError,
+                      NoCheckpointError,
+                      RemoteError,
+                      SpotckptError,
+                      StaleGenerationError,
+                      UnsupportedStateError,
+                      WorldSizeError,
+)
+from ._version import __version__
 
 __all__ = [
     "Checkpointer", "Notice", "SpotckptError", "ConfigError", "LocalDirError", "RemoteError",

@@ -5,17 +5,20 @@ training step, as one line that names the setting and the fix.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import os
 import re
 import signal
 import stat
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from ._errors import ConfigError, LocalDirError
-from ._local import LINEAGE_PREFIX
+from spotckpt._errors import ConfigError, LocalDirError
+
+LINEAGE_PREFIX = "ckpt-"  # a named Checkpointer's dir: <local_dir>/ckpt-<name>/, <remote>/ckpt-<name>/
 
 DEFAULT_LOCAL_DIR = "/opt/ml/checkpoints"  # SageMaker's CheckpointConfig.LocalPath
 DEFAULT_KEEP_LAST = 2
@@ -267,3 +270,27 @@ def probe_local_dir(path: Path) -> None:
 def supervised(env: Mapping[str, str] | None = None) -> bool:
     """True when running under ``spotckpt run``, which owns the uploads."""
     return (os.environ if env is None else env).get("SPOTCKPT_SUPERVISED") == "1"
+
+
+def number(*, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+           integer: bool = False) -> Callable[[str], float]:
+    """An argparse type for a finite number (no NaN, no inf) in the given bounds: a bad
+    value is a usage error (one line, exit status 2) before anything starts.
+
+    Example:
+        >>> p.add_argument("--grace", type=number(gt=0))  # doctest: +SKIP
+    """
+    kind = "a whole number" if integer else "a finite number"
+    bounds = " and ".join(f"{op} {v:g}" for op, v in ((">", gt), (">=", ge), ("<", lt)) if v is not None)
+    rule = f"must be {kind}" + (f" {bounds}" if bounds else "")
+
+    def parse(text: str) -> float:
+        try:
+            v: float = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if integer else 'a number'}") from None
+        if (math.isnan(v) or math.isinf(v) or (gt is not None and not v > gt)
+                or (ge is not None and not v >= ge) or (lt is not None and not v < lt)):
+            raise argparse.ArgumentTypeError(f"{text!r}: {rule}")
+        return v
+    return parse

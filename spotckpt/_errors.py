@@ -49,7 +49,7 @@ class CheckpointLockedError(SpotckptError, BlockingIOError):
 class StaleGenerationError(SpotckptError, RuntimeError):
     """A newer start of this job (a replacement, a second launch) claimed a newer generation
     on the remote: this instance stops before it overwrites or deletes anything of it. As a
-    process it exits with status 3 (``spotckpt._fence.EXIT_STALE``)."""
+    process it exits with status 3 (``spotckpt._notices.EXIT_STALE``)."""
 
 
 class MissingDependencyError(SpotckptError, ImportError):

@@ -1,15 +1,37 @@
-"""A JSON-lines events log (saves, uploads, notices, restores) plus the ``spotckpt`` logger."""
+"""A JSON-lines events log (saves, uploads, notices, restores), the ``spotckpt`` logger, and
+:func:`redact`, through which every line of both goes (no credential in a log)."""
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 log = logging.getLogger("spotckpt")
+
+_SECRET_RE = re.compile(
+    r"(?i)((?:X-Amz-(?:Signature|Credential|Security-Token))|Signature|AWSAccessKeyId|"
+    r"aws_secret_access_key|aws_session_token|secret(?:_access)?_key|password|token)"
+    r"([=:]\s*)([^&\s'\",]+)")
+
+
+_USERINFO_RE = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """Hide credentials and presigned-URL signatures in ``text``."""
+    text = _SECRET_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}<redacted>", text)
+    text = _USERINFO_RE.sub("<redacted>@", text)  # https://user:password@host/
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        secret = os.environ.get(var)
+        if secret and len(secret) >= 8:  # as it is, and as it appears in a URL's query
+            text = text.replace(secret, "<redacted>").replace(quote(secret, safe=""), "<redacted>")
+    return text
 
 
 class _RedactFilter(logging.Filter):
@@ -17,8 +39,6 @@ class _RedactFilter(logging.Filter):
     line of ours can carry a credential or a presigned URL, whatever exception it quotes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from ._store import redact
-
         msg = record.getMessage()
         clean = redact(msg)
         if clean != msg:
@@ -41,8 +61,6 @@ class EventLog:
         self._lock = threading.Lock()
 
     def emit(self, event: str, **fields: Any) -> None:
-        from ._store import redact
-
         rec = {"ts": round(time.time(), 3), "event": event, "pid": os.getpid(), **fields}
         line = redact(json.dumps(rec, default=str, sort_keys=True))
         log.debug("%s", line)

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Callable
 
 from conftest import S3Server
-from spotckpt._fence import generation_of, payload_dir
-from spotckpt._local import LocalDir
-from spotckpt._manifest import MANIFEST, Manifest, hasher, parse_step_dirname
+from spotckpt._remote._fence import generation_of, payload_dir
+from spotckpt._commit._local import LocalDir
+from spotckpt._commit._manifest import MANIFEST, Manifest, hasher, parse_step_dirname
 
 
 def digest(algo: str, body: bytes) -> str:

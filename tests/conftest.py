@@ -231,8 +231,8 @@ def run_env(**extra: str) -> dict[str, str]:
 
 def remote_files(remote: str) -> dict:
     """The newest committed file set of the watched dir on ``remote``: path -> Entry."""
-    from spotckpt._fileset import newest_set
-    from spotckpt._store import RemoteStore
+    from spotckpt._watch._fileset import newest_set
+    from spotckpt._remote._store import RemoteStore
 
     fs = newest_set(RemoteStore(remote))
     return {} if fs is None else dict(fs.entries)

@@ -30,8 +30,8 @@ import pytest
 from chaoslib import events, orphan_keys, remote_audit, unnamed
 from conftest import REPO, S3Server, run_env
 from spotckpt._errors import CorruptCheckpointError
-from spotckpt._local import LocalDir
-from spotckpt._manifest import MANIFEST, verify_dir
+from spotckpt._commit._local import LocalDir
+from spotckpt._commit._manifest import MANIFEST, verify_dir
 
 ITERATIONS = int(os.environ.get("SPOTCKPT_CHAOS_ITERATIONS", "50"))
 SCRIPT = str(REPO / "tests" / "scripts" / "chaos_train.py")
@@ -209,8 +209,8 @@ def test_retention_removes_payload_left_without_manifest(tmp_path: Path, remote_
     """Regression: a kill between payload and manifest upload (or between a delete's two
     halves) left ``step-N/`` payload that nothing removed; 50 kills leaked about 5 such dirs."""
     import spotckpt
-    from spotckpt._manifest import step_dirname
-    from spotckpt._store import RemoteStore
+    from spotckpt._commit._manifest import step_dirname
+    from spotckpt._remote._store import RemoteStore
 
     store = RemoteStore(remote_url)
     for s in (3, 7, 30):
@@ -238,9 +238,9 @@ def test_a_completed_run_leaves_no_payload_of_killed_generations(tmp_path: Path,
     run completed, or beside that run's last checkpoint (its own generation's dir), where
     retention never looked: payload above the newest step may be this process's upload in
     flight. Another generation's never is: the fence keeps it from ever being committed."""
-    from spotckpt._fence import claim, generation_of, payload_dir
-    from spotckpt._manifest import step_dirname
-    from spotckpt._store import RemoteStore
+    from spotckpt._remote._fence import claim, generation_of, payload_dir
+    from spotckpt._commit._manifest import step_dirname
+    from spotckpt._remote._store import RemoteStore
 
     store = RemoteStore(remote_url)
 
@@ -274,9 +274,9 @@ def test_retention_catches_up_with_a_backlog_in_a_few_requests(tmp_path: Path, s
     import hashlib
 
     from faultproxy import FaultProxy
-    from spotckpt._manifest import FileEntry, build_manifest, step_dirname
-    from spotckpt._store import RemoteStore
-    from spotckpt._syncer import Syncer
+    from spotckpt._commit._manifest import FileEntry, build_manifest, step_dirname
+    from spotckpt._remote._store import RemoteStore
+    from spotckpt._sync._syncer import Syncer
 
     bucket = s3_server.new_bucket()
     client = s3_server.client()
@@ -309,9 +309,9 @@ def test_retention_cut_short_by_an_error_runs_again(tmp_path: Path) -> None:
     import hashlib
 
     from spotckpt._errors import RemoteError
-    from spotckpt._manifest import FileEntry, build_manifest, step_dirname
-    from spotckpt._store import RemoteStore
-    from spotckpt._syncer import Syncer
+    from spotckpt._commit._manifest import FileEntry, build_manifest, step_dirname
+    from spotckpt._remote._store import RemoteStore
+    from spotckpt._sync._syncer import Syncer
 
     store = RemoteStore(f"file://{tmp_path / 'remote'}/")
     store.put_bytes(f"{step_dirname(2)}/state.pkl", b"orphaned payload")

@@ -14,9 +14,9 @@ import pytest
 from conftest import run_env
 from proc_helpers import run, spotckpt
 from spotckpt import Checkpointer
-from spotckpt._local import STEP_MARKER
-from spotckpt._manifest import step_dirname
-from spotckpt._store import RemoteStore
+from spotckpt._commit._local import STEP_MARKER
+from spotckpt._commit._manifest import step_dirname
+from spotckpt._remote._store import RemoteStore
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -168,7 +168,7 @@ def test_unreachable_remote_is_one_line_exit_2(tmp_path: Path, s3_env: dict) -> 
 def _main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     """The CLI in this process (the same main() as the subprocess; no interpreter start-up
     per case): exit status, stdout, stderr."""
-    from spotckpt.cli import main
+    from spotckpt.cli._main import main
 
     try:
         rc = main(list(argv))
@@ -248,7 +248,7 @@ def test_json_errors_are_one_json_document(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_json_usage_errors_are_one_json_document(capsys: pytest.CaptureFixture) -> None:
-    from spotckpt.cli import main
+    from spotckpt.cli._main import main
 
     for argv in (["push", "--json", "--bogus"], ["spot", "--json", "--grace", "-1", "--", "true"]):
         with pytest.raises(SystemExit) as e:
@@ -270,7 +270,7 @@ def test_json_usage_errors_are_one_json_document(capsys: pytest.CaptureFixture) 
 def test_numeric_options_are_validated_by_argparse(tmp_path: Path, argv: list[str],
                                                    capsys: pytest.CaptureFixture,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from spotckpt.cli import main
+    from spotckpt.cli._main import main
 
     monkeypatch.setenv("SPOTCKPT_LOCAL_DIR", str(tmp_path / "ck"))
     with pytest.raises(SystemExit) as e:            # in-process: argparse stops before anything runs
@@ -286,7 +286,7 @@ def test_open_remote_read_probe_refuses_a_missing_bucket(s3_remote: str, fast: b
     """With s3fs alone (no boto3 fast path: session settings it cannot reproduce), a listing
     of a missing bucket is empty; the read probe checks the bucket itself."""
     from spotckpt._errors import RemoteNotFoundError
-    from spotckpt._pull import open_remote
+    from spotckpt._sync._pull import open_remote
 
     opts = {} if fast else {"s3_additional_kwargs": {"ACL": "private"}}
     assert (RemoteStore(s3_remote, opts).fast is not None) is fast

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from metadata_servers import MetadataServer
-from spotckpt._metadata import AzureSource, EC2Source, MetadataWatcher
-from spotckpt._notices import NoticeBoard
-from spotckpt._store import RemoteStore
+from spotckpt._notices._metadata import AzureSource, EC2Source, MetadataWatcher
+from spotckpt._notices._board import NoticeBoard
+from spotckpt._remote._store import RemoteStore
 from test_metadata_notices import events, start, wait_training
 
 SKEWS = [-86400.0, -150.0, 0.0, 150.0, 86400.0]  # client clock behind (-) or ahead (+)

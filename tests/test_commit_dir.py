@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import spotckpt
-from spotckpt._manifest import MANIFEST
+from spotckpt._commit._manifest import MANIFEST
 
 
 def framework_dir(d: Path, tag: bytes) -> dict[str, bytes]:

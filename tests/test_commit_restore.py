@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import spotckpt
-from spotckpt._local import STEP_MARKER, LocalDir
-from spotckpt._manifest import MANIFEST, step_dirname
-from spotckpt._store import RemoteStore
+from spotckpt._commit._local import STEP_MARKER, LocalDir
+from spotckpt._commit._manifest import MANIFEST, step_dirname
+from spotckpt._remote._store import RemoteStore
 
 
 class Counter:
@@ -171,7 +171,7 @@ def test_pickle_safe_serializer_refuses_code(tmp_path: Path) -> None:
     import pickle
 
     from spotckpt._errors import CorruptCheckpointError
-    from spotckpt._state import read_state
+    from spotckpt._state._snapshot import read_state
 
     class Evil:
         def __reduce__(self):
@@ -186,7 +186,7 @@ def test_pickle_safe_serializer_refuses_code(tmp_path: Path) -> None:
 
 def test_torch_checkpoint_that_runs_code_does_not_load(tmp_path: Path) -> None:
     from spotckpt._errors import CorruptCheckpointError
-    from spotckpt._state import read_state
+    from spotckpt._state._snapshot import read_state
 
     class Evil:
         def __reduce__(self):
@@ -237,7 +237,7 @@ def test_new_manifests_use_xxh3_and_format_1_sha256_ones_still_restore(tmp_path:
     data = bytearray((pdir / name).read_bytes())
     data[-1] ^= 1
     store.put_bytes(f"{step_dirname(5)}/{name}", bytes(data))
-    from spotckpt._manifest import Manifest, verify_dir
+    from spotckpt._commit._manifest import Manifest, verify_dir
 
     (tmp_path / "c").mkdir()
     store.get_file(f"{step_dirname(5)}/{name}", tmp_path / "c" / name)
@@ -249,8 +249,8 @@ def test_a_superseded_steps_stream_leaves_nothing_on_the_remote(tmp_path: Path, 
     """Regression: a stream started for step 5, whose step was superseded by step 6 before the
     Syncer took it, finished after step 6's retention had listed the remote, and its payload
     stayed there as a manifest-less dir (chaos suite: 1 orphan after a run's last upload)."""
-    from spotckpt._manifest import FileEntry, build_manifest, file_digest
-    from spotckpt._syncer import Syncer
+    from spotckpt._commit._manifest import FileEntry, build_manifest, file_digest
+    from spotckpt._sync._syncer import Syncer
 
     local = LocalDir(tmp_path / "ck")
     store = RemoteStore(s3_remote)

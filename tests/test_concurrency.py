@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from conftest import REPO, run_env
-from spotckpt._local import LocalDir
-from spotckpt._manifest import verify_dir
+from spotckpt._commit._local import LocalDir
+from spotckpt._commit._manifest import verify_dir
 
 SCRIPT = str(REPO / "tests" / "scripts" / "chaos_train.py")
 

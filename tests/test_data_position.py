@@ -135,7 +135,7 @@ def test_batches_skip_at_the_sampler_and_leave_the_rng_alone() -> None:
     """In-process: resumed after 3 batches of an epoch of 6, the next 7 batches are the
     uninterrupted run's, the 3 skipped are never loaded, and the global RNG ends where the
     uninterrupted run's did (it is drawn from between batches, as dropout would)."""
-    from spotckpt._batches import Batches
+    from spotckpt._state._batches import Batches
 
     data = _Counting()
     loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)

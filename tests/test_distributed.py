@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from conftest import EXAMPLES, free_port, run_env
-from spotckpt._local import LocalDir
-from spotckpt._store import RemoteStore
+from spotckpt._commit._local import LocalDir
+from spotckpt._remote._store import RemoteStore
 
 SCRIPT = str(EXAMPLES / "train_ddp.py")
 STEPS = 150

@@ -21,8 +21,8 @@ import pytest
 
 from conftest import run_env
 from proc_helpers import PY, REPO, Proc, wait_until
-from spotckpt._local import LocalDir
-from spotckpt._store import RemoteStore
+from spotckpt._commit._local import LocalDir
+from spotckpt._remote._store import RemoteStore
 
 DOCKER = REPO / "docker"
 

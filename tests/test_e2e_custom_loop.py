@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from conftest import EXAMPLES, run_env
-from spotckpt._store import RemoteStore
+from spotckpt._remote._store import RemoteStore
 
 SCRIPT = str(EXAMPLES / "train_custom_loop.py")
 STEPS = 600  # 3 interruptions of up to 1.5 s each must not reach the end (~80 steps/s)

@@ -22,9 +22,9 @@ from urllib.parse import urlparse
 import pytest
 
 from conftest import REPO, run_env
-from spotckpt import _exit
-from spotckpt._local import LocalDir
-from spotckpt._store import RemoteStore
+from spotckpt._notices import _exit
+from spotckpt._commit._local import LocalDir
+from spotckpt._remote._store import RemoteStore
 from throttle_proxy import ThrottleProxy
 
 

@@ -18,9 +18,9 @@ from typing import Iterator
 import pytest
 
 import spotckpt
-from spotckpt._local import LocalDir
-from spotckpt._manifest import verify_dir
-from spotckpt._store import RemoteStore
+from spotckpt._commit._local import LocalDir
+from spotckpt._commit._manifest import verify_dir
+from spotckpt._remote._store import RemoteStore
 
 
 @pytest.fixture

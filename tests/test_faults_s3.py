@@ -19,8 +19,8 @@ import spotckpt
 from chaoslib import events, remote_audit
 from conftest import S3Server
 from faultproxy import KINDS, FaultProxy
-from spotckpt._local import LocalDir
-from spotckpt._manifest import verify_dir
+from spotckpt._commit._local import LocalDir
+from spotckpt._commit._manifest import verify_dir
 
 # steps per run: 6 in `make test`, more in `make chaos`
 STEPS = 6 if int(os.environ.get("SPOTCKPT_CHAOS_ITERATIONS", "50")) <= 50 else 18

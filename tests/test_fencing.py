@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 import spotckpt
-from spotckpt._local import LocalDir
-from spotckpt._store import RemoteStore
+from spotckpt._commit._local import LocalDir
+from spotckpt._remote._store import RemoteStore
 
 from proc_helpers import PY, Proc, REPO
 
@@ -48,8 +48,8 @@ def start(tmp: Path, remote: str, tag: str, *args: str) -> Proc:
 def bad_manifests(remote: str, tmp: Path) -> list[str]:
     """Every committed remote manifest whose payload fails its sizes or checksums (each
     object read whole: one GET per file)."""
-    from spotckpt._fence import generation_of, payload_dir
-    from spotckpt._manifest import hasher
+    from spotckpt._remote._fence import generation_of, payload_dir
+    from spotckpt._commit._manifest import hasher
 
     store = RemoteStore(remote)
     bad = []
@@ -207,9 +207,9 @@ def test_double_launch(remote_url: str, tmp_path: Path) -> None:
 
 # -- unit level: retention, restore, stores without conditional writes ----------------------
 def _writer(tmp: Path, name: str, remote: str, keep_last: int = 1):
-    from spotckpt._engine import Engine
-    from spotckpt._fence import claim
-    from spotckpt._syncer import Syncer
+    from spotckpt._sync._engine import Engine
+    from spotckpt._remote._fence import claim
+    from spotckpt._sync._syncer import Syncer
 
     store = RemoteStore(remote)
     fence = claim(store)
@@ -223,7 +223,7 @@ def _writer(tmp: Path, name: str, remote: str, keep_last: int = 1):
 
 
 def _commit(engine, step: int, data: bytes) -> None:
-    from spotckpt._manifest import FileEntry, file_digest
+    from spotckpt._commit._manifest import FileEntry, file_digest
 
     def write(tmp: Path, ready) -> list:
         (tmp / "state.bin").write_bytes(data)
@@ -234,8 +234,8 @@ def _commit(engine, step: int, data: bytes) -> None:
 def _restored(remote: str, tmp: Path, *, start: bool = False) -> tuple[int, bytes, int]:
     """(step, payload, generation) a fresh restore takes: as `spotckpt pull` does, or with
     ``start`` after a new claim, as a new start does."""
-    from spotckpt._engine import restore_newest
-    from spotckpt._fence import claim, generation_of
+    from spotckpt._sync._engine import restore_newest
+    from spotckpt._remote._fence import claim, generation_of
 
     store = RemoteStore(remote)
     if start:
@@ -297,7 +297,7 @@ def test_restore_never_mixes_generations(remote_url: str, tmp_path: Path) -> Non
 
 
 def test_a_store_without_conditional_writes_gets_one_warning(caplog: pytest.LogCaptureFixture) -> None:
-    from spotckpt._fence import claim
+    from spotckpt._remote._fence import claim
 
     store = RemoteStore(f"memory://fence-{os.getpid()}-{time.time_ns()}/job/")
     with caplog.at_level(logging.WARNING, logger="spotckpt"):
@@ -351,7 +351,7 @@ def test_a_server_that_ignores_if_none_match_gets_one_warning(s3_remote: str,
     """A server that accepts the claim's second conditional create does not enforce
     conditional writes. Simulated on the real server by sending the PUTs without the
     header (what such a server sees is what it ignores)."""
-    from spotckpt._fence import claim
+    from spotckpt._remote._fence import claim
 
     store = RemoteStore(s3_remote)
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from conftest import EXAMPLES, free_port, run_env
-from spotckpt._store import RemoteStore
+from spotckpt._remote._store import RemoteStore
 
 FSDP = str(EXAMPLES / "train_fsdp.py")
 DDP = str(EXAMPLES / "train_ddp.py")

@@ -16,10 +16,10 @@ import pytest
 import spotckpt
 from chaoslib import events
 from conftest import S3Server
-from spotckpt._local import LocalDir
-from spotckpt._manifest import MANIFEST, step_dirname
-from spotckpt._watch_pull import restore_files
-from spotckpt._store import RemoteStore
+from spotckpt._commit._local import LocalDir
+from spotckpt._commit._manifest import MANIFEST, step_dirname
+from spotckpt._watch._pull import restore_files
+from spotckpt._remote._store import RemoteStore
 
 D10 = step_dirname(10)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLES, S3Server
-from spotckpt._local import LocalDir
+from spotckpt._commit._local import LocalDir
 
 ADAPTERS = {"lightning": "lightning", "keras": "keras", "xgboost": "xgboost"}
 

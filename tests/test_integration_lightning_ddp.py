@@ -26,7 +26,7 @@ import torch
 
 from conftest import EXAMPLES, S3Server, free_port
 from test_integration_common import remote_steps, script_env
-from spotckpt._local import LocalDir
+from spotckpt._commit._local import LocalDir
 
 SCRIPT = str(EXAMPLES / "train_lightning_ddp.py")
 EPOCHS, STEPS_PER_EPOCH, EVERY = 3, 32, 10

@@ -48,7 +48,7 @@ def assert_bitwise(a: Path, b: Path) -> None:
 
 
 def remote_steps(url: str) -> list[int]:
-    from spotckpt._store import RemoteStore
+    from spotckpt._remote._store import RemoteStore
 
     return RemoteStore(url).committed()
 
@@ -199,8 +199,8 @@ def test_a_checkpoint_not_passed_to_train_is_refused_and_a_finished_job_trains_n
 def test_a_second_trainer_save_at_a_committed_step_does_not_write_into_it(tmp_path: Path, _offline: None) -> None:
     """Our cadence saves at each epoch's last step, then Trainer's epoch strategy saves that step
     again: it must write new files, not truncate the ones the committed step links to."""
-    from spotckpt._manifest import verify_dir
-    from spotckpt._local import LocalDir
+    from spotckpt._commit._manifest import verify_dir
+    from spotckpt._commit._local import LocalDir
     from spotckpt.integrations.transformers import SpotCheckpoint
 
     local = tmp_path / "ckpt"

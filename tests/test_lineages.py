@@ -14,7 +14,7 @@ import torch
 
 import spotckpt
 from spotckpt import CheckpointLockedError, ConfigError
-from spotckpt._store import RemoteStore
+from spotckpt._remote._store import RemoteStore
 
 
 def keys(remote: str) -> list[str]:
@@ -83,7 +83,7 @@ def test_invalid_name_is_refused_at_entry(tmp_path: Path) -> None:
 
 
 def test_cli_sees_named_lineages(tmp_path: Path, s3_remote: str, capsys: pytest.CaptureFixture) -> None:
-    from spotckpt.cli import main
+    from spotckpt.cli._main import main
 
     with spotckpt.Checkpointer({"w": torch.zeros(2)}, local_dir=tmp_path / "a", remote=s3_remote,
                                name="ema") as ck:

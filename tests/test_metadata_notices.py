@@ -12,9 +12,9 @@ import pytest
 
 from conftest import EXAMPLES, run_env
 from metadata_servers import MetadataServer
-from spotckpt._local import LocalDir
-from spotckpt._metadata import AzureSource, EC2Source, GCPSource, sources_from_env
-from spotckpt._store import RemoteStore
+from spotckpt._commit._local import LocalDir
+from spotckpt._notices._metadata import AzureSource, EC2Source, GCPSource, sources_from_env
+from spotckpt._remote._store import RemoteStore
 
 SCRIPT = str(EXAMPLES / "train_custom_loop.py")
 

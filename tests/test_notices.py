@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import spotckpt
-from spotckpt._notices import LIFELINE_ENV, LifelineSource, NoticeBoard, SignalSource
+from spotckpt._notices._board import LIFELINE_ENV, LifelineSource, NoticeBoard, SignalSource
 
 
 class FakeClock:

@@ -150,7 +150,7 @@ def test_small_checkpoint_is_two_puts_and_no_payload_head(tmp_path: Path, env: S
         it.close()
         payload = tmp_path / "ck" / f"step-{ck.step:012d}" / "state.pt"
     # The Syncer's own upload (not streamed) of a file within one part: one PUT, no HEAD.
-    from spotckpt._store import RemoteStore
+    from spotckpt._remote._store import RemoteStore
 
     store = RemoteStore(f"s3://{bucket}/other/")
     with Recording(env) as rec:

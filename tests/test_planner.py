@@ -12,9 +12,9 @@ from urllib.parse import urlparse
 import pytest
 
 from conftest import REPO, run_env
-from spotckpt._local import LocalDir
-from spotckpt._planner import FlushPlanner
-from spotckpt._store import RemoteStore
+from spotckpt._commit._local import LocalDir
+from spotckpt._notices._planner import FlushPlanner
+from spotckpt._remote._store import RemoteStore
 from throttle_proxy import ThrottleProxy
 
 

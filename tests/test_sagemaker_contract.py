@@ -18,8 +18,8 @@ import pytest
 
 from conftest import EXAMPLES, run_env
 from proc_helpers import PY, run, spotckpt
-from spotckpt._mountns import probe
-from spotckpt._sagemaker_env import Contract, parse_hyperparameters, to_cmd_args
+from spotckpt._spot._mountns import probe
+from spotckpt._sagemaker._env import Contract, parse_hyperparameters, to_cmd_args
 
 SCRIPT = str(EXAMPLES / "sagemaker_style_contract.py")
 DATA = "1 2 3 4 5 6 7 8 9 10\n"          # sum 55
@@ -168,7 +168,7 @@ def test_private_ml_root_hides_the_host_and_leaves_it_alone(tmp_path: Path, user
     (tmp_path / "inst" / "mine").write_text("x")
     before = _tree(Path(target))
     opt = sorted(os.listdir("/opt"))
-    r = run([PY, "-m", "spotckpt._mountns", str(tmp_path / "inst"), target, "--", PY, "-c",
+    r = run([PY, "-m", "spotckpt._spot._mountns", str(tmp_path / "inst"), target, "--", PY, "-c",
              f"import os; print(sorted(os.listdir({target!r}))); print(sorted(os.listdir('/opt')));"
              f"open({target!r} + '/new', 'w').close(); print(os.getuid())"],
             env=run_env(SPOTCKPT_MOUNTNS_USER=user_ns), timeout=60)
@@ -199,7 +199,7 @@ def test_without_a_namespace_auto_falls_back_with_a_warning_and_private_refuses(
     import argparse
     import io as _io
 
-    from spotckpt import _spot_sagemaker
+    from spotckpt._spot import _instance as _spot_sagemaker
     from spotckpt._errors import ConfigError
 
     monkeypatch.setattr(_spot_sagemaker, "probe", lambda target: "unshare(CLONE_NEWNS | CLONE_NEWUSER): Operation not permitted")

@@ -15,7 +15,7 @@ import pytest
 import spotckpt
 from conftest import REPO, S3Server, run_env
 from faultproxy import LEAK, FaultProxy
-from spotckpt._store import redact
+from spotckpt._events import redact
 
 KEY = "AKIASPOTCKPTLEAKTEST"
 SECRET = "spotckpt/Leak+Secret0123456789abcdefWXYZ"

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run_env
 from proc_helpers import PY, run, spotckpt
-from spotckpt._spot import interruption_schedule
+from spotckpt._spot._spot import interruption_schedule
 
 JOB = """
 import sys, time, spotckpt

@@ -19,8 +19,8 @@ from conftest import remote_files, run_env
 from proc_helpers import PY, Proc, run, spotckpt
 from spotckpt import Checkpointer
 from spotckpt._errors import LocalDirError
-from spotckpt._local import STATE_ENV, LocalDir, state_dir
-from spotckpt._store import RemoteStore
+from spotckpt._commit._local import STATE_ENV, LocalDir, state_dir
+from spotckpt._remote._store import RemoteStore
 
 # AWS's TF2 mnist.py logic in plain Python: a non-empty dir means "resume from the newest
 # epoch file"; with no epoch file in it, max() of an empty list fails.

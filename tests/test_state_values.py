@@ -14,8 +14,8 @@ import pytest
 
 import spotckpt
 from conftest import S3Server
-from spotckpt import _values
-from spotckpt._values_decode import decode
+from spotckpt._state import _values
+from spotckpt._state._values_decode import decode
 from test_integration_common import run, script_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "state_values_train.py"
@@ -129,7 +129,7 @@ def test_an_old_checkpoint_that_cannot_load_names_the_type(tmp_path: Path) -> No
     only torch's first line ("Weights only load failed ...")."""
     import torch
 
-    from spotckpt import _state
+    from spotckpt._state import _snapshot as _state
 
     torch.save({"recent": collections.deque([1.0])}, tmp_path / "state.pt")
     with pytest.raises(spotckpt.CorruptCheckpointError) as ei:

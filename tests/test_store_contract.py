@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from spotckpt._errors import CorruptCheckpointError, RemoteError
-from spotckpt._manifest import FileEntry, build_manifest, step_dirname
-from spotckpt._store import RemoteStore
+from spotckpt._commit._manifest import FileEntry, build_manifest, step_dirname
+from spotckpt._remote._store import RemoteStore
 
 
 def test_probe_put_get_size(remote_url: str, tmp_path: Path) -> None:
@@ -83,7 +83,7 @@ def test_multipart_sized_file_round_trips(remote_url: str, tmp_path: Path) -> No
     CRC32, so nothing may rely on either."""
     import os
 
-    from spotckpt._s3fast import PART_SIZE
+    from spotckpt._remote._s3fast import PART_SIZE
 
     store = RemoteStore(remote_url)
     src = tmp_path / "big.bin"

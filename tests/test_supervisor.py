@@ -18,8 +18,8 @@ import pytest
 
 from conftest import remote_files, run_env
 from proc_helpers import EXAMPLES, PY, Proc, run, spotckpt, wait_until
-from spotckpt._local import LocalDir
-from spotckpt._store import RemoteStore
+from spotckpt._commit._local import LocalDir
+from spotckpt._remote._store import RemoteStore
 
 
 def _events(local: Path) -> list[dict]:
@@ -170,7 +170,7 @@ def test_sigterm_reaches_the_tree_behind_a_shell(tmp_path: Path) -> None:
 
 
 def test_signal_targets_spare_children_of_python(tmp_path: Path) -> None:
-    from spotckpt import _proctree as pt
+    from spotckpt._supervisor import _proctree as pt
 
     inner = f"import subprocess, time; subprocess.Popen(['sleep', '30']); time.sleep(30)"
     proc = psutil.Popen(["sh", "-c", f"{PY} -c \"{inner}\" & sleep 30 & wait"])

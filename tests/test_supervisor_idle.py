@@ -73,7 +73,7 @@ def test_a_poll_right_after_the_signal_keeps_the_snapshot() -> None:
     ms after it forwarded SIGTERM. That poll takes no snapshot; it must not erase the one
     taken at the forward: a save closed 15 ms before the signal, unchanged since, was closed
     alive (found by the supervisor test resuming one epoch short, 2 runs in 3 under load)."""
-    from spotckpt._watchrules import WriterGate
+    from spotckpt._watch._rules import WriterGate
 
     gate, path, sig = WriterGate(), "/ck/checkpoint.pth", (1, 100, 10**18, 10**18)
     t = time.monotonic()

@@ -20,8 +20,8 @@ import pytest
 
 from conftest import run_env
 from proc_helpers import PY, REPO, Proc, run, spotckpt, wait_until
-from spotckpt._local import LocalDir
-from spotckpt._store import RemoteStore
+from spotckpt._commit._local import LocalDir
+from spotckpt._remote._store import RemoteStore
 
 SCRIPT = str(REPO / "tests" / "scripts" / "counter_train.py")
 LONG = [PY, SCRIPT, "--steps", "100000", "--every-steps", "50", "--sleep", "0.01"]

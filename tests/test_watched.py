@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from spotckpt import _watch
+from spotckpt._watch import _watcher as _watch
 from spotckpt._errors import RemoteNotFoundError
-from spotckpt._fileset import FileSet, list_files_prefix, newest_set, set_key
-from spotckpt._local import LocalDir
-from spotckpt._manifest import file_digest
-from spotckpt._store import RemoteStore
-from spotckpt._syncer import Syncer
-from spotckpt._watch import Watcher
-from spotckpt._watch_pull import restore_files
+from spotckpt._watch._fileset import FileSet, list_files_prefix, newest_set, set_key
+from spotckpt._commit._local import LocalDir
+from spotckpt._commit._manifest import file_digest
+from spotckpt._remote._store import RemoteStore
+from spotckpt._sync._syncer import Syncer
+from spotckpt._watch._watcher import Watcher
+from spotckpt._watch._pull import restore_files
 
 
 def remote_files(store: RemoteStore) -> dict:
@@ -279,7 +279,7 @@ def test_a_checkpoint_is_not_queued_behind_a_backlog_of_files(tmp_path: Path, s3
     store = RemoteStore(s3_remote)
     events = tmp_path / "events.jsonl"
     from spotckpt._events import EventLog
-    from spotckpt._manifest import FileEntry, build_manifest
+    from spotckpt._commit._manifest import FileEntry, build_manifest
 
     s = Syncer(local, store, keep_last=2, events=EventLog(events), scan_interval=0.05)
     s.start()

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from spotckpt import _watchscan
-from spotckpt._closed import open_for_writing
-from spotckpt._fileset import newest_set
-from spotckpt._local import LocalDir
-from spotckpt._store import RemoteStore
-from spotckpt._watch import Watcher
-from spotckpt._watch_pull import restore_files
+from spotckpt._watch import _scan as _watchscan
+from spotckpt._watch._closed import open_for_writing
+from spotckpt._watch._fileset import newest_set
+from spotckpt._commit._local import LocalDir
+from spotckpt._remote._store import RemoteStore
+from spotckpt._watch._watcher import Watcher
+from spotckpt._watch._pull import restore_files
 
 STALL = "import sys, time\nf = open(sys.argv[1], 'r+b')\nf.write(b'B' * 500)\nf.flush()\nprint('ok', flush=True)\ntime.sleep(100)\n"
 

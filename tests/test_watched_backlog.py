@@ -17,8 +17,8 @@ from pathlib import Path
 
 from conftest import run_env
 from proc_helpers import PY, REPO, Proc, spotckpt, wait_until
-from spotckpt._local import LocalDir
-from spotckpt._store import RemoteStore
+from spotckpt._commit._local import LocalDir
+from spotckpt._remote._store import RemoteStore
 
 SCRIPT = str(REPO / "tests" / "scripts" / "backlog_train.py")
 FILES = 10_000
@@ -76,7 +76,7 @@ def test_the_supervisors_deadline_plan_counts_the_watched_dir_backlog(tmp_path: 
     from types import SimpleNamespace
 
     from spotckpt._config import Config
-    from spotckpt._supervisor import Supervisor
+    from spotckpt._supervisor._supervisor import Supervisor
 
     sup = Supervisor([PY, "-c", "pass"], Config.resolve(local_dir=tmp_path / "ck", remote=None))
     watcher = SimpleNamespace(backlog_bytes=0)

@@ -12,10 +12,10 @@ import os
 import time
 from pathlib import Path
 
-from spotckpt._fileset import newest_set
-from spotckpt._local import LocalDir
-from spotckpt._store import RemoteStore
-from spotckpt._syncer import Syncer
+from spotckpt._watch._fileset import newest_set
+from spotckpt._commit._local import LocalDir
+from spotckpt._remote._store import RemoteStore
+from spotckpt._sync._syncer import Syncer
 
 
 def test_an_upload_does_not_stretch_the_interval_between_passes(tmp_path: Path) -> None:

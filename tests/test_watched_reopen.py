@@ -13,11 +13,12 @@ import os
 import time
 from pathlib import Path
 
-from spotckpt import _closed, _watch
-from spotckpt._fileset import newest_set
-from spotckpt._local import LocalDir
-from spotckpt._store import RemoteStore
-from spotckpt._watch import Watcher
+from spotckpt._watch import _closed
+from spotckpt._watch import _watcher as _watch
+from spotckpt._watch._fileset import newest_set
+from spotckpt._commit._local import LocalDir
+from spotckpt._remote._store import RemoteStore
+from spotckpt._watch._watcher import Watcher
 
 
 def test_a_writer_opening_the_file_after_the_check_never_gets_its_partial_file_committed(

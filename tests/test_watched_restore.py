@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from spotckpt import _cli_inspect
+from spotckpt.cli import _inspect as _cli_inspect
 from spotckpt._errors import RemoteError, RemoteNotFoundError
-from spotckpt._fileset import Entry, FileSet, newest_set, set_key
-from spotckpt._local import LocalDir
-from spotckpt._manifest import hasher
-from spotckpt._store import RemoteStore
-from spotckpt._watch import Watcher
-from spotckpt._watch_pull import restore_files
-from spotckpt.cli import main
+from spotckpt._watch._fileset import Entry, FileSet, newest_set, set_key
+from spotckpt._commit._local import LocalDir
+from spotckpt._commit._manifest import hasher
+from spotckpt._remote._store import RemoteStore
+from spotckpt._watch._watcher import Watcher
+from spotckpt._watch._pull import restore_files
+from spotckpt.cli._main import main
 
 
 def _h(b: bytes) -> str:

@@ -15,7 +15,7 @@ import xxhash
 from conftest import remote_files, run_env
 from proc_helpers import PY, Proc, run, spotckpt, wait_until
 from spotckpt._errors import RemoteNotFoundError
-from spotckpt._store import RemoteStore
+from spotckpt._remote._store import RemoteStore
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "inplace_writer.py")
 

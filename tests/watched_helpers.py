@@ -28,7 +28,7 @@ SET_RX = re.compile(r"^files/SET-(\d{12})\.json$")
 @functools.lru_cache(maxsize=None)
 def _store(url: str):
     """One store per URL: a RemoteStore makes its own S3 client, which costs ~0.3 s."""
-    from spotckpt._store import RemoteStore
+    from spotckpt._remote._store import RemoteStore
 
     return RemoteStore(url)
 

@@ -29,12 +29,12 @@ def main() -> None:
     args = ap.parse_args()
     srv = start_moto()
     os.environ.update(srv.env())
-    from spotckpt._engine import Engine
-    from spotckpt._fence import claim
-    from spotckpt._local import LocalDir
-    from spotckpt._manifest import FileEntry, file_digest
-    from spotckpt._store import RemoteStore
-    from spotckpt._syncer import Syncer
+    from spotckpt._sync._engine import Engine
+    from spotckpt._remote._fence import claim
+    from spotckpt._commit._local import LocalDir
+    from spotckpt._commit._manifest import FileEntry, file_digest
+    from spotckpt._remote._store import RemoteStore
+    from spotckpt._sync._syncer import Syncer
 
     def one(fenced: bool, tmp: Path) -> tuple[float, float, int, int]:
         store = RemoteStore(f"s3://{srv.new_bucket()}/job/")

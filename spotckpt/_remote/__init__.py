@@ -1,0 +1,14 @@
+"""S3 and any fsspec URL: the remote store, its transfers, and one writer per job.
+
+Storage layer, no ML imports. :class:`RemoteStore` (:mod:`._store`) is the one interface the
+layers above use: listing, ranged and streamed reads, multipart uploads through boto3
+(:mod:`._s3fast`, :mod:`._stream`) or fsspec (:mod:`._transfer`), error classification
+(:mod:`._storeopts`). Generations (:mod:`._fence`) make a stale instance of the job stop
+before it can overwrite or delete anything newer.
+"""
+from __future__ import annotations
+
+from ._fence import Fence, claim, generation_of, order, payload_dir, with_generation
+from ._store import RemoteStore
+
+__all__ = ["Fence", "RemoteStore", "claim", "generation_of", "order", "payload_dir", "with_generation"]

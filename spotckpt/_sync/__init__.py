@@ -1,0 +1,21 @@
+"""Moving commits between the local dir and the remote.
+
+Data-movement layer, no ML imports. :class:`Engine` (:mod:`._engine`) commits a save
+locally and restores the newest verified checkpoint; :class:`Syncer` (:mod:`._syncer`)
+uploads commits and the watched dir in the background, keeping the remote's retention;
+:mod:`._layout` says where a rank's files go; :mod:`._pull` is the supervisor's start
+(pull before the command); :class:`BackgroundWriter` (:mod:`._writer`) takes a snapshot off
+the training thread; :mod:`._progress` draws transfers on a terminal.
+"""
+from __future__ import annotations
+
+from ._engine import Engine, fetch_all, restore_newest, restore_part
+from ._layout import RankLayout, SingleLayout
+from ._progress import Progress, human_bytes
+from ._pull import local_freeform, open_remote, pull, remote_freeform
+from ._syncer import Syncer
+from ._writer import BackgroundWriter
+
+__all__ = ["BackgroundWriter", "Engine", "Progress", "RankLayout", "SingleLayout", "Syncer", "fetch_all",
+           "human_bytes", "local_freeform", "open_remote", "pull", "remote_freeform", "restore_newest",
+           "restore_part"]

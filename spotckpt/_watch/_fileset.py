@@ -1,0 +1,215 @@
+"""File-set manifests: the committed remote state of the watched dir.
+
+Sync layer (no ML imports). The files a script writes into the local dir by itself
+(``checkpoint.pth``, Transformers' ``checkpoint-N/``, Lightning's ``last.ckpt``) reach the
+remote with the same guarantee as ``step-N/``: a restart gets one consistent, verified set,
+never a mix. Remote layout under the prefix::
+
+    files/<vid>/<path>            one uploaded version of a file (vid: fresh per upload,
+                                  shared by the files of one directory checkpoint)
+    files/SET-000000000007.json   a file-set manifest, written last
+
+The highest set that parses is the dir's remote state. A set names, for every entry, its
+path in the local dir, size, XXH3-128, mtime and object key, or its symlink target. A new
+version never overwrites an older one's key, so an upload that is torn, abandoned or killed
+cannot replace a complete copy: until the next set is written, the previous set still names
+the previous object. Objects that no set names do not exist; the writer deletes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from typing import Any, Iterable
+
+from spotckpt._commit import _MAX_FILE_SIZE, check_relpath, parse_step_dirname
+from spotckpt._config import LINEAGE_PREFIX
+from spotckpt._errors import CorruptCheckpointError, RemoteError, RemoteNotFoundError
+from spotckpt._events import log
+from spotckpt._remote import RemoteStore
+
+FILES = "files"
+FORMAT = "spotckpt-files/1"
+_SET_RE = re.compile(r"^SET-(\d{12})\.json$")
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_MAX_MTIME_NS = 2**63  # os.utime takes a signed 64-bit ns count (pre-1970 mtimes are legal)
+_MAX_LINK = 4095       # PATH_MAX less the NUL: os.symlink refuses a longer target
+_RELISTS = 5           # a set that vanished while read was superseded: list again, this often
+
+
+def set_key(seq: int) -> str:
+    return f"{FILES}/SET-{seq:012d}.json"
+
+
+def object_key(vid: str, path: str) -> str:
+    return f"{FILES}/{vid}/{path}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One mirrored entry: a regular file (``key`` set) or a symlink (``link`` set)."""
+
+    path: str
+    size: int = 0
+    xxh3: str = ""
+    mtime_ns: int = 0
+    key: str = ""
+    link: str | None = None
+    unit: str | None = None  # the directory checkpoint this file belongs to
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.link is not None:
+            return {"path": self.path, "link": self.link}
+        d: dict[str, Any] = {"path": self.path, "size": self.size, "xxh3": self.xxh3,
+                             "mtime_ns": self.mtime_ns, "key": self.key}
+        if self.unit is not None:
+            d["unit"] = self.unit
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Entry:
+        path = check_relpath(str(d["path"]))
+        path.encode("utf-8")  # names that are not UTF-8 are never mirrored (UnicodeError: invalid)
+        if "link" in d:
+            link = str(d["link"])
+            if not link or "\x00" in link or len(link.encode("utf-8")) > _MAX_LINK:
+                raise ValueError(f"bad link target for {path!r}")
+            return cls(path=path, link=link)
+        size, mtime = int(d["size"]), int(d["mtime_ns"])
+        digest, key = str(d["xxh3"]), check_relpath(str(d["key"]))
+        unit = d.get("unit")
+        if (not 0 <= size <= _MAX_FILE_SIZE or not -_MAX_MTIME_NS <= mtime < _MAX_MTIME_NS or not _HEX32.match(digest)
+                or not key.startswith(FILES + "/")):
+            raise ValueError(f"bad entry for {path!r}")
+        if unit is not None and not path.startswith(check_relpath(str(unit)) + "/"):
+            raise ValueError(f"entry {path!r} is not inside its unit {unit!r}")
+        return cls(path=path, size=size, xxh3=digest, mtime_ns=mtime, key=key,
+                   unit=None if unit is None else str(unit))
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSet:
+    seq: int
+    entries: dict[str, Entry]
+    created: float = 0.0
+    generation: int = 0  # of the job that wrote it (_fence.py); 0: before generations
+
+    def to_json(self) -> bytes:
+        d = {"format": FORMAT, "seq": self.seq, "created": self.created or time.time(),
+             "entries": [e.to_dict() for _, e in sorted(self.entries.items())]}
+        if self.generation:
+            d["generation"] = self.generation
+        return json.dumps(d, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, expect_seq: int | None = None) -> FileSet:
+        """Parse an untrusted set; raises CorruptCheckpointError on anything odd."""
+        try:
+            d = json.loads(data)
+            if d.get("format") != FORMAT:
+                raise ValueError(f"unknown format {d.get('format')!r}")
+            seq = int(d["seq"])
+            if expect_seq is not None and seq != expect_seq:
+                raise ValueError(f"set says seq {seq}, its name {expect_seq}")
+            entries: dict[str, Entry] = {}
+            for raw in d["entries"]:
+                e = Entry.from_dict(raw)
+                if e.path in entries:
+                    raise ValueError(f"{e.path!r} listed twice")
+                entries[e.path] = e
+            gen = d.get("generation", 0)
+            if type(gen) is not int or not 0 <= gen < 10**12:
+                raise ValueError(f"bad generation {gen!r}")
+            return cls(seq=seq, entries=entries, created=float(d.get("created", 0.0)), generation=gen)
+        except CorruptCheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+            raise CorruptCheckpointError(f"spotckpt: invalid file set: {type(e).__name__}: {e}"[:300]) from e
+
+
+def write_set(store: RemoteStore, fence: Any, seq: int, entries: dict[str, Entry]) -> FileSet:
+    """Commit ``entries`` as file set ``seq`` (with a ``fence``, :class:`._fence.Fence`: as
+    this generation, proven the newest, at the next free number above an older one's set)."""
+    gen = fence.generation if fence is not None else 0
+    created = time.time()
+
+    def make(n: int) -> bytes:
+        return FileSet(seq=n, entries=entries, created=created, generation=gen).to_json()
+    if fence is None:
+        store.put_data(set_key(seq), make(seq))
+    else:
+        seq = fence.commit_set(seq, make, lambda data: FileSet.from_json(data).generation, set_key)
+    return FileSet(seq=seq, entries=entries, created=created, generation=gen)
+
+
+def list_files_prefix(store: RemoteStore) -> tuple[dict[int, str], set[str]]:
+    """One listing of ``files/``: ``({seq: set key}, {every other object key})``."""
+    sets: dict[int, str] = {}
+    objects: set[str] = set()
+    for rel in store.list_keys(FILES + "/"):
+        m = _SET_RE.match(rel[len(FILES) + 1:])
+        if m:
+            sets[int(m.group(1))] = rel
+        else:
+            objects.add(rel)
+    return sets, objects
+
+
+def newest_set(store: RemoteStore, sets: dict[int, str] | None = None) -> FileSet | None:
+    """The newest file set that parses, or None when the remote has none.
+
+    A set that is invalid (unparseable, hostile content) is named in a warning and skipped.
+    A set that vanished between the listing and its read was superseded meanwhile: the
+    prefix is listed again (when ``sets``, the caller's listing, was given, the
+    RemoteNotFoundError is raised instead: the caller lists again). Any other RemoteError
+    (a read that failed after retries) is raised: falling back to an older set would
+    restore files whose newer versions are committed, and the watcher would then commit
+    them over those.
+    """
+    given = sets is not None
+    for _ in range(_RELISTS):
+        if sets is None:
+            sets = list_files_prefix(store)[0]
+        for seq in sorted(sets, reverse=True):
+            try:
+                return FileSet.from_json(store.cat(sets[seq]), expect_seq=seq)
+            except CorruptCheckpointError as e:
+                log.warning("spotckpt: remote file set %s is invalid (%s); trying the one before", sets[seq], e)
+            except RemoteNotFoundError:
+                if given:
+                    raise
+                break  # superseded while we read: list again
+        else:
+            return None
+        sets = None
+    raise RemoteError(f"spotckpt: remote {store.url}: the newest file set changed {_RELISTS} times while "
+                      "it was read (is another job writing to this remote?); try again")
+
+
+def foreign(keys: Iterable[str]) -> list[str]:
+    """Keys under the prefix that are neither a step checkpoint's, the watched dir's, a
+    named Checkpointer's (``ckpt-<name>/``) nor spotckpt's probe: somebody else's objects,
+    skipped by restore."""
+    out = []
+    for k in keys:
+        first, sep, _ = k.partition("/")
+        if sep and (first in (FILES, "gen") or parse_step_dirname(first) is not None):
+            continue
+        if first.startswith(".spotckpt-probe-"):
+            continue
+        if sep and first.startswith(LINEAGE_PREFIX):
+            continue  # a named Checkpointer's checkpoints: its own lineage
+
+        out.append(k)
+    return sorted(out)
+
+
+def warn_foreign(store: RemoteStore, keys: Iterable[str]) -> list[str]:
+    """Name the foreign objects in one warning line; returns them."""
+    odd = foreign(keys)
+    if odd:
+        shown = ", ".join(repr(k) for k in odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+        log.warning("spotckpt: %d object(s) under %s are not spotckpt's and were skipped: %s",
+                    len(odd), store.url, shown)
+    return odd

@@ -1,0 +1,281 @@
+"""The watched dir, remote -> local: restore the newest committed file set.
+
+Sync layer (no ML imports). Every file is downloaded to a temp name beside its place
+(fixed length: any legal name can be restored), verified (size, XXH3-128) and given the
+mtime it had when it was mirrored; only once every file of the set is downloaded are they
+renamed into place, so a restore that has to start over (the job committed a newer set
+and deleted this one's objects meanwhile) never leaves a mix of two sets. A directory
+checkpoint is placed only when all its files verified; a file or unit that cannot be
+downloaded or written here is refused with one error line, the rest is restored. Symlinks
+are recreated when they point inside the dir, lexically and, once all are placed, as
+resolved (one that does not is refused or removed with a warning: never followed). Files
+already present with the committed size and mtime are kept.
+
+A local file that differs from the set is kept as newer (the watcher uploads it) unless it
+may be torn: held back by the last supervisor, or modified after the last heartbeat of the
+watcher that was running here minus one interval (that watcher was killed; see
+:class:`._watch.Watcher.beat`). Such a file is moved to the state dir's ``suspect/`` and
+the committed version takes its place.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from spotckpt._commit import TMP_SUFFIX, LocalDir, file_digest, is_internal
+from spotckpt._errors import CorruptCheckpointError, RemoteError, RemoteNotFoundError
+from spotckpt._events import EventLog, log
+from spotckpt._remote import RemoteStore
+
+from ._closed import suspect_test
+from ._fileset import Entry, FileSet, newest_set, warn_foreign
+from ._scan import link_inside
+
+_RESTARTS = 5  # the set being restored was superseded: start over with the newer one, this often
+
+
+def _inside(root: Path, target: Path) -> bool:
+    """True if ``target``'s parent resolves inside ``root`` (no symlinked dir escapes)."""
+    try:
+        parent = target.parent.resolve()
+    except OSError:
+        return False
+    return parent == root or root in parent.parents
+
+
+class _Superseded(Exception):
+    """An object of the set being restored is gone because a newer set replaced it."""
+
+    def __init__(self, newer: FileSet) -> None:
+        super().__init__(newer.seq)
+        self.newer = newer
+
+
+Pending = list[tuple[Path, Path, Entry]]  # (temp, target, entry) of one unit, verified
+
+
+class _Restore:
+    def __init__(self, local: LocalDir, store: RemoteStore, events: EventLog) -> None:
+        self.local, self.store, self.events = local, store, events
+        self.root = local.root.resolve()
+        self.suspect = suspect_test(local.meta)
+        self.got: list[str] = []
+        self.bytes = 0
+        self.skipped: list[str] = []
+        try:
+            self.name_max = os.pathconf(self.root, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            self.name_max = 255
+
+    def set_aside(self, rel: str) -> None:
+        dest = self.local.meta / "suspect" / f"{int(time.time())}-{uuid.uuid4().hex[:6]}" / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.root / rel), dest)
+        log.warning("spotckpt: %s may be torn (it was being written when the last run was killed); "
+                    "the committed version replaces it, the local one is kept at %s", rel, dest)
+        self.events.emit("file_set_aside", path=rel, to=str(dest))
+
+    def refuse(self, name: str, err: object) -> None:
+        self.skipped.append(name)
+        log.error("spotckpt: not restoring %s: %s", name, err)
+        self.events.emit("pull_file_refused", path=name, error=str(err))
+
+    def wanted(self, e: Entry) -> bool:
+        """Whether ``e`` must be downloaded (False: the local copy stays)."""
+        p = self.root / e.path
+        try:
+            st = os.stat(p, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        except NotADirectoryError:
+            return False
+        import stat as _st
+        if _st.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
+            return False
+        if _st.S_ISREG(st.st_mode) and self.suspect(e.path, st):
+            self.set_aside(e.path)
+            return True
+        return False  # newer locally: the watcher uploads it
+
+    @staticmethod
+    def drop(pending: Pending, made: list[Path]) -> None:
+        """Remove temp files and the dirs made for them; never raises."""
+        for tmp, _, _ in pending:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        for d in sorted(made, key=lambda p: len(p.parts), reverse=True):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+    def download_unit(self, fs: FileSet, name: str, entries: list[Entry], made: list[Path]) -> Pending:
+        """Download and verify the wanted files of one unit to temp names (``[]``: nothing
+        to do, or refused). Dirs it creates are added to ``made``.
+
+        Raises:
+            _Superseded: an object is gone and a newer set exists.
+            RemoteError: a download failed after retries.
+        """
+        pending: Pending = []
+        mine: list[Path] = []
+        try:
+            for e in [e for e in entries if self.wanted(e)]:
+                target = self.root / e.path
+                if any(len(part.encode()) > self.name_max for part in e.path.split("/")):
+                    raise CorruptCheckpointError(f"spotckpt: {e.path!r}: a name is longer than this "
+                                                 f"file system allows ({self.name_max} bytes)")
+                if not _inside(self.root, target):
+                    raise CorruptCheckpointError(f"spotckpt: {e.path!r} would be written outside {self.root}")
+                mine += [d for d in [target.parent, *target.parent.parents] if d not in mine and d not in made
+                         and (d == self.root or self.root in d.parents) and not d.exists()]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.parent / f".spotckpt-{uuid.uuid4().hex[:16]}{TMP_SUFFIX}"
+                pending.append((tmp, target, e))
+                self.store.get_file(e.key, tmp)
+                size = tmp.stat().st_size
+                if size != e.size:
+                    raise CorruptCheckpointError(f"spotckpt: {e.path}: downloaded {size} bytes, the set says {e.size}")
+                if file_digest(tmp) != e.xxh3:
+                    raise CorruptCheckpointError(f"spotckpt: {e.path} fails its checksum")
+                os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns))
+        except RemoteNotFoundError as err:
+            self.drop(pending, mine)
+            newer = newest_set(self.store)
+            if newer is not None and newer.seq != fs.seq:
+                raise _Superseded(newer) from None
+            self.refuse(name, f"{err} (the set names an object that is missing: damaged remote)")
+            return []
+        except RemoteError:
+            self.drop(pending, mine)
+            raise
+        except (CorruptCheckpointError, OSError) as err:  # OSError: this file cannot be written here
+            self.drop(pending, mine)
+            self.refuse(name, err)
+            return []
+        except BaseException:
+            self.drop(pending, mine)
+            raise
+        made += mine
+        return pending
+
+    def place_unit(self, name: str, pending: Pending) -> None:
+        for i, (tmp, target, e) in enumerate(pending):
+            try:
+                os.replace(tmp, target)
+            except OSError as err:
+                self.drop(pending[i:], [])
+                self.refuse(name, err)
+                return
+            self.got.append(e.path)
+            self.bytes += e.size
+            self.events.emit("pull_file", path=e.path, bytes=e.size)
+
+    def restore(self, fs: FileSet, on_total: Callable[[int], None] | None) -> None:
+        """One attempt at ``fs``: download every unit, then place them all (nothing is
+        placed if it raises)."""
+        units: dict[str, list[Entry]] = {}
+        for e in fs.entries.values():
+            if e.link is None:
+                units.setdefault(e.unit or e.path, []).append(e)
+        if on_total is not None:
+            on_total(sum(e.size for es in units.values() for e in es if not (self.root / e.path).exists()))
+        done: list[tuple[str, Pending]] = []
+        made: list[Path] = []
+        try:
+            for name in sorted(units, key=lambda n: -max(e.mtime_ns for e in units[n])):
+                done.append((name, self.download_unit(fs, name, units[name], made)))
+        except BaseException:
+            self.drop([p for _, pending in done for p in pending], made)
+            raise
+        for name, pending in done:
+            self.place_unit(name, pending)
+        placed: list[str] = []
+        for e in fs.entries.values():
+            if e.link is not None and self.link(e):
+                placed.append(e.path)
+        for rel in placed:  # a chain of in-dir links can still lead out: judge them resolved
+            real = Path(os.path.realpath(self.root / rel))
+            if self.root not in real.parents:
+                log.warning("spotckpt: not restoring symlink %s: it resolves to %s, outside the dir", rel, real)
+                try:
+                    os.unlink(self.root / rel)
+                except OSError:
+                    pass
+                self.got.remove(rel)
+                self.skipped.append(rel)
+
+    def link(self, e: Entry) -> bool:
+        assert e.link is not None
+        target = self.root / e.path
+        if not link_inside(e.path, e.link) or not _inside(self.root, target):
+            log.warning("spotckpt: not restoring symlink %s -> %s: it points outside the dir", e.path, e.link)
+            self.skipped.append(e.path)
+            return False
+        if os.path.lexists(target):
+            return False
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(e.link, target)
+        except OSError as err:
+            log.warning("spotckpt: not restoring symlink %s -> %s: %s", e.path, e.link, err)
+            self.skipped.append(e.path)
+            return False
+        self.got.append(e.path)
+        return True
+
+    def sweep(self, named: set[str]) -> None:
+        """Set aside local files the set does not name that may be torn."""
+        for dirpath, _dirs, names in os.walk(self.root):
+            for n in names:
+                full = Path(dirpath) / n
+                rel = full.relative_to(self.root).as_posix()
+                if rel in named or is_internal(rel, self.root) or full.is_symlink():
+                    continue
+                try:
+                    if self.suspect(rel, full.stat()):
+                        self.set_aside(rel)
+                except OSError:
+                    continue
+
+
+def restore_files(local: LocalDir, store: RemoteStore, *, events: EventLog | None = None,
+                  on_total: Callable[[int], None] | None = None) -> tuple[FileSet | None, list[str], int]:
+    """Bring the newest committed file set into the local dir, verified.
+
+    Returns:
+        ``(set, paths placed, bytes downloaded)``; the set is None when the remote has none.
+
+    Raises:
+        RemoteError: the newest set could not be read, or a download failed, after retries
+            (a damaged or missing file is refused instead, with an error line: the rest of
+            the set is still restored). A set superseded while it is restored (the job
+            committed a newer one and deleted its objects) is restarted with the newer one.
+    """
+    events = events or EventLog(None)
+    warn_foreign(store, store.list_keys())
+    fs = newest_set(store)
+    r = _Restore(local, store, events)
+    for attempt in range(_RESTARTS + 1):
+        if fs is None:
+            break
+        try:
+            r.restore(fs, on_total)
+            break
+        except _Superseded as s:
+            if attempt == _RESTARTS:
+                raise RemoteError(f"spotckpt: remote {store.url}: the file set was superseded {_RESTARTS} "
+                                  "times while it was restored (the job commits faster than this pull "
+                                  "downloads); try again") from None
+            log.info("spotckpt: file set %d was superseded by %d while it was restored; restoring that",
+                     fs.seq, s.newer.seq)
+            fs = s.newer
+    # local files the set does not know that may be torn (also when there is no set yet)
+    r.sweep(set(fs.entries) if fs is not None else set())
+    return fs, r.got, r.bytes

@@ -1,0 +1,395 @@
+"""``spotckpt ls | status | verify | pull | push``: look at and move checkpoints by hand.
+
+Process layer: thin wrappers over the local dir, the remote store and the events log.
+Each returns an exit status and prints a table, or one JSON document with ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from spotckpt._commit import LINEAGE_MARKER, LocalDir, Manifest, hasher, verify_dir
+from spotckpt._config import _UNSET, LINEAGE_PREFIX, Config, probe_local_dir, require_dir
+from spotckpt._errors import ConfigError, CorruptCheckpointError, RemoteError
+from spotckpt._events import EventLog
+from spotckpt._remote import RemoteStore
+from spotckpt._sync import Progress, Syncer, human_bytes, local_freeform, open_remote, pull, remote_freeform
+from spotckpt._watch import FileSet, newest_set
+
+
+def _setup(args: argparse.Namespace, *, need_remote: bool = False, create_local: bool = False,
+           need_local: bool = False) -> tuple[Config, LocalDir, RemoteStore | None]:
+    """Resolve and check the settings of one command (ConfigError, LocalDirError,
+    RemoteError: one line and exit status 2, see cli.main).
+
+    Args:
+        create_local: the command writes into the local dir (pull): create and probe it.
+        need_local: the local dir must exist (push); read-only commands take a missing one
+            as empty (``ls --remote`` on a machine that never trained). A local dir that is
+            a file is an error for every command.
+    """
+    cfg = Config.resolve(local_dir=args.local_dir, remote=args.remote if args.remote else _UNSET,
+                         check_local=False, name=getattr(args, "name", None))
+    require_dir(cfg.local_dir, must_exist=need_local)
+    local = LocalDir(cfg.local_dir).lineage(cfg.name)
+    if cfg.name is not None:  # Checkpointer(name=): a local dir and a remote of its own
+        if create_local:
+            local.mark_lineage()
+        cfg = dataclasses.replace(cfg, local_dir=local.root, remote=cfg.lineage_remote, name=None)
+    if need_remote and not cfg.remote:
+        raise ConfigError(f"spotckpt {args.command}: no remote; pass --remote s3://bucket/prefix/ "
+                          "or set SPOTCKPT_REMOTE")
+    if create_local:
+        probe_local_dir(cfg.local_dir)
+    # Fail within seconds, in one line, when the remote is unreachable: a write probe for
+    # commands that upload, a listing and an existence check (bucket, file:// dir) for the
+    # read-only ones, so a missing bucket is an error and not an empty remote.
+    probe = "write" if args.command == "push" else "read"
+    store = open_remote(cfg.remote, cfg.storage_options, probe=probe, attempts=3) if cfg.remote else None
+    return cfg, local, store
+
+
+def _emit(args: argparse.Namespace, doc: Any, lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(doc, indent=1, default=str))
+    else:
+        print("\n".join(lines))
+
+
+def _age(created: float | None, now: float) -> str:
+    if not created:
+        return "-"
+    s = max(0.0, now - created)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s / n:.1f}{unit}"
+    return f"{s:.0f}s"
+
+
+def _manifests(local: LocalDir, store: RemoteStore | None) -> tuple[dict[int, Manifest], dict[int, Manifest | None]]:
+    loc: dict[int, Manifest] = {}
+    for s in local.committed():
+        try:
+            loc[s] = local.read_manifest(s)
+        except CorruptCheckpointError:
+            pass
+    rem: dict[int, Manifest | None] = {}
+    if store is not None:
+        for s in store.committed():
+            try:
+                rem[s] = loc[s] if s in loc else store.read_manifest(s)
+            except (RemoteError, CorruptCheckpointError):
+                rem[s] = None
+    return loc, rem
+
+
+def _names(local: LocalDir, store: RemoteStore | None) -> list[str]:
+    """Names of the named lineages (``Checkpointer(name=)``) beside this one, local or remote."""
+    found = {p.name for p in local.root.glob(f"{LINEAGE_PREFIX}*") if (p / LINEAGE_MARKER).is_file()}
+    if store is not None:
+        def top() -> list:
+            store.fs.invalidate_cache()
+            try:
+                return store.fs.ls(store.root, detail=False)
+            except FileNotFoundError:
+                return []
+        found |= {str(x).rstrip("/").rsplit("/", 1)[-1] for x in store._call("listing", top)}
+    return sorted(n[len(LINEAGE_PREFIX):] for n in found if n.startswith(LINEAGE_PREFIX))
+
+
+# -- ls ----------------------------------------------------------------------------------
+def cmd_ls(args: argparse.Namespace) -> int:
+    cfg, local, store = _setup(args)
+    now = time.time()
+    loc, rem = _manifests(local, store)
+    rows = []
+    for s in sorted(set(loc) | set(rem), reverse=True):
+        m = loc.get(s) or rem.get(s)
+        rows.append({"step": s, "bytes": m.total_bytes if m else None, "created": m.created if m else None,
+                     "local": s in loc, "remote": s in rem, "durable": s in rem})
+    lf = local_freeform(local.root)
+    rf = remote_freeform(store) if store is not None else {}
+    files = [{"path": p, "bytes": lf.get(p, rf.get(p)), "local": p in lf, "remote": p in rf,
+              "durable": p in rf and (p not in lf or rf[p] == lf[p])} for p in sorted(set(lf) | set(rf))]
+    names = _names(local, store) if getattr(args, "name", None) is None else []
+    doc = {"local_dir": str(cfg.local_dir), "remote": cfg.remote, "checkpoints": rows, "files": files,
+           "names": names}
+    yn = {True: "yes", False: "no"}
+    lines = [f"local dir: {cfg.local_dir}", f"remote:    {cfg.remote or '(none)'}"]
+    if rows:
+        lines.append(f"{'STEP':>12}  {'SIZE':>9}  {'AGE':>6}  LOCAL  REMOTE  DURABLE")
+        for r in rows:
+            lines.append(f"{r['step']:>12}  {human_bytes(r['bytes'] or 0):>9}  {_age(r['created'], now):>6}  "
+                         f"{yn[r['local']]:<5}  {yn[r['remote']]:<6}  {yn[r['durable']]}")
+    else:
+        lines.append("no committed checkpoints")
+    if files:
+        lines.append(f"{'FILE':<32}  {'SIZE':>9}  LOCAL  REMOTE  DURABLE")
+        for f in files:
+            lines.append(f"{f['path']:<32}  {human_bytes(f['bytes'] or 0):>9}  {yn[f['local']]:<5}  "
+                         f"{yn[f['remote']]:<6}  {yn[f['durable']]}")
+    if names:
+        lines.append(f"named checkpointers here (see each with --name NAME): {', '.join(names)}")
+    _emit(args, doc, lines)
+    return 0
+
+
+# -- status --------------------------------------------------------------------------------
+def _throughput(events_path: Path) -> tuple[float | None, int]:
+    total_b, total_s, n = 0, 0.0, 0
+    try:
+        lines = events_path.read_text().splitlines()[-2000:]
+    except OSError:
+        return None, 0
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("event") == "upload_done" and e.get("seconds"):
+            total_b += int(e.get("bytes") or 0)
+            total_s += float(e["seconds"])
+            n += 1
+    return (total_b / total_s if total_s > 0 else None), n
+
+
+def _last_events(events_path: Path, names: set[str]) -> dict[str, dict]:
+    """The newest event of each name in ``names``."""
+    out: dict[str, dict] = {}
+    try:
+        lines = events_path.read_text().splitlines()[-2000:]
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("event") in names:
+            out[e["event"]] = e
+    return out
+
+
+def _holder(local: LocalDir, role: str) -> int | None:
+    import psutil
+
+    try:
+        text = (local.meta / f"{role}.lock").read_text().strip()
+        pid = int(text.split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if psutil.pid_exists(pid) else None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg, local, store = _setup(args)
+    now = time.time()
+    loc, rem = _manifests(local, store)
+    durable = max(rem) if rem else None
+    durable_m = rem.get(durable) if durable is not None else None
+    newest = max(loc) if loc else None
+    pending_steps = [s for s in loc if durable is None or s > durable]
+    pending_bytes = sum(loc[s].total_bytes for s in pending_steps[-1:])
+    lf = local_freeform(local.root)
+    rf = remote_freeform(store) if store is not None else {}
+    pending_files = sorted(p for p in lf if rf.get(p) != lf[p])
+    pending_bytes += sum(lf[p] for p in pending_files)
+    since = None
+    if pending_steps or pending_files:
+        since = durable_m.created if durable_m is not None else None
+        if since is None:
+            stamps = [loc[s].created for s in pending_steps]
+            stamps += [(local.root / p).stat().st_mtime for p in pending_files if (local.root / p).exists()]
+            since = min(stamps) if stamps else None
+    rate, n = _throughput(local.meta / "events.jsonl")
+    last = _last_events(local.meta / "events.jsonl", {"saved", "flush"})
+    estimate = last.get("saved", {}).get("flush_estimate_s")
+    flush = last.get("flush")
+    doc = {
+        "local_dir": str(cfg.local_dir), "state_dir": str(local.meta), "remote": cfg.remote,
+        "durable_step": durable, "durable_bytes": durable_m.total_bytes if durable_m else None,
+        "durable_age_seconds": round(now - durable_m.created, 1) if durable_m else None,
+        "newest_local_step": newest,
+        "not_durable_bytes": pending_bytes,
+        "not_durable_seconds": round(now - since, 1) if since else 0.0,
+        "not_durable_files": pending_files,
+        "upload_bytes_per_second": round(rate) if rate else None, "uploads_measured": n,
+        "supervisor_pid": _holder(local, "supervisor"), "trainer_pid": _holder(local, "trainer"),
+        "flush_estimate_seconds": estimate,
+        "last_interruption_flush": flush,
+    }
+    lines = [
+        f"local dir:            {cfg.local_dir}",
+        f"state dir:            {local.meta} (spotckpt's own files: events, locks, quarantine)",
+        f"remote:               {cfg.remote or '(none)'}",
+        f"last durable step:    {durable if durable is not None else '(none)'}"
+        + (f"  ({human_bytes(durable_m.total_bytes)}, {_age(durable_m.created, now)} ago)" if durable_m else ""),
+        f"newest local step:    {newest if newest is not None else '(none)'}",
+        f"not yet durable:      {human_bytes(pending_bytes)}, {doc['not_durable_seconds']:.0f} s of work"
+        + (f" ({len(pending_files)} file(s))" if pending_files else ""),
+        "upload throughput:    " + (f"{human_bytes(rate)}/s over {n} upload(s)" if rate else "(no uploads logged)"),
+        f"running:              supervisor {doc['supervisor_pid'] or '-'}, trainer {doc['trainer_pid'] or '-'}",
+        "flush estimate:       " + (f"{estimate:.1f} s for a full save until durable (planner)"
+                                    if estimate is not None else "(no save with an upload measured yet)"),
+    ]
+    if flush:
+        lines.append(f"last interruption:    plan {flush.get('action')}, estimated {flush.get('estimate_s')} s, "
+                     f"took {flush.get('actual_s')} s, durable step {flush.get('durable_step')}")
+    _emit(args, doc, lines)
+    return 0
+
+
+# -- verify --------------------------------------------------------------------------------
+def _verify_remote(store: RemoteStore, step: int, m: Manifest, quick: bool) -> str | None:
+    from spotckpt._remote import generation_of, payload_dir
+
+    d = payload_dir(step, generation_of(m))
+    listing = {k: v for k, v in store.find().items() if k.startswith(d + "/")} if quick else None
+    for e in m.files:
+        rel = f"{d}/{e.path}"
+        if listing is not None:
+            if listing.get(rel) != e.size:
+                return f"{rel}: size {listing.get(rel)} on the remote, manifest says {e.size}"
+            continue
+        err = _verify_object(store, rel, e.size, e.digest, e.algo)
+        if err is not None:
+            return f"{rel}: {err.replace('the set', 'manifest')}"
+    return None
+
+
+def _verify_object(store: RemoteStore, key: str, size: int, digest: str | None,
+                   algo: str = "xxh3_128") -> str | None:
+    """An object's size (and checksum unless ``digest`` is None), or what is wrong."""
+    if digest is None:
+        try:
+            got = store.size(key)
+        except RemoteError:
+            return _MISSING
+        return None if got == size else f"size {got} on the remote, the set says {size}"
+    h, n = hasher(algo), 0
+    try:
+        with store.fs.open(store.path(key), "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+                n += len(chunk)
+    except FileNotFoundError:
+        return _MISSING
+    if n != size:
+        return f"{n} bytes on the remote, the set says {size}"
+    return None if h.hexdigest() == digest else "fails its checksum on the remote"
+
+
+_MISSING = "missing on the remote"
+
+
+def _verify_set(store: RemoteStore, fs: FileSet | None, quick: bool) -> list[dict]:
+    """One result per file of file set ``fs``."""
+    out = []
+    for e in (fs.entries.values() if fs is not None else ()):
+        if e.link is not None:
+            continue
+        err = None
+        try:
+            err = _verify_object(store, e.key, e.size, None if quick else e.xxh3)
+        except CorruptCheckpointError as x:
+            err = str(x)
+        out.append({"where": "remote", "file": e.path, "file_set": fs.seq, "ok": err is None,
+                    "error": None if err is None else f"{e.path}: {err}"})
+    return out
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    cfg, local, store = _setup(args)
+    results = []
+    if not args.remote_only:
+        for s in local.committed():
+            try:
+                verify_dir(local.path(s), local.read_manifest(s))
+                results.append({"where": "local", "step": s, "ok": True, "error": None})
+            except CorruptCheckpointError as e:
+                results.append({"where": "local", "step": s, "ok": False, "error": str(e)})
+    if store is not None and not args.local_only:
+        for s in store.committed():
+            try:
+                err = _verify_remote(store, s, store.read_manifest(s), args.quick)
+            except CorruptCheckpointError as e:
+                err = str(e)
+            results.append({"where": "remote", "step": s, "ok": err is None, "error": err})
+        fs = newest_set(store)
+        checked = _verify_set(store, fs, args.quick)
+        if any(r["error"] and r["error"].endswith(_MISSING) for r in checked):
+            # the job may have committed a newer set and deleted this one's objects meanwhile
+            newer = newest_set(store)
+            if newer is not None and fs is not None and newer.seq != fs.seq:
+                checked = _verify_set(store, newer, args.quick)
+        results += checked
+    bad = [r for r in results if not r["ok"]]
+    lines = [f"{r['where']:<6} " + (f"step {r['step']:>12}  " if "step" in r else f"file {r['file']}  ")
+             + ("ok" if r["ok"] else f"DAMAGED: {r['error']}")
+             for r in results] or ["no committed checkpoints to verify"]
+    if bad:
+        lines.append(f"{len(bad)} damaged checkpoint(s) or file(s); a restore skips (and quarantines) "
+                     "a damaged checkpoint and falls back to the next older one, and refuses a damaged "
+                     "file (a whole directory checkpoint) with an error line")
+    _emit(args, {"ok": not bad, "checked": results}, lines)
+    return 1 if bad else 0
+
+
+# -- pull / push ---------------------------------------------------------------------------
+def cmd_pull(args: argparse.Namespace) -> int:
+    cfg, local, store = _setup(args, need_remote=True, create_local=True)
+    assert store is not None
+    local.lock("supervisor")
+    try:
+        bar = Progress("pull", enabled=False if args.json else None)
+        store.progress = bar.add
+        res = pull(local, store, events=EventLog(local.meta / "events.jsonl"), on_total=bar.set_total)
+        bar.close()
+    finally:
+        local.unlock()
+    doc = {"local_dir": str(cfg.local_dir), "remote": cfg.remote, **res.__dict__}
+    _emit(args, doc, [f"pulled from {cfg.remote} into {cfg.local_dir}: {res.describe()}"])
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from spotckpt._remote import claim
+    cfg, local, store = _setup(args, need_remote=True, need_local=True)
+    assert store is not None
+    local.lock("supervisor")
+    t0 = time.monotonic()
+    try:
+        events = EventLog(local.meta / "events.jsonl")
+        syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events,  # a new generation:
+                        mirror=getattr(args, "name", None) is None, fence=claim(store))  # (no files: named)
+        steps = local.committed()
+        remote_steps = set(store.committed())
+        lf, rf = local_freeform(local.root), remote_freeform(store)
+        total = sum(v for k, v in lf.items() if rf.get(k) != v)
+        if steps and steps[-1] not in remote_steps:
+            total += local.read_manifest(steps[-1]).total_bytes
+        bar = Progress("push", enabled=False if args.json else None)
+        bar.set_total(total)
+        store.progress = bar.add
+        syncer.start()
+        if steps:
+            syncer.submit(steps[-1])
+        ok = syncer.close()
+        bar.close()
+    finally:
+        local.unlock()
+    doc = {"local_dir": str(cfg.local_dir), "remote": cfg.remote, "ok": ok,
+           "durable_step": syncer.durable_step, "bytes": syncer.bytes_uploaded,
+           "seconds": round(time.monotonic() - t0, 3),
+           "error": str(syncer.last_error) if syncer.last_error else None}
+    line = (f"pushed {human_bytes(syncer.bytes_uploaded)} to {cfg.remote}; durable step: {syncer.durable_step}"
+            if ok else f"spotckpt push: NOT durable: {syncer.last_error}")
+    _emit(args, doc, [line])
+    return 0 if ok else 1
+
+
+__all__ = ["cmd_ls", "cmd_status", "cmd_verify", "cmd_pull", "cmd_push"]
