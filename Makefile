@@ -42,9 +42,9 @@ bench: $(STAMP)
 # The reliability suites with more iterations: 500 random SIGKILLs and longer S3-fault runs
 # (about 20 minutes). Figures print as [chaos] and [faults] lines (README "Guarantees").
 chaos: $(STAMP)
-	SPOTCKPT_CHAOS_ITERATIONS=500 $(VPY) -m pytest -q -s --timeout=7200 tests/test_chaos_crash.py \
-		tests/test_faults_s3.py tests/test_faults_disk.py tests/test_corruption.py \
-		tests/test_hostile_remote.py tests/test_concurrency.py tests/test_secrets.py $(PYTEST_ARGS)
+	SPOTCKPT_CHAOS_ITERATIONS=500 $(VPY) -m pytest -q -s --timeout=7200 tests/checkpointer/test_chaos_crash.py \
+		tests/remote/test_faults_s3.py tests/commit/test_faults_disk.py tests/commit/test_corruption.py \
+		tests/remote/test_hostile_remote.py tests/commit/test_concurrency.py tests/remote/test_secrets.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-work

@@ -17,7 +17,7 @@ from proc_helpers import PY, Proc, run, spotckpt, wait_until
 from spotckpt._errors import RemoteNotFoundError
 from spotckpt._remote._store import RemoteStore
 
-SCRIPT = str(Path(__file__).parent / "scripts" / "inplace_writer.py")
+SCRIPT = str(Path(__file__).parents[1] / "scripts" / "inplace_writer.py")
 
 
 def remote_version(remote: str) -> int:

@@ -23,7 +23,7 @@ import torch
 from conftest import EXAMPLES, S3Server
 from test_integration_common import remote_steps, resumed_step, run, script_env
 
-SCRIPT = Path(__file__).parent / "scripts" / "data_position_train.py"
+SCRIPT = Path(__file__).parents[1] / "scripts" / "data_position_train.py"
 STEPS, PER_EPOCH = 36, 12
 
 

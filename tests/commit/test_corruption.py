@@ -1,6 +1,6 @@
 """Corruption of payloads and manifests, locally and on the remote: detected by size or
 checksum, quarantined (moved aside, never deleted), restore falls back to the next older
-checkpoint. Extends tests/test_commit_restore.py (bit flip in a local and a remote payload,
+checkpoint. Extends tests/commit/test_commit_restore.py (bit flip in a local and a remote payload,
 truncated remote manifest) with the other damage/target/place combinations."""
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ def test_dead_rank_gives_bounded_clear_error(tmp_path: Path) -> None:
     procs = []
     for rank in (0, 1):
         procs.append(subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / "scripts" / "dist_agree_train.py")],
+            [sys.executable, str(Path(__file__).parents[1] / "scripts" / "dist_agree_train.py")],
             env=run_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                         MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", SPOTCKPT_DIST_TIMEOUT="5",
                         SPOTCKPT_LOCAL_DIR=str(tmp_path / "ck")),

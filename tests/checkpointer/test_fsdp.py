@@ -175,7 +175,7 @@ def test_world_size_change_of_per_rank_state_is_a_clear_error(tmp_path: Path, s3
 def test_save_before_first_optimizer_step_leaves_the_optimizer_unstepped(tmp_path: Path) -> None:
     """get_optimizer_state_dict initialises an empty optimizer with a zero-gradient step
     (Adam's step count then runs one ahead of an uninterrupted run); spotckpt must not."""
-    script = Path(__file__).parent / "scripts" / "fsdp_unstepped.py"
+    script = Path(__file__).parents[1] / "scripts" / "fsdp_unstepped.py"
     outs = []
     for _ in range(2):
         p = subprocess.run([sys.executable, str(script), str(free_port())], capture_output=True, text=True,
@@ -191,7 +191,7 @@ def test_close_destroys_spotckpts_process_groups_and_joins_their_threads(tmp_pat
     worker thread released a collective's tensors during the interpreter's finalization. The
     groups spotckpt made were alive until then (the Checkpointer was kept by a reference
     cycle, its groups never destroyed): now close() destroys them and joins their threads."""
-    script = Path(__file__).parent / "scripts" / "dist_release.py"
+    script = Path(__file__).parents[1] / "scripts" / "dist_release.py"
     p = subprocess.run([sys.executable, str(script), str(free_port())], capture_output=True, text=True,
                        timeout=120, env=run_env(SPOTCKPT_LOCAL_DIR=str(tmp_path / "ck"), SPOTCKPT_REMOTE=""))
     out = p.stdout + p.stderr

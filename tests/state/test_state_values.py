@@ -18,7 +18,7 @@ from spotckpt._state import _values
 from spotckpt._state._values_decode import decode
 from test_integration_common import run, script_env
 
-SCRIPT = Path(__file__).parent / "scripts" / "state_values_train.py"
+SCRIPT = Path(__file__).parents[1] / "scripts" / "state_values_train.py"
 
 
 @pytest.mark.parametrize("serializer", ["torch", "pickle-safe"])

@@ -27,7 +27,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 import torch  # noqa: E402
 
-SCRIPT = str(Path(__file__).parent / "scripts" / "hf_spot_train.py")
+SCRIPT = str(Path(__file__).parents[1] / "scripts" / "hf_spot_train.py")
 TOTAL = 24  # 3 epochs of 8 optimizer steps (16 batches, accumulation 2); 12 with 2 processes
 
 
