@@ -1,7 +1,8 @@
 """Moving commits between the local dir and the remote.
 
 Data-movement layer, no ML imports. :class:`Engine` (:mod:`._engine`) commits a save
-locally and restores the newest verified checkpoint; :class:`Syncer` (:mod:`._syncer`)
+locally with retention; :func:`restore_newest`, :func:`restore_part` and :func:`fetch_all`
+(:mod:`._restore`) restore the newest verified checkpoint; :class:`Syncer` (:mod:`._syncer`)
 uploads commits and the watched dir in the background, keeping the remote's retention;
 :mod:`._layout` says where a rank's files go; :mod:`._pull` is the supervisor's start
 (pull before the command); :class:`BackgroundWriter` (:mod:`._writer`) takes a snapshot off
@@ -9,10 +10,11 @@ the training thread; :mod:`._progress` draws transfers on a terminal.
 """
 from __future__ import annotations
 
-from ._engine import Engine, fetch_all, restore_newest, restore_part
+from ._engine import Engine
 from ._layout import RankLayout, SingleLayout
 from ._progress import Progress, human_bytes
 from ._pull import local_freeform, open_remote, pull, remote_freeform
+from ._restore import fetch_all, restore_newest, restore_part
 from ._syncer import Syncer
 from ._writer import BackgroundWriter
 

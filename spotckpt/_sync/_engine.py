@@ -1,32 +1,21 @@
-"""The checkpoint engine: local commit with retention, and verified restore.
+"""The checkpoint engine's save side: local commit with retention, handing commits to the Syncer.
 
-Restore takes the newest committed checkpoint over local and remote, downloads what is
-missing, verifies sizes and checksums, quarantines a bad one and falls back to the next
-older one. Nothing unverified is ever returned.
+A save is written into a hidden temp dir, committed locally (manifest last), queued for
+upload (streamed while being written when the Syncer is idle), and the local retention
+keeps the ``keep_last`` newest. A failed write (full disk) is one line saying what is safe.
+Restore is in :mod:`._restore`.
 """
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
-from spotckpt._commit import (
-    MANIFEST,
-    FileEntry,
-    LocalDir,
-    Manifest,
-    build_manifest,
-    check_relpath,
-    owned_step_dir,
-    step_dirname,
-    verify_dir,
-)
-from spotckpt._errors import ConfigError, CorruptCheckpointError, LocalDirError, SpotckptError
-from spotckpt._events import EventLog, log
-from spotckpt._remote import RemoteStore, generation_of, order, payload_dir
+from spotckpt._commit import MANIFEST, FileEntry, LocalDir, build_manifest, owned_step_dir, step_dirname
+from spotckpt._errors import LocalDirError, SpotckptError
+from spotckpt._events import EventLog
 
 from ._syncer import Syncer
 
@@ -184,177 +173,3 @@ def _write_error(local: LocalDir, step: int, e: OSError) -> LocalDirError:
         "(SPOTCKPT_LOCAL_DIR), then restart to resume")
     err.errno = e.errno
     return err
-
-
-def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest,
-              prefix: str | None = None) -> Path:
-    free = shutil.disk_usage(local.root).free
-    if manifest.total_bytes > free:
-        raise LocalDirError(
-            f"spotckpt: restoring step {step} needs {manifest.total_bytes} bytes but "
-            f"local_dir '{local.root}' has {free} free; free space or use a bigger local_dir")
-    tmp = local.begin(step)
-    base = tmp.resolve()
-    d = payload_dir(step, generation_of(manifest)) if prefix is None else prefix
-    try:
-        for e in manifest.files:
-            target = (tmp / check_relpath(e.path)).resolve()
-            if base not in target.parents:
-                raise CorruptCheckpointError(f"spotckpt: manifest path {e.path!r} escapes the checkpoint dir")
-            key = f"{d}/{e.path}"
-            if store.is_local and os.path.islink(store.path(key)):
-                raise CorruptCheckpointError(f"spotckpt: remote {key} is a symlink; refusing it")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                # Compare sizes before downloading: an object larger than its manifest says
-                # (hostile or damaged) must not fill the disk.
-                remote_size = store.size(key)
-                if remote_size != e.size:
-                    raise CorruptCheckpointError(
-                        f"spotckpt: remote {key} has {remote_size} bytes, its manifest says {e.size}")
-                store.get_file(key, target, size=remote_size)
-            except FileNotFoundError as err:  # the bucket is there: we just read the manifest
-                raise CorruptCheckpointError(
-                    f"spotckpt: remote {key} is named by its manifest but missing") from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return tmp
-
-
-def restore_newest(local: LocalDir, store: RemoteStore | None, *, events: EventLog | None = None,
-                   accept: Callable[[Manifest], None] | None = None) -> tuple[int, Manifest, bool] | None:
-    """Find, fetch and verify the newest committed checkpoint.
-
-    Args:
-        accept: called with a remote manifest before its files are fetched; raises to stop
-            (a checkpoint of another world size).
-
-    Returns:
-        ``(step, manifest, durable)`` with the checkpoint verified in ``local.path(step)``,
-        ``durable`` telling whether the remote has it; or None when nothing valid exists.
-    """
-    events = events or EventLog(None)
-    local_steps = set(local.committed())
-    remote_steps = set(store.committed()) if store is not None else set()
-    # Newest generation first, then newest step: a stale instance's late commit never wins
-    # over the newest one's (_fence.py). Remote manifests are read once here.
-    read: dict[int, Manifest] = {}
-    gens: dict[int, float] = {}  # remote step -> generation (inf: unreadable, tried first)
-
-    def manifest_of(s: int) -> Manifest:
-        if s not in read:
-            gens[s] = float("inf")
-            read[s] = store.read_manifest(s) if s in remote_steps else local.read_manifest(s)
-            gens[s] = generation_of(read[s])
-        return read[s]
-    ranked = order(store, remote_steps, manifest_of) if store is not None else []
-    top = max((g for g in gens.values() if g != float("inf")), default=0)
-
-    def local_gen(s: int) -> float:  # a local-only checkpoint: its own record, else the newest
-        try:
-            return generation_of(manifest_of(s)) or top
-        except (CorruptCheckpointError, OSError):
-            return float("inf")
-    gens = {s: g for s, g in gens.items() if s in remote_steps}
-    if gens:  # generations were read: they order the steps that order() looked at
-        keyed = [((gens[s], s), s) for s in ranked if s in gens]
-        keyed += [((local_gen(s), s), s) for s in local_steps - remote_steps]
-        candidates = [s for _, s in sorted(keyed, reverse=True)] + [s for s in ranked if s not in gens]
-    else:
-        candidates = sorted(local_steps | remote_steps, reverse=True)
-    for step in candidates:
-        if step in local_steps:
-            try:
-                m = local.read_manifest(step)
-                verify_dir(local.path(step), m)
-                events.emit("restore", step=step, source="local")
-                return step, m, step in remote_steps
-            except CorruptCheckpointError as e:
-                log.warning("%s; quarantined, trying an older checkpoint", e)
-                events.emit("quarantine", step=step, where="local", error=str(e))
-                local.quarantine(step)
-        if store is not None and step in remote_steps:
-            tmp: Path | None = None
-            try:
-                m = read.pop(step, None) or store.read_manifest(step)
-                if accept is not None:
-                    accept(m)
-                tmp = _download(store, local, step, m)
-                verify_dir(tmp, m)
-            except CorruptCheckpointError as e:
-                log.warning("%s (remote %s); quarantined, trying an older checkpoint", e, step_dirname(step))
-                events.emit("quarantine", step=step, where="remote", error=str(e))
-                if tmp is not None:
-                    local.set_aside(tmp, f"remote-{step_dirname(step)}-{os.getpid()}")
-                store.quarantine(step)
-                continue
-            except BaseException:
-                if tmp is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            local.commit(tmp, m)
-            events.emit("restore", step=step, source="remote", bytes=m.total_bytes)
-            return step, m, True
-    return None
-
-
-def fetch_all(local: LocalDir, store: RemoteStore, step: int, manifest: Manifest, *,
-              events: EventLog | None = None, rank: int = 0) -> Path:
-    """Every rank's part of the committed multi-rank checkpoint ``step`` (its combined
-    ``manifest``), downloaded and verified into a temp dir of ``local`` that the caller
-    removes: what DCP reads to reshard.
-
-    Raises:
-        CorruptCheckpointError: a file is missing or damaged.
-    """
-    tmp = _download(store, local, step, manifest)
-    try:
-        verify_dir(tmp, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    (events or EventLog(None)).emit("restore", step=step, source="remote", rank=rank,
-                                    bytes=manifest.total_bytes, parts=manifest.world_size)
-    return tmp
-
-
-def restore_part(local: LocalDir, store: RemoteStore, step: int, rank: int, world_size: int, *,
-                 events: EventLog | None = None) -> Manifest:
-    """Make this rank's part of the committed multi-rank checkpoint ``step`` present and
-    verified in ``local.path(step)`` (downloading it when the local copy is missing or bad).
-
-    Raises:
-        CorruptCheckpointError: the checkpoint is damaged or was written by another world size.
-    """
-    from spotckpt._commit import rank_dirname
-
-    from ._layout import part_of
-
-    events = events or EventLog(None)
-    combined = store.read_manifest(step)
-    if combined.world_size != world_size:
-        raise ConfigError(
-            f"spotckpt: step {step} was written by {combined.world_size} ranks and this job has "
-            f"{world_size}; resume with the same world size")
-    want = part_of(combined, rank)
-    if step in local.committed():
-        try:
-            m = local.read_manifest(step)
-            if sorted(m.files) == sorted(want.files):
-                verify_dir(local.path(step), m)
-                events.emit("restore", step=step, source="local", rank=rank)
-                return m
-        except CorruptCheckpointError as e:
-            events.emit("quarantine", step=step, where="local", error=str(e))
-        local.quarantine(step)
-    tmp = _download(store, local, step, want,
-                    prefix=f"{payload_dir(step, generation_of(combined))}/{rank_dirname(rank)}")
-    try:
-        verify_dir(tmp, want)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    local.commit(tmp, want)
-    events.emit("restore", step=step, source="remote", rank=rank, bytes=want.total_bytes)
-    return want

@@ -23,8 +23,8 @@ from spotckpt._events import EventLog
 from spotckpt._remote import RemoteStore
 from spotckpt._watch import newest_set, restore_files
 
-from ._engine import restore_newest
 from ._progress import human_bytes
+from ._restore import restore_newest
 
 
 @dataclasses.dataclass

@@ -234,7 +234,7 @@ def _commit(engine, step: int, data: bytes) -> None:
 def _restored(remote: str, tmp: Path, *, start: bool = False) -> tuple[int, bytes, int]:
     """(step, payload, generation) a fresh restore takes: as `spotckpt pull` does, or with
     ``start`` after a new claim, as a new start does."""
-    from spotckpt._sync._engine import restore_newest
+    from spotckpt._sync._restore import restore_newest
     from spotckpt._remote._fence import claim, generation_of
 
     store = RemoteStore(remote)
