@@ -1,7 +1,8 @@
 """S3 and any fsspec URL: the remote store, its transfers, and one writer per job.
 
 Storage layer, no ML imports. :class:`RemoteStore` (:mod:`._store`) is the one interface the
-layers above use: listing, ranged and streamed reads, multipart uploads through boto3
+layers above use: listing, ranged and streamed reads, the committed checkpoints and their
+manifests (:mod:`._checkpoints`), multipart uploads through boto3
 (:mod:`._s3fast`, :mod:`._stream`) or fsspec (:mod:`._transfer`), error classification
 (:mod:`._storeopts`). Generations (:mod:`._fence`) make a stale instance of the job stop
 before it can overwrite or delete anything newer.

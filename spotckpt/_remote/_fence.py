@@ -206,7 +206,7 @@ class Fence:
             self.store.put_bytes(rel, data)  # an older generation's (or our own retried) commit
             return
         self.store.streams.written(rel)  # as put_bytes does
-        from ._store import _manifest_step
+        from ._checkpoints import _manifest_step
 
         step = _manifest_step(rel)
         if step is not None and self.store.newest_listed is not None:

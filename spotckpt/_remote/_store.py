@@ -5,7 +5,8 @@ One :class:`RemoteStore` wraps an fsspec URL (``s3://bucket/prefix/``, ``file://
 through a boto3/s3transfer fast path (:mod:`._s3fast`: parallel multipart parts, ranged
 GETs) built from the same settings; listing and deletes stay on s3fs. Every call retries transient failures with exponential backoff; when the budget runs
 out it raises :class:`RemoteError` naming the remote and the last cause. Credentials and
-presigned query strings never reach a message (:func:`redact`).
+presigned query strings never reach a message (:func:`redact`). The checkpoints under the
+prefix (which steps are committed, their manifests) are its base, :mod:`._checkpoints`.
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
-from spotckpt._commit import MANIFEST, Manifest, parse_step_dirname, step_dirname
 from spotckpt._errors import RemoteAccessError, RemoteError, RemoteNotFoundError
 from spotckpt._events import redact  # noqa: F401 - redact: re-exported
 
+from ._checkpoints import Checkpoints, _manifest_step
 from ._storeopts import _cause, _is_permanent, storage_options_for
 from ._transfer import Transfer as _Transfer
 
@@ -33,13 +34,7 @@ def _protocols(fs: Any) -> tuple[str, ...]:
     return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
 
 
-def _manifest_step(rel: str) -> int | None:
-    """N if ``rel`` is ``step-N/MANIFEST.json`` (a checkpoint's manifest), else None."""
-    d, _, name = rel.partition("/")
-    return parse_step_dirname(d) if name == MANIFEST else None
-
-
-class RemoteStore:
+class RemoteStore(Checkpoints):
     """Files under one remote prefix, with retries and clear errors.
 
     Args:
@@ -350,70 +345,3 @@ class RemoteStore:
                     out[rel] = int(info.get("size") or 0)
             return out
         return self._call("listing", go)
-
-    # -- checkpoints -----------------------------------------------------------------------
-    def step_objects(self) -> list[str]:
-        """The relative keys of every object under ``step-*/``, in one listing (through
-        boto3 for ``s3://``: three s3fs listings cost the Syncer ~15 ms of CPU after every
-        upload, bench/)."""
-        if self.fast is None:  # the step dirs, then what is in each (not the free-form files)
-            def ls() -> list:
-                self.fs.invalidate_cache()
-                try:
-                    return self.fs.ls(self.root, detail=False)
-                except FileNotFoundError:
-                    return []
-            names = self._call("listing", ls)
-            dirs = [n for n in (str(x).rstrip("/").rsplit("/", 1)[-1] for x in names)
-                    if parse_step_dirname(n) is not None]
-            return [rel for d in dirs for rel in self.find(d)]
-        key = self._key("step-")
-        base = key[: -len("step-")]
-        keys = self._call("listing of checkpoints", lambda: self.fast.list_keys(key))
-        return [k[len(base):] for k in keys if k.startswith(base) and not k.endswith("/")]
-
-    def committed(self) -> list[int]:
-        """Steps whose manifest exists on the remote, oldest first (found by listing)."""
-        def fast_go() -> list[int]:  # exactly the keys step-N/MANIFEST.json, one listing
-            key = self._key("step-")
-            base = key[: -len("step-")]
-            steps = [_manifest_step(k[len(base):]) for k in self.fast.list_keys(key) if k.startswith(base)]
-            return sorted({s for s in steps if s is not None})
-
-        def go() -> list[int]:
-            self.fs.invalidate_cache()
-            try:
-                hits = self.fs.glob(f"{self.root}/step-*/{MANIFEST}", detail=True)
-            except FileNotFoundError:
-                return []
-            steps = []
-            for h, info in hits.items():
-                if info.get("type", "file") != "file":
-                    continue  # a key step-N/MANIFEST.json/x makes a dir of that name: not a commit
-                parts = h.rstrip("/").split("/")
-                step = parse_step_dirname(parts[-2]) if len(parts) >= 2 else None
-                if step is not None:
-                    steps.append(step)
-            return sorted(set(steps))
-        out = self._call("listing of checkpoints", go if self.fast is None else fast_go)
-        self.newest_listed = max(out + [-1 if self.newest_listed is None else self.newest_listed])
-        return out
-
-    def read_manifest(self, step: int) -> Manifest:
-        return Manifest.from_json(self.cat(f"{step_dirname(step)}/{MANIFEST}"), expect_step=step)
-
-    def delete_checkpoint(self, step: int) -> None:
-        """Un-commit (manifest first), then delete the payload."""
-        d = step_dirname(step)
-        self.rm(f"{d}/{MANIFEST}")
-        self.rm(d, recursive=True)
-
-    def quarantine(self, step: int) -> None:
-        """Make a damaged remote checkpoint invisible without deleting its data."""
-        d = step_dirname(step)
-        try:
-            data = self.cat(f"{d}/{MANIFEST}")
-        except RemoteError:
-            return
-        self.put_bytes(f"{d}/{MANIFEST}.quarantined", data)
-        self.rm(f"{d}/{MANIFEST}")
