@@ -1,9 +1,10 @@
 """The watched dir: files a training script writes itself, mirrored as committed file sets.
 
 Source layer, no ML imports. A pass of :class:`Watcher` (:mod:`._watcher`) scans the local
-dir (:mod:`._scan`), uploads only versions that stayed closed and unchanged while read
-(:mod:`._closed`), and commits them as one file set, manifest last (:mod:`._fileset`);
-directory checkpoints such as Transformers' ``checkpoint-N/`` are one unit (:mod:`._rules`).
+dir (:mod:`._scan`), uploads each changed version verified unchanged while read
+(:mod:`._upload`), keeps only versions that stayed closed (:mod:`._closed`), and commits
+them as one file set, manifest last (:mod:`._fileset`); directory checkpoints such as
+Transformers' ``checkpoint-N/`` are one unit (:mod:`._rules`).
 :func:`restore_files` (:mod:`._pull`) brings the newest verified set back.
 """
 from __future__ import annotations

@@ -9,8 +9,9 @@ Sync layer (no ML imports). See :mod:`._fileset` for the remote layout. One pass
 2. Units whose files all match the committed set (size, mtime) are kept. The others, when
    complete and no process holds any of their files open for writing, are uploaded newest
    first (small ones 8 at a time) under a fresh version id; each file is checked unchanged
-   (identity, size, mtime, ctime) from before its read to after its checksum, and again,
-   with no process holding it open for writing, after the upload. A unit with a changed
+   (identity, size, mtime, ctime) from before its read to after its checksum
+   (:func:`._upload.upload_version`), and again, with no process holding it open for
+   writing, after the upload. A unit with a changed
    file is discarded (its objects deleted) and the set keeps the previous version.
 3. A new set is written if anything changed (new versions, deletes, links); then the
    objects no set names any more are deleted. A pending step checkpoint preempts a pass:
@@ -20,24 +21,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import stat
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from spotckpt._commit import LocalDir, file_digest, hasher
+from spotckpt._commit import LocalDir
 from spotckpt._errors import RemoteError
 from spotckpt._events import EventLog, log
 from spotckpt._remote import RemoteStore
 
-from ._closed import SETTLE_NS, Torn, emptied, open_for_writing, sig, suspect_test, write_beat
+from ._closed import Torn, emptied, open_for_writing, sig, suspect_test, write_beat
 from ._fileset import Entry, FileSet, list_files_prefix, newest_set, object_key, set_key, write_set
 from ._rules import BUILTIN_RULES, MTIME_SLOP_NS, DirRule, WriterGate, unit_of, unit_ready, units_of
 from ._scan import scan
+from ._upload import _SMALL, upload_version
 
-_SMALL = 8 << 20     # files up to this size are read once, hashed and PUT from memory
 _PARALLEL = 8
 _CHECK_EVERY = 256   # uploaded small units per check that they were closed (one /proc scan each)
 
@@ -326,7 +326,8 @@ class Watcher:
         try:
             for m in sorted(members):
                 sent.append(object_key(vid, m))
-                got[m], sigs[m] = self._upload_one(m, sent[-1], unit)
+                got[m], sigs[m] = upload_version(self.store, self.local.root, m, sent[-1], unit,
+                                                 settle=self.settle)
         except (Torn, FileNotFoundError) as e:
             self._discard(sent, f"{g}: {e}")
             return None
@@ -338,42 +339,6 @@ class Watcher:
             self._warn_once(g, "spotckpt: not mirroring %s: %s", g, e)
             return None
         return _Sent(g, got, sigs, sent, time.monotonic() - t0)
-
-    def _upload_one(self, rel: str, key: str, unit: str | None) -> tuple[Entry, tuple[int, int, int, int]]:
-        full = self.local.root / rel
-        st1 = os.stat(full, follow_symlinks=False)
-        if not stat.S_ISREG(st1.st_mode):  # replaced meanwhile (a FIFO would block the read)
-            raise Torn(f"{rel} is no longer a regular file")
-        if emptied(st1) and self.settle:
-            time.sleep(min(1.0, max(0.0, st1.st_mtime_ns + SETTLE_NS - time.time_ns()) / 1e9) + 0.01)
-            st1 = os.stat(full, follow_symlinks=False)
-        if emptied(st1):
-            raise Torn(f"{rel} was just emptied (a writer may be opening it)")
-        if st1.st_size <= _SMALL:
-            fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even on a FIFO
-            with open(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise Torn(f"{rel} is no longer a regular file")
-                data = f.read()
-            h = hasher()
-            h.update(data)
-            digest = h.hexdigest()
-            st2 = os.stat(full, follow_symlinks=False)
-            if sig(st1) != sig(st2) or len(data) != st1.st_size:
-                raise Torn(f"{rel} changed while it was read")
-            self.store.put_data(key, data)
-        else:
-            out: list[str] = []
-            t = threading.Thread(target=lambda: out.append(file_digest(full)), daemon=True)
-            t.start()
-            self.store.put_file(full, key)
-            t.join()
-            st2 = os.stat(full, follow_symlinks=False)
-            if not out or sig(st1) != sig(st2):
-                raise Torn(f"{rel} changed while it was uploaded")
-            digest = out[0]
-        entry = Entry(path=rel, size=st1.st_size, xxh3=digest, mtime_ns=st1.st_mtime_ns, key=key, unit=unit)
-        return entry, sig(st1)
 
     def _discard(self, keys: list[str], why: str | None) -> None:
         """Delete the objects of a version that will not be committed (a key whose PUT

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from spotckpt._watch import _upload as _watch_upload
 from spotckpt._watch import _watcher as _watch
 from spotckpt._errors import RemoteNotFoundError
 from spotckpt._watch._fileset import FileSet, list_files_prefix, newest_set, set_key
@@ -86,6 +87,7 @@ class _RewritingStore(RemoteStore):
 def test_file_rewritten_while_uploading_never_replaces_the_complete_copy(
         tmp_path: Path, remote_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_watch, "_SMALL", 0)  # every file through the streaming path
+    monkeypatch.setattr(_watch_upload, "_SMALL", 0)  # (_watcher groups by it, _upload reads by it)
     root = tmp_path / "ck"
     root.mkdir()
     f = root / "checkpoint.pth"
