@@ -9,11 +9,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 from spotckpt._commit import LocalDir, _dircommit
 from spotckpt._config import _UNSET, Config
-from spotckpt._errors import RemoteError, StaleGenerationError
+from spotckpt._errors import StaleGenerationError
 from spotckpt._events import log
 from spotckpt._notices import (
     EXIT_INTERRUPTED,
-    FLUSH_MARGIN as _FLUSH_MARGIN,
     FlushPlanner,
     Interrupt,
     LifelineSource,
@@ -27,12 +26,13 @@ from spotckpt._state import BATCHES_KEY as _BATCHES_KEY, Batches, Registry, _sna
 from spotckpt._sync import BackgroundWriter, Engine, Syncer
 
 from . import _distributed, _lineage
+from ._shutdown import Shutdown
 from ._startup import Startup
 
 __all__ = ["Checkpointer", "EXIT_INTERRUPTED"]
 
 
-class Checkpointer(Startup, Interrupt):
+class Checkpointer(Startup, Shutdown, Interrupt):
     """Checkpoint a training loop locally and to a remote; resume it after an interruption.
 
     Args:
@@ -134,61 +134,7 @@ class Checkpointer(Startup, Interrupt):
         Raises:
             RemoteError: the last checkpoint could not be made durable (``raise_errors``).
         """
-        if not self._open:
-            return
-        err: BaseException | None = None
-        try:
-            try:
-                if self.notice is not None and not self.interrupted:
-                    self._interrupt_save()  # a notice that came after the last step boundary
-            finally:
-                self._open = False  # (after: that save needs the Checkpointer open)
-            if self._writer is not None:
-                self._writer.wait()
-            if self._syncer is not None:
-                notice = self.notice
-                if self.interrupted:
-                    timeout = 0.0  # the interruption flush waited for what fits; no more
-                elif notice is not None:
-                    timeout = max(0.0, notice.seconds_left(self.clock) - _FLUSH_MARGIN)
-                if not self._syncer.close(timeout, join=0.0 if self.interrupted else None):
-                    problem = self._syncer.last_error or RemoteError(
-                        f"spotckpt: uploads to {self.config.remote} did not finish within {timeout:.0f} s")
-                    if self.interrupted:
-                        # exit (143) by the deadline; the interruption flush logged what is durable
-                        log.warning("spotckpt: uploads still running are abandoned (durable step: %s)",
-                                    self.durable_step)
-                    else:
-                        err = problem
-        except BaseException as e:  # noqa: BLE001
-            err = e
-        finally:
-            self._teardown()
-        if self._syncer is not None and self._syncer.stale is not None:
-            err = StaleGenerationError(str(self._syncer.stale))  # whatever else went wrong
-        if err is not None:
-            if raise_errors:
-                raise err
-            if not isinstance(err, StaleGenerationError):  # (_leave_stale says that one itself)
-                # leaving on another error (the loop's, or a framework's exit): say what this was
-                log.error("spotckpt: closing the Checkpointer failed too: %s: %s", type(err).__name__,
-                          err)
-
-    def _teardown(self) -> None:
-        if self._watcher is not None:
-            self._watcher.stop(timeout=0.1 if self.interrupted else 3.0)
-        if self._signals is not None:
-            self._signals.restore(until_exit=self._leaving)
-        if self._lifeline is not None:
-            self._lifeline.stop()
-            self._lifeline = None
-        if self._writer is not None:
-            self._writer.close()
-        _distributed.release(self._dist, self._codec)  # its gloo threads joined now, not at exit
-        if self._local is not None:
-            self._local.unlock()
-        _lineage.release(self._lineage_key)
-        self._lineage_key = None
+        self._close(timeout, raise_errors=raise_errors)
 
     # -- the loop ----------------------------------------------------------------------------
     @property
