@@ -85,7 +85,7 @@ def test_a_set_that_vanished_while_read_means_list_again(tmp_path: Path, remote_
 def test_run_exits_with_one_line_when_the_set_cannot_be_read(tmp_path: Path) -> None:
     url = f"file://{tmp_path / 'remote'}/"
     _two_sets(tmp_path, url)
-    code = ("import sys\nfrom spotckpt import _store\nfrom spotckpt._errors import RemoteError\n"
+    code = ("import sys\nfrom spotckpt._remote import _store\nfrom spotckpt._errors import RemoteError\n"
             "orig = _store.RemoteStore.cat\n"
             "def cat(self, rel):\n"
             "    if rel.endswith('SET-000000000002.json'):\n"
