@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PIP     := $(VPY) -m pip install --disable-pip-version-check -q
 
-.PHONY: venv test demo demo-sagemaker bench chaos clean
+.PHONY: venv test demo demo-sagemaker bench chaos docs clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,12 @@ chaos: $(STAMP)
 	SPOTCKPT_CHAOS_ITERATIONS=500 $(VPY) -m pytest -q -s --timeout=7200 tests/checkpointer/test_chaos_crash.py \
 		tests/remote/test_faults_s3.py tests/commit/test_faults_disk.py tests/commit/test_corruption.py \
 		tests/remote/test_hostile_remote.py tests/commit/test_concurrency.py tests/remote/test_secrets.py $(PYTEST_ARGS)
+
+# The documentation site (docs/: Sphinx, MyST Markdown, autodoc, sphinx-argparse, furo) into
+# docs/_build/html; any warning fails the build. Installs the docs extra on first use.
+docs: $(STAMP)
+	@$(VPY) -c "import sphinx, myst_parser, sphinxarg, furo" 2>/dev/null || $(PIP) -e '.[docs]'
+	$(VPY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) demo-work
