@@ -228,10 +228,12 @@ def test_dockerfile_torch_index_extras_and_ignore() -> None:
 
 def test_stop_timeouts_match_the_grace() -> None:
     """Docker's default stop timeout is 10 s: every place that runs the image gives it the
-    grace spotckpt plans for."""
+    grace spotckpt plans for (the Dockerfile, the README and the docs pages)."""
     text = (REPO / "docker" / "Dockerfile").read_text()
     grace = int(re.search(r"SPOTCKPT_GRACE_SECONDS=(\d+)", text).group(1))
-    timeouts = [int(x) for x in re.findall(r"--stop-timeout (\d+)", text + (REPO / "README.md").read_text())]
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    timeouts = [int(x) for x in re.findall(r"--stop-timeout (\d+)", text + "".join(p.read_text() for p in pages))]
+    assert re.search(r"--stop-timeout \d+", (DEPLOY / "docker.md").read_text())
     assert timeouts and set(timeouts) == {grace}
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())["services"]["trainer"]
     assert compose["stop_grace_period"] == f"{grace}s"

@@ -1,4 +1,4 @@
-"""The README's quick start runs as written."""
+"""The README's quick start (its `## Quick start` section's first Python block) runs as written."""
 from __future__ import annotations
 
 import re

@@ -119,17 +119,22 @@ def check_cadence_and_retention(s3: S3Server, local: Path, remote: str, every: i
 
 
 # -- what every adapter shares ------------------------------------------------------------
-def readme_snippets() -> dict[str, str]:
-    text = (EXAMPLES.parent / "README.md").read_text()
-    section = text.split("## Framework callbacks", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    return {name: next(b for b in blocks if f"spotckpt.integrations.{name} import" in b) for name in ADAPTERS}
+def guide_snippets() -> dict[str, str]:
+    """Each adapter's example in its framework guide, ``docs/guides/<name>.md``: the first
+    Python block that imports ``spotckpt.integrations.<name>``."""
+    guides = EXAMPLES.parent / "docs" / "guides"
+    snippets = {}
+    for name in ADAPTERS:
+        blocks = re.findall(r"```python\n(.*?)```", (guides / f"{name}.md").read_text(), re.S)
+        snippets[name] = next(b for b in blocks if f"spotckpt.integrations.{name} import" in b)
+    return snippets
 
 
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
 def test_readme_snippet_runs_and_resumes(name: str, tmp_path: Path) -> None:
-    """The README's snippet runs as written; run again, it restores the finished job."""
-    code = readme_snippets()[name].replace('local_dir="/tmp/', f'local_dir="{tmp_path}/')
+    """The framework guide's snippet (docs/guides/<name>.md) runs as written; run again, it
+    restores the finished job."""
+    code = guide_snippets()[name].replace('local_dir="/tmp/', f'local_dir="{tmp_path}/')
     (tmp_path / "snippet.py").write_text(code)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTCKPT_")}
     env["KERAS_BACKEND"] = "torch"

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, S3Server
-from test_integration_common import (check_cadence_and_retention, readme_snippets, remote_steps,
+from test_integration_common import (check_cadence_and_retention, guide_snippets, remote_steps,
                                      resumed_step, script_env)
 
 SCRIPT = REPO / "tests" / "scripts" / "keras_recorded.py"
@@ -133,8 +133,9 @@ def test_interrupted_mid_epoch_and_at_epoch_end_resumes_bitwise(backend: str, s3
 
 
 def test_readme_snippet_on_jax(tmp_path: Path) -> None:
-    """The README's snippet, run as written on JAX, then again: it restores the finished job."""
-    code = readme_snippets()["keras"].replace('local_dir="/tmp/', f'local_dir="{tmp_path}/')
+    """The Keras guide's snippet (docs/guides/keras.md), run as written on JAX, then again: it
+    restores the finished job."""
+    code = guide_snippets()["keras"].replace('local_dir="/tmp/', f'local_dir="{tmp_path}/')
     (tmp_path / "snippet.py").write_text(code)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTCKPT_")}
     env["KERAS_BACKEND"] = "jax"
