@@ -1,5 +1,5 @@
 """Which Keras ``fit`` settings resume bitwise, per backend: the measurements behind the table in
-README "Framework callbacks".
+docs/guides/keras.md.
 
     .venv/bin/python bench/keras_exactness.py [--backends torch,jax,tensorflow] [--settings arrays,...]
 

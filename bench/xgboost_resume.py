@@ -1,5 +1,5 @@
-"""Which XGBoost settings resume bitwise: measured, one setting per row (README, "Framework
-callbacks" has the table this prints).
+"""Which XGBoost settings resume bitwise: measured, one setting per row (docs/guides/xgboost.md
+has the table this prints).
 
     python bench/xgboost_resume.py            # ~3-5 min on 2 loaded cores
 

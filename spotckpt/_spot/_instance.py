@@ -56,7 +56,7 @@ class InstanceML:
                 return cls(contract, host, True, workdir)
             if mode == "private":
                 raise ConfigError(f"spotckpt spot: --ml-root private: {why} (run as root, allow unprivileged "
-                                  "user namespaces, or use --ml-root DIR: see README 'SageMaker scripts')")
+                                  "user namespaces, or use --ml-root DIR: see docs/sagemaker.md)")
             print(f"[spot] warning: no private /opt/ml for the instances ({why}); /opt/ml is {host} "
                   "instead: SM_* variables point there, but a script that hard-codes /opt/ml paths will "
                   "not find them (run as root or allow user namespaces for a private /opt/ml)",

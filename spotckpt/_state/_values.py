@@ -74,7 +74,7 @@ def _refuse(obj: Any, key: tuple, why: str = "") -> UnsupportedStateError:
     return UnsupportedStateError(
         f"spotckpt: cannot checkpoint {render(key)}: {t.__module__}.{t.__qualname__} "
         f"{why or 'is not a value spotckpt can restore'}; store plain values, tensors, arrays or "
-        "the types listed in the README (What a state may hold), or give its owner "
+        "the types listed in the docs (docs/guides/custom-loop.md, What a state may hold), or give its owner "
         "state_dict()/load_state_dict() at the top level of the state")
 
 

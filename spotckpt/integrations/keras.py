@@ -26,7 +26,7 @@ What it does, beyond Keras' ``BackupAndRestore`` (epoch granularity, local files
   scratch.
 
 What is exact (tested on the torch, JAX and TensorFlow backends, measured by
-``bench/keras_exactness.py``, README "Framework callbacks"): weights are identical to an
+``bench/keras_exactness.py``, docs/guides/keras.md): weights are identical to an
 uninterrupted run's, mid-epoch and at epoch ends, for arrays with any ``shuffle``, a
 ``PyDataset``, a torch ``DataLoader``, with ``steps_per_execution``, when the run is seeded
 (``keras.utils.set_random_seed``) and the backend computes deterministically (CPU, fixed

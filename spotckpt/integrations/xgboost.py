@@ -24,7 +24,7 @@ column sampler each tree updater seeds once): a resumed run draws other samples,
 is valid but not the same one. ``SpotCheckpoint(reseed_each_round=True)`` makes each round's
 randomness a function of the seed and the round number alone (the seed is set per round and
 the updaters are rebuilt from the booster's config), so resumes are exact with subsampling
-too, for ``tree_method`` ``hist``, ``approx`` and ``exact`` (README, "Framework callbacks",
+too, for ``tree_method`` ``hist``, ``approx`` and ``exact`` (docs/guides/xgboost.md
 has the measured table). The printed round numbers of ``verbose_eval`` count from 0 again
 after a resume.
 

@@ -1,7 +1,7 @@
 """Disk faults: the local dir's disk fills up (a 2 MiB tmpfs; skipped where mounting is not
 permitted).
 
-Policy (README, "Guarantees"): a save that cannot be written stops training with a
+Policy (docs/guarantees.md, "Failure policies"): a save that cannot be written stops training with a
 ``LocalDirError`` that names the step, the dir and the cause and says which checkpoint is
 intact; that checkpoint stays verified and (with a remote) durable, and a restart resumes
 from it. A restore that does not fit fails at once with the cause, leaving no partial files.

@@ -1,4 +1,4 @@
-"""A state holding every value type spotckpt restores (see README "What a state may hold").
+"""A state holding every value type spotckpt restores (see docs/guides/custom-loop.md, "What a state may hold").
 
     python state_values_train.py save [--torch]     # commit step 1 and make it durable
     python state_values_train.py restore [--torch]  # restore into a fresh state; print a JSON
