@@ -21,7 +21,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -167,8 +167,28 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("s3_backend", ["moto", "rgw"], indirect=True, scope="module")
 
 
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def figure(record_property) -> Callable[[str], None]:
+    """``figure(line)``: a measured figure (``[chaos] ...``, ``[faults] ...``) printed in the
+    run's summary. It travels in the test report, so it reaches the summary from a pytest-xdist
+    worker too (a print would stay in the worker)."""
+    return lambda line: record_property("figure", line.strip())
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _FIGURES.extend(v for k, v in report.user_properties if k == "figure")
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """One line on the RGW leg, whenever a test asked for it."""
+    """The figures the tests measured, and one line on the RGW leg whenever a test asked for it."""
+    if _FIGURES:
+        terminalreporter.section("figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
     if _RGW.result is not None:
         r = _RGW.result
         how = f"up in {r['up_s']:.1f} s" if r["started"] else f"reused a running instance ({r['up_s']:.1f} s)"

@@ -51,7 +51,7 @@ class Checkpointer(Startup, Shutdown, Interrupt):
         exit_on_interrupt: leave the ``with`` block by ``SystemExit(143)`` after an
             interruption save (set False to handle it yourself via :attr:`interrupted`).
             Uncaught, it ends the process with ``os._exit(143)`` once ``atexit`` handlers
-            ran, and a watchdog ends it 1 s before the deadline in any case (``_exit.py``).
+            ran, and a watchdog ends it 1 s before the deadline in any case (``_notices/_exit.py``).
         name: this Checkpointer's own lineage, for several in one job (model and EMA,
             generator and discriminator): checkpoints go to ``<local_dir>/ckpt-<name>/`` and
             ``<remote>ckpt-<name>/``. Default: none (``<local_dir>/``, ``<remote>``).
@@ -88,7 +88,7 @@ class Checkpointer(Startup, Shutdown, Interrupt):
         self.step = 0
         self.restored_step: int | None = None
         self.restored_path: Path | None = None  # the restored directory (state=None)
-        self.generation: int | None = None  # of this job on the remote (_fence.py)
+        self.generation: int | None = None  # of this job on the remote (_remote/_fence.py)
         self.interrupted = False
         self.config: Config | None = None
         self._board = NoticeBoard(clock)
@@ -125,7 +125,7 @@ class Checkpointer(Startup, Shutdown, Interrupt):
         self._leaving = self.interrupted and self.exit_on_interrupt
         self._close_or_leave()  # (exit 3 if a newer instance of the job took over)
         if self.interrupted and self.exit_on_interrupt:
-            # uncaught: os._exit at once, not after a teardown that load stretches (_exit.py)
+            # uncaught: os._exit at once, not after a teardown that load stretches (_notices/_exit.py)
             raise _exit.Leaving(EXIT_INTERRUPTED) if _exit.armed() else SystemExit(EXIT_INTERRUPTED)
 
     def close(self, timeout: float | None = None, *, raise_errors: bool = True) -> None:
@@ -172,7 +172,7 @@ class Checkpointer(Startup, Shutdown, Interrupt):
     def batches(self, loader: Any, *, name: str = "train") -> Batches:
         """The batches of ``loader`` epoch after epoch (it never ends), resumed exactly: the
         shuffled order redrawn, the consumed batches skipped unloaded, the RNG untouched
-        (``spotckpt/_batches.py``). A ``StatefulDataLoader`` keeps its own position.
+        (``spotckpt/_state/_batches.py``). A ``StatefulDataLoader`` keeps its own position.
 
         Example:
             >>> data = ckpt.batches(loader)  # doctest: +SKIP

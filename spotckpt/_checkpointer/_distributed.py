@@ -6,7 +6,7 @@ CPU (gloo) group of our own, so every rank saves and stops at the same step. The
 a timeout: if a rank dies, the others get a clear error instead of hanging.
 
 A checkpoint resumes a job of another world size only when it is sharded (written through
-DCP, ``_dcp.py``) and the job's state is sharded too; otherwise the job stops at once with a
+DCP, ``_state/_dcp.py``) and the job's state is sharded too; otherwise the job stops at once with a
 :class:`WorldSizeError` naming both sizes, never a fresh start beside the old checkpoints.
 """
 from __future__ import annotations

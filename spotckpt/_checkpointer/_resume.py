@@ -51,7 +51,7 @@ def resume(state: dict[str, Any] | None, *, root: Path, local: LocalDir, store: 
                                              _check_kind(m, state, where)))
     if store is not None and files:
         # the files the script writes itself come back too: the in-process
-        # watcher mirrors the dir as it is, deletes included (_watch.py)
+        # watcher mirrors the dir as it is, deletes included (_watch/_watcher.py)
         restore_files(local, store, events=events)
     if found is not None:
         _check_kind(found[1], state, where)  # a local checkpoint is not seen by `accept`

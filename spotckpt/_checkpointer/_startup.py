@@ -69,7 +69,7 @@ class Startup:
                 store = RemoteStore(remote, cfg.storage_options)
                 store.probe()
                 # A new generation of the job, before the restore: an older instance still
-                # running stops at its next commit (_fence.py). Ranks share rank 0's claim.
+                # running stops at its next commit (_remote/_fence.py). Ranks share rank 0's claim.
                 if d is None:
                     fence = claim(store)
                 else:

@@ -19,12 +19,12 @@ from . import _exit
 from ._exit import EXIT_INTERRUPTED, EXIT_STALE
 from ._planner import PLAN_ACTIONS, finish_uploads
 
-FLUSH_MARGIN = 1.5      # seconds kept back from the deadline for process exit (_exit.py)
+FLUSH_MARGIN = 1.5      # seconds kept back from the deadline for process exit (_notices/_exit.py)
 
 
 class Interrupt:
     """``_interrupt_save()`` for the Checkpointer, and leaving when a newer instance of the
-    job took over the remote (:mod:`._fence`)."""
+    job took over the remote (:mod:`spotckpt._remote._fence`)."""
 
     def _check_stale(self) -> None:
         """Raises :class:`StaleGenerationError` once the Syncer met a newer generation."""

@@ -18,7 +18,7 @@ unchanged under ``spotckpt run`` / ``spotckpt spot``:
   boolean, anything that is not JSON a string.
 
 One host (``algo-1``): multi-node jobs are not emulated. The transfers are in
-:mod:`._sagemaker_io`.
+:mod:`._io`.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The SageMaker contract's transfers: input channels down, ``model.tar.gz`` up.
 
-Sync layer (fsspec through :class:`._store.RemoteStore`, no ML imports). SageMaker's
+Sync layer (fsspec through :class:`spotckpt._remote._store.RemoteStore`, no ML imports). SageMaker's
 "Downloading" is a job's input channels (and checkpoints) coming down before the container
 starts; its "Uploading" is ``/opt/ml/model`` going up as ``model.tar.gz`` (and
 ``/opt/ml/output/data`` as ``output.tar.gz``) once the job completed. Both report to the

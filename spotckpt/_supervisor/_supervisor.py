@@ -10,14 +10,14 @@ Process layer. In order:
    leaves uploads and local retention to us, and treats every signal we treat as a notice
    (``SPOTCKPT_SIGNALS``) as one too. While it runs we submit each newly committed
    ``step-*/`` to the Syncer (which also mirrors the watched dir as committed file sets:
-   :mod:`._watch`), apply local retention after uploads, tell the watcher after each poll
-   that the command is alive and which files it holds open (:class:`._watchrules.WriterGate`),
+   :mod:`spotckpt._watch._watcher`), apply local retention after uploads, tell the watcher after each poll
+   that the command is alive and which files it holds open (:class:`spotckpt._watch._rules.WriterGate`),
    and reap orphaned zombies.
 4. On SIGTERM/SIGINT (or a configured signal): forward it once (see :mod:`._proctree` for
    who gets it; a repeated or second signal is logged, not forwarded), start the deadline
    clock, keep uploading what the child commits, and SIGKILL the child's tree if it would
    overrun ``grace - time the final upload needs``.
-5. When the child exits (:mod:`._supervisor_end`): processes it left behind that still write into the local dir get
+5. When the child exits (:mod:`._end`): processes it left behind that still write into the local dir get
    the rest of the deadline to finish (a file still open after that is not uploaded), final
    flush within the deadline, log what is durable, stop every leftover process. Exit status:
    143 after a notice whatever the child returned, else the child's (128 + N if signal N
@@ -63,7 +63,7 @@ class Supervisor(Finish):
         scope: who receives forwarded signals: ``auto``, ``tree`` or ``child``.
         scan_interval: seconds between scans of the watched dir (a closed file goes up at
             the next scan).
-        rules: directory-checkpoint rules (:mod:`._watchrules`; default: the built-ins plus
+        rules: directory-checkpoint rules (:mod:`spotckpt._watch._rules`; default: the built-ins plus
             ``SPOTCKPT_DIR_CHECKPOINTS``).
         contract: the SageMaker container contract: channels downloaded before the start,
             ``SM_*`` variables and hyperparameter arguments, ``model.tar.gz`` uploaded when
@@ -83,7 +83,7 @@ class Supervisor(Finish):
         self.cmd, self.cfg, self.scope = list(cmd), cfg, scope
         self.scan_interval, self.poll, self.do_pull, self.clock = scan_interval, poll, pull, clock
         self.rules = rules
-        self.contract = contract  # the SageMaker container contract (:mod:`._sagemaker_env`), if asked for
+        self.contract = contract  # the SageMaker container contract (:mod:`spotckpt._sagemaker._env`), if asked for
         self.gate = WriterGate()  # tells the watcher that a closed file's writer was alive
         self.local = LocalDir(cfg.local_dir)
         self.events = Tap(self.local)

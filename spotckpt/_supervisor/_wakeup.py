@@ -12,7 +12,7 @@ sleeps in ``select`` and polls at once when something happens:
   (inotify, Linux): the writer gate learns promptly that the writer was alive when it
   closed the file, and a new ``step-*/`` is submitted at once;
 - :meth:`Wakeup.poke`: the watcher waits for a confirmation of the writers
-  (:meth:`._watchrules.WriterGate.admit`).
+  (:meth:`spotckpt._watch._rules.WriterGate.admit`).
 
 Where one of these is unavailable (no inotify, a full watch table, another OS) the
 supervisor keeps the short poll: events only ever shorten a wait.

@@ -25,7 +25,7 @@ class SingleLayout:
 
     rank, world_size = 0, 1
     owns_retention = True
-    # This instance's generation of the lineage (_fence.py); 0 and None: unfenced.
+    # This instance's generation of the lineage (_remote/_fence.py); 0 and None: unfenced.
     generation = 0
     fence: Fence | None = None
 

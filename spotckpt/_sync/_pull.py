@@ -7,7 +7,7 @@ into ``/opt/ml/checkpoints`` before the training script runs. :func:`pull` does 
 the newest committed checkpoint through :func:`restore_newest` (checksums verified,
 damaged ones quarantined), then the newest committed file set of the watched dir
 (``checkpoint.pth``, Transformers ``checkpoint-N/``...) through
-:func:`._watch_pull.restore_files`: verified, with mtimes and in-dir symlinks.
+:func:`spotckpt._watch._pull.restore_files`: verified, with mtimes and in-dir symlinks.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def pull(local: LocalDir, store: RemoteStore, *, events: EventLog | None = None,
 
     Raises:
         RemoteError, CorruptCheckpointError: as :func:`restore_newest`; a damaged file of
-            the set is refused with an error line instead (see :mod:`._watch_pull`).
+            the set is refused with an error line instead (see :mod:`spotckpt._watch._pull`).
     """
     events = events or EventLog(None)
     t0 = time.monotonic()

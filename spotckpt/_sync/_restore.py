@@ -69,7 +69,7 @@ def restore_newest(local: LocalDir, store: RemoteStore | None, *, events: EventL
     local_steps = set(local.committed())
     remote_steps = set(store.committed()) if store is not None else set()
     # Newest generation first, then newest step: a stale instance's late commit never wins
-    # over the newest one's (_fence.py). Remote manifests are read once here.
+    # over the newest one's (_remote/_fence.py). Remote manifests are read once here.
     read: dict[int, Manifest] = {}
     gens: dict[int, float] = {}  # remote step -> generation (inf: unreadable, tried first)
 

@@ -7,7 +7,7 @@ Sync layer: fsspec and the commit protocol's file order only, no ML imports.
 - Payload files first, each confirmed by size, then ``MANIFEST.json``: a remote manifest
   always names files that are there. Remote retention runs only after a newer commit is
   durable, and deletes manifests before payload.
-- The watched dir (files the script writes itself) is mirrored by a :class:`._watch.Watcher`
+- The watched dir (files the script writes itself) is mirrored by a :class:`spotckpt._watch._watcher.Watcher`
   as committed file sets; a pending step checkpoint preempts a mirror pass.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ class Syncer:
         self.set_fence(fence)
 
     def set_fence(self, fence: Fence | None) -> None:
-        """Write as generation ``fence.generation`` of the lineage (_fence.py); call after
+        """Write as generation ``fence.generation`` of the lineage (_remote/_fence.py); call after
         setting :attr:`layout`."""
         self.fence = self.layout.fence = fence
         self.layout.generation = fence.generation if fence is not None else 0

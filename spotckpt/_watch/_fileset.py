@@ -93,7 +93,7 @@ class FileSet:
     seq: int
     entries: dict[str, Entry]
     created: float = 0.0
-    generation: int = 0  # of the job that wrote it (_fence.py); 0: before generations
+    generation: int = 0  # of the job that wrote it (_remote/_fence.py); 0: before generations
 
     def to_json(self) -> bytes:
         d = {"format": FORMAT, "seq": self.seq, "created": self.created or time.time(),
@@ -129,7 +129,7 @@ class FileSet:
 
 
 def write_set(store: RemoteStore, fence: Any, seq: int, entries: dict[str, Entry]) -> FileSet:
-    """Commit ``entries`` as file set ``seq`` (with a ``fence``, :class:`._fence.Fence`: as
+    """Commit ``entries`` as file set ``seq`` (with a ``fence``, :class:`spotckpt._remote._fence.Fence`: as
     this generation, proven the newest, at the next free number above an older one's set)."""
     gen = fence.generation if fence is not None else 0
     created = time.time()

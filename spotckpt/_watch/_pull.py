@@ -14,7 +14,7 @@ already present with the committed size and mtime are kept.
 A local file that differs from the set is kept as newer (the watcher uploads it) unless it
 may be torn: held back by the last supervisor, or modified after the last heartbeat of the
 watcher that was running here minus one interval (that watcher was killed; see
-:class:`._watch.Watcher.beat`). Such a file is moved to the state dir's ``suspect/`` and
+:class:`._watcher.Watcher.beat`). Such a file is moved to the state dir's ``suspect/`` and
 the committed version takes its place.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What is in the watched dir: one walk of the local dir (sync layer, no ML imports).
 
-spotckpt's own entries are skipped (:func:`._local.is_internal`), names that are not valid
+spotckpt's own entries are skipped (:func:`spotckpt._commit._local.is_internal`), names that are not valid
 UTF-8 are skipped with one warning each (they cannot be named in a file set), and symlinks
 are kept only when they point inside the dir (one pointing outside is never followed).
 """

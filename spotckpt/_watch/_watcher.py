@@ -4,7 +4,7 @@ Sync layer (no ML imports). See :mod:`._fileset` for the remote layout. One pass
 
 1. Scan the local dir (``os.scandir``; spotckpt's own entries skipped; names that are not
    UTF-8 skipped with a warning). Group files into units: a directory checkpoint
-   (:mod:`._watchrules`) is one unit, complete once its marker exists; any other file is
+   (:mod:`._rules`) is one unit, complete once its marker exists; any other file is
    its own unit.
 2. Units whose files all match the committed set (size, mtime) are kept. The others, when
    complete and no process holds any of their files open for writing, are uploaded newest
@@ -155,7 +155,7 @@ class Watcher:
             log.warning(msg, *args)
 
     def scan(self) -> tuple[dict[str, os.stat_result], dict[str, str], dict[str, list[str]]]:
-        """``(files, links, dirs)`` of the local dir (:func:`._watchscan.scan`); what could not
+        """``(files, links, dirs)`` of the local dir (:func:`._scan.scan`); what could not
         be read is in ``self._unreadable``."""
         self._unreadable = set()
         return scan(self.local.root, self._warn_once, self._unreadable)

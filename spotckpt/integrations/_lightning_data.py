@@ -1,5 +1,5 @@
 """Lightning: the data position of a plain shuffled train ``DataLoader`` (see
-``spotckpt/_batches.py`` for the mechanism; ``lightning.py`` calls this from its hooks).
+``spotckpt/_state/_batches.py`` for the mechanism; ``lightning.py`` calls this from its hooks).
 
 ``state`` is the callback's ``_TrainerState``: its ``epoch_rng`` is saved with every
 checkpoint and is the RNG the current epoch's ``iter()`` started from.

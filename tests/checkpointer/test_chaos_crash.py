@@ -110,17 +110,17 @@ def n_kills(s3_server: S3Server, n: int) -> int:
 
 
 def test_random_sigkills_resume_valid_and_bitwise_identical(tmp_path: Path, s3_server: S3Server,
-                                                            s3_env: dict, capsys: pytest.CaptureFixture) -> None:
-    chaos(tmp_path, s3_server, capsys, n_kills(s3_server, ITERATIONS), supervised=False)
+                                                            s3_env: dict, capsys: pytest.CaptureFixture, figure) -> None:
+    chaos(tmp_path, s3_server, capsys, figure, n_kills(s3_server, ITERATIONS), supervised=False)
 
 
 def test_random_sigkills_of_supervisor_and_script(tmp_path: Path, s3_server: S3Server,
-                                                  s3_env: dict, capsys: pytest.CaptureFixture) -> None:
+                                                  s3_env: dict, capsys: pytest.CaptureFixture, figure) -> None:
     """The same under ``spotckpt run``: the supervisor uploads, the whole tree is killed."""
-    chaos(tmp_path, s3_server, capsys, n_kills(s3_server, max(15, ITERATIONS // 5)), supervised=True)
+    chaos(tmp_path, s3_server, capsys, figure, n_kills(s3_server, max(15, ITERATIONS // 5)), supervised=True)
 
 
-def chaos(tmp_path: Path, s3_server: S3Server, capsys: pytest.CaptureFixture, iterations: int, *,
+def chaos(tmp_path: Path, s3_server: S3Server, capsys: pytest.CaptureFixture, figure, iterations: int, *,
           supervised: bool) -> None:
     rng = random.Random()
     bucket = s3_server.new_bucket()
@@ -171,7 +171,7 @@ def chaos(tmp_path: Path, s3_server: S3Server, capsys: pytest.CaptureFixture, it
             expect_resume = committed[-1]
         most_committed = max(most_committed, len(committed))
         if kills % 50 == 0 and iterations > 50:
-            with capsys.disabled():
+            with capsys.disabled():  # progress of a long run (make chaos), live
                 print(f"\n[chaos] {kills}/{iterations} kills, {resumes} resumes, 0 invalid, "
                       f"{time.monotonic() - t0:.0f} s", flush=True)
         if local.exists() and i % 10:
@@ -197,12 +197,11 @@ def chaos(tmp_path: Path, s3_server: S3Server, capsys: pytest.CaptureFixture, it
     assert committed[-1] == total and len(committed) == 2, committed
     assert orphans == 0, (f"{orphans} manifest-less step dirs left on the remote by the kills: "
                           f"{orphan_keys(s3_server, bucket, prefix)} (committed: {committed})")
-    with capsys.disabled():
-        print(f"\n[chaos] crash anywhere{' (spotckpt run)' if supervised else ''}{' on RGW' if s3_server.kind == 'rgw' else ''}: {kills} SIGKILLs, {resumes} resumes, 0 invalid resumes, "
-              f"{redone} steps redone ({redone / kills:.1f}/kill), {manifests_checked} remote manifests "
-              f"and {local_checked} local checkpoints verified after kills, final step {total} "
-              f"bitwise equal to an uninterrupted run; uploader at kill: {dict(phases)}; {kills_with_orphan} kills left a payload without manifest; "
-              f"at most {most_committed} remote checkpoints and {orphans_max} manifest-less remote dirs between kills (0 left at the end); {time.monotonic() - t0:.0f} s")
+    figure(f"[chaos] crash anywhere{' (spotckpt run)' if supervised else ''}{' on RGW' if s3_server.kind == 'rgw' else ''}: {kills} SIGKILLs, {resumes} resumes, 0 invalid resumes, "
+           f"{redone} steps redone ({redone / kills:.1f}/kill), {manifests_checked} remote manifests "
+           f"and {local_checked} local checkpoints verified after kills, final step {total} "
+           f"bitwise equal to an uninterrupted run; uploader at kill: {dict(phases)}; {kills_with_orphan} kills left a payload without manifest; "
+           f"at most {most_committed} remote checkpoints and {orphans_max} manifest-less remote dirs between kills (0 left at the end); {time.monotonic() - t0:.0f} s")
 
 
 def test_retention_removes_payload_left_without_manifest(tmp_path: Path, remote_url: str) -> None:

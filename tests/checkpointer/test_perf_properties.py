@@ -202,7 +202,7 @@ _FIRST_BYTE = r"""
 import json, sys
 import boto3, torch  # imported before, as a script would; what open() imports is the point
 import spotckpt
-from spotckpt import _s3fast
+from spotckpt._remote import _s3fast
 seen = {}
 orig = _s3fast.S3Fast.get_file
 def get_file(self, *a, **k):

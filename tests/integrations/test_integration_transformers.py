@@ -114,22 +114,18 @@ def run_interrupted(tmp: Path, s3_remote: str, nproc: int, interruptions: int) -
 
 
 def test_trainer_two_sigterms_resume_bitwise_on_empty_dirs(
-        tmp_path: Path, s3_remote: str, capsys: pytest.CaptureFixture) -> None:
+        tmp_path: Path, s3_remote: str, figure) -> None:
     t0 = time.monotonic()
     seen = run_interrupted(tmp_path, s3_remote, 1, 2)
-    with capsys.disabled():
-        print(f"\n[transformers] 1 process: {'; '.join(seen)}; final weights bitwise; "
-              f"{time.monotonic() - t0:.0f} s", flush=True)
-
+    figure(f"[transformers] 1 process: {'; '.join(seen)}; final weights bitwise; "
+           f"{time.monotonic() - t0:.0f} s")
 
 def test_trainer_under_accelerate_launch_two_processes(
-        tmp_path: Path, s3_remote: str, capsys: pytest.CaptureFixture) -> None:
+        tmp_path: Path, s3_remote: str, figure) -> None:
     t0 = time.monotonic()
     seen = run_interrupted(tmp_path, s3_remote, 2, 1)
-    with capsys.disabled():
-        print(f"\n[transformers] accelerate launch, 2 CPU processes: {'; '.join(seen)}; final weights "
-              f"bitwise; {time.monotonic() - t0:.0f} s", flush=True)
-
+    figure(f"[transformers] accelerate launch, 2 CPU processes: {'; '.join(seen)}; final weights "
+           f"bitwise; {time.monotonic() - t0:.0f} s")
 
 # -- in-process: the rules around the one line ------------------------------------------------
 def tiny_trainer(tmp: Path, spot, max_steps: int = 8, eval_dataset=None, **extra):  # 2 epochs of 4 steps

@@ -129,7 +129,7 @@ def hf_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_trainer_sigtermed_while_writing_a_checkpoint_resumes_on_an_empty_dir(
-        hf_reference: Path, s3_remote: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        hf_reference: Path, s3_remote: str, tmp_path: Path, figure) -> None:
     t0 = time.monotonic()
     rng = random.Random()
     final = tmp_path / "final.pt"
@@ -189,9 +189,7 @@ def test_trainer_sigtermed_while_writing_a_checkpoint_resumes_on_an_empty_dir(
     assert f"checkpoint-{HF_STEPS}" in units, sorted(units)
     # Trainer's resume on CPU is bitwise (RNG state, data order and optimizer restored)
     assert tensors_equal(final, hf_reference), "resumed Trainer differs from an uninterrupted run"
-    with capsys.disabled():
-        print(f"\n[watched] Trainer: {'; '.join(hits)}; {time.monotonic() - t0:.0f} s", flush=True)
-
+    figure(f"[watched] Trainer: {'; '.join(hits)}; {time.monotonic() - t0:.0f} s")
 
 # -- Lightning ModelCheckpoint(save_last="link") -------------------------------------------------
 LT = script("lightning_modelckpt_train.py")
@@ -205,7 +203,7 @@ def step_of(name: str) -> int:
 
 
 def test_lightning_last_link_resumes_from_its_target_on_an_empty_dir(
-        s3_remote: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        s3_remote: str, tmp_path: Path, figure) -> None:
     t0 = time.monotonic()
     ref = start([PY, LT, "--ckpt-dir", str(tmp_path / "ref"), "--out", str(tmp_path / "ref.pt")], env=run_env())
     assert ref.finish(300) == 0, ref.stderr[-3000:]
@@ -250,10 +248,8 @@ def test_lightning_last_link_resumes_from_its_target_on_an_empty_dir(
     assert rc == 143, f"spotckpt run exited {rc} after a forwarded SIGTERM\n{p.stderr[-2000:]}"
     assert entries.get("last.ckpt", {}).get("link") is not None, sorted(entries)
     fetch(s3_remote, entries[entries["last.ckpt"]["link"]])
-    with capsys.disabled():
-        print(f"\n[watched] Lightning: SIGTERM after last.ckpt -> {link}, resumed at step {step}, bitwise; "
-              f"{time.monotonic() - t0:.0f} s", flush=True)
-
+    figure(f"[watched] Lightning: SIGTERM after last.ckpt -> {link}, resumed at step {step}, bitwise; "
+           f"{time.monotonic() - t0:.0f} s")
 
 # -- AWS-style scripts: "non-empty dir means resume", "newest file by mtime" -------------------
 AWS = script("aws_style_epochs.py")
@@ -261,7 +257,7 @@ AWS = script("aws_style_epochs.py")
 
 @pytest.mark.parametrize("mode", ["listdir", "mtime"])
 def test_aws_style_script_resumes_from_its_newest_save_on_an_empty_dir(
-        mode: str, s3_remote: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        mode: str, s3_remote: str, tmp_path: Path, figure) -> None:
     t0 = time.monotonic()
     args = ["--mode", mode, "--epochs", "8"]
     ref = start([PY, AWS, "--checkpoint-dir", str(tmp_path / "ref"), *args, "--out", str(tmp_path / "ref.pt")],
@@ -295,6 +291,5 @@ def test_aws_style_script_resumes_from_its_newest_save_on_an_empty_dir(
     assert got == f"resumed from {name} at epoch {newest}", f"newest save was epoch {newest}: {got!r}"
     assert tensors_equal(tmp_path / "final.pt", tmp_path / "ref.pt")
     assert mtimes == local_files, f"the remote set after the SIGTERM {mtimes}, the local dir {local_files}"
-    with capsys.disabled():
-        print(f"\n[watched] AWS-style ({mode}): stopped after epoch {newest}, resumed there, bitwise; "
-              f"{time.monotonic() - t0:.0f} s", flush=True)
+    figure(f"[watched] AWS-style ({mode}): stopped after epoch {newest}, resumed there, bitwise; "
+           f"{time.monotonic() - t0:.0f} s")

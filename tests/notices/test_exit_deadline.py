@@ -120,7 +120,7 @@ def test_leaving_runs_atexit_and_does_not_wait_for_threads(tmp_path: Path) -> No
     thread still working (an abandoned upload) is not waited for."""
     p, took = _run("""
         import atexit, threading, time
-        from spotckpt import _exit
+        from spotckpt._notices import _exit
         threading.Thread(target=time.sleep, args=(30,)).start()   # non-daemon, 30 s of work
         atexit.register(print, "atexit ran", flush=True)
         _exit.arm(time.monotonic() + 20, 143)
@@ -137,7 +137,7 @@ def test_leaving_runs_atexit_and_does_not_wait_for_threads(tmp_path: Path) -> No
 def test_watchdog_ends_a_process_that_overruns(tmp_path: Path) -> None:
     p, took = _run("""
         import time
-        from spotckpt import _exit
+        from spotckpt._notices import _exit
         _exit.arm(time.monotonic() + 2.0, 143)
         print("working", flush=False)   # still in the buffer: the watchdog flushes it
         while True:

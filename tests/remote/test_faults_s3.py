@@ -50,7 +50,7 @@ def train(state: dict, local: Path, remote: str, proxy: FaultProxy, total: int) 
 
 @pytest.mark.parametrize("kinds", [(k,) for k in KINDS] + [KINDS], ids=list(KINDS) + ["all"])
 def test_uploads_and_restores_complete_through_faults(tmp_path: Path, s3_server: S3Server, s3_env: dict,
-                                                     kinds: tuple[str, ...], capsys: pytest.CaptureFixture) -> None:
+                                                     kinds: tuple[str, ...], figure) -> None:
     bucket = s3_server.new_bucket()
     remote = f"s3://{bucket}/run/"
     t0 = time.monotonic()
@@ -68,14 +68,13 @@ def test_uploads_and_restores_complete_through_faults(tmp_path: Path, s3_server:
         assert state2 == state
         assert not any(e["event"] == "quarantine" for e in events(tmp_path / "b"))
         assert sum(proxy.faults.values()) >= 3, proxy.faults  # the faults did happen
-    with capsys.disabled():
-        print(f"\n[faults] S3 {'+'.join(kinds)} on 30% of requests: {proxy.requests} requests, "
-              f"{dict(proxy.faults)} injected, {STEPS} steps saved and restored, 0 lost, "
-              f"{time.monotonic() - t0:.1f} s")
+    figure(f"[faults] S3 {'+'.join(kinds)} on 30% of requests: {proxy.requests} requests, "
+           f"{dict(proxy.faults)} injected, {STEPS} steps saved and restored, 0 lost, "
+           f"{time.monotonic() - t0:.1f} s")
 
 
 def test_retry_budget_exhausted_clear_error_local_intact(tmp_path: Path, s3_server: S3Server, s3_env: dict,
-                                                          capsys: pytest.CaptureFixture) -> None:
+                                                          figure) -> None:
     bucket = s3_server.new_bucket()
     remote = f"s3://{bucket}/run/"
     local = tmp_path / "a"
@@ -117,7 +116,6 @@ def test_retry_budget_exhausted_clear_error_local_intact(tmp_path: Path, s3_serv
         failed_after = time.monotonic() - t1
         assert remote in str(ei.value) and failed_after < 30, (str(ei.value), failed_after)
         assert not [p for p in (tmp_path / "b").iterdir() if not p.name.startswith(".spotckpt")]
-    with capsys.disabled():
-        print(f"\n[faults] S3 answering 503 to every request: upload gave up after {waited:.1f} s with "
-              f"'{msg[:160]}...'; local step 4 intact and durable on the next attempt; "
-              f"restore gave up after {failed_after:.1f} s")
+    figure(f"[faults] S3 answering 503 to every request: upload gave up after {waited:.1f} s with "
+           f"'{msg[:160]}...'; local step 4 intact and durable on the next attempt; "
+           f"restore gave up after {failed_after:.1f} s")

@@ -89,7 +89,7 @@ def read_start(out: Path, proc: subprocess.Popen, timeout: float = 60) -> tuple[
 
 
 def test_inplace_rewrites_with_random_sigkills_of_the_whole_tree(
-        tmp_path: Path, s3_remote: str, capsys: pytest.CaptureFixture) -> None:
+        tmp_path: Path, s3_remote: str, figure) -> None:
     rng = random.Random()
     url = s3_remote
     t0 = time.monotonic()
@@ -165,12 +165,11 @@ def test_inplace_rewrites_with_random_sigkills_of_the_whole_tree(
             kill_tree(proc)
     assert prev.get(FAST, 0) > 0, f"no version of {FAST} ever reached the remote"
     w = sorted(waits) or [0.0]
-    with capsys.disabled():
-        print(f"\n[chaos] watched dir, in-place rewrites: {ITERATIONS} SIGKILLs of the whole tree "
-              f"({stats['empty']} restarts on an empty dir, {stats['same']} on the same dir, {stats['early']} "
-              f"during startup), {stats['files']} remote files verified after kills, 0 torn; the remote "
-              f"advanced after {stats['advanced']} kills, final versions {prev}; a newer {FAST} durable "
-              f"{w[0]:.1f}/{w[len(w) // 2]:.1f}/{w[-1]:.1f} s (min/median/max) "
-              f"after the writer's start; seconds in startups, "
-              f"progress waits, audits, kills, naps: {', '.join(f'{v:.0f}' for v in spent.values())}; "
-              f"{time.monotonic() - t0:.0f} s", flush=True)
+    figure(f"[chaos] watched dir, in-place rewrites: {ITERATIONS} SIGKILLs of the whole tree "
+           f"({stats['empty']} restarts on an empty dir, {stats['same']} on the same dir, {stats['early']} "
+           f"during startup), {stats['files']} remote files verified after kills, 0 torn; the remote "
+           f"advanced after {stats['advanced']} kills, final versions {prev}; a newer {FAST} durable "
+           f"{w[0]:.1f}/{w[len(w) // 2]:.1f}/{w[-1]:.1f} s (min/median/max) "
+           f"after the writer's start; seconds in startups, "
+           f"progress waits, audits, kills, naps: {', '.join(f'{v:.0f}' for v in spent.values())}; "
+           f"{time.monotonic() - t0:.0f} s")
