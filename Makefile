@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PIP     := $(VPY) -m pip install --disable-pip-version-check -q
 
-.PHONY: venv test demo demo-sagemaker bench chaos docs clean
+.PHONY: venv test test-fast lint demo demo-sagemaker bench chaos docs clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(VENV)/bin/python:
 $(STAMP): $(VENV)/bin/python pyproject.toml Makefile
 	$(PIP) --upgrade pip
 	$(PIP) 'torch==2.13.0'
-	$(PIP) -e '.[test,all]' 'torch==2.13.0'
+	$(PIP) -e '.[test,all,docs]' 'torch==2.13.0'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -23,8 +23,23 @@ venv: $(STAMP)
 # the suite instead of skipping it; elsewhere it is skipped with one [rgw] line.
 REQUIRE_RGW ?= $(if $(filter 0,$(shell id -u)),1,0)
 
-test: $(STAMP)
-	SPOTCKPT_REQUIRE_RGW=$(REQUIRE_RGW) KERAS_BACKEND=torch $(VPY) -m pytest -q $(PYTEST_ARGS)
+# Workers for pytest-xdist. Most of the suite's time is real subprocesses waiting (imports,
+# training, signals, servers), so more workers than the 2 cores still pay: README "The two commands".
+WORKERS ?= 3
+
+# The whole suite, what CI runs: the import contracts, then every test (the docs build with
+# warnings as errors is one of them: tests/docs/test_docs_site.py).
+test: lint
+	SPOTCKPT_REQUIRE_RGW=$(REQUIRE_RGW) KERAS_BACKEND=torch $(VPY) -m pytest -q -n $(WORKERS) --dist worksteal $(PYTEST_ARGS)
+
+# The inner loop (<= 5 min): everything but the tests marked slow (real training runs,
+# chaos and fault families, framework end-to-end runs) and the RGW leg.
+test-fast: lint
+	SPOTCKPT_TEST_RGW=0 KERAS_BACKEND=torch $(VPY) -m pytest -q -n $(WORKERS) --dist worksteal -m "not slow" -k "not rgw" $(PYTEST_ARGS)
+
+# Imports point down the layers only (docs/design.md "Layout"): import-linter's contracts in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 demo: $(STAMP)
 	$(VPY) examples/demo.py
@@ -35,21 +50,20 @@ demo-sagemaker: $(STAMP)
 	$(VPY) examples/demo_sagemaker.py
 
 # Benchmarks against the S3 test server on loopback; writes BENCHMARKS.md (see bench/run.py).
-# QUICK=1: scaled-down sizes, under 10 minutes (8.3 min on a quiet machine: README "Performance").
+# QUICK=1: scaled-down sizes, under 10 minutes (8.3 min on a quiet machine: docs/performance.md).
 bench: $(STAMP)
 	$(VPY) bench/run.py $(if $(filter-out 0,$(QUICK)),--quick)
 
 # The reliability suites with more iterations: 500 random SIGKILLs and longer S3-fault runs
-# (about 20 minutes). Figures print as [chaos] and [faults] lines (README "Guarantees").
+# (about 20 minutes). Figures print as [chaos] and [faults] lines (docs/guarantees.md).
 chaos: $(STAMP)
 	SPOTCKPT_CHAOS_ITERATIONS=500 $(VPY) -m pytest -q -s --timeout=7200 tests/checkpointer/test_chaos_crash.py \
 		tests/remote/test_faults_s3.py tests/commit/test_faults_disk.py tests/commit/test_corruption.py \
 		tests/remote/test_hostile_remote.py tests/commit/test_concurrency.py tests/remote/test_secrets.py $(PYTEST_ARGS)
 
 # The documentation site (docs/: Sphinx, MyST Markdown, autodoc, sphinx-argparse, furo) into
-# docs/_build/html; any warning fails the build. Installs the docs extra on first use.
+# docs/_build/html; any warning fails the build.
 docs: $(STAMP)
-	@$(VPY) -c "import sphinx, myst_parser, sphinxarg, furo" 2>/dev/null || $(PIP) -e '.[docs]'
 	$(VPY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:

@@ -183,20 +183,43 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _FIGURES.extend(v for k, v in report.user_properties if k == "figure")
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The figures the tests measured, and one line on the RGW leg whenever a test asked for it."""
-    if _FIGURES:
-        terminalreporter.section("figures")
-        for line in _FIGURES:
-            terminalreporter.write_line(line)
+def _rgw_line() -> str | None:
     if _RGW.result is not None:
         r = _RGW.result
         how = f"up in {r['up_s']:.1f} s" if r["started"] else f"reused a running instance ({r['up_s']:.1f} s)"
         inst = f" (packages installed in {r['install_s']:.0f} s)" if r["install_s"] is not None else ""
-        terminalreporter.write_line(f"[rgw] {how}{inst}: {r['env']['AWS_ENDPOINT_URL_S3']}")
-    elif _RGW.error is not None:
-        terminalreporter.write_line(f"[rgw] RGW LEG NOT RUN ({'failed' if RGW_REQUIRED and RGW_ENABLED else 'skipped'}): "
-                                    f"{_RGW.error}", red=True, bold=True)
+        return f"[rgw] {how}{inst}: {r['env']['AWS_ENDPOINT_URL_S3']}"
+    if _RGW.error is not None:
+        return f"[rgw] RGW LEG NOT RUN ({'failed' if RGW_REQUIRED and RGW_ENABLED else 'skipped'}): {_RGW.error}"
+    return None
+
+
+_WORKER_RGW_LINES: list[str] = []
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On a pytest-xdist worker: hand the RGW line to the controller, which prints the summary."""
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None and _rgw_line() is not None:
+        out["rgw_line"] = _rgw_line()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # pytest-xdist's hook, on the controller
+    line = getattr(node, "workeroutput", {}).get("rgw_line")
+    if line and line not in _WORKER_RGW_LINES:
+        _WORKER_RGW_LINES.append(line)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The figures the tests measured, and one line on the RGW leg whenever a test asked for it
+    (from this process, or from each pytest-xdist worker that brought it up or reused it)."""
+    if _FIGURES:
+        terminalreporter.section("figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
+    for line in filter(None, [_rgw_line(), *_WORKER_RGW_LINES]):
+        terminalreporter.write_line(line, red="NOT RUN" in line, bold="NOT RUN" in line)
 
 
 def point_at(server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:

@@ -109,11 +109,13 @@ def n_kills(s3_server: S3Server, n: int) -> int:
     return max(8, n // 5) if s3_server.kind == "rgw" else n
 
 
+@pytest.mark.slow
 def test_random_sigkills_resume_valid_and_bitwise_identical(tmp_path: Path, s3_server: S3Server,
                                                             s3_env: dict, capsys: pytest.CaptureFixture, figure) -> None:
     chaos(tmp_path, s3_server, capsys, figure, n_kills(s3_server, ITERATIONS), supervised=False)
 
 
+@pytest.mark.slow
 def test_random_sigkills_of_supervisor_and_script(tmp_path: Path, s3_server: S3Server,
                                                   s3_env: dict, capsys: pytest.CaptureFixture, figure) -> None:
     """The same under ``spotckpt run``: the supervisor uploads, the whole tree is killed."""

@@ -55,6 +55,7 @@ def test_unknown_bucket(tmp_path: Path, s3_env) -> None:
     assert "no-such-bucket-spotckpt-test" in str(ei.value) and "bucket" in str(ei.value)
 
 
+@pytest.mark.slow
 def test_unreachable_endpoint(tmp_path: Path, monkeypatch) -> None:
     from conftest import free_port
 

@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
-
 from conftest import EXAMPLES, free_port, run_env
+
 from spotckpt._commit._local import LocalDir
 from spotckpt._remote._store import RemoteStore
 
@@ -49,6 +50,7 @@ def events(local: Path, rank: int) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sigterm_one_rank_all_stop_same_step_and_resume_bitwise(tmp_path: Path, s3_remote: str) -> None:
     ref_out = tmp_path / "ref.pt"
     ref = torchrun(tmp_path / "ref-local", f"file://{tmp_path}/ref-remote/", ref_out)

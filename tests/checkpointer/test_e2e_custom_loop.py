@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
-
 from conftest import EXAMPLES, run_env
+
 from spotckpt._remote._store import RemoteStore
+
+pytestmark = pytest.mark.slow  # real training runs: not in make test-fast
 
 SCRIPT = str(EXAMPLES / "train_custom_loop.py")
 STEPS = 600  # 3 interruptions of up to 1.5 s each must not reach the end (~80 steps/s)

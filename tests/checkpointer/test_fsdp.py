@@ -19,9 +19,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
-
 from conftest import EXAMPLES, free_port, run_env
+
 from spotckpt._remote._store import RemoteStore
 
 FSDP = str(EXAMPLES / "train_fsdp.py")
@@ -94,6 +95,7 @@ def assert_same(a_path: Path, b_path: Path) -> None:
     assert set(a) == {"model", "optim"} and n == 4 + 4 * 3, n  # 4 params; step, exp_avg, exp_avg_sq each
 
 
+@pytest.mark.slow
 def test_reshard_2_to_1_to_2_local_only(tmp_path: Path) -> None:
     """One host without a remote: the ranks commit through <local_dir>/shared/. Before, a
     1-rank restart of the 2-rank checkpoint started silently from step 0."""
@@ -120,6 +122,7 @@ def test_reshard_2_to_1_to_2_local_only(tmp_path: Path) -> None:
     assert "It is sharded (DCP)" in p.stderr, p.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_2_ranks_resumes_bitwise_then_reshards_to_1_from_s3(tmp_path: Path, s3_remote: str) -> None:
     steps = "60"
     common = ["--steps", steps, "--every-steps", "10", "--sleep", "0.03"]
@@ -157,6 +160,7 @@ def test_sigterm_2_ranks_resumes_bitwise_then_reshards_to_1_from_s3(tmp_path: Pa
     assert_same(final, tmp_path / "one.pt")
 
 
+@pytest.mark.slow
 def test_world_size_change_of_per_rank_state_is_a_clear_error(tmp_path: Path, s3_remote: str) -> None:
     """DDP: every rank saves a plain state.pt; it cannot be resharded. Before, a 1-rank
     restart failed late with FileNotFoundError (.../step-N/state.pt)."""
@@ -172,6 +176,7 @@ def test_world_size_change_of_per_rank_state_is_a_clear_error(tmp_path: Path, s3
     assert "per rank (state.pt) and cannot be resharded" in out, out
 
 
+@pytest.mark.slow
 def test_save_before_first_optimizer_step_leaves_the_optimizer_unstepped(tmp_path: Path) -> None:
     """get_optimizer_state_dict initialises an empty optimizer with a zero-gradient step
     (Adam's step count then runs one ahead of an uninterrupted run); spotckpt must not."""

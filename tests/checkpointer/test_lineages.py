@@ -82,6 +82,7 @@ def test_invalid_name_is_refused_at_entry(tmp_path: Path) -> None:
             spotckpt.Checkpointer({"x": 1}, local_dir=tmp_path, remote=None, name=bad).open()
 
 
+@pytest.mark.slow
 def test_cli_sees_named_lineages(tmp_path: Path, s3_remote: str, capsys: pytest.CaptureFixture) -> None:
     from spotckpt.cli._main import main
 

@@ -83,6 +83,7 @@ def env(recorded_s3: tuple[S3Server, Path], monkeypatch: pytest.MonkeyPatch) -> 
     return server
 
 
+@pytest.mark.slow
 def test_nothing_unchanged_is_uploaded_again(tmp_path: Path, env: S3Server) -> None:
     bucket = env.new_bucket()
     remote = f"s3://{bucket}/run/"
@@ -172,6 +173,7 @@ def _stalls(ck: spotckpt.Checkpointer, n: int, *, settle: bool) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 def test_save_stall_does_not_grow_with_upload_time(tmp_path: Path, env: S3Server,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     state = {"w": torch.rand(2 * MiB)}  # 8 MiB

@@ -38,6 +38,7 @@ def _make_local(local: Path) -> None:
     (local / "notes.txt").write_text("free-form file written by user code\n")
 
 
+@pytest.mark.slow
 def test_ls_status_push_pull_verify_roundtrip(tmp_path: Path, s3_remote: str) -> None:
     local = tmp_path / "a"
     _make_local(local)
@@ -154,6 +155,7 @@ def test_bad_input_one_line_exit_2(tmp_path: Path, argv: list[str], needle: str)
     assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_unreachable_remote_is_one_line_exit_2(tmp_path: Path, s3_env: dict) -> None:
     env = run_env(AWS_ENDPOINT_URL_S3="http://127.0.0.1:9")
     for cmd in ("ls", "status", "push"):

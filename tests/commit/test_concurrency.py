@@ -9,9 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import REPO, run_env
+
 from spotckpt._commit._local import LocalDir
 from spotckpt._commit._manifest import verify_dir
+
+pytestmark = pytest.mark.slow  # real training runs: not in make test-fast
 
 SCRIPT = str(REPO / "tests" / "scripts" / "chaos_train.py")
 

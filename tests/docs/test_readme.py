@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, run_env
+
+pytestmark = pytest.mark.slow  # real training runs: not in make test-fast
 
 
 def quick_start() -> str:

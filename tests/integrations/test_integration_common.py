@@ -130,6 +130,7 @@ def guide_snippets() -> dict[str, str]:
     return snippets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
 def test_readme_snippet_runs_and_resumes(name: str, tmp_path: Path) -> None:
     """The framework guide's snippet (docs/guides/<name>.md) runs as written; run again, it

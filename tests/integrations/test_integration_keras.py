@@ -24,6 +24,8 @@ from conftest import REPO, S3Server
 from test_integration_common import (check_cadence_and_retention, guide_snippets, remote_steps,
                                      resumed_step, script_env)
 
+pytestmark = pytest.mark.slow  # real training runs: not in make test-fast
+
 SCRIPT = REPO / "tests" / "scripts" / "keras_recorded.py"
 EPOCHS, N, EVERY = 3, 40, 10  # 1280 samples / batch size 32
 TOTAL = EPOCHS * N

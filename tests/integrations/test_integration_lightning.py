@@ -16,6 +16,8 @@ from conftest import EXAMPLES, S3Server
 from test_integration_common import (check_cadence_and_retention, remote_steps, resumed_step, run,
                                      script_env, sigterm_mid_training, start)
 
+pytestmark = pytest.mark.slow  # real training runs: not in make test-fast
+
 SCRIPT = "train_lightning.py"
 EPOCHS, STEPS_PER_EPOCH, EVERY = 3, 32, 10
 ARGS = ["--max-epochs", str(EPOCHS), "--every-steps", str(EVERY)]

@@ -28,6 +28,8 @@ from conftest import EXAMPLES, S3Server, free_port
 from test_integration_common import remote_steps, script_env
 from spotckpt._commit._local import LocalDir
 
+pytestmark = pytest.mark.slow  # real training runs: not in make test-fast
+
 SCRIPT = str(EXAMPLES / "train_lightning_ddp.py")
 EPOCHS, STEPS_PER_EPOCH, EVERY = 3, 32, 10
 TOTAL = EPOCHS * STEPS_PER_EPOCH

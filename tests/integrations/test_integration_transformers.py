@@ -113,6 +113,7 @@ def run_interrupted(tmp: Path, s3_remote: str, nproc: int, interruptions: int) -
     return seen
 
 
+@pytest.mark.slow
 def test_trainer_two_sigterms_resume_bitwise_on_empty_dirs(
         tmp_path: Path, s3_remote: str, figure) -> None:
     t0 = time.monotonic()
@@ -120,6 +121,7 @@ def test_trainer_two_sigterms_resume_bitwise_on_empty_dirs(
     figure(f"[transformers] 1 process: {'; '.join(seen)}; final weights bitwise; "
            f"{time.monotonic() - t0:.0f} s")
 
+@pytest.mark.slow
 def test_trainer_under_accelerate_launch_two_processes(
         tmp_path: Path, s3_remote: str, figure) -> None:
     t0 = time.monotonic()

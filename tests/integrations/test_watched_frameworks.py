@@ -28,6 +28,8 @@ from proc_helpers import PY, Proc
 from watched_helpers import (dir_units, fetch, is_link, kill_tree, remote_set, run_argv, script, signal_tree,
                              tree)
 
+pytestmark = pytest.mark.slow  # real training runs: not in make test-fast
+
 HF = script("hf_trainer_train.py")
 HF_STEPS, HF_EVERY, HF_LIMIT = 60, 10, 2
 # a Trainer checkpoint is usable only with all of these (resume reads each one)

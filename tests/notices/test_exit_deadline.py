@@ -45,6 +45,7 @@ def _events(local: Path) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grace, up_mib_s", [(6.0, 1.0), (20.0, None)], ids=["tight-throttled", "ample"])
 def test_gone_by_the_deadline_under_cpu_load(tmp_path: Path, s3_server, s3_remote: str, cpu_load,
                                              grace: float, up_mib_s: float | None) -> None:

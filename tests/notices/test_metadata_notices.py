@@ -72,6 +72,7 @@ def test_notice_from_metadata_makes_durable_checkpoint(tmp_path: Path, s3_remote
         assert md.unauthorized == 0 and ("PUT", "/latest/api/token") in md.requests
 
 
+@pytest.mark.slow
 def test_rebalance_recommendation_checkpoints_and_training_goes_on(tmp_path: Path, s3_remote: str) -> None:
     local = tmp_path / "ck"
     with MetadataServer() as md:

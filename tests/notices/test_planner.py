@@ -41,6 +41,7 @@ def _events(local: Path) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grace, want", [(6.0, "finish-upload"), (60.0, "save")])
 def test_throttled_upload_plan_and_durable_at_deadline(tmp_path: Path, s3_server, s3_remote: str,
                                                       grace: float, want: str) -> None:

@@ -22,6 +22,8 @@ from faultproxy import KINDS, FaultProxy
 from spotckpt._commit._local import LocalDir
 from spotckpt._commit._manifest import verify_dir
 
+pytestmark = pytest.mark.slow  # real training runs: not in make test-fast
+
 # steps per run: 6 in `make test`, more in `make chaos`
 STEPS = 6 if int(os.environ.get("SPOTCKPT_CHAOS_ITERATIONS", "50")) <= 50 else 18
 

@@ -130,6 +130,7 @@ def judge(run: str, remote: str, run_dir: Path, new: Proc, rc_new: int, old: Pro
     return outcome
 
 
+@pytest.mark.slow
 def test_zombie_and_replacement(remote_url: str, tmp_path: Path) -> None:
     """The old instance (Z) pauses, a replacement (R) starts on an empty local dir and runs
     to the end; Z goes on at a random moment. The replacement's lineage wins, Z stops with
@@ -168,6 +169,7 @@ def test_zombie_and_replacement(remote_url: str, tmp_path: Path) -> None:
     assert not failures, "\n".join(failures[:5])
 
 
+@pytest.mark.slow
 def test_double_launch(remote_url: str, tmp_path: Path) -> None:
     """The same job launched twice at once (random offsets and speeds): the instance with
     the newer generation wins, the other stops with the documented line and status (or

@@ -114,6 +114,7 @@ CASES: dict[str, Any] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_manifest_is_refused_and_restore_falls_back(tmp_path: Path, s3_server: S3Server, s3_env: dict,
                                                             case: str) -> None:

@@ -41,6 +41,7 @@ def _tree(path: Path) -> dict[str, float]:
     return {str(p.relative_to(path)): p.lstat().st_mtime for p in path.rglob("*")}
 
 
+@pytest.mark.slow
 @private_ml
 def test_sagemaker_script_runs_unchanged_through_two_interruptions(tmp_path: Path, s3_server, s3_remote: str) -> None:
     bucket = s3_remote.split("/")[2]

@@ -68,6 +68,7 @@ def test_no_interruption_completes(tmp_path: Path, s3_remote: str) -> None:
     assert "Training seconds:" in out and "Billable seconds:" in out
 
 
+@pytest.mark.slow
 def test_one_interruption_resumes_from_the_saved_step(tmp_path: Path, s3_remote: str) -> None:
     # at 3 s of training time the job is surely inside its loop, even when a loaded machine
     # takes seconds to start Python (at 1.5 s the notice could precede the Checkpointer)
@@ -85,6 +86,7 @@ def test_one_interruption_resumes_from_the_saved_step(tmp_path: Path, s3_remote:
     assert rep["Attempts"][1]["ExitStatus"] == rep["Attempts"][1]["CommandExitStatus"] == 0
 
 
+@pytest.mark.slow
 def test_two_interruptions(tmp_path: Path) -> None:
     rc, st, rep, out = _spot(tmp_path, "--max-run", "60", "--interrupt-at", "1,2.5")  # default file:// remote
     assert rc == 0, out
@@ -105,6 +107,7 @@ def test_never_launched_stops_at_max_wait(tmp_path: Path) -> None:
     assert rep["Attempts"] == []
 
 
+@pytest.mark.slow
 def test_interrupted_then_no_capacity_exceeds_max_wait(tmp_path: Path) -> None:
     rc, st, rep, out = _spot(tmp_path, "--max-run", "8", "--max-wait", "9", "--interrupt-at", "1",
                              "--capacity-wait", "0.2,60", steps=200)
@@ -256,6 +259,7 @@ print("done at", ck.step, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_lost_seconds_count_from_when_the_durable_state_was_captured(tmp_path: Path) -> None:
     """LostSeconds = notice - the time the newest durable state was captured (its snapshot),
     not the manifest's time (written after the snapshot and the write: it hid lost work)."""

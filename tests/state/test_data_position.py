@@ -54,6 +54,7 @@ def assert_bitwise(a: dict, b: dict) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a), f"max abs diff {diff}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader,workers", [("plain", 0), ("plain", 2), ("stateful", 0), ("stateful", 2)])
 def test_custom_loop_resumes_mid_epoch_bitwise(loader: str, workers: int, s3_server: S3Server,
                                                tmp_path: Path) -> None:
@@ -96,6 +97,7 @@ ex.main()
 """
 
 
+@pytest.mark.slow
 def test_lightning_plain_dataloader_resumes_mid_epoch_bitwise(s3_server: S3Server, tmp_path: Path) -> None:
     ref_remote = f"s3://{s3_server.new_bucket()}/ref/"
     run("train_lightning.py", [*LIGHTNING_ARGS, "--out", str(tmp_path / "ref.pt")],

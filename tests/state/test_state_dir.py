@@ -113,6 +113,7 @@ def test_run_child_starts_in_an_empty_dir(tmp_path: Path, s3_remote: str) -> Non
     assert "listing []" in r.stdout
 
 
+@pytest.mark.slow
 def test_mnist_like_script_under_run_is_interrupted_and_resumes_on_an_empty_dir(
         tmp_path: Path, s3_remote: str) -> None:
     script = tmp_path / "mnist_like.py"
@@ -134,6 +135,7 @@ def test_mnist_like_script_under_run_is_interrupted_and_resumes_on_an_empty_dir(
     assert "done w 36" in r.stdout                   # 1 + ... + 8: every epoch counted once
 
 
+@pytest.mark.slow
 def test_mnist_like_script_under_spot_completes(tmp_path: Path, s3_remote: str) -> None:
     script = tmp_path / "mnist_like.py"
     script.write_text(MNIST_LIKE)

@@ -81,6 +81,7 @@ def test_compose_has_minio_bucket_and_trainer_with_endpoint() -> None:
     assert "kill -s SIGTERM" in script and os.access(DOCKER / "interrupt.sh", os.X_OK)
 
 
+@pytest.mark.slow
 @needs_pidns
 def test_pid1_forwards_sigterm_reaps_and_flushes(tmp_path: Path, s3_remote: str) -> None:
     local = tmp_path / "ckpt"

@@ -40,6 +40,7 @@ def _tensors_equal(a: Path, b: Path) -> bool:
 
 
 # -- unmodified scripts ------------------------------------------------------------------
+@pytest.mark.slow
 def test_torch_save_script_survives_sigterm_and_resumes_from_remote(tmp_path: Path, s3_remote: str) -> None:
     script = str(EXAMPLES / "sagemaker_style_torch.py")
     base = run([PY, script, "--checkpoint-dir", str(tmp_path / "base"), "--epochs", "6",
@@ -75,6 +76,7 @@ def _h5_weights(path: Path) -> list:
     return out
 
 
+@pytest.mark.slow
 def test_keras_model_checkpoint_script_survives_and_resumes(tmp_path: Path, s3_remote: str) -> None:
     import importlib.util
 
@@ -110,6 +112,7 @@ def test_keras_model_checkpoint_script_survives_and_resumes(tmp_path: Path, s3_r
 
 
 # -- a Checkpointer inside a supervised child ------------------------------------------------
+@pytest.mark.slow
 def test_supervised_checkpointer_commits_locally_supervisor_uploads(tmp_path: Path, s3_remote: str) -> None:
     script = str(EXAMPLES / "train_custom_loop.py")
     args = ["--steps", "240", "--every-steps", "20"]
@@ -223,6 +226,7 @@ def test_child_that_ignores_sigterm_is_killed_before_the_deadline(tmp_path: Path
     assert next(e["status"] for e in _events(tmp_path / "ck") if e["event"] == "child_exit") == 137
 
 
+@pytest.mark.slow
 def test_bad_command_and_unreachable_remote_are_one_line_exit_2(tmp_path: Path, s3_env: dict) -> None:
     r = run(spotckpt("run", "--local-dir", str(tmp_path / "ck"), "--", "no-such-command-xyz"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

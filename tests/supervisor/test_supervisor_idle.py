@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
-
 import subprocess
 import time
+from pathlib import Path
 
+import pytest
 from conftest import remote_files, run_env
 from proc_helpers import PY, Proc, spotckpt, wait_until
 
@@ -35,6 +35,7 @@ def _switches(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
 
 
+@pytest.mark.slow
 def test_idle_supervisor_sleeps_and_still_reacts(tmp_path: Path, s3_remote: str) -> None:
     local = tmp_path / "ck"
     local.mkdir()

@@ -17,6 +17,8 @@ from proc_helpers import PY, Proc, run, spotckpt, wait_until
 from spotckpt._errors import RemoteNotFoundError
 from spotckpt._remote._store import RemoteStore
 
+pytestmark = pytest.mark.slow  # real training runs: not in make test-fast
+
 SCRIPT = str(Path(__file__).parents[1] / "scripts" / "inplace_writer.py")
 
 

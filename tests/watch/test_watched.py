@@ -272,6 +272,7 @@ def test_foreign_objects_are_named_and_skipped(tmp_path: Path, s3_server, s3_rem
     assert len(line) == 1 and all(k in line[0] for k in ("a//b.pt", "exports/", "'out'", "out/model.pt"))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_not_queued_behind_a_backlog_of_files(tmp_path: Path, s3_remote: str) -> None:
     root = tmp_path / "ck"
     (root / "logs").mkdir(parents=True)

@@ -15,8 +15,10 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from conftest import run_env
 from proc_helpers import PY, REPO, Proc, spotckpt, wait_until
+
 from spotckpt._commit._local import LocalDir
 from spotckpt._remote._store import RemoteStore
 
@@ -47,6 +49,7 @@ def _interrupt_and_check(p: Proc, local: Path, remote: str) -> float:
     return took
 
 
+@pytest.mark.slow
 def test_step_checkpoint_is_durable_behind_a_backlog_under_spotckpt_run(tmp_path: Path, s3_remote: str) -> None:
     local = tmp_path / "ck"
     p = Proc(spotckpt("run", "--local-dir", str(local), "--remote", s3_remote, "--grace", "15", "--",
@@ -58,6 +61,7 @@ def test_step_checkpoint_is_durable_behind_a_backlog_under_spotckpt_run(tmp_path
     print(f"[backlog] spotckpt run: SIGTERM to exit {took:.1f} s")
 
 
+@pytest.mark.slow
 def test_step_checkpoint_is_durable_behind_a_backlog_in_process(tmp_path: Path, s3_remote: str) -> None:
     local = tmp_path / "ck"
     p = Proc([PY, SCRIPT, "--files", str(FILES)],

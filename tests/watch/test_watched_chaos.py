@@ -33,6 +33,8 @@ from watched_helpers import fetch, kill_tree, remote_set, run_argv, script
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
 from watched_chaos_writer import FILES, validate  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real training runs: not in make test-fast
+
 ITERATIONS = int(os.environ.get("SPOTCKPT_CHAOS_ITERATIONS", "50"))
 WRITER = script("watched_chaos_writer.py")
 SPEC = {rel: (fid, n) for fid, (rel, n, *_) in enumerate(FILES)}
