@@ -89,6 +89,8 @@ def listing(store: RemoteStore, after: str | None = None) -> list[Obj]:
                 with os.scandir(store.path(GEN_DIR)) as it:
                     for e in it:
                         try:
+                            if not e.is_file(follow_symlinks=False):
+                                continue  # a dir or a link is no claim (and a create there is refused)
                             st = e.stat(follow_symlinks=False)
                         except FileNotFoundError:
                             continue
@@ -175,8 +177,17 @@ def read_many(store: RemoteStore, objs: list[Obj], until: Callable[[Any], bool] 
     return out
 
 
-def _entry(g: int, rec: dict) -> list:
-    return [g, rec.get("started"), rec.get("host"), rec.get("pid")]
+def _entry(e: Any) -> list | None:
+    """A history entry ``[G, started, host, pid]`` as it may be carried on, or None: a body
+    spotckpt writes must always read back as a claim record (one that did not would stop
+    counting, and a start could claim below it), so what comes from another body is checked."""
+    if not (isinstance(e, list) and len(e) == 4):
+        return None
+    g, started, host, pid = e
+    if type(g) is not int or not 0 < g <= MAX_GEN or type(started) not in (int, float) \
+            or not math.isfinite(started) or not isinstance(host, str) or type(pid) is not int:
+        return None
+    return [g, started, host[:255], pid]
 
 
 def history(records: dict[int, dict]) -> list[list]:
@@ -184,10 +195,12 @@ def history(records: dict[int, dict]) -> list[list]:
     ``history``): one entry ``[G, started, host, pid]`` per claim, newest :data:`HISTORY_CAP`."""
     by_g: dict[int, list] = {}
     for g, rec in records.items():
-        for e in rec.get("history") or []:
-            if isinstance(e, list) and len(e) == 4 and type(e[0]) is int and 0 < e[0] <= MAX_GEN:
+        hist = rec.get("history")
+        for e in hist if isinstance(hist, list) else []:
+            if (e := _entry(e)) is not None:
                 by_g.setdefault(e[0], e)
-        by_g[g] = _entry(g, rec)
+        if (e := _entry([g, rec.get("started"), rec.get("host"), rec.get("pid")])) is not None:
+            by_g[g] = e
     return [by_g[g] for g in sorted(by_g)[-HISTORY_CAP:]]
 
 
@@ -199,8 +212,9 @@ def body(g: int, hist: list[list], foreign: dict[str, str]) -> bytes:
 
 
 def known_foreign(rec: dict | None, objs: Iterable[Obj]) -> dict[str, str]:
-    """The foreign numbered keys a claim record remembers, as far as they are still there
-    unchanged."""
+    """Of ``objs`` (the numbered keys below the record's own), those the claim record
+    remembers as foreign, as far as they are unchanged (only pruning trusts this: what counts
+    as a claim above is always read)."""
     mem = rec.get("foreign") if isinstance(rec, dict) else None
     if not isinstance(mem, dict):
         return {}
@@ -241,7 +255,7 @@ def survey(store: RemoteStore) -> Survey:
             sv.top = n
             if isinstance(r, dict):
                 sv.records[n] = r
-                sv.foreign.update(known_foreign(r, objs))
+                sv.foreign.update(known_foreign(r, [o for m, o in nums if m < n]))
             break
     due = [(n, o) for n, o in nums if n < sv.top and o.name not in sv.foreign][KEEP - 1:]
     if len(due) >= PRUNE_MIN:

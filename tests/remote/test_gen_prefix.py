@@ -9,7 +9,9 @@ RGW (``remote_url``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,8 +51,13 @@ def gen_names(remote: str | RemoteStore) -> list[str]:
     return sorted(k[len("gen/"):] for k in store.list_keys("gen/"))
 
 
+def claims_name(rel: str) -> bool:
+    name = rel.rpartition("gen/")[2]
+    return len(name) == 12 and name.isdigit()
+
+
 def claims(remote: str | RemoteStore) -> list[str]:
-    return [k for k in gen_names(remote) if len(k) == 12 and k.isdigit()]
+    return [k for k in gen_names(remote) if claims_name(k)]
 
 
 class Requests:
@@ -180,3 +187,80 @@ def test_claim_cost_does_not_grow_with_restarts(remote_url: str) -> None:
     if store.fast is not None:
         early, late = counts[8:28], counts[-20:]
         assert sum(late) <= sum(early), (early, late)
+
+
+# -- the family: what else gen/ may hold ------------------------------------------------------
+def hostile_gen(rng: random.Random, newest: int) -> dict[str, bytes]:
+    """Over 1,001 foreign objects for ``gen/`` beside claims up to ``newest`` (generated,
+    seeded): names that sort among and after the claims, numbers below and far above them
+    (up to the last one there can be), bodies that are damaged claim records or anything."""
+    record = legacy_body(newest)
+
+    def damaged() -> bytes:
+        return rng.choice([record[:rng.randrange(len(record))], b"", rng.randbytes(rng.randrange(1, 64)),
+                           record.replace(b'"started"', b'"begun"'), b'{"format": "spotckpt-gen/2", "started": 1}',
+                           bytes([record[0] ^ 0x01]) + record[1:], b"[" * 3000 + b"]" * 3000])
+    out: dict[str, bytes] = {}
+    while len(out) < 700:  # names that are no claim, sorting anywhere among the claims
+        n = rng.randrange(0, newest + 20)
+        out[rng.choice([f"{n:012d}.old", f"{n:012d}x", f"{n:013d}", f"{n:011d}", f"{n:012d}-copy",
+                        f"backup/{n:012d}", f"{rng.randbytes(4).hex()}"])] = damaged()
+    for n in rng.sample(range(1, newest - 10), 290):  # numbered, below the claims
+        out[f"{n:012d}"] = damaged()
+    for n in [MAX_GEN, MAX_GEN - 1, *rng.sample(range(newest + 100, MAX_GEN - 1), 10)]:  # and far above
+        out[f"{n:012d}"] = damaged()
+    return out
+
+
+def intact(remote: str, items: dict[str, bytes]) -> list[str]:
+    """Of the objects ``items`` (rel -> body), those changed or gone."""
+    store = RemoteStore(remote)
+    if store.is_local:
+        return [rel for rel, body in items.items()
+                if not Path(store.path(rel)).is_file() or Path(store.path(rel)).read_bytes() != body]
+    fast, base = store.fast, store._key("x")[:-1]  # "run/"
+    etags = {}
+    for page in fast.client.get_paginator("list_objects_v2").paginate(Bucket=fast.bucket, Prefix=base):
+        etags.update({o["Key"][len(base):]: o["ETag"].strip('"') for o in page.get("Contents", [])})
+    return [rel for rel, body in items.items() if etags.get(rel) != hashlib.md5(body).hexdigest()]
+
+
+@pytest.mark.slow
+def test_over_a_thousand_foreign_objects_under_gen(remote_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Generated hostile content (seeded) beside a long job's last claims: 1,300 foreign
+    objects under ``gen/``, numbered or not, damaged claim bodies, numbers up to the last
+    one. None counts as a claim, none is deleted or changed, the stale check sees past all
+    of them, and from the second start on a start costs a bounded number of requests (the
+    numbered ones below the claims are read once, by a prune, and remembered)."""
+    newest = 600
+    plant(remote_url, {f"gen/{g:012d}": legacy_body(g) for g in range(newest - 5, newest + 1)})
+    store = RemoteStore(remote_url)
+    sent = Requests(store)
+    running = claim(store)
+    assert running.generation == newest + 1
+    junk = {f"gen/{k}": v for k, v in hostile_gen(random.Random(26), newest).items()}
+    assert len(junk) > 1000
+    plant(remote_url, junk)
+    running.check("commit")  # nothing foreign is a newer generation
+    with caplog.at_level("WARNING", logger="spotckpt"):
+        fences = [claim(store)]
+    assert fences[0].generation == newest + 2
+    lines = [r.getMessage() for r in caplog.records if "not generation claims" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0], lines  # one line a start
+    with pytest.raises(spotckpt.StaleGenerationError, match=f"generation {newest + 2} started"):
+        running.check("commit")
+    costs = []
+    for _ in range(8):
+        before = sent.n
+        fences.append(claim(store))
+        costs.append(sent.n - before)
+    assert [f.generation for f in fences] == list(range(newest + 2, newest + 11))
+    fences[-1].check("commit")
+    if store.fast is not None:  # 2 pages, the 12 numbered ones above (read at each start: they
+        # might be claims), the newest claim, create, re-create; every 4th start a prune (4 + 1).
+        # Bodies are read 8 at a time: up to 7 more past the newest claim. The first two
+        # starts read the 290 numbered ones below too (256 a start), once.
+        assert max(costs[1:]) <= 2 + 12 + 1 + 2 + 5 + 7, costs
+        assert costs[0] <= 2 + 12 + 1 + 2 + 5 + 7 + (290 - 256), costs
+    assert len(claims(store)) - sum(1 for k in junk if claims_name(k)) <= 10
+    assert intact(remote_url, junk) == []
