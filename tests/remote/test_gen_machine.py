@@ -1,26 +1,17 @@
 """The generation protocol as a state machine (issue 26): several instances of one job
-start, save, stall, die and prune in any order against one remote, while foreign objects
-appear under ``gen/``; after every step, nothing durable goes backwards and a stale instance
-has written nothing.
+start (or are killed right after their claim), save, stall after their check, resume,
+delete, commit file sets and die in any order against one remote, while foreign objects,
+damaged claim bodies and hand-planted claims appear under ``gen/``.
 
-A model-based test (``hypothesis.stateful``) on the real stores of ``remote_url`` (file://,
-moto, RGW), at the level of the protocol itself: :func:`spotckpt._remote._fence.claim` and
-a :class:`~spotckpt._remote._fence.Fence` per instance, which is what the Checkpointer, the
-Syncer and ``spotckpt run`` commit and delete through. The model predicts, for every step:
-
-- the number each start claims (the first free one above the newest claim, junk skipped,
-  never above MAX_GEN; no number left: refused with one line);
-- which instances are stale (a newer claim exists): their saves, file sets and deletes raise
-  :class:`StaleGenerationError` and change nothing committed;
-- what a fresh restore takes (newest generation, then newest step), which never goes back,
-  and whose payload verifies.
-
-It checks besides that every foreign object is left byte for byte, that ``gen/`` stays a
-few claims whatever the number of starts, and that every start's record stays recoverable
-from the claims that remain (their bodies and histories). "Stall" is the window the design
-accepts: a commit whose check passed before a newer claim landed, completed later.
-
-``SPOTCKPT_GEN_MACHINE_EXAMPLES=N`` runs N examples per store (defaults below).
+``hypothesis.stateful`` on the real stores of ``remote_url`` (file://, moto, RGW), at the
+level the Checkpointer, the Syncer and ``spotckpt run`` commit and delete through: ``claim``
+and one ``Fence`` per instance. After every step: the number a start claims is the one the
+model predicts (first free above the newest claim, never above MAX_GEN; none left: refused);
+a stale instance's save, file set or delete raises and changes nothing committed; a fresh
+restore takes the newest generation's newest step, never goes back, and verifies; foreign
+objects are untouched; ``gen/`` stays a few claims; every start's record is recoverable.
+"Stall" is the window the design accepts: a commit whose check passed before a newer claim
+landed, completed later. ``SPOTCKPT_GEN_MACHINE_EXAMPLES=N``: N examples per store.
 """
 from __future__ import annotations
 
@@ -29,22 +20,13 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import (
-    Bundle,
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-    run_state_machine_as_test,
-)
+from hypothesis import HealthCheck, settings, stateful as hs, strategies as st
 from test_gen_prefix import legacy_body
 
 import spotckpt
@@ -60,13 +42,19 @@ _FAST: dict[str, Any] = {}
 EXAMPLES = {"file": 40, "s3": 12, "rgw": 12}
 STEPS = {"file": 30, "s3": 20, "rgw": 16}
 
-JUNK_BODIES = [b"", b"stray", b"\xff\xfe\x00", b"{}", b"[1, 2]", b'{"started": "yesterday"}',
-               b"[" * 5000 + b"]" * 5000, b'{"format": "spotckpt-gen/1", "generation": -1, "started": 1.0}',
-               json.dumps({"format": "spotckpt-gen/9", "started": 1.0, "host": "h", "pid": 1}).encode()]
+JUNK_BODIES = [b"", b"stray", b"\xff\xfe\x00", b"{}", b"[1, 2]", b'{"started": "yesterday"}', b"[" * 5000 + b"]" * 5000,
+               b'{"format": "spotckpt-gen/1", "generation": -1, "started": 1.0}', b'{"format": "x", "started": 1.0}']
 
 
-class Killed(BaseException):
-    """A start killed between its claim and the prune that follows it."""
+def refused(fn: Any, *args: Any) -> None:
+    """``fn(*args)`` by a stale instance: refused."""
+    with pytest.raises(spotckpt.StaleGenerationError):
+        fn(*args)
+    STATS["stale writes refused"] += 1
+
+
+class Killed(BaseException):  # a start killed between its claim and its prune
+    pass
 
 
 @dataclass
@@ -76,12 +64,11 @@ class Inst:
     step: int
     alive: bool = True
     pending: tuple[int, bytes] | None = None  # a stalled commit: its check passed
-    tag: str = field(default_factory=lambda: f"i{next(_COUNTER)}")
 
 
-class GenerationMachine(RuleBasedStateMachine):
+class GenerationMachine(hs.RuleBasedStateMachine):
     base: str = ""  # set by the test: a remote URL, or a dir for file://
-    instances = Bundle("instances")
+    instances = hs.Bundle("instances")
 
     def __init__(self) -> None:
         super().__init__()
@@ -96,12 +83,10 @@ class GenerationMachine(RuleBasedStateMachine):
         self.committed: dict[int, tuple[int, bytes]] = {}  # step -> (generation, payload)
         self.sets: dict[int, int] = {}    # file-set number -> generation
         self.best: tuple[int, int] | None = None
-        self.killed = 0
-        self.exhausted = False
-        self._recoverable_checked = 0
+        self.killed = self._recoverable_checked = 0
         self.dirty: set[str] = set()  # what rules touched since the checks last ran
         self.damaged: set[int] = set()  # claims whose body was damaged (foreign since)
-        self.live: list[Inst] = []  # instances that were started (for the rules on the newest)
+        self.live: list[Inst] = []  # instances started (the rules on the newest pick from them)
 
     # -- the model -----------------------------------------------------------------------
     def newest(self) -> int:
@@ -125,23 +110,21 @@ class GenerationMachine(RuleBasedStateMachine):
 
     # -- rules: starts ---------------------------------------------------------------------
     def new_store(self) -> RemoteStore:
-        """A store as a new process has (its own Fence), sharing this machine's S3 client (a
-        new client costs more than the requests a rule sends)."""
+        """A store as a new process has (its own Fence), with this machine's S3 client."""
         store = RemoteStore(self.remote)
-        if self.store.fast is not None:
-            store.fast = self.store.fast
+        store.fast = self.store.fast or store.fast
         return store
 
-    @initialize(target=instances)
+    @hs.initialize(target=instances)
     def first_start(self) -> Inst:
         return self.start(False)
 
-    @initialize(target=instances)
+    @hs.initialize(target=instances)
     def second_start(self) -> Inst:
         """Two instances from the first step on: the older one is a zombie at once."""
         return self.start(False)
 
-    @rule(target=instances, killed=st.sampled_from([False, False, False, True]))
+    @hs.rule(target=instances, killed=st.sampled_from([False, False, False, True]))
     def start(self, killed: bool) -> Inst:
         """A start; ``killed``: SIGKILLed right after its claim was made (before its prune)."""
         want = self.expected_claim()
@@ -149,7 +132,6 @@ class GenerationMachine(RuleBasedStateMachine):
         if want is None:
             with pytest.raises(RemoteError, match="no generation left"):
                 claim(self.new_store())
-            self.exhausted = True
             STATS["start refused: no number left"] += 1
             return Inst(None, 0, 0, alive=False)
         if killed:
@@ -172,54 +154,48 @@ class GenerationMachine(RuleBasedStateMachine):
         live = [i for i in self.live if i.alive]
         return max(live, key=lambda i: i.gen) if live else None
 
-    @rule(inst=instances, data=st.binary(min_size=1, max_size=64))
+    @hs.rule(inst=instances, data=st.binary(min_size=1, max_size=64))
     def save(self, inst: Inst, data: bytes) -> None:
         if not inst.alive:
             return
         inst.step += 1
         self.commit(inst, inst.step, data, check=True)
 
-    @precondition(lambda self: self.newest_live() is not None)
-    @rule(data=st.binary(min_size=1, max_size=64))
+    @hs.precondition(lambda self: self.newest_live() is not None)
+    @hs.rule(data=st.binary(min_size=1, max_size=64))
     def save_newest(self, data: bytes) -> None:
         self.save(self.newest_live(), data)
 
-    @precondition(lambda self: self.newest_live() is not None)
-    @rule(data=st.binary(min_size=1, max_size=64), older=st.booleans())
+    @hs.precondition(lambda self: self.newest_live() is not None)
+    @hs.rule(data=st.binary(min_size=1, max_size=64), older=st.booleans())
     def stall(self, data: bytes, older: bool) -> None:
-        """The check of a commit passes, the rest waits (a paused VM); the newest instance
-        (or, ``older``, any other that is still alive, which is refused if stale)."""
+        """A commit's check passes, the rest waits (a paused VM): the newest instance, or another."""
         live = [i for i in self.live if i.alive and i.pending is None]
         inst = (live[0] if older else self.newest_live()) if live else None
         if inst is None or inst.pending is not None:
             return
         if self.stale(inst):
-            with pytest.raises(spotckpt.StaleGenerationError):
-                inst.fence.check("commit")
-            STATS["stale writes refused"] += 1
-            return
+            return refused(inst.fence.check, "commit")
         inst.fence.check("commit")
         STATS["stalls"] += 1
-        inst.step += 1
-        inst.pending = (inst.step, data)
+        inst.step, inst.pending = inst.step + 1, (inst.step + 1, data)
 
-    @precondition(lambda self: self.newest_live() is not None)
-    @rule(target=instances, data=st.binary(min_size=1, max_size=64))
+    @hs.precondition(lambda self: self.newest_live() is not None)
+    @hs.rule(target=instances, data=st.binary(min_size=1, max_size=64))
     def stall_then_replaced(self, data: bytes) -> Inst:
         """The newest instance pauses after its check, and a replacement starts meanwhile."""
         self.stall(data, False)
         return self.start(False)
 
-    @precondition(lambda self: any(i.alive and i.pending for i in self.live))
-    @rule(which=st.integers(0, 3))
+    @hs.precondition(lambda self: any(i.alive and i.pending for i in self.live))
+    @hs.rule(which=st.integers(0, 3))
     def resume(self, which: int) -> None:
         waiting = [i for i in self.live if i.alive and i.pending]
         inst = waiting[which % len(waiting)]
-        step, data = inst.pending
-        inst.pending = None
+        (step, data), inst.pending = inst.pending, None
         self.commit(inst, step, data, check=False)
 
-    @rule(inst=instances)
+    @hs.rule(inst=instances)
     def retention(self, inst: Inst) -> None:
         """Delete the oldest committed checkpoint that is not what a restore takes."""
         if not inst.alive:
@@ -231,15 +207,12 @@ class GenerationMachine(RuleBasedStateMachine):
         rels = [f"{step_dirname(s)}/{MANIFEST}", f"{payload_dir(s, g)}/state.bin"]
         self.dirty.add("steps")
         if self.stale(inst):
-            with pytest.raises(spotckpt.StaleGenerationError):
-                inst.fence.rm_many(rels, "retention's deletes")
-            STATS["stale writes refused"] += 1
-            return
+            return refused(inst.fence.rm_many, rels, "retention's deletes")
         inst.fence.rm_many(rels, "retention's deletes")
         STATS["deletes"] += 1
         del self.committed[s]
 
-    @rule(inst=instances)
+    @hs.rule(inst=instances)
     def file_set(self, inst: Inst) -> None:
         if not inst.alive:
             return
@@ -249,30 +222,24 @@ class GenerationMachine(RuleBasedStateMachine):
         def make(n: int) -> bytes:
             return json.dumps({"seq": n, "generation": inst.gen}).encode()
         if self.stale(inst):
-            with pytest.raises(spotckpt.StaleGenerationError):
-                inst.fence.commit_set(seq, make, lambda b: json.loads(b)["generation"], set_key)
-            STATS["stale writes refused"] += 1
-            return
+            return refused(inst.fence.commit_set, seq, make, lambda b: json.loads(b)["generation"], set_key)
         STATS["file sets"] += 1
         assert inst.fence.commit_set(seq, make, lambda b: json.loads(b)["generation"], set_key) == seq
         self.sets[seq] = inst.gen
 
-    @rule(inst=instances)
+    @hs.rule(inst=instances)
     def die(self, inst: Inst) -> None:
-        inst.alive = False
-        inst.pending = None
+        inst.alive, inst.pending = False, None
 
     # -- rules: what else a bucket comes to hold --------------------------------------------
-    @rule(which=st.integers(0, 8), how=st.sampled_from(["truncate", "flip", "empty", "renumber"]))
+    @hs.rule(which=st.integers(0, 8), how=st.sampled_from(["truncate", "flip", "empty", "renumber"]))
     def damage(self, which: int, how: str) -> None:
-        """The body of a claim below the newest is damaged (edited by hand, a partial copy):
-        it stops counting, and is kept like any foreign object."""
-        below = sorted(n for n in self.claims if n < self.newest() and _gens.gen_key(n) in self.claim_keys())
+        """A claim below the newest is damaged: it stops counting, kept like anything foreign."""
+        keys = set(self.claim_keys())
+        below = sorted(n for n in self.claims if n < self.newest() and _gens.gen_key(n) in keys)
         if not below:
             return
-        n = below[which % len(below)]
-        rel = _gens.gen_key(n)
-        data = self.store.cat(rel)
+        data = self.store.cat(rel := _gens.gen_key(n := below[which % len(below)]))
         bad = {"truncate": data[: len(data) // 2], "flip": bytes([data[0] ^ 0x20]) + data[1:], "empty": b"",
                "renumber": data.replace(b'"generation": %d' % n, b'"generation": %d' % (n + 1))}[how]
         if _gens.parse(bad, n) is not None:
@@ -283,12 +250,11 @@ class GenerationMachine(RuleBasedStateMachine):
         self.dirty.add("gen")
         STATS["claims damaged"] += 1
 
-    @rule(what=st.sampled_from(["junk"] * 6 + ["forge"] * 2 + ["forge-max"]),
+    @hs.rule(what=st.sampled_from(["junk"] * 6 + ["forge"] * 2 + ["forge-max"]),
           where=st.sampled_from(["max", "near-max", "above", "below", "13-digit", "suffix", "name"]),
           body=st.sampled_from(JUNK_BODIES), k=st.integers(0, 3))
     def bucket(self, what: str, where: str, body: bytes, k: int) -> None:
-        """An object appears under gen/: foreign (another tool's, a stray number, a copy kept
-        by hand), or a claim record planted by hand (restored from a backup): that one counts."""
+        """An object appears under gen/: foreign, or a claim record planted by hand (it counts)."""
         if what == "junk":
             self.junk_key(where, body, k)
             return
@@ -323,19 +289,16 @@ class GenerationMachine(RuleBasedStateMachine):
         self.store.put_bytes(f"{d}/state.bin", data)  # the payload: this generation's own keys
         h = hasher()
         h.update(data)
-        m = build_manifest(step, [FileEntry("state.bin", len(data), h.hexdigest())], framework="t",
-                           serializer="pickle")
+        m = build_manifest(step, [FileEntry("state.bin", len(data), h.hexdigest())], framework="t", serializer="p")
         other = self.committed.get(step)
-        refused = (check and self.stale(inst)) or (other is not None and other[0] > inst.gen)
+        stopped = (check and self.stale(inst)) or (other is not None and other[0] > inst.gen)
         if not check:
             inst.fence.check = lambda what: None  # the check already passed, before the newer claim
         try:
-            if refused:
+            if stopped:
                 before = self.committed_keys()
-                with pytest.raises(spotckpt.StaleGenerationError):
-                    inst.fence.commit_manifest(f"{step_dirname(step)}/{MANIFEST}", m)
+                refused(inst.fence.commit_manifest, f"{step_dirname(step)}/{MANIFEST}", m)
                 assert self.committed_keys() == before  # a stale instance changed nothing committed
-                STATS["stale writes refused"] += 1
                 return
             inst.fence.commit_manifest(f"{step_dirname(step)}/{MANIFEST}", m)
         finally:
@@ -345,15 +308,14 @@ class GenerationMachine(RuleBasedStateMachine):
         if check is False and self.stale(inst):
             STATS["late commits of a stale generation"] += 1
 
-    def committed_keys(self) -> dict[str, bytes]:
-        return {f"{step_dirname(s)}/{MANIFEST}": self.store.cat(f"{step_dirname(s)}/{MANIFEST}")
-                for s in self.store.committed()}
+    def committed_keys(self) -> dict[int, bytes]:
+        return {s: self.store.cat(f"{step_dirname(s)}/{MANIFEST}") for s in self.store.committed()}
 
     def claim_keys(self) -> list[str]:
         return [f"gen/{o.name}" for o in _gens.listing(self.store) if _gens.number(o.name) is not None
                 and f"gen/{o.name}" not in self.junk]
 
-    @invariant()
+    @hs.invariant()
     def restore_takes_the_newest_and_never_goes_back(self) -> None:
         if "steps" not in self.dirty:
             return  # (only rules that wrote, or tried to, can change it: checked after each)
@@ -372,7 +334,7 @@ class GenerationMachine(RuleBasedStateMachine):
         assert (generation_of(m), first) == choice
         assert store.cat(f"{payload_dir(first, generation_of(m))}/state.bin") == self.committed[first][1]
 
-    @invariant()
+    @hs.invariant()
     def gen_holds_a_few_claims_and_every_foreign_object(self) -> None:
         if "gen" not in self.dirty:
             return
@@ -385,7 +347,7 @@ class GenerationMachine(RuleBasedStateMachine):
         assert len(ours) <= 9 + self.killed, ours
         assert not self.newest() or _gens.gen_key(self.newest()) in objs  # the newest claim stays
 
-    @invariant()
+    @hs.invariant()
     def every_start_is_recoverable(self) -> None:
         if len(self.claims) == self._recoverable_checked:
             return  # (the bodies change only with a start)
@@ -399,10 +361,8 @@ class GenerationMachine(RuleBasedStateMachine):
         known = {e[0] for e in _gens.history(recs)}
         assert set(self.claims) - self.damaged <= known, sorted(set(self.claims) - self.damaged - known)
 
-    @invariant()
+    @hs.invariant()
     def file_sets_come_from_the_newest_writers(self) -> None:
-        """The newest file set is the newest writer's, and no older generation's set sits
-        above a newer one's."""
         if "sets" not in self.dirty:
             return
         self.dirty.discard("sets")
@@ -419,9 +379,8 @@ def set_key(n: int) -> str:
 
 
 def kind(remote_url: str) -> str:
-    if remote_url.startswith("file://"):
-        return "file"
-    return "rgw" if "rgw" in os.environ.get("PYTEST_CURRENT_TEST", "") else "s3"
+    return "file" if remote_url.startswith("file://") else \
+        "rgw" if "rgw" in os.environ.get("PYTEST_CURRENT_TEST", "") else "s3"
 
 
 @pytest.mark.slow
@@ -431,7 +390,7 @@ def test_generation_protocol_state_machine(remote_url: str, tmp_path: Path, figu
     n = int(os.environ.get("SPOTCKPT_GEN_MACHINE_EXAMPLES") or EXAMPLES[k])
     STATS.clear()
     t0 = time.monotonic()
-    run_state_machine_as_test(GenerationMachine, settings=settings(
+    hs.run_state_machine_as_test(GenerationMachine, settings=settings(
         max_examples=n, stateful_step_count=STEPS[k], deadline=None, derandomize=True,
         suppress_health_check=list(HealthCheck), print_blob=False))
     figure(f"[gen-machine] {k}: {n} examples of up to {STEPS[k]} steps in {time.monotonic() - t0:.1f} s: "
