@@ -37,7 +37,8 @@ def free_port() -> int:
 
 # Test modules whose S3 tests run against both moto and RGW (see the module docstring).
 RGW_MODULES = {"test_store_contract", "test_commit_restore", "test_e2e_custom_loop", "test_corruption",
-               "test_hostile_remote", "test_chaos_crash", "test_fencing"}
+               "test_hostile_remote", "test_chaos_crash", "test_fencing",
+               "test_gen_prefix", "test_gen_machine"}
 # read at import: the autouse _isolated_env removes SPOTCKPT_* variables inside tests
 RGW_REQUIRED = os.environ.get("SPOTCKPT_REQUIRE_RGW") == "1"
 RGW_ENABLED = os.environ.get("SPOTCKPT_TEST_RGW", "1") != "0"
@@ -274,8 +275,8 @@ def run_env(**extra: str) -> dict[str, str]:
 
 def remote_files(remote: str) -> dict:
     """The newest committed file set of the watched dir on ``remote``: path -> Entry."""
-    from spotckpt._watch._fileset import newest_set
     from spotckpt._remote._store import RemoteStore
+    from spotckpt._watch._fileset import newest_set
 
     fs = newest_set(RemoteStore(remote))
     return {} if fs is None else dict(fs.entries)
