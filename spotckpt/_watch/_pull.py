@@ -32,7 +32,7 @@ from spotckpt._events import EventLog, log
 from spotckpt._remote import RemoteStore
 
 from ._closed import suspect_test
-from ._fileset import Entry, FileSet, newest_set, warn_foreign
+from ._fileset import Entry, FileSet, newest_set, quarantiner, warn_foreign
 from ._scan import link_inside
 
 _RESTARTS = 5  # the set being restored was superseded: start over with the newer one, this often
@@ -260,7 +260,7 @@ def restore_files(local: LocalDir, store: RemoteStore, *, events: EventLog | Non
     """
     events = events or EventLog(None)
     warn_foreign(store, store.list_keys())
-    fs = newest_set(store)
+    fs = newest_set(store, on_invalid=quarantiner(store, set()))  # one that does not parse: moved aside, kept
     r = _Restore(local, store, events)
     for attempt in range(_RESTARTS + 1):
         if fs is None:

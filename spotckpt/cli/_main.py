@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "spot":
             from spotckpt._spot import run_spot
             return run_spot(args, _command(args, parser))
-        from . import _inspect as _cli_inspect
-        handler: Any = getattr(_cli_inspect, f"cmd_{args.command}")
+        from . import _inspect as _cli_inspect, _move as _cli_move
+        handler: Any = getattr(_cli_move if args.command in ("pull", "push") else _cli_inspect,
+                               f"cmd_{args.command}")
         return handler(args)
     except SpotckptError as e:
         # Configuration, local dir, lock and remote errors: one line, exit status 2 (with
