@@ -19,6 +19,26 @@ from spotckpt._remote import RemoteStore, generation_of, order, payload_dir
 
 def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest,
               prefix: str | None = None) -> Path:
+    d = payload_dir(step, generation_of(manifest)) if prefix is None else prefix
+    # Every object's real size against its manifest first (a HEAD each, which the download
+    # then reuses), then the free space: a manifest that lies about a size (damaged or
+    # hostile) is a damaged checkpoint, quarantined so that restore falls back, never a
+    # "free space" error that stops every start; and an object larger than its manifest
+    # says must not fill the disk.
+    keys = []
+    for e in manifest.files:
+        key = f"{d}/{check_relpath(e.path)}"  # (CorruptCheckpointError: a path that escapes)
+        if store.is_local and os.path.islink(store.path(key)):
+            raise CorruptCheckpointError(f"spotckpt: remote {key} is a symlink; refusing it")
+        try:
+            remote_size = store.size(key)
+        except FileNotFoundError as err:  # the bucket is there: we just read the manifest
+            raise CorruptCheckpointError(
+                f"spotckpt: remote {key} is named by its manifest but missing") from err
+        if remote_size != e.size:
+            raise CorruptCheckpointError(
+                f"spotckpt: remote {key} has {remote_size} bytes, its manifest says {e.size}")
+        keys.append(key)
     free = shutil.disk_usage(local.root).free
     if manifest.total_bytes > free:
         raise LocalDirError(
@@ -26,25 +46,15 @@ def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest
             f"local_dir '{local.root}' has {free} free; free space or use a bigger local_dir")
     tmp = local.begin(step)
     base = tmp.resolve()
-    d = payload_dir(step, generation_of(manifest)) if prefix is None else prefix
     try:
-        for e in manifest.files:
+        for e, key in zip(manifest.files, keys):
             target = (tmp / check_relpath(e.path)).resolve()
             if base not in target.parents:
                 raise CorruptCheckpointError(f"spotckpt: manifest path {e.path!r} escapes the checkpoint dir")
-            key = f"{d}/{e.path}"
-            if store.is_local and os.path.islink(store.path(key)):
-                raise CorruptCheckpointError(f"spotckpt: remote {key} is a symlink; refusing it")
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                # Compare sizes before downloading: an object larger than its manifest says
-                # (hostile or damaged) must not fill the disk.
-                remote_size = store.size(key)
-                if remote_size != e.size:
-                    raise CorruptCheckpointError(
-                        f"spotckpt: remote {key} has {remote_size} bytes, its manifest says {e.size}")
-                store.get_file(key, target, size=remote_size)
-            except FileNotFoundError as err:  # the bucket is there: we just read the manifest
+                store.get_file(key, target, size=e.size)
+            except FileNotFoundError as err:  # deleted since its size was read
                 raise CorruptCheckpointError(
                     f"spotckpt: remote {key} is named by its manifest but missing") from err
     except BaseException:
