@@ -9,15 +9,21 @@ durable, but only keys of the shapes spotckpt writes (:func:`._fileset.kind`): a
 nothing that was under ``files/`` before this start is deleted: the damaged set cannot say
 which objects it names (a truncated set lost its entries with its end), and they may be the
 only copy of the files it committed.
+
+A local file older than its committed version (:func:`older`: a dir that sat out while
+another instance took the job further) never replaces it.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
+from pathlib import Path
 
 from spotckpt._events import log, redact
 from spotckpt._remote import RemoteStore
 
-from ._fileset import FILES, MAX_SEQ, FileSet, list_files, newest_set, quarantiner
+from ._fileset import FILES, MAX_SEQ, Entry, FileSet, list_files, newest_set, quarantiner
 
 
 @dataclasses.dataclass
@@ -57,3 +63,27 @@ def baseline(store: RemoteStore) -> Baseline:
                     "set names): inspect, then delete the quarantined set(s) to let it collect them",
                     where, len(quarantined), ", ".join(sorted(quarantined)[:3]), len(got.objects))
     return Baseline(current, orphans, keep, seq)
+
+
+def older(st: os.stat_result, e: Entry) -> bool:
+    """Whether the local regular file ``st`` differs from committed entry ``e`` and is not
+    newer than it (its mtime is at or before the committed version's): a dir that sat out
+    while another instance took the job further. Such a file never replaces the committed
+    version: a restore sets it aside and puts the committed one in its place, a writer does
+    not upload it (until it is written again), ``spotckpt push`` refuses."""
+    return (st.st_size, st.st_mtime_ns) != (e.size, e.mtime_ns) and st.st_mtime_ns <= e.mtime_ns
+
+
+def stale_files(root: Path, fs: FileSet | None) -> list[str]:
+    """The files in the local dir ``root`` that are :func:`older` than their committed version."""
+    out = []
+    for p, e in (fs.entries.items() if fs is not None else ()):
+        if e.link is not None:
+            continue
+        try:
+            st = os.stat(root / p, follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and older(st, e):
+            out.append(p)
+    return sorted(out)

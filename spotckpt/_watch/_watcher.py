@@ -32,7 +32,7 @@ from spotckpt._errors import RemoteError
 from spotckpt._events import EventLog, log
 from spotckpt._remote import RemoteStore
 
-from ._baseline import baseline
+from ._baseline import baseline, older
 from ._closed import Torn, emptied, open_for_writing, sig, suspect_test, write_beat
 from ._fileset import Entry, FileSet, object_key, set_key, write_set
 from ._rules import BUILTIN_RULES, MTIME_SLOP_NS, DirRule, WriterGate, unit_of, unit_ready, units_of
@@ -105,6 +105,8 @@ class Watcher:
         # A killed run's torn files (held back, open for writing at its last heartbeat, or
         # modified after it) that differ from the set stay out until they change again: a
         # restore sets them aside, but a run that did not pull (--no-pull) must not upload them.
+        # Files from before this run that are older than their committed version (the dir sat
+        # out while the job went on elsewhere) never replace it either.
         cur = self.current.entries if self.current else {}
         for rel, st in self.scan()[0].items():
             e = cur.get(rel)
@@ -113,6 +115,10 @@ class Watcher:
                 self._suspect[rel] = sig(st)
                 log.warning("spotckpt: not mirroring %s: it may be torn (it was being written when the "
                             "last run on this dir was killed); the remote keeps its version", rel)
+            elif e is not None and e.link is None and st.st_ctime_ns < self._born_ns and older(st, e):
+                self._suspect[rel] = sig(st)
+                log.warning("spotckpt: not mirroring %s: it is older than its committed version (this dir "
+                            "sat out while the job went on elsewhere); the remote keeps its version", rel)
 
     def beat(self, *, clean: bool = False) -> None:
         """Record that this watcher is alive (with ``clean``: that it ended cleanly), the

@@ -1,6 +1,9 @@
 """``spotckpt pull | push``: move checkpoints and the watched dir by hand.
 
 Entry-point layer, beside :mod:`._inspect` (whose settings check and output it shares).
+``push`` refuses a local dir older than the remote (exit status 3, nothing written:
+:func:`spotckpt._sync.check_not_stale`); ``pull`` defers to the remote and keeps what it
+replaces in the state dir.
 """
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import argparse
 import time
 
 from spotckpt._events import EventLog
-from spotckpt._sync import Progress, Syncer, human_bytes, local_freeform, pull, remote_freeform
+from spotckpt._sync import Progress, Syncer, check_not_stale, human_bytes, local_freeform, pull, remote_freeform
 
 from ._inspect import _emit, _setup
 
@@ -37,6 +40,10 @@ def cmd_push(args: argparse.Namespace) -> int:
     local.lock("supervisor")
     t0 = time.monotonic()
     try:
+        # Before the claim: a dir older than the remote must not become its newest generation
+        # (its old step would win every restore, the newer files would be replaced and deleted).
+        check_not_stale(local, store, "spotckpt push", "Run `spotckpt pull` first (it keeps what it "
+                        "replaces in the state dir), or push from the dir that holds the newest state")
         events = EventLog(local.meta / "events.jsonl")
         syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events,  # a new generation:
                         mirror=getattr(args, "name", None) is None, fence=claim(store))  # (no files: named)
