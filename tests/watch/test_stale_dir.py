@@ -131,6 +131,7 @@ def test_every_entry_point_defers_to_a_newer_remote_or_refuses(tmp_path: Path, r
 
 
 # -- item 9: push from a dir older than the remote ---------------------------------------------
+@pytest.mark.slow
 def test_push_from_a_dir_older_than_the_remote_is_refused(tmp_path: Path, remote_url: str,
                                                           capsys: pytest.CaptureFixture) -> None:
     """It claimed a newer generation and pushed its old step and files: the next start resumed
@@ -149,6 +150,7 @@ def test_push_from_a_dir_older_than_the_remote_is_refused(tmp_path: Path, remote
     assert (tmp_path / "fresh" / "notes.txt").read_bytes().startswith(b"newer")
 
 
+@pytest.mark.slow
 def test_push_of_a_stale_file_alone_is_refused(tmp_path: Path, remote_url: str) -> None:
     """No step is behind, but a watched file is older than its committed version."""
     sc = sat_out(tmp_path, remote_url, 10, 0, 10)

@@ -1,7 +1,7 @@
 """Damage in the watched dir's remote state is quarantined, never deleted, and reported
 honestly (issue 26, items 11, 12, 14).
 
-- A file set that does not parse is refused (the older set is restored), moved aside as
+- A file set that does not parse is refused (an older one is restored, if any), moved aside as
   ``files/SET-<n>.json.quarantined`` with its bytes, and every object it may name stays.
 - ``spotckpt verify`` exits 1 for it, as for a step manifest damaged the same way.
 - The mirror deletes only keys of the shapes it writes under ``files/`` and names the others
@@ -85,6 +85,7 @@ def test_a_pull_quarantines_a_damaged_newest_set(tmp_path: Path, remote_url: str
 
 
 # -- 12: verify's verdict on a damaged newest set ----------------------------------------------
+@pytest.mark.slow
 def test_verify_exits_1_when_the_newest_set_does_not_parse(tmp_path: Path, remote_url: str,
                                                           capsys: pytest.CaptureFixture) -> None:
     store = RemoteStore(remote_url)
