@@ -66,12 +66,14 @@ def baseline(store: RemoteStore) -> Baseline:
 
 
 def older(st: os.stat_result, e: Entry) -> bool:
-    """Whether the local regular file ``st`` differs from committed entry ``e`` and is not
-    newer than it (its mtime is at or before the committed version's): a dir that sat out
-    while another instance took the job further. Such a file never replaces the committed
-    version: a restore sets it aside and puts the committed one in its place, a writer does
-    not upload it (until it is written again), ``spotckpt push`` refuses."""
-    return (st.st_size, st.st_mtime_ns) != (e.size, e.mtime_ns) and st.st_mtime_ns <= e.mtime_ns
+    """Whether the local regular file ``st`` differs from committed entry ``e`` and is older
+    than it (its mtime is before the committed version's): a dir that sat out while another
+    instance took the job further. Such a file never replaces the committed version: a
+    restore sets it aside and puts the committed one in its place, a writer does not upload
+    it (until it is written again), ``spotckpt push`` refuses. (An equal mtime with other
+    content is newer: the kernel's file clock ticks every few ms, and a file rewritten within
+    one tick must not be taken for an older one.)"""
+    return (st.st_size, st.st_mtime_ns) != (e.size, e.mtime_ns) and st.st_mtime_ns < e.mtime_ns
 
 
 def stale_files(root: Path, fs: FileSet | None) -> list[str]:

@@ -15,7 +15,7 @@ A local file that differs from the set is kept as newer (the watcher uploads it)
 may be torn: held back by the last supervisor, or modified after the last heartbeat of the
 watcher that was running here minus one interval (that watcher was killed; see
 :class:`._watcher.Watcher.beat`), or it is older than the committed version (its mtime is
-not after the committed one's: the dir sat out while another instance took the job further).
+before the committed one's: the dir sat out while another instance took the job further).
 Such a file is moved to the state dir's ``suspect/`` (``stale/`` for an older one) and the
 committed version takes its place.
 """
