@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_env
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from proc_helpers import PY
 
 import spotckpt
@@ -105,8 +105,10 @@ def check_deferred(sc: Scenario) -> None:
 _examples = itertools.count()
 
 
+# The same examples every run (derandomize, no database), and no shrinking: each example
+# trains three times, so a failure is reported as generated, in bounded time.
 @pytest.mark.slow
-@settings(max_examples=8, deadline=None, derandomize=True,
+@settings(max_examples=8, deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(t1=st.sampled_from([5, 10]), dead=st.sampled_from([0, 5, 10, 15]), more=st.sampled_from([5, 10]),
        entry=st.sampled_from(["checkpointer", "pull", "push"]))
