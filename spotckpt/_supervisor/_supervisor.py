@@ -41,7 +41,7 @@ from spotckpt._errors import ConfigError
 from spotckpt._events import log
 from spotckpt._remote import RemoteStore, claim
 from spotckpt._sagemaker import Contract
-from spotckpt._sync import Engine, Syncer, open_remote, pull
+from spotckpt._sync import Engine, Syncer, check_not_stale, open_remote, pull
 from spotckpt._watch import DirRule, WriterGate
 
 from . import _proctree as pt
@@ -110,6 +110,7 @@ class Supervisor(Finish):
 
         Raises:
             ConfigError, LocalDirError, CheckpointLockedError, RemoteError: one clear line.
+            StaleLocalError: ``--no-pull`` on a dir older than the remote.
         """
         self.cmd = resolve_command(self.cmd)
         self.local.lock("supervisor")
@@ -121,6 +122,9 @@ class Supervisor(Finish):
             self.cmd += self.contract.user_args()
         if self.cfg.remote:
             self.store = open_remote(self.cfg.remote, self.cfg.storage_options)
+            if not self.do_pull:  # before the claim: a refused start must not stop the newer instance
+                check_not_stale(self.local, self.store, "spotckpt run --no-pull", "Start it without "
+                                "--no-pull (the pull keeps what it replaces in the state dir)")
             self.syncer = Syncer(self.local, self.store, keep_last=self.cfg.keep_last,
                                  events=self.events, scan_interval=self.scan_interval,
                                  gate=self.gate, rules=self.rules, fence=claim(self.store))

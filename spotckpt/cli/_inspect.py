@@ -1,6 +1,6 @@
-"""``spotckpt ls | status | verify | pull | push``: look at and move checkpoints by hand.
+"""``spotckpt ls | status | verify``: look at checkpoints by hand (``pull``/``push``: :mod:`._move`).
 
-Process layer: thin wrappers over the local dir, the remote store and the events log.
+Entry-point layer: thin wrappers over the local dir, the remote store and the events log.
 Each returns an exit status and prints a table, or one JSON document with ``--json``.
 """
 from __future__ import annotations
@@ -15,9 +15,8 @@ from typing import Any
 from spotckpt._commit import LINEAGE_MARKER, LocalDir, Manifest, hasher, verify_dir
 from spotckpt._config import _UNSET, LINEAGE_PREFIX, Config, probe_local_dir, require_dir
 from spotckpt._errors import ConfigError, CorruptCheckpointError, RemoteError
-from spotckpt._events import EventLog
 from spotckpt._remote import RemoteStore
-from spotckpt._sync import Progress, Syncer, human_bytes, local_freeform, open_remote, pull, remote_freeform
+from spotckpt._sync import human_bytes, local_freeform, open_remote, remote_freeform
 from spotckpt._watch import FileSet, newest_set
 
 
@@ -302,6 +301,17 @@ def _verify_set(store: RemoteStore, fs: FileSet | None, quick: bool) -> list[dic
     return out
 
 
+def _newest_set(store: RemoteStore) -> tuple[FileSet | None, list[dict]]:
+    """The newest file set that parses, and one result for each newer one that does not
+    (what a start quarantines: a verdict of damage, as for a step manifest)."""
+    damaged: list[dict] = []
+
+    def bad(rel: str, data: bytes, e: CorruptCheckpointError) -> None:
+        damaged.append({"where": "remote", "file": rel, "file_set": int(rel[len("files/SET-"):][:12]),
+                        "ok": False, "error": f"{rel}: the file set does not parse: {e}"})
+    return newest_set(store, on_invalid=bad), damaged
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     cfg, local, store = _setup(args)
     results = []
@@ -319,77 +329,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
             except CorruptCheckpointError as e:
                 err = str(e)
             results.append({"where": "remote", "step": s, "ok": err is None, "error": err})
-        fs = newest_set(store)
+        fs, damaged = _newest_set(store)
         checked = _verify_set(store, fs, args.quick)
         if any(r["error"] and r["error"].endswith(_MISSING) for r in checked):
             # the job may have committed a newer set and deleted this one's objects meanwhile
-            newer = newest_set(store)
+            newer, again = _newest_set(store)
             if newer is not None and fs is not None and newer.seq != fs.seq:
-                checked = _verify_set(store, newer, args.quick)
-        results += checked
+                checked, damaged = _verify_set(store, newer, args.quick), again
+        results += damaged + checked
     bad = [r for r in results if not r["ok"]]
     lines = [f"{r['where']:<6} " + (f"step {r['step']:>12}  " if "step" in r else f"file {r['file']}  ")
              + ("ok" if r["ok"] else f"DAMAGED: {r['error']}")
              for r in results] or ["no committed checkpoints to verify"]
     if bad:
-        lines.append(f"{len(bad)} damaged checkpoint(s) or file(s); a restore skips (and quarantines) "
-                     "a damaged checkpoint and falls back to the next older one, and refuses a damaged "
-                     "file (a whole directory checkpoint) with an error line")
+        lines.append(f"{len(bad)} damaged checkpoint(s), file set(s) or file(s); a restore skips (and "
+                     "quarantines) a damaged checkpoint or file set and falls back to the next older one, "
+                     "and refuses a damaged file (a whole directory checkpoint) with an error line")
     _emit(args, {"ok": not bad, "checked": results}, lines)
     return 1 if bad else 0
 
 
-# -- pull / push ---------------------------------------------------------------------------
-def cmd_pull(args: argparse.Namespace) -> int:
-    cfg, local, store = _setup(args, need_remote=True, create_local=True)
-    assert store is not None
-    local.lock("supervisor")
-    try:
-        bar = Progress("pull", enabled=False if args.json else None)
-        store.progress = bar.add
-        res = pull(local, store, events=EventLog(local.meta / "events.jsonl"), on_total=bar.set_total)
-        bar.close()
-    finally:
-        local.unlock()
-    doc = {"local_dir": str(cfg.local_dir), "remote": cfg.remote, **res.__dict__}
-    _emit(args, doc, [f"pulled from {cfg.remote} into {cfg.local_dir}: {res.describe()}"])
-    return 0
-
-
-def cmd_push(args: argparse.Namespace) -> int:
-    from spotckpt._remote import claim
-    cfg, local, store = _setup(args, need_remote=True, need_local=True)
-    assert store is not None
-    local.lock("supervisor")
-    t0 = time.monotonic()
-    try:
-        events = EventLog(local.meta / "events.jsonl")
-        syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events,  # a new generation:
-                        mirror=getattr(args, "name", None) is None, fence=claim(store))  # (no files: named)
-        steps = local.committed()
-        remote_steps = set(store.committed())
-        lf, rf = local_freeform(local.root), remote_freeform(store)
-        total = sum(v for k, v in lf.items() if rf.get(k) != v)
-        if steps and steps[-1] not in remote_steps:
-            total += local.read_manifest(steps[-1]).total_bytes
-        bar = Progress("push", enabled=False if args.json else None)
-        bar.set_total(total)
-        store.progress = bar.add
-        syncer.start()
-        if steps:
-            syncer.submit(steps[-1])
-        ok = syncer.close()
-        bar.close()
-    finally:
-        local.unlock()
-    doc = {"local_dir": str(cfg.local_dir), "remote": cfg.remote, "ok": ok,
-           "durable_step": syncer.durable_step, "bytes": syncer.bytes_uploaded,
-           "seconds": round(time.monotonic() - t0, 3),
-           "error": str(syncer.last_error) if syncer.last_error else None}
-    line = (f"pushed {human_bytes(syncer.bytes_uploaded)} to {cfg.remote}; durable step: {syncer.durable_step}"
-            if ok else f"spotckpt push: NOT durable: {syncer.last_error}")
-    _emit(args, doc, [line])
-    return 0 if ok else 1
-
-
-__all__ = ["cmd_ls", "cmd_status", "cmd_verify", "cmd_pull", "cmd_push"]
+__all__ = ["cmd_ls", "cmd_status", "cmd_verify"]
