@@ -60,7 +60,7 @@ class Startup:
                 if self._lifeline is not None:
                     self._lifeline.start()
             local.clean_temp()
-            events = self.events = EventLog(local.meta / "events.jsonl")
+            events = self.events = EventLog(local.meta / "events.jsonl", role="checkpointer")
             store = fence = None
             remote = cfg.lineage_remote
             if d is not None and not remote:  # ranks on one host commit through a shared dir

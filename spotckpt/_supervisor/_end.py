@@ -27,7 +27,7 @@ class Tap(EventLog):
     """The events log, plus a tally of what reached the remote (for the final report)."""
 
     def __init__(self, local: LocalDir) -> None:
-        super().__init__(local.meta / "events.jsonl")
+        super().__init__(local.meta / "events.jsonl", role="supervisor")
         self.local, self.root = local, local.root
         self.last_upload: dict[str, Any] | None = None
         self.mirrored: dict[str, int] = {}
