@@ -29,6 +29,7 @@ are killed, the child gets SIGTERM from the kernel and its Checkpointer saves an
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -36,7 +37,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from spotckpt._commit import LocalDir
-from spotckpt._config import Config
+from spotckpt._config import SUPERVISOR_ENV, Config
 from spotckpt._errors import ConfigError
 from spotckpt._events import log
 from spotckpt._remote import RemoteStore, claim
@@ -99,6 +100,7 @@ class Supervisor(Finish):
         # Every signal that means "interruption coming", here and in a Checkpointer child.
         self.notice_signals = list(dict.fromkeys([signal.SIGTERM, signal.SIGINT, *cfg.signals]))
         self._pending_signals: list[int] = []
+        self._ranked: dict | None = None
         self._submitted: int | None = None
         self._writers: set[str] = set()
         self._old_handlers: dict[int, Any] = {}
@@ -125,10 +127,11 @@ class Supervisor(Finish):
                                  events=self.events, scan_interval=self.scan_interval,
                                  gate=self.gate, rules=self.rules, fence=claim(self.store))
             if self.do_pull:
-                res = pull(self.local, self.store, events=self.events)
+                res = pull(self.local, self.store, events=self.events, ranked=False)
                 log.info("spotckpt run: pulled from %s: %s", self.cfg.remote, res.describe())
                 if res.step is not None:
                     self._submitted = res.step
+                self._ranked = res.ranked  # the command's ranks restore it; one process may not
         else:
             self.local.clean_temp()
             log.warning("spotckpt run: no remote (set --remote or SPOTCKPT_REMOTE): "
@@ -196,6 +199,7 @@ class Supervisor(Finish):
                    SPOTCKPT_SIGNALS=",".join(signal.Signals(s).name for s in self.notice_signals))
         if self.cfg.remote:
             env["SPOTCKPT_REMOTE"] = self.cfg.remote
+        env[SUPERVISOR_ENV] = self._describe()
         if self.contract is not None:
             env.update(self.contract.env(env))
         try:  # own process group, parent-death signal, lifeline: see _child
@@ -209,6 +213,18 @@ class Supervisor(Finish):
         log.info("spotckpt run: started %s (pid %d)", " ".join(self.cmd), self.child.pid)
         rc = self._supervise()
         return self._finish(rc)
+
+    def _describe(self) -> str:
+        """``SPOTCKPT_SUPERVISOR`` for the command: the dir we watch and upload, our remote,
+        and the generation we claimed, which the ranks of a torch.distributed command share
+        (they upload their own parts: :mod:`spotckpt._checkpointer._supervised`)."""
+        doc: dict[str, Any] = {"dir": os.path.realpath(self.cfg.local_dir), "remote": self.cfg.remote}
+        fence = self.syncer.fence if self.syncer is not None else None
+        if fence is not None:
+            doc.update(generation=fence.generation, previous=fence.previous, enforced=fence.enforced)
+        if self._ranked is not None:
+            doc["ranked"] = self._ranked
+        return json.dumps(doc, sort_keys=True)
 
     def _supervise(self) -> int:
         """Poll the command whenever something happens (a signal, its exit, a change in the
