@@ -99,7 +99,7 @@ class Supervisor(Finish):
         self.killed = False
         # Every signal that means "interruption coming", here and in a Checkpointer child.
         self.notice_signals = list(dict.fromkeys([signal.SIGTERM, signal.SIGINT, *cfg.signals]))
-        self._pending_signals: list[int] = []
+        self._pending_signals: list[tuple[int, float]] = []  # (signal, when it came)
         self._ranked: dict | None = None
         self._submitted: int | None = None
         self._writers: set[str] = set()
@@ -145,7 +145,9 @@ class Supervisor(Finish):
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self._pending_signals.append(signum)  # the main loop forwards it
+        # the main loop forwards it; the deadline runs from now, not from when it is taken
+        # (the pull at start may take a while: a SIGTERM there must not get a longer grace)
+        self._pending_signals.append((signum, self.clock()))
 
     def _restore_signals(self) -> None:
         for sig, old in self._old_handlers.items():
@@ -153,7 +155,7 @@ class Supervisor(Finish):
 
     def _take_signals(self) -> None:
         while self._pending_signals:
-            sig = self._pending_signals.pop(0)
+            sig, at = self._pending_signals.pop(0)
             name = signal.Signals(sig).name
             now = self.clock()
             if self.deadline is not None:
@@ -163,8 +165,8 @@ class Supervisor(Finish):
                             "forwarded", name, self.notice_source, self.deadline - now)
                 self.events.emit("signal_repeated", signal=name, seconds_left=round(self.deadline - now, 2))
                 continue
-            self.notice_at, self.deadline, self.notice_source = now, now + self.cfg.grace_seconds, name
-            self.events.emit("notice", source=name, by="supervisor", seconds_left=self.cfg.grace_seconds)
+            self.notice_at, self.deadline, self.notice_source = at, at + self.cfg.grace_seconds, name
+            self.events.emit("notice", source=name, by="supervisor", seconds_left=round(self.deadline - now, 2))
             if self.child is None or self.child.poll() is not None:
                 continue
             procs = pt.targets(self.child.pid, self.scope)
@@ -182,15 +184,15 @@ class Supervisor(Finish):
         if self.engine is None:
             self.prepare()
         pt.become_subreaper()
-        if self._pending_signals:  # stopped while pulling: nothing to run
-            log.warning("spotckpt run: %s before the command started; not starting it",
-                        signal.Signals(self._pending_signals[0]).name)
-            self._take_signals()
-            return self._finish(None)
-        if self.syncer is not None:
+        if self.syncer is not None:  # also for a notice before the start: it uploads what we have
             self.syncer.start()
             if self._submitted is not None:
                 self.syncer.submit(self._submitted)
+        if self._pending_signals:  # a notice while pulling: do not start the command
+            log.warning("spotckpt run: %s before the command started; not starting it; uploading "
+                        "what the local dir holds", signal.Signals(self._pending_signals[0][0]).name)
+            self._take_signals()
+            return self._finish(None)
         self._wake = Wakeup(self.local.root)  # signals, the child's exit, changes, the gate
         self.gate.on_wait = self._wake.poke
         env = dict(os.environ, SPOTCKPT_SUPERVISED="1", SPOTCKPT_LOCAL_DIR=str(self.cfg.local_dir),

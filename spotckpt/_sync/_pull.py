@@ -107,6 +107,7 @@ def pull(local: LocalDir, store: RemoteStore, *, events: EventLog | None = None,
     """
     events = events or EventLog(None)
     t0 = time.monotonic()
+    events.emit("pull_start", remote=store.url)
     local.clean_temp()
     expect = 0
     if on_total is not None:
