@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import run_env
 from proc_helpers import PY, run, spotckpt
+
 from spotckpt._commit._local import LocalDir
 from spotckpt._remote._store import RemoteStore
 

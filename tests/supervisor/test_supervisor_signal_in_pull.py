@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_env
 from phase_helpers import Pauses
 from proc_helpers import PY, REPO, Proc, run, spotckpt
+
 from spotckpt._commit._local import LocalDir
 from spotckpt._remote._store import RemoteStore
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import EXAMPLES, free_port, remote_files, run_env
 from proc_helpers import PY, Proc, run, spotckpt, wait_until
+
 from spotckpt._commit._local import LocalDir
 from spotckpt._remote._store import RemoteStore
 
