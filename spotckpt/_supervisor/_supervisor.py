@@ -123,9 +123,11 @@ class Supervisor(Finish):
             self.cmd += self.contract.user_args()
         if self.cfg.remote:
             self.store = open_remote(self.cfg.remote, self.cfg.storage_options)
+            fence = claim(self.store)
+            self.events.emit("claimed", generation=fence.generation, enforced=fence.enforced)
             self.syncer = Syncer(self.local, self.store, keep_last=self.cfg.keep_last,
                                  events=self.events, scan_interval=self.scan_interval,
-                                 gate=self.gate, rules=self.rules, fence=claim(self.store))
+                                 gate=self.gate, rules=self.rules, fence=fence)
             if self.do_pull:
                 res = pull(self.local, self.store, events=self.events, ranked=False)
                 log.info("spotckpt run: pulled from %s: %s", self.cfg.remote, res.describe())
