@@ -267,6 +267,11 @@ def probe_local_dir(path: Path) -> None:
         ) from e
 
 
+# What `spotckpt run` tells its command (JSON: the dir it watches, its remote, the generation
+# of the job it claimed); read by spotckpt/_checkpointer/_supervised.py.
+SUPERVISOR_ENV = "SPOTCKPT_SUPERVISOR"
+
+
 def supervised(env: Mapping[str, str] | None = None) -> bool:
     """True when running under ``spotckpt run``, which owns the uploads."""
     return (os.environ if env is None else env).get("SPOTCKPT_SUPERVISED") == "1"

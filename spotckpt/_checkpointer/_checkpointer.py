@@ -121,8 +121,9 @@ class Checkpointer(Startup, Shutdown, Interrupt):
             # The loop failed: keep what is committed, flush briefly, and let the error out.
             self.close(timeout=min(self.config.grace_seconds if self.config else 30.0, 30.0), raise_errors=False)
             return
-        # Leaving by SystemExit(143): further notice signals must not change that (SignalSource.restore)
-        self._leaving = self.interrupted and self.exit_on_interrupt
+        # Leaving by SystemExit(143) if a notice came by the end of close() (after the last step
+        # boundary, or during close's flush: _shutdown.py); further signals must not change that
+        self._leaving = self.exit_on_interrupt
         self._close_or_leave()  # (exit 3 if a newer instance of the job took over)
         if self.interrupted and self.exit_on_interrupt:
             # uncaught: os._exit at once, not after a teardown that load stretches (_notices/_exit.py)

@@ -12,7 +12,7 @@ from typing import Any
 
 from spotckpt._commit import LocalDir, rank_dirname
 from spotckpt._config import Config, supervised
-from spotckpt._events import EventLog, log
+from spotckpt._events import EventLog, log, redact
 from spotckpt._notices import FlushPlanner, LifelineSource, MetadataWatcher, SignalSource, sources_from_env
 from spotckpt._remote import Fence, RemoteStore, claim
 from spotckpt._state import BATCHES_KEY as _BATCHES_KEY
@@ -21,6 +21,7 @@ from spotckpt._sync import BackgroundWriter, Engine, RankLayout, Syncer
 from . import _distributed, _lineage
 from ._policies import make_policy
 from ._resume import resume
+from ._supervised import supervision
 
 
 class Startup:
@@ -33,9 +34,19 @@ class Startup:
         background threads and the signal handlers."""
         cfg = self.config = Config.resolve(**self._args)
         d = self._dist = _distributed.detect(self.state)
-        # A named lineage has its own dir and remote prefix; under `spotckpt run` it still
-        # uploads itself (the supervisor syncs the unnamed lineage and the script's files).
-        sup = supervised() and cfg.name is None
+        # Under `spotckpt run`: the supervisor uploads one unnamed process's checkpoints in its
+        # dir (`served`); ranks upload their parts in its generation; a named lineage or
+        # another remote uploads itself; another dir to its remote is refused (_supervised.py).
+        try:
+            sv = supervision(cfg, ranked=d is not None)
+        except BaseException:
+            _distributed.release(d)
+            raise
+        sup = sv.served
+        if sv.ranked is not None:  # a torch.distributed checkpoint: never a fresh start beside it
+            r = sv.ranked
+            _distributed.check_saved_world(int(r["step"]), int(r["world_size"]), True, str(r.get("serializer")),
+                                           where=redact(cfg.remote or ""), d=d)
         local = LocalDir(cfg.local_dir).lineage(cfg.name)
         # one rank of many: its own part dir, so ranks sharing a host never collide
         local = self._local = local if d is None else local.part(rank_dirname(d.rank))
@@ -50,6 +61,8 @@ class Startup:
         try:
             if cfg.name is not None:
                 LocalDir(cfg.local_dir).lineage(cfg.name).mark_lineage()
+            if d is not None:
+                local.mark_lineage()  # a rank's part dir is ours: never mirrored as user files
             # Notices first: a SIGTERM during the restore (a big download, a slow load) is
             # recorded, and the first step boundary then does the interruption save instead
             # of the process dying with a local-only checkpoint never uploaded.
@@ -60,7 +73,7 @@ class Startup:
                 if self._lifeline is not None:
                     self._lifeline.start()
             local.clean_temp()
-            events = self.events = EventLog(local.meta / "events.jsonl")
+            events = self.events = EventLog(local.meta / "events.jsonl", role="checkpointer")
             store = fence = None
             remote = cfg.lineage_remote
             if d is not None and not remote:  # ranks on one host commit through a shared dir
@@ -70,9 +83,10 @@ class Startup:
                 store.probe()
                 # A new generation of the job, before the restore: an older instance still
                 # running stops at its next commit (_remote/_fence.py). Ranks share rank 0's claim.
-                if d is None:
+                fence = sv.fence(store)  # ranks under `spotckpt run`: the supervisor's claim
+                if fence is None and d is None:
                     fence = claim(store)
-                else:
+                elif fence is None:
                     f = claim(store) if d.rank == 0 else None
                     g, enforced = d.broadcast((f.generation, f.enforced) if f else None, where="generation claim")
                     fence = Fence(store, g, enforced=enforced)

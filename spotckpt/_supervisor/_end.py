@@ -27,7 +27,7 @@ class Tap(EventLog):
     """The events log, plus a tally of what reached the remote (for the final report)."""
 
     def __init__(self, local: LocalDir) -> None:
-        super().__init__(local.meta / "events.jsonl")
+        super().__init__(local.meta / "events.jsonl", role="supervisor")
         self.local, self.root = local, local.root
         self.last_upload: dict[str, Any] | None = None
         self.mirrored: dict[str, int] = {}
@@ -149,6 +149,24 @@ class Finish:
             log.warning("spotckpt run: not uploading %s: %s; the remote keeps its previous version",
                         ", ".join(sorted(rels)), why)
 
+    def _ranks_step(self) -> str | None:
+        """The newest checkpoint on the remote when the command's torch.distributed ranks
+        upload their own parts (their part dirs are in the local dir), for the final line."""
+        ranks = [d for d in self.local.root.glob("rank-*") if is_internal(d.name, self.local.root)]
+        if not ranks or self.store is None:
+            return None
+        try:
+            steps = self.store.committed()
+        except Exception:  # noqa: BLE001 - a report line only
+            return None
+        return f"checkpoint step {steps[-1]} (uploaded by the command's {len(ranks)} ranks)" if steps else None
+
+    def _flush_bound(self) -> float | None:
+        """While the final flush waits: a signal that came meanwhile is a notice too (exit
+        status 143), and the flush ends by its deadline."""
+        self._take_signals()
+        return None if self.deadline is None else self._seconds_left(default=0.0)
+
     def _seconds_left(self, *, default: float, cap: float | None = None) -> float:
         if self.deadline is None:
             return default
@@ -173,7 +191,8 @@ class Finish:
                         "died; the remote keeps its previous version", ", ".join(sorted(torn)))
         timeout = None if self.deadline is None else self._seconds_left(default=0.0)
         t0 = self.clock()
-        ok = self.syncer.flush(timeout)
+        self.events.emit("final_flush_start", seconds_left=None if self.deadline is None else round(timeout, 2))
+        ok = self.syncer.flush(timeout, bound=self._flush_bound)
         if self.syncer.stale is not None:
             return  # a newer instance of the job took over: _finish says so
         self._scan()  # retention, now that uploads are done
@@ -183,7 +202,7 @@ class Finish:
             step_bytes = self.local.read_manifest(durable).total_bytes
         files = {k: v for k, v in self.events.mirrored.items() if k not in torn}
         what = (f"checkpoint step {durable} ({human_bytes(step_bytes)})" if durable is not None
-                else "no checkpoint")
+                else self._ranks_step() or "no checkpoint")
         what += f", {len(files)} file(s) of the watched dir uploaded this run ({human_bytes(sum(files.values()))})"
         left = "" if self.deadline is None else f"; {max(0.0, self.deadline - self.clock()):.1f} s left before the deadline"
         newest = self.local.committed()[-1:] or [None]

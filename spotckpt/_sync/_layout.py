@@ -56,7 +56,7 @@ class SingleLayout:
         try:
             old = Manifest.from_json(store.cat(self.marker_key(step)), expect_step=step)
             generation_of(old)  # (a bad one is replaced)
-            return sorted(old.files) == sorted(manifest.files)
+            return set(old.files) == set(manifest.files)
         except (CorruptCheckpointError, FileNotFoundError):
             return False
 
@@ -92,7 +92,7 @@ class RankLayout(SingleLayout):
             old = Manifest.from_json(store.cat(self.marker_key(step)), expect_step=step)
         except (CorruptCheckpointError, FileNotFoundError):
             return False
-        return sorted(old.files) == sorted(manifest.files)
+        return set(old.files) == set(manifest.files)
 
     def after_marker(self, store: RemoteStore, step: int, manifest: Manifest) -> None:
         if self.rank != 0:

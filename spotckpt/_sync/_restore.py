@@ -238,7 +238,7 @@ def restore_part(local: LocalDir, store: RemoteStore, step: int, rank: int, worl
     if step in local.committed():
         try:
             m = local.read_manifest(step)
-            if sorted(m.files) == sorted(want.files):
+            if set(m.files) == set(want.files):
                 verify_dir(local.path(step), m)
                 events.emit("restore", step=step, source="local", rank=rank)
                 return m

@@ -155,9 +155,11 @@ class Syncer:
         with self._cv:
             return {s for s in (self._pending, self._uploading) if s is not None}
 
-    def flush(self, timeout: float | None = None, *, mirror: bool = True) -> bool:
+    def flush(self, timeout: float | None = None, *, mirror: bool = True,
+              bound: Callable[[], float | None] | None = None) -> bool:
         """Wait until every submitted checkpoint (and, with ``mirror``, every watched-dir
-        file not open for writing) is durable. Returns False on timeout or upload error."""
+        file not open for writing) is durable. Returns False on timeout or upload error.
+        ``bound()``, asked while waiting: the seconds it may still take (a notice came), or None."""
         end = None if timeout is None else self.clock() + max(0.0, timeout)
         with self._cv:
             self.last_error = self.stale  # (sticky: a stale instance uploads nothing more)
@@ -169,18 +171,19 @@ class Syncer:
                 idle = self._pending is None and self._uploading is None and self._scan_done >= target
                 if idle or self.last_error is not None or not self._alive():
                     break
+                if bound is not None and (cap := bound()) is not None:  # a notice: its deadline
+                    end = min(float("inf") if end is None else end, self.clock() + max(0.0, cap))
                 left = None if end is None else end - self.clock()
                 if left is not None and left <= 0:
                     return False
                 self._cv.wait(0.05 if left is None else min(0.05, left))
             return self.last_error is None and self._pending is None
 
-    def close(self, timeout: float | None = None, *, join: float | None = None) -> bool:
-        """Flush, then stop the thread. Returns whether everything became durable.
-
-        ``join``: seconds to wait for the thread to end (default 5 s, 0.2 s after a failed
-        flush); a process leaving by its deadline passes 0."""
-        ok = self.flush(timeout)
+    def close(self, timeout: float | None = None, *, join: float | None = None,
+              bound: Callable[[], float | None] | None = None) -> bool:
+        """Flush (``bound``: as :meth:`flush`), stop the thread; whether everything is durable.
+        ``join``: seconds to wait for the thread (5 s, 0.2 s after a failed flush; 0 to leave now)."""
+        ok = self.flush(timeout, bound=bound)
         if self.watcher is not None:
             self.watcher.beat(clean=True)
         with self._cv:
