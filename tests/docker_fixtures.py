@@ -10,12 +10,16 @@ that a failure; ``SPOTCKPT_TEST_DOCKER=0`` leaves the leg out.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -36,6 +40,7 @@ class _S:
     """This process's engine and image, kept for the summary line."""
     up: dict | None = None
     image: dict | None = None
+    image_error: BaseException | None = None
     error: str | None = None
     down: list[str] | None = None
 
@@ -116,14 +121,18 @@ def _bring_up() -> None:
             _S.error = str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
+def _not_run() -> None:
+    msg = f"Docker leg not run: {_S.error}"
+    if DOCKER_REQUIRED and DOCKER_ENABLED:
+        pytest.fail(msg + " (SPOTCKPT_REQUIRE_DOCKER=1)", pytrace=False)
+    pytest.skip(msg)
+
+
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[Engine]:
     _bring_up()
     if _S.error is not None:
-        msg = f"Docker leg not run: {_S.error}"
-        if DOCKER_REQUIRED and DOCKER_ENABLED:
-            pytest.fail(msg + " (SPOTCKPT_REQUIRE_DOCKER=1)", pytrace=False)
-        pytest.skip(msg)
+        _not_run()
     try:
         yield Engine()
     finally:
@@ -138,35 +147,141 @@ def docker_engine() -> Iterator[Engine]:
 
 @pytest.fixture(scope="session")
 def spotckpt_image(docker_engine: Engine) -> Engine:
-    """``docker/Dockerfile`` built from this checkout, offline; a failed build fails the test."""
+    """``docker/Dockerfile`` built from this checkout, offline. A failed ``docker build`` fails
+    the tests (it is the code under test); a wheelhouse that cannot be made (no package index
+    reachable from the host) is the machine, as a failed bring-up: skipped or failed."""
+    if _S.image is None and _S.image_error is None:
+        try:
+            _S.image = docker_image.build(REPO, EXTRAS)
+        except docker_image.BuildError as e:
+            _S.image_error = e
+        except (eng.DockerError, OSError, subprocess.SubprocessError) as e:
+            _S.error = "the image's prerequisites: " + (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if _S.image_error is not None:
+        raise _S.image_error
     if _S.image is None:
-        _S.image = docker_image.build(REPO, EXTRAS)
+        _not_run()
     return Engine(_S.image["tag"])
 
 
-def _mb(n: float | None) -> str:
-    return "?" if n is None else f"{n / 1e6:.0f} MB"
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.0f} MB"
+
+
+def _describe(up: dict | None, image: dict | None, *, quiet: bool) -> list[str]:
+    """What bringing the engine up and building the image did; ``quiet``: leave out what
+    was merely found there (a worker that reused the engine and the image says nothing)."""
+    out = []
+    if up is not None:
+        inst = f" (packages installed in {up['install_s']:.0f} s)" if up["install_s"] is not None else ""
+        if up["started"] or not quiet:
+            out.append(f"engine up in {up['up_s']:.1f} s{inst}" if up["started"] else "reused a running engine")
+        b = up["base"]
+        if b["how"] != "present" or not quiet:
+            out.append(f"base image {b['how']} ({b['seconds']:.0f} s)")
+    if image is not None and (image["how"] != "present" or not quiet):
+        wh = image["wheelhouse"]
+        ctx = (f", context {_mb(image['context_bytes'])} with a {_mb(image['wheelhouse_bytes'])} wheelhouse"
+               if image["context_bytes"] else "")
+        out.append(f"image {image['how']} in {image['seconds']:.0f} s (wheelhouse {wh['how']} "
+                   f"{wh['seconds']:.0f} s{ctx})")
+    return out
 
 
 def docker_line() -> str | None:
-    if _S.up is not None:
-        r = _S.up
-        inst = f" (packages installed in {r['install_s']:.0f} s)" if r["install_s"] is not None else ""
-        how = f"engine up in {r['up_s']:.1f} s{inst}" if r["started"] else "reused a running engine"
-        b = r["base"]
-        line = f"[docker] {how}; base image {b['how']} ({b['seconds']:.0f} s)"
-        if _S.image is not None:
-            i = _S.image
-            line += (f"; image {i['how']} in {i['seconds']:.0f} s (wheelhouse {i['wheelhouse']['how']}, "
-                     f"{i['wheelhouse']['seconds']:.0f} s; context {_mb(i['context_bytes'])} with a "
-                     f"{_mb(i['wheelhouse_bytes'])} wheelhouse)")
-        if _S.down is not None:
-            line += ("; engine stopped, host clean (no dockerd, no mount, ip_forward and firewall unchanged)"
-                     if not _S.down else "; ENGINE TEAR-DOWN NOT CLEAN: " + "; ".join(_S.down))
-        return line
+    """One summary line for this process (the xdist controller: the background preparation
+    and the tear-down; a worker: only what it did itself, or an error)."""
+    parts = []
+    if _P.result is not None:
+        r = _P.result
+        if "error" in r:
+            parts.append(f"background preparation failed after {r['seconds']:.0f} s: {r['error']}")
+        else:
+            parts.append(f"prepared in the background in {r['seconds']:.0f} s: "
+                         + "; ".join(_describe(r["up"], r["image"], quiet=False)))
+    parts += _describe(_S.up, _S.image, quiet=_P.result is not None or _P.worker)
+    if _S.image_error is not None:
+        parts.append("IMAGE BUILD FAILED")
     if _S.error is not None:
-        return f"[docker] DOCKER LEG NOT RUN ({'failed' if DOCKER_REQUIRED and DOCKER_ENABLED else 'skipped'}): {_S.error}"
-    return None
+        parts.append(f"DOCKER LEG NOT RUN ({'failed' if DOCKER_REQUIRED and DOCKER_ENABLED else 'skipped'}): "
+                     f"{_S.error}")
+    if _S.down is not None:
+        parts.append("engine stopped, host clean (no dockerd, no mount, ip_forward, firewall and network "
+                     "devices unchanged)" if not _S.down else "ENGINE TEAR-DOWN NOT CLEAN: " + "; ".join(_S.down))
+    return "[docker] " + "; ".join(parts) if parts else None
+
+
+# -- ahead of the first Docker test --------------------------------------------------------------
+class _P:
+    """The background preparation (engine, base image, wheelhouse, image), started by the
+    process that runs the session once it knows Docker tests were collected, so that the
+    cold bring-up (minutes) overlaps the rest of the suite instead of holding a worker."""
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+    result: dict | None = None
+    worker = False
+
+
+def _is_docker(nodeid: str) -> bool:
+    return nodeid.replace("\\", "/").startswith("tests/docker/")
+
+
+def _prepare_in_background() -> None:
+    if _P.proc is not None or not DOCKER_ENABLED or os.geteuid() != 0:
+        return
+    _P.log = Path(tempfile.mkstemp(prefix="spotckpt-docker-prepare-", suffix=".log")[1])
+    with open(_P.log, "wb") as f:  # the lease is this process's: the engine stays up until it ends
+        _P.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "servers" / "docker_cli.py"), "prepare",
+                                    "--lease", str(os.getpid()), "--extras", EXTRAS],
+                                   stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _P.worker = hasattr(config, "workerinput")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The Docker tests last (a stable sort, the same in every worker): by the time a worker
+    gets there, the background preparation is done; pytest-xdist's work stealing still
+    spreads them over the workers."""
+    items.sort(key=lambda item: _is_docker(item.nodeid))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if not _P.worker and any(_is_docker(item.nodeid) for item in session.items):
+        _prepare_in_background()   # a run without pytest-xdist
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:  # on the controller
+    if any(_is_docker(i) for i in ids):
+        _prepare_in_background()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The process that started the preparation holds a lease: once every worker is done,
+    drop it; as the last tenant it stops the engine and checks the host."""
+    if _P.proc is None:
+        return
+    if _P.proc.poll() is None:  # the session ended first (-x, Ctrl-C): stop it and its children
+        os.killpg(_P.proc.pid, signal.SIGTERM)
+        try:
+            _P.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(_P.proc.pid, signal.SIGKILL)
+            _P.proc.wait()
+    text = _P.log.read_text(errors="replace").strip() if _P.log else ""
+    try:
+        _P.result = json.loads(text.splitlines()[-1])
+    except (ValueError, IndexError):
+        _P.result = {"error": (text.splitlines() or ["no output"])[-1][:300], "seconds": 0.0}
+    if _P.log is not None:
+        _P.log.unlink(missing_ok=True)
+    problems = eng.release(os.getpid())
+    if problems is not None:
+        _S.down = problems
+        if problems:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def durable_step(output: str, remote: str) -> int | None:

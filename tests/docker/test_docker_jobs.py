@@ -20,6 +20,9 @@ from throttle_proxy import ThrottleProxy
 
 from spotckpt._remote._store import RemoteStore
 
+# the first test of a worker may wait for the image to be built (a few minutes cold)
+pytestmark = pytest.mark.timeout(1500)
+
 SCRIPTS = REPO / "tests" / "scripts"
 
 

@@ -17,6 +17,9 @@ from proc_helpers import REPO, wait_until
 
 from spotckpt._remote._store import RemoteStore
 
+# the first test of a worker may wait for the image to be built (a few minutes cold)
+pytestmark = pytest.mark.timeout(1500)
+
 TRAIN = ["python", "examples/train_custom_loop.py", "--steps", "100000", "--every-steps", "20", "--sleep", "0.02"]
 ZOMBIES = ("import os\n"
            "z = [p for p in os.listdir('/proc') if p.isdigit() and open(f'/proc/{p}/stat').read().split(') ')[1][0] == 'Z']\n"

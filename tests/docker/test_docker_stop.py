@@ -17,6 +17,9 @@ from docker_fixtures import Engine, durable_step
 
 from spotckpt._remote._store import RemoteStore
 
+# the first test of a worker may wait for the image to be built (a few minutes cold)
+pytestmark = pytest.mark.timeout(1500)
+
 STEPS, EVERY = 300, 50
 TRAIN = ["python", "examples/train_custom_loop.py", "--steps", str(STEPS), "--every-steps", str(EVERY),
          "--sleep", "0.03", "--out", "/out/final.pt"]

@@ -7,7 +7,7 @@ socket, pidfile and config file, ``--bridge=none --iptables=false --ip-forward=f
 system-wide engine's data. Containers run with ``--network=host`` (they reach S3 servers on
 the host's loopback) or ``--network=none``. No registry is needed: the base image is made
 locally (``docker_image.py``: debootstrap + ``docker import``, cached as a tarball). Usable by
-hand through ``tests/servers/docker.sh`` and from Python (``tests/docker/conftest.py``)::
+hand through ``tests/servers/docker.sh`` (``docker_cli.py``) and from Python (``tests/docker_fixtures.py``)::
 
     tests/servers/docker.sh up       # install, start (or reuse) the engine, base image; prints the socket
     . /var/tmp/spotckpt-docker/run/env && $DOCKER ps
@@ -35,7 +35,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -356,49 +355,3 @@ def down(purge: bool = False) -> list[str]:
             for sub in ("engine", "cache"):
                 shutil.rmtree(root() / sub, ignore_errors=True)
         return problems
-
-
-def main(argv: list[str]) -> int:
-    sys.path.insert(0, str(Path(__file__).parent))
-    cmd = argv[0] if argv else "help"
-    try:
-        if cmd == "up":
-            lease = int(argv[2]) if len(argv) > 2 and argv[1] == "--lease" else None
-            r = up(lease)
-            inst = f" (packages installed in {r['install_s']:.0f} s)" if r["install_s"] is not None else ""
-            how = "up" if r["started"] else "already up, reused"
-            b = r["base"]
-            print(f"[docker] {how} in {r['up_s']:.1f} s{inst}: {socket_path()}; base image {b['tag']} "
-                  f"({b['how']}, {b['seconds']:.1f} s); CLI {CLI}", file=sys.stderr)
-            sys.stdout.write((run_dir() / "env").read_text())
-        elif cmd == "image":
-            import docker_image
-
-            extras = argv[2] if len(argv) > 2 and argv[1] == "--extras" else "torch"
-            r = docker_image.build(Path(__file__).resolve().parents[2], extras)
-            print(f"[docker] image {r['tag']} ({r['how']}, {r['seconds']:.1f} s)", file=sys.stderr)
-            print(r["tag"])
-        elif cmd == "down":
-            problems = down(purge="--purge" in argv)
-            if problems:
-                print("[docker] down, NOT clean: " + "; ".join(problems), file=sys.stderr)
-                return 1
-            print("[docker] down: no engine process, no mount, host network settings unchanged", file=sys.stderr)
-        elif cmd == "release" and len(argv) > 1:
-            release(int(argv[1]))
-        elif cmd == "status":
-            ok = healthy()
-            print(f"[docker] {'up: ' + str(socket_path()) if ok else 'down'} ({root()})")
-            return 0 if ok else 1
-        else:
-            print("usage: docker.sh up [--lease PID] | image [--extras E] | down [--purge] | release PID | status",
-                  file=sys.stderr)
-            return 2
-    except DockerError as e:
-        print(f"[docker] {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -40,6 +40,24 @@ def cache() -> Path:
     return d
 
 
+class BuildError(eng.DockerError):
+    """``docker build`` of docker/Dockerfile failed: the code under test, not the machine."""
+
+
+def sweep() -> None:
+    """Remove what a killed run left in ``cache/``: a build context, a debootstrap root, a
+    wheelhouse or tarball in the making, of a process that is gone."""
+    for p in cache().iterdir():
+        m = re.search(r"(?:^context|^rootfs\.tmp|\.tmp)-(\d+)$", p.name)
+        if m is None or Path(f"/proc/{m.group(1)}").exists():
+            continue
+        eng.unmount_under(p)
+        if p.is_dir() and not eng.mounts_under(p):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file():
+            p.unlink()
+
+
 def _key(*parts: object) -> str:
     return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:12]
 
@@ -92,7 +110,7 @@ def _debootstrap(tar: Path) -> None:
             for p in (rootfs / junk).glob("*"):
                 if p.is_file():
                     p.unlink()
-        tmp = tar.with_suffix(".tmp")
+        tmp = tar.with_name(f"{tar.name}.tmp-{os.getpid()}")
         subprocess.run(["tar", "-C", str(rootfs), "--numeric-owner", "--exclude=./dev/*", "--exclude=./proc/*",
                         "--exclude=./sys/*", "-cf", str(tmp), "."], check=True, timeout=600)
         tmp.rename(tar)
@@ -108,6 +126,7 @@ def ensure_base() -> dict:
     tag = base_tag()
     t0 = time.monotonic()
     with eng.locked("base"):
+        sweep()
         if image_exists(tag):
             return {"tag": tag, "how": "present", "seconds": time.monotonic() - t0}
         tar = cache() / f"base-{tag.split(':')[1]}.tar"
@@ -217,7 +236,7 @@ def build(repo: Path, extras: str = "torch") -> dict:
             shutil.rmtree(ctx, ignore_errors=True)
         if r.returncode != 0:
             tail = [x for x in r.stdout.strip().splitlines() if x.strip()][-3:]
-            raise eng.DockerError(f"docker build of docker/Dockerfile failed: {' | '.join(tail)}")
+            raise BuildError(f"docker build of docker/Dockerfile failed: {' | '.join(tail)}")
         m = re.search(r"Sending build context to Docker daemon\s+([\d.]+)([kMG]?B)", r.stdout)
         if m:
             out["context_bytes"] = int(float(m.group(1)) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[m.group(2)])
