@@ -145,16 +145,21 @@ def unmount_under(path: Path) -> None:
             subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
 
 
+ENGINE_COMMS = {"dockerd", "containerd", "containerd-shim"}  # /proc/PID/comm (15 bytes: every shim)
+
+
 def engine_pids() -> list[int]:
-    """Live processes whose command line names our dirs (dockerd, containerd, shims); zombies
-    (waiting for a reaper) are gone for this purpose."""
+    """Live daemons of this engine: dockerd, containerd and the shims, whose command lines
+    name our dirs (never another engine's, nor a process that merely reads our files);
+    zombies (waiting for a reaper) are gone for this purpose."""
     needle = str(root()).encode()
     out = []
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
+        if not d.name.isdigit():
             continue
         try:
-            if needle in (d / "cmdline").read_bytes() and b"\nState:\tZ" not in (d / "status").read_bytes():
+            if (d / "comm").read_text().strip() in ENGINE_COMMS and needle in (d / "cmdline").read_bytes() \
+                    and "\nState:\tZ" not in (d / "status").read_text():
                 out.append(int(d.name))
         except OSError:
             continue
