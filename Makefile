@@ -23,6 +23,10 @@ venv: $(STAMP)
 # the suite instead of skipping it; elsewhere it is skipped with one [rgw] line.
 REQUIRE_RGW ?= $(if $(filter 0,$(shell id -u)),1,0)
 
+# The Docker leg (tests/docker/: the image built offline and run on a private dockerd,
+# tests/servers/docker_engine.py): the same rule; elsewhere it is skipped with one [docker] line.
+REQUIRE_DOCKER ?= $(if $(filter 0,$(shell id -u)),1,0)
+
 # Workers for pytest-xdist. Most of the suite's time is real subprocesses waiting (imports,
 # training, signals, servers), so more workers than the 2 cores still pay: README "The two commands".
 WORKERS ?= 3
@@ -30,10 +34,10 @@ WORKERS ?= 3
 # The whole suite, what CI runs: the import contracts, then every test (the docs build with
 # warnings as errors is one of them: tests/docs/test_docs_site.py).
 test: lint
-	SPOTCKPT_REQUIRE_RGW=$(REQUIRE_RGW) KERAS_BACKEND=torch $(VPY) -m pytest -q -n $(WORKERS) --dist worksteal $(PYTEST_ARGS)
+	SPOTCKPT_REQUIRE_RGW=$(REQUIRE_RGW) SPOTCKPT_REQUIRE_DOCKER=$(REQUIRE_DOCKER) KERAS_BACKEND=torch $(VPY) -m pytest -q -n $(WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # The inner loop (<= 5 min): everything but the tests marked slow (real training runs,
-# chaos and fault families, framework end-to-end runs) and the RGW leg.
+# chaos and fault families, framework end-to-end runs, the Docker leg) and the RGW leg.
 test-fast: lint
 	SPOTCKPT_TEST_RGW=0 KERAS_BACKEND=torch $(VPY) -m pytest -q -n $(WORKERS) --dist worksteal -m "not slow" -k "not rgw" $(PYTEST_ARGS)
 

@@ -205,7 +205,14 @@ class LocalDir:
             CheckpointLockedError: another live process holds it.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        self.meta.mkdir(parents=True, exist_ok=True)
+        try:
+            self.meta.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a read-only root filesystem: neither beside the dir nor in ~
+            raise LocalDirError(
+                f"spotckpt: cannot create the state dir {self.meta} for local_dir '{self.root}' "
+                f"({e.strerror or e}: {e.filename}); set {STATE_ENV} to a writable dir outside the "
+                "local dir (a read-only container: --tmpfs /tmp and SPOTCKPT_STATE_DIR=/tmp/spotckpt)"
+            ) from e
         path = self.meta / f"{role}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

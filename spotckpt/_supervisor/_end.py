@@ -14,12 +14,14 @@ from typing import Any
 
 from spotckpt._commit import LocalDir, is_internal
 from spotckpt._events import EventLog, log
-from spotckpt._notices import EXIT_INTERRUPTED, EXIT_STALE
+from spotckpt._notices import EXIT_INTERRUPTED, EXIT_STALE, FLUSH_MARGIN
 from spotckpt._sync import human_bytes
 
 from . import _proctree as pt
 
-_MARGIN = 0.5                # seconds kept back for our own exit
+# Seconds kept back from the deadline for our own exit: the final flush ends then, as a
+# Checkpointer's interruption flush does; the exit watchdog (_notices._exit) fires at 1 s.
+_MARGIN = FLUSH_MARGIN
 _WRITER_WAIT = 30.0          # without a notice: how long leftover writers get after the command exits
 
 
@@ -197,11 +199,12 @@ class Finish:
             return  # a newer instance of the job took over: _finish says so
         self._scan()  # retention, now that uploads are done
         durable = self.syncer.durable_step
-        step_bytes = 0
+        step_bytes = None  # unknown once local retention removed it: not "0 B"
         if durable is not None and self.local.is_committed(durable):
             step_bytes = self.local.read_manifest(durable).total_bytes
         files = {k: v for k, v in self.events.mirrored.items() if k not in torn}
-        what = (f"checkpoint step {durable} ({human_bytes(step_bytes)})" if durable is not None
+        size = f" ({human_bytes(step_bytes)})" if step_bytes is not None else ""
+        what = (f"checkpoint step {durable}{size}" if durable is not None
                 else self._ranks_step() or "no checkpoint")
         what += f", {len(files)} file(s) of the watched dir uploaded this run ({human_bytes(sum(files.values()))})"
         left = "" if self.deadline is None else f"; {max(0.0, self.deadline - self.clock()):.1f} s left before the deadline"

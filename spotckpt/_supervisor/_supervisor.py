@@ -40,6 +40,7 @@ from spotckpt._commit import LocalDir
 from spotckpt._config import SUPERVISOR_ENV, Config
 from spotckpt._errors import ConfigError
 from spotckpt._events import log
+from spotckpt._notices import EXIT_INTERRUPTED, _exit
 from spotckpt._remote import RemoteStore, claim
 from spotckpt._sagemaker import Contract
 from spotckpt._sync import Engine, Syncer, check_not_stale, open_remote, pull
@@ -78,13 +79,16 @@ class Supervisor(Finish):
     def __init__(self, cmd: Sequence[str], cfg: Config, *, scope: str = "auto",
                  scan_interval: float = 0.5, rules: tuple[DirRule, ...] | None = None,
                  poll: float = 0.1, pull: bool = True, contract: Contract | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, leave_by_deadline: bool = False) -> None:
         if scope not in pt.SCOPES:
             raise ConfigError(f"spotckpt: --signal-scope {scope!r}: use one of {', '.join(pt.SCOPES)}")
         self.cmd, self.cfg, self.scope = list(cmd), cfg, scope
         self.scan_interval, self.poll, self.do_pull, self.clock = scan_interval, poll, pull, clock
         self.rules = rules
         self.contract = contract  # the SageMaker container contract (:mod:`spotckpt._sagemaker._env`), if asked for
+        # The process ends with this run (the CLI): at a notice, arm the exit watchdog, so
+        # that whatever overruns, the process is gone by the deadline (_notices._exit).
+        self.leave_by_deadline = leave_by_deadline
         self.gate = WriterGate()  # tells the watcher that a closed file's writer was alive
         self.local = LocalDir(cfg.local_dir)
         self.events = Tap(self.local)
@@ -172,6 +176,8 @@ class Supervisor(Finish):
                 self.events.emit("signal_repeated", signal=name, seconds_left=round(self.deadline - now, 2))
                 continue
             self.notice_at, self.deadline, self.notice_source = at, at + self.cfg.grace_seconds, name
+            if self.leave_by_deadline:
+                _exit.arm(self.deadline, EXIT_INTERRUPTED, clock=self.clock)
             self.events.emit("notice", source=name, by="supervisor", seconds_left=round(self.deadline - now, 2))
             if self.child is None or self.child.poll() is not None:
                 continue

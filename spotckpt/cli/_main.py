@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from spotckpt._config import number
 from spotckpt._errors import SpotckptError, StaleLocalError
-from spotckpt._notices import EXIT_STALE, EXIT_USAGE
+from spotckpt._notices import EXIT_STALE, EXIT_USAGE, _exit
 from spotckpt._version import __version__
 
 _MAIN = """\
@@ -209,9 +209,16 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                          keep_last=args.keep_last, grace_seconds=args.grace, signals=args.signals)
     sup = Supervisor(cmd, cfg, scope=args.signal_scope, scan_interval=args.scan_interval,
                      rules=rules_from_env(args.dir_checkpoint),
-                     pull=not args.no_pull, contract=contract)
+                     pull=not args.no_pull, contract=contract, leave_by_deadline=True)
     sup.prepare()
-    return sup.run()
+    status = sup.run()
+    if sup.deadline is not None:
+        # Interrupted: gone by the deadline (Docker's SIGKILL would turn 143 into 137). The
+        # interpreter would otherwise wait for the threads of an upload the final flush
+        # abandoned; atexit handlers still run, then os._exit(status).
+        _exit.arm(sup.deadline, status, clock=sup.clock)
+        raise _exit.Leaving(status)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
