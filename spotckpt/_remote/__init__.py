@@ -4,8 +4,9 @@ Storage layer, no ML imports. :class:`RemoteStore` (:mod:`._store`) is the one i
 layers above use: listing, ranged and streamed reads, the committed checkpoints and their
 manifests (:mod:`._checkpoints`), multipart uploads through boto3
 (:mod:`._s3fast`, :mod:`._stream`) or fsspec (:mod:`._transfer`), error classification
-(:mod:`._storeopts`). Generations (:mod:`._fence`) make a stale instance of the job stop
-before it can overwrite or delete anything newer.
+(:mod:`._storeopts`). Generations (:mod:`._fence`, on the ``gen/`` prefix as :mod:`._gens`
+stores, reads and prunes it) make a stale instance of the job stop before it can overwrite or
+delete anything newer.
 """
 from __future__ import annotations
 

@@ -272,9 +272,9 @@ def _next(g: int, taken: set[int]) -> int:
 def _exhausted(store: RemoteStore, sv: _gens.Survey) -> RemoteError:
     return RemoteError(
         f"spotckpt: remote {redact(store.url)}: no generation left to claim: {gen_key(sv.top)} holds a "
-        f"claim at the highest number there can be ({MAX_GEN}). A job's starts count up by one, so it "
-        "was put there by another tool or by hand: remove it (and any gen/ key far above the others) "
-        "and start again; the checkpoints are untouched")
+        f"claim and no number above it is free (the highest there can be is {MAX_GEN}). A job's starts "
+        "count up by one, so it was put there by another tool or by hand: remove it (and any gen/ key "
+        "far above the others) and start again; the checkpoints are untouched")
 
 
 def _prune(store: RemoteStore, sv: _gens.Survey) -> None:

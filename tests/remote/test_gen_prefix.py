@@ -264,3 +264,22 @@ def test_over_a_thousand_foreign_objects_under_gen(remote_url: str, caplog: pyte
         assert costs[0] <= 2 + 12 + 1 + 2 + 5 + 7 + (290 - 256), costs
     assert len(claims(store)) - sum(1 for k in junk if claims_name(k)) <= 10
     assert intact(remote_url, junk) == []
+
+
+def test_a_claim_body_always_reads_back_as_a_claim() -> None:
+    """What a claim carries on from other bodies (history, foreign keys) is checked and
+    capped: a body spotckpt writes is always a claim record under the size a reader accepts
+    (one that was not would stop counting, and a start could claim below it)."""
+    from spotckpt._remote import _gens
+
+    hostile = {"started": 1.0, "host": "h" * 10_000, "pid": 1,
+               "history": [[g, 1.5, "x" * 10_000, 7] for g in range(1, 5000)]
+               + [[0, 1, "h", 1], ["7", 1, "h", 1], [8, float("nan"), "h", 1], [9, 1, None, 1], [10, 1, "h"], "x"]}
+    hist = _gens.history({5000: hostile, 4999: {"started": 2.0, "host": "b", "pid": 2, "history": "junk"}})
+    assert len(hist) == _gens.HISTORY_CAP and hist[-1][0] == 5000 and all(len(e[2]) <= 255 for e in hist)
+    foreign = {f"{n:012d}": "e" * 40 for n in range(5000)}
+    data = _gens.body(5001, hist, foreign)
+    assert len(data) < _gens.MAX_BODY
+    rec = _gens.parse(data, 5001)
+    assert rec is not None and _gens.parse(data, 5002) is None
+    assert [e[0] for e in _gens.history({5001: rec})][-2:] == [5000, 5001]
