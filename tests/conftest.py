@@ -275,8 +275,8 @@ def run_env(**extra: str) -> dict[str, str]:
 
 def remote_files(remote: str) -> dict:
     """The newest committed file set of the watched dir on ``remote``: path -> Entry."""
-    from spotckpt._watch._fileset import newest_set
     from spotckpt._remote._store import RemoteStore
+    from spotckpt._watch._fileset import newest_set
 
     fs = newest_set(RemoteStore(remote))
     return {} if fs is None else dict(fs.entries)
