@@ -193,3 +193,32 @@ def test_run_on_a_dir_that_sat_out_resumes_from_the_newer_remote(tmp_path: Path,
     assert "resumed 20 newer newer:" in p.stdout, p.stdout + p.stderr
     check_deferred(sc)
     assert os.path.exists(sc.old / "notes.txt")
+
+
+# -- the mirror's own line: a writer that did not restore never uploads an older file -----------
+def test_the_mirror_never_uploads_a_file_older_than_its_committed_version(tmp_path: Path, remote_url: str) -> None:
+    """Whatever started it (a restore that was skipped or raced), the mirror keeps a local
+    file from before its start that is older than the committed version out of every set;
+    the same file written again (even with an old mtime: shutil.copy2) goes up as usual."""
+    from spotckpt._watch._watcher import Watcher
+
+    store = RemoteStore(remote_url)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_bytes(b"newer")
+    Watcher(LocalDir(other, state=tmp_path / "s-other"), store).run_pass()
+    committed = newest_set(store).entries["notes.txt"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "notes.txt").write_bytes(b"older, from before")
+    os.utime(old / "notes.txt", ns=(committed.mtime_ns - 10**9, committed.mtime_ns - 10**9))
+    w = Watcher(LocalDir(old, state=tmp_path / "s-old"), store)
+    w.run_pass()
+    assert newest_set(store).entries["notes.txt"] == committed
+    (tmp_path / "src.txt").write_bytes(b"copied in after the start")
+    os.utime(tmp_path / "src.txt", ns=(committed.mtime_ns - 10**9, committed.mtime_ns - 10**9))
+    import shutil
+    shutil.copy2(tmp_path / "src.txt", old / "notes.txt")  # an old mtime, a new ctime
+    w.run_pass()
+    e = newest_set(store).entries["notes.txt"]
+    assert e != committed and e.size == len(b"copied in after the start")
