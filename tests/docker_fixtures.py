@@ -45,6 +45,17 @@ class _S:
     down: list[str] | None = None
 
 
+_STARTED: list[str] = []
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Remove the containers a test started: one that failed early must not train on, taking
+    the shared cores, until the session ends."""
+    if _STARTED:
+        eng.cli("rm", "-f", *_STARTED, check=False, timeout=300)
+        _STARTED.clear()
+
+
 class Container(Proc):
     """``docker run`` attached (no ``-d``): the CLI's stdout/stderr are the container's, its exit
     status the container's (125: docker could not run it)."""
@@ -55,17 +66,7 @@ class Container(Proc):
         e = [x for k, v in (env or {}).items() for x in ("-e", f"{k}={v}")]
         argv = [eng.CLI, "run", "--name", self.name, "--label", LABEL, *opts, *e, image, *cmd]
         super().__init__(argv, env=dict(os.environ, **eng.env_vars()))
-
-    def running(self) -> bool:
-        r = eng.cli("inspect", "-f", "{{.State.Running}}", self.name, check=False, timeout=60)
-        return r.stdout.strip() == "true"
-
-    def wait_running(self, timeout: float = 120) -> None:
-        end = time.monotonic() + timeout
-        while not self.running():
-            if self.p.poll() is not None or time.monotonic() > end:
-                raise AssertionError(f"container {self.name} not running (rc={self.p.poll()})\n{self.stderr}")
-            time.sleep(0.1)
+        _STARTED.append(self.name)  # removed when the test ends, whatever happened
 
     def stop(self, t: float | None = None) -> float:
         """``docker stop [-t T]`` (SIGTERM, SIGKILL after T, default: the container's stop

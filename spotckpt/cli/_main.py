@@ -214,8 +214,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     status = sup.run()
     if sup.deadline is not None:
         # Interrupted: gone by the deadline (Docker's SIGKILL would turn 143 into 137). The
-        # interpreter would otherwise wait for the threads of an upload the final flush
-        # abandoned; atexit handlers still run, then os._exit(status).
+        # interpreter's normal exit (joins of threads still uploading, module teardown) is
+        # stretched by load; atexit handlers still run, then os._exit(status).
         _exit.arm(sup.deadline, status, clock=sup.clock)
         raise _exit.Leaving(status)
     return status

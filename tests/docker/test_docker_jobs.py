@@ -8,6 +8,7 @@ a "new container" is a new `docker run` with an empty local dir, as on a new spo
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -37,8 +38,9 @@ def test_docker_default_stop_timeout_with_a_save_that_does_not_fit(spotckpt_imag
                                                                   s3_remote: str, tmp_path: Path, figure) -> None:
     """`docker stop` with Docker's default 10 s, SPOTCKPT_GRACE_SECONDS=10, an 8 MiB state and
     uploads at 1 MiB/s: a new save plus its upload (~10 s) does not fit, so the documented
-    choice is to finish the upload in flight; the container exits 143 before the SIGKILL and
-    says which step is durable."""
+    choice is to finish the upload in flight; the container exits 143 before the SIGKILL
+    (its flush ends 1.5 s before the deadline; it used to keep 0.5 s and race the SIGKILL)
+    and says which step is durable."""
     u = urlparse(s3_server.endpoint)
     proxy = ThrottleProxy((u.hostname, u.port), up_bps=1.0 * 2**20)
     ml = tmp_path / "ml"
@@ -63,14 +65,16 @@ def test_docker_default_stop_timeout_with_a_save_that_does_not_fit(spotckpt_imag
         rc = c.finish(60)
     finally:
         proxy.close()
-    assert rc == 143, c.output
-    assert took < 10, f"Docker had to SIGKILL ({took:.1f} s)\n{c.output}"
+    assert rc == 143, c.output                    # it left by itself: Docker's SIGKILL would be 137
+    # ... with the margin it keeps for its own exit (the docker CLI's own time stretches with load)
+    left = float(re.search(r"([\d.]+) s left before the deadline", c.stderr).group(1))
+    assert left >= 1.0, c.output
     step = durable_step(c.output, s3_remote)
     assert step == in_flight, c.output            # the upload in flight finished, not a new one
     assert f"checkpoint step {step} (0 B)" not in c.output  # its size is not known here, not 0
     assert RemoteStore(s3_remote).committed()[-1] == step
-    figure(f"[docker] docker stop (default 10 s), 8 MiB at 1 MiB/s: exit 143 after {took:.1f} s, "
-           f"step {step} durable (the upload in flight)")
+    figure(f"[docker] docker stop (default 10 s), 8 MiB at 1 MiB/s: exit 143, {left:.1f} s before the "
+           f"deadline ('docker stop' took {took:.1f} s), step {step} durable (the upload in flight)")
 
 
 @pytest.mark.slow

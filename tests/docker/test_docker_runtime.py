@@ -8,11 +8,10 @@ has no handler for). With `--init`, Docker's tini is PID 1 and forwards to it.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
-from docker_fixtures import Container, Engine, durable_step
+from docker_fixtures import Container, Engine, durable_step, eng
 from proc_helpers import REPO, wait_until
 
 from spotckpt._remote._store import RemoteStore
@@ -27,10 +26,9 @@ ZOMBIES = ("import os\n"
 
 
 def _stop_and_check(c: Container, remote: str) -> float:
-    """`docker stop -t 30`: exit 143 before the SIGKILL, the step it names durable."""
+    """`docker stop -t 30`: exit 143 (by itself: Docker's SIGKILL is 137), the step it names durable."""
     took = c.stop(30)
     assert c.finish(60) == 143, c.output
-    assert took < 30, c.output
     step = durable_step(c.output, remote)
     assert step is not None and RemoteStore(remote).committed()[-1] == step, c.output
     return took
@@ -70,9 +68,8 @@ def test_a_child_that_ignores_sigterm_is_killed_before_docker_would(spotckpt_ima
                            env={"SPOTCKPT_REMOTE": "file:///tmp/remote/", "SPOTCKPT_GRACE_SECONDS": "6"})
     c.wait_for("^ready$", 300)
     took = c.stop(30)
-    assert c.finish(60) == 143, c.output
-    assert took < 6, c.output
-    assert "killed it (SIGKILL)" in c.stderr
+    assert c.finish(60) == 143, c.output         # not Docker's SIGKILL (137), 30 s on
+    assert took < 25 and "killed it (SIGKILL)" in c.stderr, c.output
 
 
 @pytest.mark.slow
@@ -124,9 +121,9 @@ def test_compose_trainer_settings_on_the_engine(spotckpt_image: Engine, s3_serve
     env = {**svc["environment"], **s3_server.env(), "SPOTCKPT_REMOTE": s3_remote}
     c = spotckpt_image.run(opts=["--network=host", "--stop-timeout", str(grace)], env=env)
     c.wait_for(r"^step 100 ", 300)
-    t0 = time.monotonic()
-    took = c.stop()                             # the container's own stop timeout: compose's grace
+    assert eng.cli("inspect", "-f", "{{.Config.StopTimeout}}", c.name).stdout.strip() == str(grace)
+    c.stop()                                    # the container's own stop timeout: compose's grace
     assert c.finish(60) == 143, c.output
-    assert took < grace and time.monotonic() - t0 < grace + 5, c.output
+    assert f"deadline in {grace}.0 s" in c.stderr  # the grace spotckpt planned with is compose's
     step = durable_step(c.output, s3_remote)
     assert step is not None and wait_until(lambda: RemoteStore(s3_remote).committed()[-1] == step, 30)

@@ -50,10 +50,9 @@ def test_docker_stop_makes_the_step_durable_and_a_new_container_resumes_bitwise(
     first = spotckpt_image.run(*TRAIN, opts=opts, env=env)
     first.wait_for(r"^step 100 ", 300)
     took = first.stop(30)                        # docker stop -t 30: SIGTERM, SIGKILL after 30 s
-    assert first.finish(60) == 143, first.output
+    assert first.finish(60) == 143, first.output   # by itself: Docker's SIGKILL would be 137
     step = durable_step(first.output, s3_remote)
     assert step is not None and 100 < step < STEPS, first.output
-    assert took < 30, f"docker stop needed the SIGKILL ({took:.1f} s)\n{first.output}"
     assert RemoteStore(s3_remote).committed()[-1] == step   # what it said is on the remote
     figure(f"[docker] docker stop -t 30 ({s3_server.kind}): exit 143 after {took:.1f} s, step {step} durable")
 

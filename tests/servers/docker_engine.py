@@ -46,6 +46,7 @@ BINARIES = [DOCKERD, CLI, "/usr/sbin/debootstrap", "/usr/bin/containerd", "/usr/
 CGROUP_PARENT = "spotckpt-docker"
 # dirs outside ours that dockerd/containerd make when missing (paths built into them)
 HOST_DIRS = ["/run/docker", "/run/docker/plugins", "/run/containerd", "/run/containerd/s"]
+SYSTEM_CONTAINERD = "/run/containerd/containerd.sock"
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 60.0
 
@@ -189,6 +190,10 @@ def _start() -> None:
     d = run_dir()
     if len(str(socket_path())) > 90:
         raise DockerError(f"SPOTCKPT_DOCKER_DIR={root()} is too long for a unix socket path")
+    if os.path.exists(SYSTEM_CONTAINERD):
+        # dockerd 20.10 uses a containerd found there instead of starting its own
+        raise DockerError(f"a system-wide containerd serves {SYSTEM_CONTAINERD}: a private engine would "
+                          "share it; not starting one")
     shutil.rmtree(d, ignore_errors=True)
     (d / "leases").mkdir(parents=True)
     (d / "cli").mkdir()
