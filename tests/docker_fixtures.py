@@ -153,7 +153,7 @@ def spotckpt_image(docker_engine: Engine) -> Engine:
     reachable from the host) is the machine, as a failed bring-up: skipped or failed."""
     if _S.image is None and _S.image_error is None:
         try:
-            _S.image = docker_image.build(REPO, EXTRAS)
+            _S.image = docker_image.build(REPO, EXTRAS, lease=os.getpid())
         except docker_image.BuildError as e:
             _S.image_error = e
         except (eng.DockerError, OSError, subprocess.SubprocessError) as e:

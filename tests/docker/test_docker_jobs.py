@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -52,15 +51,17 @@ def test_docker_default_stop_timeout_with_a_save_that_does_not_fit(spotckpt_imag
                                opts=["--network=host", "-v", f"{ml}:/opt/ml", "-v", f"{SCRIPTS}:/scripts:ro"])
         c.wait_for("^training$", 300)
 
-        def second_upload_under_way() -> bool:  # one upload measured, the next one 2 s in
+        def second_upload_under_way() -> bool:  # one upload measured, the next one started
             ev = _events(ml)
             done = [e for e in ev if e["event"] == "upload_done"]
             started = [e for e in ev if e["event"] == "upload_start"]
             return bool(done and started and started[-1]["step"] > done[-1]["step"])
 
         wait_until(second_upload_under_way, 300, "a measured upload and the next one under way")
+        sent = proxy.sent
         in_flight = [e for e in _events(ml) if e["event"] == "upload_start"][-1]["step"]
-        time.sleep(2.0)
+        # 5 of its 8 MiB sent (by bytes, not seconds: load slows the proxy): the rest needs ~3 s
+        wait_until(lambda: proxy.sent - sent >= 5 * 2**20, 300, "the upload in flight 5 MiB in")
         took = c.stop()                           # no -t, no --stop-timeout: Docker's 10 s
         rc = c.finish(60)
     finally:
@@ -73,6 +74,9 @@ def test_docker_default_stop_timeout_with_a_save_that_does_not_fit(spotckpt_imag
     assert step == in_flight, c.output            # the upload in flight finished, not a new one
     assert f"checkpoint step {step} (0 B)" not in c.output  # its size is not known here, not 0
     assert RemoteStore(s3_remote).committed()[-1] == step
+    ev = _events(ml)                              # nothing newer was started in its place
+    done_at = next(i for i, e in enumerate(ev) if e["event"] == "upload_done" and e["step"] == in_flight)
+    assert not [e for e in ev[:done_at] if e["event"] == "upload_start" and e["step"] > in_flight]
     figure(f"[docker] docker stop (default 10 s), 8 MiB at 1 MiB/s: exit 143, {left:.1f} s before the "
            f"deadline ('docker stop' took {took:.1f} s), step {step} durable (the upload in flight)")
 

@@ -36,7 +36,7 @@ def _prepare(lease: int, extras: str) -> dict:
     t0 = time.monotonic()
     try:
         up = eng.up(lease)
-        img = docker_image.build(REPO, extras)
+        img = docker_image.build(REPO, extras, lease=lease)
     except eng.DockerError as e:
         return {"error": str(e).splitlines()[0] if str(e) else type(e).__name__, "seconds": time.monotonic() - t0}
     img.pop("log", None)

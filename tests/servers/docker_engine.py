@@ -309,6 +309,25 @@ def _live_leases() -> list[int]:
     return out
 
 
+def tags_in_use() -> set[str]:
+    """Image tags the live tenants wrote into their leases (:func:`hold_tag`)."""
+    out: set[str] = set()
+    for pid in _live_leases():
+        try:
+            out |= set((run_dir() / "leases" / str(pid)).read_text().split())
+        except OSError:
+            continue
+    return out
+
+
+def hold_tag(lease: int, tag: str) -> None:
+    """Record that tenant ``lease`` runs ``tag``: no other session's clean-up removes it."""
+    f = run_dir() / "leases" / str(lease)
+    if f.exists() and tag not in f.read_text().split():
+        with open(f, "a") as out:
+            out.write(tag + "\n")
+
+
 def up(lease: int | None = None, base: bool = True) -> dict:
     """Start the engine (installing the packages if needed) or reuse a healthy one, and make
     sure the base image is there.

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import docker_engine as eng
@@ -31,6 +32,7 @@ import docker_engine as eng
 RECIPE = "minbase+python3+venv/1"  # bump when the base recipe changes
 BASE_PACKAGES = ["python3", "python3-venv"]
 KEEP_TAGS = 3
+KEEP_HOURS = 3  # a tag younger than this is kept: a concurrent session may be about to run it
 VENV_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -204,9 +206,10 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def build(repo: Path, extras: str = "torch") -> dict:
-    """Build docker/Dockerfile from ``repo`` with no network. Returns ``{"tag", "how",
-    "seconds", "base", "wheelhouse", "context_bytes", "wheelhouse_bytes", "log"}``."""
+def build(repo: Path, extras: str = "torch", lease: int | None = None) -> dict:
+    """Build docker/Dockerfile from ``repo`` with no network; ``lease``: the tenant that will
+    run the image (its tag is then kept by other sessions' clean-up). Returns ``{"tag",
+    "how", "seconds", "base", "wheelhouse", "context_bytes", "wheelhouse_bytes", "log"}``."""
     t0 = time.monotonic()
     base = ensure_base()
     wh = wheelhouse(repo, extras, base["tag"])
@@ -219,6 +222,8 @@ def build(repo: Path, extras: str = "torch") -> dict:
     out = {"tag": tag, "base": base, "wheelhouse": wh, "wheelhouse_bytes": wh_bytes, "context_bytes": None,
            "log": ""}
     with eng.locked("build"):
+        if lease is not None:
+            eng.hold_tag(lease, tag)  # before anything else can prune: under the build lock
         if image_exists(tag):
             return {**out, "how": "present", "seconds": time.monotonic() - t0}
         ctx = cache() / f"context-{os.getpid()}"
@@ -245,13 +250,25 @@ def build(repo: Path, extras: str = "torch") -> dict:
     return {**out, "how": "built", "seconds": time.monotonic() - t0}
 
 
+def _epoch(created_at: str) -> float:
+    """``docker images``' CreatedAt ("2026-12-07 18:49:03 +0000 UTC") as a Unix time (0 if odd)."""
+    try:
+        return datetime.strptime(created_at[:25], "%Y-%m-%d %H:%M:%S %z").timestamp()
+    except ValueError:
+        return 0.0
+
+
 def _prune(keep: str) -> None:
-    """Remove ``spotckpt-test`` tags beyond the newest few (never one a container uses:
-    ``rmi`` without ``-f`` refuses) and dangling layers."""
+    """Remove ``spotckpt-test`` tags beyond the newest few, never one a live session holds
+    (another checkout's run on the same engine), one made in the last hours (a session of a
+    version that did not hold its tag) nor one a container uses (``rmi`` without ``-f``
+    refuses), and dangling layers."""
     r = eng.cli("images", "spotckpt-test", "--format", "{{.CreatedAt}}\t{{.Repository}}:{{.Tag}}",
                 check=False, timeout=60)
-    tags = [x.split("\t")[1] for x in sorted(r.stdout.splitlines(), reverse=True) if "\t" in x]
-    old = [t for t in tags if t != keep][KEEP_TAGS - 1:]
+    rows = sorted((x.split("\t") for x in r.stdout.splitlines() if "\t" in x), reverse=True)
+    held = eng.tags_in_use() | {keep}
+    cutoff = time.time() - KEEP_HOURS * 3600
+    old = [t for created, t in rows if t not in held and _epoch(created) < cutoff][KEEP_TAGS - 1:]
     if old:
         eng.cli("rmi", *old, check=False, timeout=300)
     eng.cli("image", "prune", "-f", check=False, timeout=300)
