@@ -59,11 +59,13 @@ bench: $(STAMP)
 	$(VPY) bench/run.py $(if $(filter-out 0,$(QUICK)),--quick)
 
 # The reliability suites with more iterations: 500 random SIGKILLs and longer S3-fault runs
-# (about 20 minutes). Figures print as [chaos] and [faults] lines (docs/guarantees.md).
+# (about 20 minutes), and every combination of the signal-at-every-phase family (180 cases,
+# a third of them on RGW too). Figures print as [chaos] and [faults] lines (docs/guarantees.md).
 chaos: $(STAMP)
 	SPOTCKPT_CHAOS_ITERATIONS=500 $(VPY) -m pytest -q -s --timeout=7200 tests/checkpointer/test_chaos_crash.py \
 		tests/remote/test_faults_s3.py tests/commit/test_faults_disk.py tests/commit/test_corruption.py \
-		tests/remote/test_hostile_remote.py tests/commit/test_concurrency.py tests/remote/test_secrets.py $(PYTEST_ARGS)
+		tests/remote/test_hostile_remote.py tests/commit/test_concurrency.py tests/remote/test_secrets.py \
+		tests/supervisor/test_signal_at_every_phase.py $(PYTEST_ARGS)
 
 # The documentation site (docs/: Sphinx, MyST Markdown, autodoc, sphinx-argparse, furo) into
 # docs/_build/html; any warning fails the build.

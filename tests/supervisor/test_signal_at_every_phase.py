@@ -12,13 +12,16 @@ sent while it is there; "running" waits for the script's ``step 20`` line. Never
 What must hold, whatever the case (the oracle, :func:`_check`):
 
 - nothing regresses: the remote's newest checkpoint verifies (every file, size and XXH3) and
-  is at least the one durable before the run;
+  is at least the one durable when the first signal came;
 - exit status 143 (a notice was handled: an interruption save, the supervisor's final
   flush, or a notice during close) means the newest committed state is durable: the
   remote's newest checkpoint is the newest committed anywhere (locally by every rank, or
   pulled). ``spotckpt run`` exits 143 after any of these signals;
 - otherwise (in process, a Ctrl-C's SIGINT, which is not a notice there: KeyboardInterrupt,
-  died of SIGINT) the remote holds the newest committed state or the one before it;
+  died of SIGINT; a second Ctrl-C may cut the flush of what was committed) the remote holds
+  a committed state no older than the one durable before (the previous one);
+- no error of ours on stderr (a KeyboardInterrupt is Python's own answer to a SIGINT that
+  reaches a process outside a Checkpointer);
 - a restart on an empty dir resumes from the remote's newest checkpoint (one rank).
 
 ``make test`` runs a representative subset (every phase in each mode once, every pair of
@@ -170,13 +173,46 @@ def _committed(local: Path, ranks: int) -> list[int]:
     return sorted(set.intersection(*parts))
 
 
-def _check(case: Case, rc: int, local: Path, remote_steps: list[int], base: int | None, out: str) -> None:
-    newest = max([*_committed(local, case.ranks), *([base] if base is not None else [])], default=None)
+def _durable(server, bucket: str) -> int | None:
+    """The remote's newest committed step, listed straight through boto3."""
+    steps = [int(k["Key"].split("/")[1][5:]) for page in server.client().get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix="run/step-") for k in page.get("Contents", []) if k["Key"].endswith("/MANIFEST.json")]
+    return max(steps, default=None)
+
+
+def _errors_of_ours(stderr: str) -> list[str]:
+    """Tracebacks through spotckpt's code that end in anything but KeyboardInterrupt (Python's
+    own answer to a SIGINT that reaches a process outside a Checkpointer's handlers: a child
+    still importing, a rank that closed already, a Ctrl-C in process). A KeyboardInterrupt
+    inside a Checkpointer's window would show in what is durable, which _check judges."""
+    streams: dict[str, list[str]] = {}  # torchrun prefixes each rank's lines: one stream each
+    for line in stderr.splitlines():
+        m = re.match(r"^(\[rank\d+\]):\s?", line)
+        streams.setdefault(m.group(1) if m else "", []).append(line[m.end():] if m else line)
+    out = []
+    for lines in streams.values():
+        block: list[str] | None = None
+        for text in lines:
+            if text.startswith("Traceback (most recent call last)"):
+                block = []
+            elif block is not None and (text.startswith(" ") or not text.strip()
+                                        or text.startswith(("The above exception", "During handling"))):
+                block.append(text)
+            elif block is not None:
+                if any(re.search(r'File ".*/spotckpt/', b) for b in block) and text.strip() != "KeyboardInterrupt":
+                    out.append(text)
+                block = None
+    return out
+
+
+def _check(case: Case, rc: int, local: Path, remote_steps: list[int], before: int | None, out: str) -> None:
+    """``before``: the remote's newest checkpoint just before the first signal."""
+    newest = max([*_committed(local, case.ranks), *([before] if before is not None else [])], default=None)
     got = remote_steps[-1] if remote_steps else None
     if PHASES[case.phase].completes:  # the command ended: its last save is committed
         assert newest == 30, f"committed newest {newest}\n{out}"
-    if base is not None:
-        assert got is not None and got >= base, f"regressed below {base}: {got}\n{out}"
+    if before is not None:  # never older than what was durable when the signal came
+        assert got is not None and got >= before, f"regressed below {before}: {got}\n{out}"
     if case.mode == SUP:
         assert rc == 143, f"status {rc}\n{out}"
     elif case.ranks == 1 and case.first == signal.SIGTERM:
@@ -189,9 +225,8 @@ def _check(case: Case, rc: int, local: Path, remote_steps: list[int], base: int 
     notice_handled = rc == 143 if case.ranks == 1 or case.mode == SUP else case.first == signal.SIGTERM
     if notice_handled:
         assert got == newest, f"status {rc}: remote newest {got}, committed newest {newest}\n{out}"
-    else:
-        older = [s for s in [*_committed(local, case.ranks), *([base] if base is not None else [])] if s != newest]
-        assert got in (newest, max(older, default=None)), f"remote {got}, committed {newest}\n{out}"
+    else:  # no notice (a Ctrl-C in process): the newest state, or what was durable before
+        assert got is None or got in _committed(local, case.ranks) or got == before, f"remote {got}\n{out}"
 
 
 @pytest.mark.parametrize("case, backend", [pytest.param(c, b, id=f"{c}-{b}", marks=_marks(c, b)) for c, b in _cases()])
@@ -202,13 +237,11 @@ def test_a_signal_at_every_phase_leaves_the_newest_or_the_previous_state_durable
     remote = f"s3://{bucket}/run/"
     spec = PHASES[case.phase]
     entry = spec.pause[case.ranks]
-    base = None
     local = tmp_path / "local"
     if spec.base:  # an earlier instance's durable checkpoint, then a new instance
         argv, env = _argv(case, tmp_path / "earlier", remote, 10)
         r = run(argv, env=run_env(**server.env(), **env), timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
-        base = 10
         if spec.same_disk and case.ranks == 1:  # step 20 committed there only (no remote)
             local = tmp_path / "earlier"
             r = run(_command(case, 20), env=run_env(SPOTCKPT_LOCAL_DIR=str(local)), timeout=300)
@@ -224,6 +257,7 @@ def test_a_signal_at_every_phase_leaves_the_newest_or_the_previous_state_durable
         else:
             p.wait_for(r"^step 20$", 180)
         target = _rank0(p) if case.mode == INP and case.ranks == 2 else p.pid
+        before = _durable(server, bucket)
         os.kill(target, case.first)
         if case.second is not None and then is None:
             os.kill(target, case.second)  # no later point to wait for: at once
@@ -241,12 +275,14 @@ def test_a_signal_at_every_phase_leaves_the_newest_or_the_previous_state_durable
         pauses.release_all()
         p.kill()
     out = f"--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
-    # no error of ours (torchrun prints its own traceback when its workers exit 143); in
-    # process, a first SIGINT is a Ctrl-C: its KeyboardInterrupt goes through our frames
-    if not (case.mode == INP and case.first == signal.SIGINT):
-        assert not re.search(r'File ".*/spotckpt/', p.stderr), out
+    # no error of ours (torchrun prints its own traceback when its workers exit 143); but a
+    # Ctrl-C to one rank in process ends that rank, and the others say so (RankLostError)
+    errors = _errors_of_ours(p.stderr)
+    if case.mode == INP and case.ranks == 2 and case.first == signal.SIGINT:
+        errors = [e for e in errors if "RankLostError" not in e and "gloo" not in e]  # (its cause)
+    assert not errors, out
     steps, _ = remote_audit(server, bucket, "run/")   # every remote manifest verified
-    _check(case, rc, local, steps, base, out)
+    _check(case, rc, local, steps, before, out)
     if case.ranks == 1:  # a new instance resumes from the remote's newest
         r = run([PY, COUNTER, "--steps", str(steps[-1] if steps else 0)],
                 env=run_env(**server.env(), SPOTCKPT_LOCAL_DIR=str(tmp_path / "next"), SPOTCKPT_REMOTE=remote),
