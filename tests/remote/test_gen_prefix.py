@@ -274,9 +274,12 @@ def test_a_claim_body_always_reads_back_as_a_claim() -> None:
 
     hostile = {"started": 1.0, "host": "h" * 10_000, "pid": 1,
                "history": [[g, 1.5, "x" * 10_000, 7] for g in range(1, 5000)]
-               + [[0, 1, "h", 1], ["7", 1, "h", 1], [8, float("nan"), "h", 1], [9, 1, None, 1], [10, 1, "h"], "x"]}
+               + [[0, 1, "h", 1], ["7", 1, "h", 1], [8, float("nan"), "h", 1], [9, 1, None, 1], [10, 1, "h"], "x",
+                  [11, 1, "h", 1, "x" * 300], [12, 1, "h", 1, {"a": 1}], [13, 1, "h", 1, 1, 2, 3, 4, 5]]}
     hist = _gens.history({5000: hostile, 4999: {"started": 2.0, "host": "b", "pid": 2, "history": "junk"}})
     assert len(hist) == _gens.HISTORY_CAP and hist[-1][0] == 5000 and all(len(e[2]) <= 255 for e in hist)
+    later = _gens.history({3: {"started": 1.0, "host": "a", "pid": 1, "history": [[2, 0.5, "a", 1, "interrupted"]]}})
+    assert later[0] == [2, 0.5, "a", 1, "interrupted"]  # a later version's fields are carried on
     foreign = {f"{n:012d}": "e" * 40 for n in range(5000)}
     data = _gens.body(5001, hist, foreign)
     assert len(data) < _gens.MAX_BODY
