@@ -148,6 +148,7 @@ def test_a_foreign_key_after_the_own_claim_does_not_blind_the_check(remote_url: 
     b.check("commit")
 
 
+@pytest.mark.slow
 def test_a_zombie_behind_a_foreign_key_is_stopped_and_the_replacement_restored(remote_url: str,
                                                                             tmp_path: Path) -> None:
     """Item 8 end to end through the Syncer: the zombie's next commit and its retention
@@ -156,13 +157,13 @@ def test_a_zombie_behind_a_foreign_key_is_stopped_and_the_replacement_restored(r
     old, old_sync, old_fence = _writer(tmp_path, "old", remote_url)
     plant(remote_url, {f"gen/{old_fence.generation:012d}.old": b"a copy someone kept"})
     _commit(old, 1, b"old 1")
-    assert old_sync.flush(30)
+    assert old_sync.flush(120)
     new, new_sync, new_fence = _writer(tmp_path, "new", remote_url, keep_last=2)
     for s in (2, 3):
         _commit(new, s, b"new %d" % s)
-    assert new_sync.flush(30)
+    assert new_sync.flush(120)
     _commit(old, 10, b"old 10")
-    assert not old_sync.flush(30)
+    assert not old_sync.flush(120)
     assert isinstance(old_sync.stale, spotckpt.StaleGenerationError)
     assert RemoteStore(remote_url).committed() == [2, 3]
     assert _restored(remote_url, tmp_path / "fresh", start=True) == (3, b"new 3", new_fence.generation)
