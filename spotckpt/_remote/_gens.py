@@ -178,16 +178,21 @@ def read_many(store: RemoteStore, objs: list[Obj], until: Callable[[Any], bool] 
 
 
 def _entry(e: Any) -> list | None:
-    """A history entry ``[G, started, host, pid]`` as it may be carried on, or None: a body
-    spotckpt writes must always read back as a claim record (one that did not would stop
-    counting, and a start could claim below it), so what comes from another body is checked."""
-    if not (isinstance(e, list) and len(e) == 4):
+    """A history entry ``[G, started, host, pid, *more]`` as it may be carried on, or None: a
+    body spotckpt writes must always read back as a claim record (one that did not would stop
+    counting, and a start could claim below it), so what comes from another body is checked.
+    Up to 4 more plain values are carried on as they are (a later version's fields, such as how
+    an incarnation ended)."""
+    if not (isinstance(e, list) and 4 <= len(e) <= 8):
         return None
-    g, started, host, pid = e
+    g, started, host, pid, *more = e
     if type(g) is not int or not 0 < g <= MAX_GEN or type(started) not in (int, float) \
             or not math.isfinite(started) or not isinstance(host, str) or type(pid) is not int:
         return None
-    return [g, started, host[:255], pid]
+    if not all(m is None or type(m) in (bool, int) or type(m) is float and math.isfinite(m)
+               or isinstance(m, str) and len(m) <= 255 for m in more):
+        return None
+    return [g, started, host[:255], pid, *more]
 
 
 def history(records: dict[int, dict]) -> list[list]:
