@@ -38,13 +38,15 @@ class Schedule:
 
 def resolve_schedule(*, every: Any = None, failure_rate: Any = None, mtbf: Any = None,
                      min_interval: Any = None, max_interval: Any = None, every_steps: Any = None,
-                     every_seconds: Any = None, env: Mapping[str, str] | None = None) -> Schedule | None:
+                     every_seconds: Any = None, env: Mapping[str, str] | None = None,
+                     steps_name: str = "every_steps") -> Schedule | None:
     """Check the cadence settings; the :class:`Schedule` of ``every="auto"``, or None for a
     fixed cadence (``every_steps``/``every_seconds``, or none). Called by the Checkpointer's
     and each callback's constructor, so a bad setting fails where it is written.
 
     Arguments win over variables: with any cadence argument given (``every``,
     ``every_steps``, ``every_seconds``) the ``SPOTCKPT_EVERY*`` variables are not read.
+    ``steps_name``: what the caller calls ``every_steps`` (a callback's ``every_n_batches``).
 
     Raises:
         ConfigError: one line naming the setting: ``every`` other than ``"auto"``,
@@ -65,7 +67,7 @@ def resolve_schedule(*, every: Any = None, failure_rate: Any = None, mtbf: Any =
             return value, var.removeprefix("SPOTCKPT_").lower()
         return (env.get(var) or None), var
     if args:
-        how, fixed, where = every, [n for n, v in (("every_steps", every_steps),
+        how, fixed, where = every, [n for n, v in ((steps_name, every_steps),
                                                     ("every_seconds", every_seconds)) if v is not None], ""
     else:
         how = env.get("SPOTCKPT_EVERY") or None
