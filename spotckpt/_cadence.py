@@ -17,7 +17,8 @@ from spotckpt._errors import ConfigError
 # every="auto": the interval stays in [min, max]
 DEFAULT_MIN_INTERVAL = 60.0     # seconds: below a minute the saves themselves become the work
 DEFAULT_MAX_INTERVAL = 3600.0   # seconds: a kill without warning never costs more than an hour of work
-DEFAULT_MTBF_HOURS = 24.0       # prior: one failure without a usable warning per day of training
+DEFAULT_MTBF_HOURS = 2.0        # prior: one failure without a usable warning per 2 h (weighted lightly:
+                                # spotckpt/_checkpointer/_schedule.py, PRIOR_WEIGHT)
 
 CADENCE_ENV = ("SPOTCKPT_EVERY", "SPOTCKPT_EVERY_STEPS", "SPOTCKPT_EVERY_SECONDS")
 

@@ -52,13 +52,31 @@ class _Auto:
         self.shared_state = shared_state      # the local dir's state dir: the supervisor's copy
         self.recorder: Recorder | None = None
         self.history_note = "no history (no remote)"
-        self.local_copy: dict[str, Any] | None = None  # supervised: what the supervisor wrote
+        self.local_copy: dict[str, Any] | None = None  # the summary from the supervisor (or rank 0)
+        self.supervised = False
         self.last_tick: float | None = None
         self.stall = 0.0                      # seconds of saves since the last tick
         self.last_bytes = 0
         self.decision: Decision | None = None
         self.logged: Decision | None = None
         self.policy: AutoInterval | None = None
+        self.seeded: str | None = None        # C and D taken over from the previous incarnation
+
+    def seed(self) -> None:
+        """Start from the C and D an earlier incarnation measured (the newest decision with a
+        measured C in the history): a restart need not begin with the first interval again."""
+        prev = self.summary().get("measured") or {}
+        dec = prev.get("decision") if isinstance(prev, dict) else None
+        if not isinstance(dec, dict):
+            return
+
+        def ok(x: Any) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 86400.0
+        if ok(dec.get("c_s")) and self.meter.c is None:
+            self.meter.c = float(dec["c_s"])
+            if ok(dec.get("d_s")):
+                self.meter.d = float(dec["d_s"])
+            self.seeded = f"an earlier incarnation (generation {prev.get('generation')})"
 
     def summary(self) -> dict[str, Any]:
         if self.recorder is not None:
@@ -74,7 +92,7 @@ class _Auto:
         except (OSError, ValueError):
             return
         if isinstance(doc, dict) and isinstance(doc.get("summary"), dict):
-            self.local_copy = doc
+            self.local_copy, self.supervised = doc, True
             self.history_note = f"history from the supervisor (generation {doc.get('generation')})"
 
     def decide(self) -> Decision:
@@ -84,7 +102,7 @@ class _Auto:
         m = self.meter
         d, d_src = m.d, f"measured: save to durable, moving average of {m.samples} save(s)"
         bps = (self.local_copy or {}).get("upload_bytes_per_s")
-        if d is not None and self.local_copy is not None:
+        if d is not None and self.supervised:
             if isinstance(bps, (int, float)) and bps > 0:
                 d += self.last_bytes / bps
                 d_src = "measured: save to local commit, plus the upload at the supervisor's measured rate"
@@ -101,9 +119,15 @@ class _Auto:
             fit_now = fit
         ended = summ.get("ended") or {}
         rate, n = unwarned_rate(ended, t, self.sched.failure_rate, notice_fits=fit_now)
+        if m.c is not None and m.samples == 0:
+            c_src = d_src = f"measured by {self.seeded}, until this incarnation's first durable save"
+        elif m.c is not None:
+            c_src = (f"measured: stall + slowdown of the steps in the save's window, moving average of {m.samples} "
+                     f"save(s)" + (f" continuing {self.seeded}" if self.seeded else ""))
+        else:
+            c_src = "not measured yet (no save durable so far)"
         sources = {
-            "c": (f"measured: stall + slowdown of the steps in the save's window, moving average of "
-                  f"{m.samples} save(s)" if m.c is not None else "not measured yet (no save durable so far)"),
+            "c": c_src,
             "d": d_src if d is not None else "not measured yet",
             "rate": (f"{n} failure(s) without usable warning in {t / 3600:.3g} h of running over "
                      f"{int(summ.get('incarnations') or 0) + 1} incarnation(s) ({self.history_note}), "
@@ -113,8 +137,8 @@ class _Auto:
                          "never below the time to durable"),
         }
         if m.c is None:
-            sources["interval"] = (f"first interval, before anything is measured: sqrt(min_interval x "
-                                   f"max_interval) = sqrt({self.sched.min_interval:g} x {self.sched.max_interval:g}) s")
+            sources["interval"] = (f"first interval, before anything is measured: min_interval = "
+                                   f"{self.sched.min_interval:g} s (one early save measures C)")
         return decide(c=m.c, d=d, rate=rate, grace=self.grace, lo=self.sched.min_interval,
                       hi=self.sched.max_interval, notice_fits=fit, sources=sources)
 
@@ -153,8 +177,13 @@ class AutoSave:
         elif supervised() and cfg.name is None:
             a.history_note = "no history from the supervisor yet"
             a.read_local_copy()
-        elif store is not None:
-            a.history_note = "history kept by rank 0"
+        if d is not None and store is not None:  # every rank decides from rank 0's history
+            summ = d.broadcast(a.recorder.summary if a.recorder is not None else None, where="the job's history")
+            if d.rank != 0:
+                a.history_note = "rank 0's history" if summ is not None else "no history on rank 0"
+                if summ is not None:
+                    a.local_copy = {"summary": summ}
+        a.seed()
         a.policy = AutoInterval(a.decide, clock=self.clock, on_change=self._auto_decided)
         return a.policy
 
@@ -193,18 +222,18 @@ class AutoSave:
         if self._auto is not None:
             self._auto.last_tick = self.clock()
 
-    def _auto_saved(self, t0: float) -> None:
-        """A save (or commit_dir) started at ``t0`` returned to the training thread."""
+    def _auto_saved(self, t0: float, step: int) -> None:
+        """A save (or commit_dir) of ``step`` started at ``t0`` returned to the training thread."""
         a = self._auto
         if a is None:
             return
         stall = self.clock() - t0
         a.stall += stall
-        a.meter.saved(stall, at=t0)
+        a.meter.saved(stall, at=t0, step=step)
 
-    def _auto_durable(self, *, local_commit: bool, nbytes: int | None = None) -> None:
-        """The save in flight is durable: uploaded (``local_commit`` False), or committed
-        locally (``nbytes`` written) when nothing here uploads it. Any thread."""
+    def _auto_durable(self, step: int, *, local_commit: bool, nbytes: int | None = None) -> None:
+        """``step`` is durable: uploaded (``local_commit`` False), or committed locally
+        (``nbytes`` written) when nothing here uploads it. Any thread."""
         a = self._auto
         if a is None:
             return
@@ -212,7 +241,7 @@ class AutoSave:
             a.last_bytes = nbytes
         if local_commit and self._syncer is not None:
             return
-        a.meter.durable(at=self.clock())
+        a.meter.durable(at=self.clock(), step=step)
 
     # -- the end -----------------------------------------------------------------------------
     def _interrupt_save(self) -> None:

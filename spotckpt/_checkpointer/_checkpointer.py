@@ -54,7 +54,7 @@ class Checkpointer(Startup, Shutdown, AutoSave, Interrupt):
             ``every_seconds``.
         failure_rate, mtbf: ``every="auto"``'s prior for failures without a usable warning:
             per hour of training, or hours between them (one of the two; default one per
-            24 h). The job's own record soon outweighs it.
+            2 h, weighted as a quarter of a failure). The job's own record soon outweighs it.
         min_interval, max_interval: ``every="auto"``'s bounds in seconds (default 60, 3600).
         keep_last: committed checkpoints kept locally and remotely (default 2).
         grace_seconds: time from a notice to the deadline (default 30; 120 on SageMaker).
@@ -284,10 +284,10 @@ class Checkpointer(Startup, Shutdown, AutoSave, Interrupt):
             self._planner.record_save(snapshot_s, self.save_seconds, nbytes)
             self.events.emit("saved", step=step, bytes=nbytes, snapshot_s=round(snapshot_s, 4),
                              write_s=round(self.save_seconds, 4), dir=str(path))
-            self._auto_durable(local_commit=True, nbytes=nbytes)
+            self._auto_durable(step, local_commit=True, nbytes=nbytes)
 
         self._writer.submit(job)
-        self._auto_saved(c0)
+        self._auto_saved(c0, step)
 
     def save(self, *, blocking: bool = False) -> None:
         """Snapshot the state now (CPU copy in this thread); write and upload in the background.
@@ -336,10 +336,10 @@ class Checkpointer(Startup, Shutdown, AutoSave, Interrupt):
             self.events.emit("saved", step=payload_step, bytes=nbytes, snapshot_s=round(snapshot_s, 4),
                              write_s=round(self.save_seconds, 4),
                              flush_estimate_s=None if est is None else round(est, 3))
-            self._auto_durable(local_commit=True, nbytes=nbytes)
+            self._auto_durable(step, local_commit=True, nbytes=nbytes)
 
         self._writer.submit(job)
-        self._auto_saved(c0)
+        self._auto_saved(c0, step)
         if blocking:
             self._writer.wait()
 

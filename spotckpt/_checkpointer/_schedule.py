@@ -14,8 +14,13 @@ The inputs:
   ``(n + a) / (T + a / r0)`` where ``n`` counts the earlier incarnations that ended without
   a completed notice save (killed without notice, or the notice save was too late), ``T``
   is the job's running time so far (the history's, plus this incarnation's), ``r0`` the
-  prior rate (``failure_rate=`` / ``mtbf=``, default one per 24 h) and ``a`` =
-  :data:`PRIOR_WEIGHT` its weight in failures. If a notice save does not fit the grace
+  prior rate (``failure_rate=`` / ``mtbf=``; the default, one per 2 h of training, is
+  conservative) and ``a`` = :data:`PRIOR_WEIGHT` its weight in failures (a quarter): it
+  keeps the first intervals short, halves after half an hour without a failure, and the
+  job's own record decides within hours. When no failure ever comes, what the prior costs
+  is bounded: at most ``a · max_interval / 2`` of extra checkpoint overhead over the whole
+  job (7.5 minutes with the defaults), whatever C: exactly ``a·(max − τ0)²/(2·max)`` for
+  ``τ0`` the interval at the prior's rate. If a notice save does not fit the grace
   (``D`` x the planner's safety, plus its overhead, is more than the grace less the exit
   margin), every preemption counts: the completed notice saves are added to ``n``.
   Before ``D`` is measured the platform decides: a 2-minute notice (EC2, SageMaker) is
@@ -23,8 +28,9 @@ The inputs:
 - **τ**, the interval: Daly's higher-order optimum
   ``τ = √(2CM)·(1 + ⅓√(C/2M) + C/18M) − C`` for ``C < 2M`` (``M = 1/λ``), else ``M``;
   for ``C ≪ M`` it is Young's ``√(2C/λ)``. Then clamped to ``[min_interval,
-  max_interval]`` and never below ``D``. Before C is measured: ``√(min_interval ·
-  max_interval)`` (7 min 45 s with the defaults).
+  max_interval]`` and never below ``D``. Before C is measured: ``min_interval`` (60 s with
+  the defaults): one early save measures what a save costs. A restart starts from the C
+  and D its predecessor recorded in the history.
 - the expected fraction of time lost, first order: ``C/τ`` (overhead) + ``λ·(τ/2 + D)``
   (rework: half an interval and the time to durable, at each failure without warning).
 
@@ -40,7 +46,7 @@ from typing import Any
 
 from spotckpt._notices import FLUSH_MARGIN, PLAN_OVERHEAD, PLAN_SAFETY
 
-PRIOR_WEIGHT = 0.25   # the prior rate counts as a quarter of a failure: the job's own record soon decides
+PRIOR_WEIGHT = 0.25   # the prior counts as a quarter of a failure: the job's own record soon decides
 SMOOTHING = 0.3       # moving estimate of C and D: weight of the newest save
 USABLE_NOTICE = 120.0  # a platform notice this long (EC2's two minutes) is taken as usable until D is measured
 
@@ -61,8 +67,10 @@ def daly(c: float, rate: float) -> float:
 
 
 def first_interval(lo: float, hi: float) -> float:
-    """The interval before anything is measured: the middle of ``[lo, hi]`` on a log scale."""
-    return math.sqrt(lo * hi)
+    """The interval before anything is measured: ``lo``, so that one early save measures C
+    (bench/schedule.py: a first interval of sqrt(lo x hi) cost up to 1.7x the best fixed
+    interval on traces whose first failures come early)."""
+    return lo
 
 
 def fits(d: float | None, grace: float) -> bool | None:
@@ -138,7 +146,7 @@ def decide(*, c: float | None, d: float | None, rate: float, grace: float, lo: f
 
     Example:
         >>> decide(c=None, d=None, rate=1e-5, grace=30, lo=60, hi=3600).interval
-        464.7580015448901
+        60
     """
     if c is None:
         tau, how = first_interval(lo, hi), "first"
@@ -161,65 +169,84 @@ class CostMeter:
     """C and D measured from what the Checkpointer sees, with no timer in user code.
 
     ``step(seconds)`` after each step (the time between two step boundaries, less any
-    save's stall in between), ``saved(stall, at)`` when a save returned to the training
-    thread, ``durable(at)`` when that save is durable (the upload's callback; without a
-    remote, its local commit). Steps that end while a save is not yet durable are in its
-    *window*: their excess over the moving baseline of the steps outside windows is the
-    slowdown the background work caused. When the window closes, ``stall + max(0, excess)``
-    is one sample of C and ``durable - start`` one of D; both are moving averages.
+    save's stall in between), ``saved(stall, at, step)`` when a save returned to the
+    training thread, ``durable(at, step)`` when a step is durable (the upload's callback;
+    without a remote, its local commit; a newer step counts for the older ones). A save is
+    in its *window* from its start until it is durable; the steps that end while any save
+    is in its window are slowed down by the background work, and their excess over the
+    moving baseline of the steps outside windows is shared by the saves open then. When a
+    window closes, ``stall + its share of the excess`` is one sample of C and ``durable -
+    start`` one of D; both are moving averages. Windows overlap when saves come faster than
+    they become durable: each still gets its own D, which is what makes the interval grow
+    to the time to durable (a new save used to close the old window unmeasured, and a first
+    interval shorter than D then never measured anything).
+
+    The first save of a process is not a sample (``warmup``): it copies into fresh buffers
+    (a page fault per 4 KiB, up to 40x a memcpy: docs/design.md "Performance") and starts
+    the writer; measured in ``bench/schedule.py``, it stalled 0.44 s where the next ones took
+    0.03-0.1 s, and an interval chosen from it lost a whole hour of work at the first kill.
 
     Example:
-        >>> m = CostMeter(); m.step(1.0); m.saved(0.2, at=10.0); m.step(1.5); m.durable(at=12.0); m.step(1.0)
-        >>> round(m.c, 3), m.d
+        >>> m = CostMeter(warmup=0); m.step(1.0); m.saved(0.2, at=10.0); m.step(1.5); m.durable(at=12.0)
+        >>> m.step(1.0); round(m.c, 3), m.d
         (0.7, 2.0)
     """
 
-    def __init__(self, *, smoothing: float = SMOOTHING) -> None:
-        self.smoothing = smoothing
+    MAX_OPEN = 8   # windows kept open at most (uploads failing for long: the oldest are dropped)
+
+    def __init__(self, *, smoothing: float = SMOOTHING, warmup: int = 1) -> None:
+        self.smoothing, self.warmup = smoothing, warmup
         self.c: float | None = None
         self.d: float | None = None
         self.base: float | None = None     # moving mean of a step outside a save's window
         self.samples = 0
-        self._open: tuple[float, float] | None = None  # (stall, start) of the save in flight
-        self._excess = 0.0
-        self._durable_at: float | None = None
+        self._open: list[list[Any]] = []    # [stall, start, step, excess share, durable at]
+        self._durable: tuple[float, int | None] | None = None   # (at, step) reported, not applied yet
 
     def _avg(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.smoothing * (new - old)
 
     @property
     def in_window(self) -> bool:
-        return self._open is not None
+        return bool(self._open)
 
     def step(self, seconds: float) -> None:
         if seconds < 0:
             return
-        if self._open is None:
+        if not self._open:
             self.base = self._avg(self.base, seconds)
             return
-        if self.base is not None:
-            self._excess += seconds - self.base
-        if self._durable_at is not None:
-            self._close()
+        if self.base is not None:  # the slowdown, shared by the saves in their window now
+            for w in self._open:
+                w[3] += (seconds - self.base) / len(self._open)
+        self._apply()
 
-    def saved(self, stall: float, *, at: float) -> None:
-        """A save returned after ``stall`` seconds in the training thread; it started at ``at``."""
-        if self._open is not None:  # the previous one never reported durable (a failing upload)
-            self._open, self._excess = None, 0.0
-        self._open, self._excess, self._durable_at = (max(0.0, stall), at), 0.0, None
+    def saved(self, stall: float, *, at: float, step: int = 0) -> None:
+        """A save of ``step`` returned after ``stall`` seconds in the training thread; it
+        started at ``at``."""
+        self._open.append([max(0.0, stall), at, step, 0.0, None])
+        del self._open[:-self.MAX_OPEN]
 
-    def durable(self, *, at: float) -> None:
-        """The save in flight is durable (any thread: one assignment)."""
-        if self._open is not None:
-            self._durable_at = at
+    def durable(self, *, at: float, step: int | None = None) -> None:
+        """``step`` (None: every save in its window) is durable. Any thread: one assignment,
+        applied at the next step boundary."""
+        self._durable = (at, step)
 
-    def _close(self) -> None:
-        assert self._open is not None and self._durable_at is not None
-        stall, start = self._open
-        self.c = self._avg(self.c, stall + max(0.0, self._excess))
-        self.d = self._avg(self.d, max(0.0, self._durable_at - start))
-        self.samples += 1
-        self._open, self._excess, self._durable_at = None, 0.0, None
+    def _apply(self) -> None:
+        got, self._durable = self._durable, None
+        if got is not None:
+            at, step = got
+            for w in self._open:
+                if step is None or w[2] <= step:
+                    w[4] = at if w[4] is None else w[4]
+        while self._open and self._open[0][4] is not None:
+            stall, start, _, excess, at = self._open.pop(0)
+            if self.warmup > 0:
+                self.warmup -= 1
+                continue
+            self.c = self._avg(self.c, stall + max(0.0, excess))
+            self.d = self._avg(self.d, max(0.0, at - start))
+            self.samples += 1
 
 
 __all__ = ["CostMeter", "Decision", "PRIOR_WEIGHT", "daly", "decide", "describe", "first_interval", "fits",

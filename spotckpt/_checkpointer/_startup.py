@@ -135,7 +135,7 @@ class Startup:
         """Syncer thread: learn the upload rate; drop local checkpoints that were kept only
         because they were still uploading."""
         self._planner.record_upload(nbytes, seconds)
-        self._auto_durable(local_commit=False)
+        self._auto_durable(step, local_commit=False)
         if self._engine is not None:
             self._engine.retention()
 

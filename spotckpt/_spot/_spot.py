@@ -164,6 +164,7 @@ class SpotEmulator:
             self._absorb(events.new(), attempt)
             time.sleep(0.05)
         killed = self.proc.poll() is None
+        attempt["NoticeToExitSeconds"] = round(self.args.grace - max(0.0, end - self._now()), 3)
         self._kill_container()  # the instance is gone: its leftovers too
         self._absorb(events.new(), attempt)
         rc = self.proc.returncode
@@ -270,7 +271,8 @@ class SpotEmulator:
 
     def _attempt(self, n: int, wait: float) -> str:
         job = self.job
-        attempt: dict[str, Any] = {"Number": n + 1, "CapacityWaitSeconds": None if math.isinf(wait) else wait}
+        attempt: dict[str, Any] = {"Number": n + 1, "CapacityWaitSeconds": None if math.isinf(wait) else wait,
+                                   "StartTime": job.iso(time.time())}
         job.attempts.append(attempt)
         events = self._start_container()
         started = self._now()

@@ -40,7 +40,7 @@ def test_each_callback_accepts_every_auto(tmp_path: Path, framework: str) -> Non
     meta = LocalDir(local).meta
     events = [json.loads(x) for x in (meta / "events.jsonl").read_text().splitlines()]
     decisions = [e for e in events if e["event"] == "schedule"]
-    assert decisions and decisions[0]["how"] == "first" and decisions[0]["interval_s"] == pytest.approx(0.1)
+    assert decisions and decisions[0]["how"] == "first" and decisions[0]["interval_s"] == pytest.approx(0.05)
     # saves on its own schedule, and measured the cost of one
     saved = [e for e in events if e["event"] == "saved"]
     assert len(saved) >= 2, [e["event"] for e in events]

@@ -89,16 +89,16 @@ def test_spotckpt_every_auto_and_the_first_interval(tmp_path: Path, monkeypatch:
     clock = _Clock()
     with spotckpt.Checkpointer({"x": 1}, local_dir=tmp_path / "ck", remote=None, clock=clock) as ckpt:
         assert isinstance(ckpt._policy, AutoInterval)
-        assert ckpt._policy.interval == pytest.approx(464.7580015)   # sqrt(60 x 3600) s, stated in the docs
+        assert ckpt._policy.interval == 60.0   # min_interval, stated in the docs: one early save measures C
         (first,) = _events(ckpt, "schedule")
-        assert first["how"] == "first" and "sqrt(min_interval x max_interval)" in first["sources"]["interval"]
+        assert first["how"] == "first" and "min_interval = 60 s" in first["sources"]["interval"]
         decision = json.loads((ckpt._local.meta / "schedule.json").read_text())
-        assert decision["interval_s"] == pytest.approx(464.758)
-        for step in ckpt.steps(total=10):
-            clock.t += 60.0                       # one minute per step: the first save after 8 steps
-        assert ckpt._last_saved == 10
+        assert decision["interval_s"] == 60.0 and decision["c_s"] is None
+        for step in ckpt.steps(total=4):
+            clock.t += 25.0                       # 25 s per step: the first save after 3 steps (75 s)
+        assert ckpt._last_saved == 4
     saved = [e["step"] for e in _events(ckpt, "saved")]
-    assert saved == [8, 10]   # 8 x 60 s >= 464.8 s; then the end of the loop
+    assert saved == [3, 4]   # then the end of the loop
     with spotckpt.Checkpointer({"x": 1}, local_dir=tmp_path / "ck2", remote=None, every_steps=3) as ckpt:
         assert isinstance(ckpt._policy, EverySteps)  # the argument wins over SPOTCKPT_EVERY
 
