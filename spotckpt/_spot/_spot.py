@@ -196,7 +196,8 @@ class SpotEmulator:
                 attempt.setdefault("Channels", {})[e.get("channel")] = {"Files": e.get("files"), "Bytes": e.get("bytes")}
             elif kind == "schedule":  # every="auto": the decision in force in this incarnation
                 attempt["Schedule"] = {k: e.get(k) for k in ("interval_s", "how", "c_s", "d_s", "rate_per_hour",
-                                                              "notice_fits", "fraction_lost", "step")}
+                                                              "notice_fits", "overhead", "rework", "fraction_lost",
+                                                              "sources", "step")}
                 attempt["ScheduleDecisions"] = attempt.get("ScheduleDecisions", 0) + 1
             elif kind == "history_begin":
                 attempt["Generation"] = e.get("generation")

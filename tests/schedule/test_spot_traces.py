@@ -109,6 +109,7 @@ def test_emulated_job_reports_the_schedule_per_incarnation_and_status_explains_i
     for a in attempts:
         s = a["Schedule"]
         assert 0.2 <= s["interval_s"] <= 2.0 + (s["d_s"] or 0) and s["rate_per_hour"] > 0, s
+        assert {"c", "d", "rate", "grace", "notice", "interval"} <= set(s["sources"]), s  # where each came from
     assert attempts[1]["Schedule"]["rate_per_hour"] > attempts[0]["Schedule"]["rate_per_hour"]  # learned the kill
     assert rep["RecordedHistory"]["Ended"] == {"hard-kill": 1, "notice-saved": 1, "completed": 1}
     assert "Attempt 2: every='auto' chose" in r.stderr and "(recorded end: notice-saved)" in r.stderr
