@@ -37,7 +37,7 @@ def free_port() -> int:
 
 # Test modules whose S3 tests run against both moto and RGW (see the module docstring).
 RGW_MODULES = {"test_store_contract", "test_commit_restore", "test_e2e_custom_loop", "test_corruption",
-               "test_hostile_remote", "test_chaos_crash", "test_fencing"}
+               "test_hostile_remote", "test_chaos_crash", "test_fencing", "test_history"}
 # read at import: the autouse _isolated_env removes SPOTCKPT_* variables inside tests
 RGW_REQUIRED = os.environ.get("SPOTCKPT_REQUIRE_RGW") == "1"
 RGW_ENABLED = os.environ.get("SPOTCKPT_TEST_RGW", "1") != "0"
