@@ -1,6 +1,6 @@
 """Run every benchmark against the S3 test server on loopback and write BENCHMARKS.md.
 
-    python bench/run.py            # full sizes (1 GiB states, the scale curve to 4 GiB), ~67 min on 2 cores
+    python bench/run.py            # full sizes (1 GiB states, the scale curve to 4 GiB), ~67 min on 2 cores (+ ~20: schedule)
     python bench/run.py --quick    # scaled-down sizes, 8.3 min on a quiet machine: the peers at 64 MiB (the
                                    # CPU-bound loop 1 round), the scale curve to 256 MiB, rows 2, 4, 6-8
     python bench/run.py --parts peers,scale --peer-sizes 1024   # one part alone

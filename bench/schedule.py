@@ -133,11 +133,13 @@ def _phases(rep: dict[str, Any], wd: Path) -> dict[str, Any]:
         if (wd / "progress.log").exists() else []
     trains = [_wall(t["StartTime"]) for t in rep.get("SecondaryStatusTransitions", []) if t["Status"] == "Training"]
     pre, child = [], []
-    for a, t0 in list(zip(rep.get("Attempts", []), trains))[1:]:
-        after = [x for x in steps if x >= t0]
-        if after:
-            pre.append(t0 - _wall(a["StartTime"]))
-            child.append(max(0.0, min(after) - t0 - STEP_S))
+    starts = _starts(rep)
+    for i, (s0, t0) in list(enumerate(zip(starts, trains)))[1:]:
+        end = starts[i + 1] if i + 1 < len(starts) else float("inf")
+        mine = [x for x in steps if t0 <= x < end]
+        if mine:
+            pre.append(t0 - s0)
+            child.append(max(0.0, min(mine) - t0 - STEP_S))
     writes = []
     for ev in (wd / "job").glob(".*.spotckpt/events.jsonl"):
         for line in ev.read_text().splitlines():
@@ -165,26 +167,32 @@ def _wall(iso: str) -> float:
     return dt.datetime.fromisoformat(iso).timestamp()
 
 
+def _starts(rep: dict[str, Any]) -> list[float]:
+    """When each instance started, as its instance seconds count it: the "Downloading" status
+    set right after the container started (the attempt's StartTime is before the previous
+    instance's dir is removed, which under load took seconds and is no instance's time)."""
+    return [_wall(t["StartTime"]) for t in rep.get("SecondaryStatusTransitions", []) if t["Status"] == "Downloading"]
+
+
 def _progress(rep: dict[str, Any], path: Path) -> dict[str, Any]:
     """Steps run (more than the job's: rework) and each later start's seconds to its first step."""
     lines = [x.split() for x in path.read_text().splitlines()] if path.exists() else []
-    steps = [x for x in lines if x[0] == "step"]
-    first: dict[str, float] = {}
-    for x in steps:
-        first.setdefault(x[1], float(x[2]))
-    starts = [_wall(a["StartTime"]) for a in rep["Attempts"]]
+    steps = [float(x[2]) for x in lines if x[0] == "step"]
+    starts = _starts(rep)
     restart = 0.0
-    for t0 in starts[1:]:
-        after = [t for t in first.values() if t >= t0]
-        if after:
-            restart += min(after) - t0 - STEP_S
+    for i, t0 in list(enumerate(starts))[1:]:
+        end = starts[i + 1] if i + 1 < len(starts) else float("inf")
+        mine = [t for t in steps if t0 <= t < end]
+        if mine:
+            restart += min(mine) - t0 - STEP_S
+        elif i < len(rep["Attempts"]):   # killed before its first step: the whole instance was start-up
+            restart += rep["Attempts"][i].get("InstanceSeconds") or 0.0
     return {"steps_run": len(steps), "restart_s": restart}
 
 
 def run_trace(out: Path, tr: dict[str, Any]) -> dict[str, Any]:
     """One trace: every policy and a baseline at once (they sleep; started together they see
     the same load)."""
-    n_steps = int(round(JOB_HOURS * 3600 / SCALE / STEP_S))
     pts = points(tr, 4 * JOB_HOURS * 3600)
     tf = out / f"{tr['name'].replace('/', '-')}.trace"
     tf.parent.mkdir(parents=True, exist_ok=True)
@@ -205,10 +213,16 @@ def run_trace(out: Path, tr: dict[str, Any]) -> dict[str, Any]:
     errors = {p: r["error"] for p, r in runs.items() if "error" in r}
     if errors:
         raise RuntimeError(f"trace {tr['name']}: {errors}")
+    return metrics(tr, runs)
+
+
+def metrics(tr: dict[str, Any], runs: dict[str, Any]) -> dict[str, Any]:
+    """A trace's row: each policy's lost time against the baseline, and its parts."""
+    n_steps = int(round(JOB_HOURS * 3600 / SCALE / STEP_S))
     base = runs["baseline"]["report"]["InstanceSeconds"]
     row: dict[str, Any] = {"trace": tr["name"], "title": tr["title"], "kind": "emulated",
                            "interruptions": runs["auto"]["report"]["InterruptionCount"],
-                           "baseline_s": base, "policies": {}}
+                           "baseline_s": base, "policies": {}, "baseline": runs["baseline"]}
     for policy in POLICIES:
         r = runs[policy]
         lost = max(0.0, r["report"]["InstanceSeconds"] - base) * SCALE
@@ -256,27 +270,58 @@ def verdict(rows: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(out: Path, quick: bool = False, log: Any = print) -> dict[str, Any]:
-    from schedule_replay import measured_costs, replay_check, run_replayed, seed_sweep
-
     t0 = time.monotonic()
     traces = EMULATED[:2] if quick else EMULATED
     log(f"schedule: {len(traces)} emulated traces x {len(POLICIES)} policies + baseline (one second = "
         f"{SCALE / 60:g} minutes of training)")
     emulated = run_emulated(out, traces, log)
+    res = analyze(emulated, quick, log)
+    res.update(elapsed_s=time.monotonic() - t0, load=os.getloadavg())
+    return res
+
+
+def analyze(emulated: dict[str, Any], quick: bool = False, log: Any = print) -> dict[str, Any]:
+    """Everything derived from the emulated rows: the costs, the replays, the verdict."""
+    from schedule_replay import measured_costs, replay_check, run_replayed, seed_sweep
+
     costs = measured_costs(emulated)
     log(f"  measured (training seconds): C {costs.c:.2f}, time to durable {costs.d:.1f}, restart {costs.restart:.0f}")
     replayed = run_replayed(REPLAYED, costs)
     rows = {**emulated, **replayed}
     log("  the replay over 12 seeds per trace family (the spread of the criterion)")
-    res = {"scale": SCALE, "job_hours": JOB_HOURS, "step_s": STEP_S, "state_mb": STATE_MB, "grace_s": GRACE,
-           "month_days": MONTH_DAYS, "costs": dataclasses.asdict(costs), "rows": rows,
-           "check": replay_check(emulated, costs), "verdict": verdict(rows),
-           "sweep": seed_sweep(costs, 4 if quick else 12),
-           "elapsed_s": time.monotonic() - t0, "load": os.getloadavg()}
-    return res
+    return {"scale": SCALE, "job_hours": JOB_HOURS, "step_s": STEP_S, "state_mb": STATE_MB, "grace_s": GRACE,
+            "month_days": MONTH_DAYS, "costs": dataclasses.asdict(costs), "rows": rows,
+            "check": replay_check(emulated, costs), "verdict": verdict(rows),
+            "sweep": seed_sweep(costs, 4 if quick else 12)}
+
+
+def reanalyze(results: Path, out: Path) -> None:
+    """Derive the results again from a run's artifacts in ``out`` (reports, progress logs,
+    events): after a change to this analysis, without running the emulator again. The
+    measured lost times do not change; run ``bench/run.py --parts schedule --from-json
+    RESULTS`` then to render the section."""
+    doc = json.loads(results.read_text())
+    r = doc["schedule"]
+    emulated = {}
+    for tr in EMULATED:
+        row = r["rows"].get(tr["name"])
+        if row is None or row["kind"] != "emulated":
+            continue
+        runs = {p: x["run"] for p, x in row["policies"].items()}
+        runs["baseline"] = row.get("baseline") or {"report": {"InstanceSeconds": row["baseline_s"]}}
+        for p, run_ in runs.items():
+            wd = out / tr["name"].replace("/", "-") / p.replace(" ", "")
+            full = json.loads((wd / "job" / "describe-training-job.json").read_text())
+            run_.update(_progress(full, wd / "progress.log"), **_phases(full, wd))
+        emulated[tr["name"]] = metrics(tr, runs)
+    r.update(analyze(emulated), reanalyzed=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    results.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":
+    if "--reanalyze" in sys.argv:
+        reanalyze(REPO / "bench" / "results-schedule.json", REPO / "bench" / "out" / "schedule")
+        sys.exit(0)
     r = run(REPO / "bench" / "out" / "schedule", quick="--quick" in sys.argv)
     (REPO / "bench" / "out").mkdir(exist_ok=True)
     (REPO / "bench" / "out" / "results-schedule.json").write_text(json.dumps(r, indent=1, default=str))

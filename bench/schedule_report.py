@@ -30,7 +30,9 @@ def section(r: dict[str, Any], svg_path: Path, svg_ref: str, raw: str | None = N
     lines = [
         "", HEADING, "",
         f"Written by `python bench/run.py --parts schedule` (part of `make bench`) in {r['elapsed_s'] / 60:.1f} min, "
-        f"load average {r['load'][0]:.1f} at the end. Lost time = checkpoint overhead + rework + restarts, in **minutes "
+        f"load average {r['load'][0]:.1f} at the end"
+        + (f" (the analysis derived again from that run's artifacts on {r['reanalyzed']}: `python bench/schedule.py "
+           "--reanalyze`)" if r.get("reanalyzed") else "") + ". Lost time = checkpoint overhead + rework + restarts, in **minutes "
         "of training**; the best fixed interval is chosen in hindsight per trace. every=\"auto\" runs with its defaults "
         "(60 s to 1 h, a prior of one failure without warning per 2 h, weighted as a quarter of a failure), scaled like the traces.",
         "",
