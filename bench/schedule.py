@@ -156,8 +156,9 @@ def _slim(rep: dict[str, Any]) -> dict[str, Any]:
     out["Attempts"] = [{k: a.get(k) for k in ("Number", "StartTime", "InstanceSeconds", "Schedule",
                                                "RecordedEnding", "ExitStatus", "NoticeToExitSeconds")}
                        for a in rep["Attempts"]]
-    out["Interruptions"] = [{k: i.get(k) for k in ("AtTrainingSeconds", "Notice", "LostSeconds", "LostSteps")}
-                            for i in rep["Interruptions"]]
+    for a in out["Attempts"]:  # (the decision's numbers; its sentences stay in the run's own report)
+        if isinstance(a.get("Schedule"), dict):
+            a["Schedule"] = {k: v for k, v in a["Schedule"].items() if k != "sources"}
     return out
 
 

@@ -74,8 +74,9 @@ class _Auto:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 86400.0
         if ok(dec.get("c_s")) and self.meter.c is None:
             self.meter.c = float(dec["c_s"])
-            if ok(dec.get("d_s")):
-                self.meter.d = float(dec["d_s"])
+            d = dec.get("d_meter_s", dec.get("d_s"))  # (as measured here: without the supervisor's upload)
+            if ok(d):
+                self.meter.d = float(d)
             self.seeded = f"an earlier incarnation (generation {prev.get('generation')})"
 
     def summary(self) -> dict[str, Any]:
@@ -94,6 +95,12 @@ class _Auto:
         if isinstance(doc, dict) and isinstance(doc.get("summary"), dict):
             self.local_copy, self.supervised = doc, True
             self.history_note = f"history from the supervisor (generation {doc.get('generation')})"
+
+    def record(self) -> dict[str, Any] | None:
+        """The decision in force as logged and kept in the history, with the meter's own D."""
+        if self.decision is None:
+            return None
+        return {**self.decision.to_dict(), "d_meter_s": None if self.meter.d is None else round(self.meter.d, 4)}
 
     def decide(self) -> Decision:
         summ = self.summary()
@@ -167,7 +174,7 @@ class AutoSave:
                 a.recorder = Recorder.begin(store, fence, startup_s=_startup_seconds(), clock=self.clock)
                 a.history_note = f"history.json on the remote, generation {fence.generation}"
                 self.events.emit("history_begin", generation=fence.generation, **a.recorder.summary)
-                a.recorder.decision = lambda: a.decision.to_dict() if a.decision is not None else None
+                a.recorder.decision = a.record
                 if self._syncer is not None:
                     self._syncer.history = a.recorder  # one beat per durable checkpoint
             except Exception as e:  # noqa: BLE001 - advice only: train on with the prior
@@ -192,14 +199,15 @@ class AutoSave:
         if a is None:
             return
         a.decision = dec
+        rec = a.record()
         old = a.logged
         if old is None or dec.how != old.how or abs(dec.interval - old.interval) > 0.1 * old.interval:
             a.logged = dec
-            self.events.emit("schedule", step=self.step, **dec.to_dict())
+            self.events.emit("schedule", step=self.step, **rec)
             log.info("spotckpt: every='auto': %s", dec.line())
         try:
             write_atomic(a.state_dir / SCHEDULE_FILE, json.dumps(
-                {"ts": round(time.time(), 3), "pid": os.getpid(), "step": self.step, **dec.to_dict()},
+                {"ts": round(time.time(), 3), "pid": os.getpid(), "step": self.step, **rec},
                 default=str).encode(), sync=False)
         except OSError:
             pass
