@@ -81,6 +81,30 @@ def test_only_the_newest_generation_writes_it(tmp_path: Path) -> None:
     assert doc["incarnations"][-1]["ended"] == "completed" and doc["totals"]["ended"]["completed"] == 1
 
 
+def test_a_restart_seeds_from_the_newest_decision_that_measured_c(tmp_path: Path) -> None:
+    """An incarnation killed before it measured anything passes nothing on; the one before it
+    did (a chain of early kills used to send every later restart back to the first interval)."""
+    store = RemoteStore(f"file://{tmp_path}/remote/")
+    first = Recorder.begin(store, claim(store))
+    first.decision = lambda: {"interval_s": 300.0, "c_s": 4.0, "d_s": 20.0, "d_meter_s": 12.0}
+    first.beat()
+    second = Recorder.begin(store, claim(store))          # the first was killed: hard-kill
+    second.decision = lambda: {"interval_s": 60.0, "c_s": None, "d_s": None}
+    second.beat()
+    third = Recorder.begin(store, claim(store))
+    assert third.summary["previous"]["generation"] == 2
+    assert third.summary["measured"] == {"generation": 1, "decision": {"interval_s": 300.0, "c_s": 4.0,
+                                                                      "d_s": 20.0, "d_meter_s": 12.0}}
+    from spotckpt._cadence import Schedule
+    from spotckpt._checkpointer._autosave import _Auto
+    a = _Auto(Schedule(), clock=lambda: 0.0, grace=120.0, grace_source="test", state_dir=tmp_path,
+              shared_state=tmp_path)
+    a.recorder = third
+    a.seed()
+    assert (a.meter.c, a.meter.d) == (4.0, 12.0)  # the meter's own D, not one with a supervisor's upload in it
+    assert a.decide().how != "first"
+
+
 @pytest.mark.parametrize("content", [
     b"\x00\xff not json", b"[]", b'{"format": "other/9"}', b"{" * 5000 + b"}" * 5000,
     json.dumps({"format": "spotckpt-history/1", "totals": {"incarnations": -5, "run_s": "NaN",
