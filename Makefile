@@ -53,7 +53,8 @@ demo: $(STAMP)
 demo-sagemaker: $(STAMP)
 	$(VPY) examples/demo_sagemaker.py
 
-# Benchmarks against the S3 test server on loopback; writes BENCHMARKS.md (see bench/run.py).
+# Benchmarks against the S3 test server on loopback; writes BENCHMARKS.md (see bench/run.py). The
+# schedule part (every="auto" against fixed intervals, bench/schedule.py) runs the emulator on file://.
 # QUICK=1: scaled-down sizes, under 10 minutes (8.3 min on a quiet machine: docs/performance.md).
 bench: $(STAMP)
 	$(VPY) bench/run.py $(if $(filter-out 0,$(QUICK)),--quick)

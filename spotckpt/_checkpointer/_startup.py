@@ -33,6 +33,7 @@ class Startup:
         """Validate settings, take the local dir, restore the newest checkpoint, start the
         background threads and the signal handlers."""
         cfg = self.config = Config.resolve(**self._args)
+        self._auto = None
         d = self._dist = _distributed.detect(self.state)
         # Under `spotckpt run`: the supervisor uploads one unnamed process's checkpoints in its
         # dir (`served`); ranks upload their parts in its generation; a named lineage or
@@ -137,6 +138,8 @@ class Startup:
                 self._board, sources_from_env(), on_advise=self._board.advise,
                 interval=float(os.environ.get("SPOTCKPT_METADATA_INTERVAL") or 5.0))
             self._watcher.start()
+            if cfg.schedule is not None:  # every="auto": after the restore (its first byte waits for nothing)
+                self._policy = self._auto_open(cfg.schedule, store=store, fence=fence)
             self._open = True
         except BaseException:
             self._teardown()
@@ -146,6 +149,7 @@ class Startup:
         """Syncer thread: learn the upload rate; drop local checkpoints that were kept only
         because they were still uploading."""
         self._planner.record_upload(nbytes, seconds)
+        self._auto_durable(step, local_commit=False)
         if self._engine is not None:
             self._engine.retention()
 

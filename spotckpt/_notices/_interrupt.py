@@ -94,6 +94,7 @@ class Interrupt:
             budget = max(0.0, notice.seconds_left(self.clock) - FLUSH_MARGIN)
             ok = finish_uploads(self._syncer, plan.action, budget, self.config.remote,
                                 current=self.step if saved else None)
+        self._flush_ok = ok
         self.events.emit("flush", action=plan.action, step=self.step, durable=ok,
                          durable_step=self.durable_step, estimate_s=plan.estimate,
                          actual_s=round(self.clock() - t0, 3),

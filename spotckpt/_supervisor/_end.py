@@ -17,7 +17,7 @@ from spotckpt._events import EventLog, log
 from spotckpt._notices import EXIT_INTERRUPTED, EXIT_STALE, FLUSH_MARGIN
 from spotckpt._sync import human_bytes
 
-from . import _proctree as pt
+from . import _history, _proctree as pt
 
 # Seconds kept back from the deadline for our own exit: the final flush ends then, as a
 # Checkpointer's interruption flush does; the exit watchdog (_notices._exit) fires at 1 s.
@@ -83,6 +83,10 @@ class Finish:
             self.syncer.close(timeout=0.0, join=0.0)
             sys.stderr.write(f"spotckpt.StaleGenerationError: {self.syncer.stale}\n")
             return EXIT_STALE
+        if self.history is not None:  # how this incarnation ended, within what is left of the deadline
+            self.history.end(_history.ending(rc=rc, notice=self.notice_at is not None, flushed=self.flushed,
+                                             killed=self.killed),
+                             timeout=self._seconds_left(default=5.0, cap=5.0))
         if rc is not None and status == 0 and self.notice_at is None and self.contract is not None:
             status = self._upload_artifacts()
         if self.notice_at is not None:
@@ -209,6 +213,7 @@ class Finish:
         what += f", {len(files)} file(s) of the watched dir uploaded this run ({human_bytes(sum(files.values()))})"
         left = "" if self.deadline is None else f"; {max(0.0, self.deadline - self.clock()):.1f} s left before the deadline"
         newest = self.local.committed()[-1:] or [None]
+        self.flushed = ok
         if ok:
             log.warning("spotckpt run: durable at %s: %s%s (final flush %.1f s)", self.cfg.remote, what,
                         left, self.clock() - t0)

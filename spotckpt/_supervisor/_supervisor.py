@@ -41,12 +41,12 @@ from spotckpt._config import SUPERVISOR_ENV, Config
 from spotckpt._errors import ConfigError
 from spotckpt._events import log
 from spotckpt._notices import EXIT_INTERRUPTED, _exit
-from spotckpt._remote import RemoteStore, claim
+from spotckpt._remote import Recorder, RemoteStore, claim
 from spotckpt._sagemaker import Contract
 from spotckpt._sync import Engine, Syncer, check_not_stale, open_remote, pull
 from spotckpt._watch import DirRule, WriterGate
 
-from . import _proctree as pt
+from . import _history, _proctree as pt
 from ._child import Child, resolve_command
 from ._end import _MARGIN, Finish, Tap
 from ._wakeup import Wakeup
@@ -109,6 +109,8 @@ class Supervisor(Finish):
         self._writers: set[str] = set()
         self._old_handlers: dict[int, Any] = {}
         self._wake: Wakeup | None = None
+        self.history: Recorder | None = None  # this incarnation's record in the job's history
+        self.flushed = False  # the final flush made everything durable
 
     # -- before the child ------------------------------------------------------------------
     def prepare(self) -> None:
@@ -142,6 +144,8 @@ class Supervisor(Finish):
                 if res.step is not None:
                     self._submitted = res.step
                 self._ranked = res.ranked  # the command's ranks restore it; one process may not
+            assert self.syncer.fence is not None
+            self.history = _history.begin(self.store, self.syncer.fence, self.syncer, self.local, self.events)
         else:
             self.local.clean_temp()
             log.warning("spotckpt run: no remote (set --remote or SPOTCKPT_REMOTE): "

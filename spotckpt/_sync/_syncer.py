@@ -20,7 +20,7 @@ from typing import Callable
 from spotckpt._commit import MANIFEST, LocalDir, Manifest, parse_step_dirname, step_dirname
 from spotckpt._errors import CorruptCheckpointError, RemoteError, StaleGenerationError
 from spotckpt._events import EventLog, log
-from spotckpt._remote import Fence, RemoteStore, generation_of, payload_dir
+from spotckpt._remote import Fence, Recorder, RemoteStore, generation_of, payload_dir
 from spotckpt._watch import DirRule, Watcher, WriterGate, rules_from_env
 
 from ._layout import SingleLayout
@@ -78,6 +78,7 @@ class Syncer:
         self.bytes_uploaded = 0
         self.layout: SingleLayout = SingleLayout()  # RankLayout for one rank of many
         self.on_upload: Callable[[int, int, float], None] | None = None  # (step, bytes, seconds)
+        self.history: Recorder | None = None  # one beat per durable checkpoint (every="auto", _remote/_history.py)
         self.upload_seconds = 0.0
         self._scan_cost = 0.0     # CPU seconds of the last idle mirror pass
         self._mirror_more = False  # the last pass yielded to a checkpoint: go on at once
@@ -301,6 +302,8 @@ class Syncer:
         self.events.emit("upload_done", step=step, bytes=manifest.total_bytes, seconds=round(dt, 3))
         if self.on_upload is not None:
             self.on_upload(step, manifest.total_bytes, dt)
+        if self.history is not None:
+            self.history.beat()  # right after the commit whose check proved this generation newest
         if lay.owns_retention:
             self._remote_retention(step)
 

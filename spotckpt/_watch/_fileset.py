@@ -32,7 +32,7 @@ from spotckpt._commit import _MAX_FILE_SIZE, check_relpath, parse_step_dirname
 from spotckpt._config import LINEAGE_PREFIX
 from spotckpt._errors import CorruptCheckpointError, RemoteError, RemoteNotFoundError
 from spotckpt._events import log
-from spotckpt._remote import RemoteStore
+from spotckpt._remote import HISTORY_KEY, RemoteStore
 
 FILES = "files"
 FORMAT = "spotckpt-files/1"
@@ -282,8 +282,8 @@ def newest_set(store: RemoteStore, sets: dict[int, str] | None = None, *,
 
 def foreign(keys: Iterable[str]) -> list[str]:
     """Keys under the prefix that are neither a step checkpoint's, the watched dir's (of a
-    shape :func:`kind` knows), a named Checkpointer's (``ckpt-<name>/``) nor spotckpt's
-    probe: somebody else's objects, skipped by restore and never deleted by the mirror."""
+    shape :func:`kind` knows), a named Checkpointer's (``ckpt-<name>/``), the job's history nor
+    spotckpt's probe: somebody else's objects, skipped by restore and never deleted by the mirror."""
     out = []
     for k in keys:
         first, sep, _ = k.partition("/")
@@ -291,11 +291,10 @@ def foreign(keys: Iterable[str]) -> list[str]:
             continue  # (a key under files/ of a shape spotckpt never writes is foreign)
         if sep and (first == "gen" or parse_step_dirname(first) is not None):
             continue
-        if first.startswith(".spotckpt-probe-"):
+        if first.startswith(".spotckpt-probe-") or k == HISTORY_KEY:
             continue
         if sep and first.startswith(LINEAGE_PREFIX):
             continue  # a named Checkpointer's checkpoints: its own lineage
-
         out.append(k)
     return sorted(out)
 

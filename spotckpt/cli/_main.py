@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("cmd", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     for name, text in (("ls", "list committed checkpoints and files, local and remote (step, size, age, durable)"),
-                       ("status", "last durable step, work not yet durable, upload throughput"),
+                       ("status", "last durable step, work not yet durable, upload throughput, the every='auto' "
+                                  "schedule and why"),
                        ("verify", "check sizes and checksums, local and remote; exit 1 on damage"),
                        ("pull", "download the newest verified checkpoint and the watched dir's files"),
                        ("push", "upload the newest local checkpoint and the watched dir's files "
@@ -240,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "spot":
             from spotckpt._spot import run_spot
             return run_spot(args, _command(args, parser))
-        from . import _inspect as _cli_inspect, _move as _cli_move
-        handler: Any = getattr(_cli_move if args.command in ("pull", "push") else _cli_inspect,
-                               f"cmd_{args.command}")
+        from . import _inspect as _cli_inspect, _move as _cli_move, _status as _cli_status
+        module = {"pull": _cli_move, "push": _cli_move, "status": _cli_status}.get(args.command, _cli_inspect)
+        handler: Any = getattr(module, f"cmd_{args.command}")
         return handler(args)
     except SpotckptError as e:
         # Configuration, local dir, lock and remote errors: one line, exit status 2; a local
