@@ -20,6 +20,17 @@ from spotckpt._remote import Fence, RemoteStore, generation_of, payload_dir, wit
 PART = "PART.json"
 
 
+def _generation_dir(name: str) -> bool:
+    """Whether ``name`` (under ``step-N/``) is a generation's payload dir ``g-<G>``."""
+    return len(name) == 14 and name.startswith("g-") and name[2:].isdigit()
+
+
+def upload_dir(rel: str) -> str:
+    """The dir of one generation's upload that ``rel`` (under ``step-N/``) is in."""
+    parts = rel.split("/", 2)
+    return "/".join(parts[:2]) if len(parts) > 2 and _generation_dir(parts[1]) else parts[0]
+
+
 class SingleLayout:
     """One process: the plain commit protocol."""
 

@@ -23,20 +23,9 @@ from spotckpt._events import EventLog, log
 from spotckpt._remote import Fence, Recorder, RemoteStore, generation_of, payload_dir
 from spotckpt._watch import DirRule, Watcher, WriterGate, rules_from_env
 
-from ._layout import SingleLayout
+from ._layout import SingleLayout, upload_dir
 
 _IDLE_CPU = 0.005          # share of a core an idle Syncer may spend scanning the local dir
-
-
-def _generation_dir(name: str) -> bool:
-    """Whether ``name`` (under ``step-N/``) is a generation's payload dir ``g-<G>``."""
-    return len(name) == 14 and name.startswith("g-") and name[2:].isdigit()
-
-
-def _upload_dir(rel: str) -> str:
-    """The dir of one generation's upload that ``rel`` (under ``step-N/``) is in."""
-    parts = rel.split("/", 2)
-    return "/".join(parts[:2]) if len(parts) > 2 and _generation_dir(parts[1]) else parts[0]
 
 
 class Syncer:
@@ -367,7 +356,7 @@ class Syncer:
             if not theirs:
                 continue
             if f"{d}/{MANIFEST}" in rels and s != newest:  # (newest: ours, just committed)
-                if len({_upload_dir(r) for r in rels if r != f"{d}/{MANIFEST}"}) < 2:
+                if len({upload_dir(r) for r in rels if r != f"{d}/{MANIFEST}"}) < 2:
                     continue  # one upload: the manifest's (the usual case: no request)
                 try:
                     named = payload_dir(s, generation_of(self.store.read_manifest(s)))
@@ -376,7 +365,7 @@ class Syncer:
                 if named != d:
                     theirs = [r for r in theirs if not r.startswith(f"{named}/")]
                 else:  # generations 0 and 1: right in step-N/, beside the others' g-<G>/ dirs
-                    theirs = [r for r in theirs if _upload_dir(r) != d]
+                    theirs = [r for r in theirs if upload_dir(r) != d]
             if theirs:
                 out[s] = theirs
         return out
