@@ -18,6 +18,7 @@ when ``SPOTCKPT_REQUIRE_DOCKER=1``.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +34,14 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
 pytest_plugins = ["docker_fixtures"]  # the Docker engine's fixtures and its summary line
+
+# A shell starts a background job (`make test &`, nohup, a CI runner without a terminal) with
+# SIGINT ignored, and an ignored signal stays ignored across exec: every process a test starts
+# would ignore the SIGINT the signal tests send it (they saw a training script run on for
+# 300 s). The tests signal their processes as a terminal would, so pytest takes SIGINT's
+# default back; a handler set here is SIG_DFL again in a child after exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def free_port() -> int:

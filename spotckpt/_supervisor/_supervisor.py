@@ -282,12 +282,15 @@ class Supervisor(Finish):
         before it was closed by a live writer). Returns the command's exit code, or None."""
         assert self.child is not None
         wall, mono = time.time_ns(), time.monotonic()
-        writers = pt.writing_under(pt.tree(self.child.pid), self.local.root)
+        procs = pt.tree(self.child.pid)
+        writers = pt.writing_under(procs, self.local.root)
         w = self.syncer.watcher if self.syncer is not None else None
         files = None
         if snapshot and w is not None:  # after the writers scan; only files nobody writes
             files = {k: v for k, v in w.snapshot().items() if k not in writers}
         rc = self.child.poll()
+        if rc is None and pt.dying(procs, self.child.pid):
+            return None  # killed, its files closing torn: not a sign of life (the next poll sees the end)
         if rc is None:
             self._writers = writers
             self.gate.confirm(mono, wall, writers, files)

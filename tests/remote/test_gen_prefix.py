@@ -159,9 +159,9 @@ def test_a_zombie_behind_a_foreign_key_is_stopped_and_the_replacement_restored(r
     _commit(old, 1, b"old 1")
     assert old_sync.flush(120)
     new, new_sync, new_fence = _writer(tmp_path, "new", remote_url, keep_last=2)
-    for s in (2, 3):
+    for s in (2, 3):  # each flushed: the Syncer's queue of one would skip step 2 if 3 came first
         _commit(new, s, b"new %d" % s)
-    assert new_sync.flush(120)
+        assert new_sync.flush(120)
     _commit(old, 10, b"old 10")
     assert not old_sync.flush(120)
     assert isinstance(old_sync.stale, spotckpt.StaleGenerationError)
