@@ -13,13 +13,15 @@ The inputs:
 - **λ**, the rate of failures *without a usable warning*, per second of training:
   ``(n + a) / (T + a / r0)`` where ``n`` counts the earlier incarnations that ended without
   a completed notice save (killed without notice, or the notice save was too late), ``T``
-  is the job's running time so far (the history's, plus this incarnation's), ``r0`` the
+  is the job's running time (the history's, plus this incarnation's), ``r0`` the
   prior rate (``failure_rate=`` / ``mtbf=``; the default, one per 2 h of training, is
-  conservative) and ``a`` = :data:`PRIOR_WEIGHT` its weight in failures (a quarter): it
+  conservative) and ``a`` = :data:`PRIOR_WEIGHT` its weight in failures (a quarter); ``n``
+  and ``T`` count since the rate last changed (:func:`regime`, a change-point test on the
+  history's incarnations; the whole history when it did not). The prior
   keeps the first intervals short, halves after half an hour without a failure, and the
   job's own record decides within hours. When no failure ever comes, what the prior costs
   is bounded: at most ``a · max_interval / 2`` of extra checkpoint overhead over the whole
-  job (7.5 minutes with the defaults), whatever C: exactly ``a·(max − τ0)²/(2·max)`` for
+  job (15 minutes with the defaults), whatever C: exactly ``a·(max − τ0)²/(2·max)`` for
   ``τ0`` the interval at the prior's rate. If a notice save does not fit the grace
   (``D`` x the planner's safety, plus its overhead, is more than the grace less the exit
   margin), every preemption counts: the completed notice saves are added to ``n``.
@@ -47,7 +49,7 @@ from typing import Any
 from spotckpt._notices import FLUSH_MARGIN, PLAN_OVERHEAD, PLAN_SAFETY
 
 PRIOR_WEIGHT = 0.25   # the prior counts as a quarter of a failure: the job's own record soon decides
-CHANGE_LLR = 4.0      # the failure rate changed when two rates explain the history e^4 (~55) times better
+CHANGE_LLR = 8.0      # the failure rate changed when two rates explain the history e^8 (~3000) times better
                       # (times the number of splits tried)
 SMOOTHING = 0.3       # moving estimate of C and D: weight of the newest save
 USABLE_NOTICE = 120.0  # a platform notice this long (EC2's two minutes) is taken as usable until D is measured
@@ -124,7 +126,7 @@ def regime(parts: list[tuple[float, int]]) -> tuple[int, float]:
 
     A Poisson change-point test: splitting the history right after a failure, into two
     stretches each with its own constant rate, is taken to be a change of rate when its
-    likelihood is at least ``k·e^CHANGE_LLR`` times that of one rate over all, ``k`` the
+    likelihood is at least ``k·e^CHANGE_LLR`` (e^8) times that of one rate over all, ``k`` the
     number of splits tried (a Bonferroni bound: the best of many splits of an unchanged
     rate is not a change); then the stretch after the best such split is tested again. At
     least two failures are needed before any split (one failure says nothing about a

@@ -4,7 +4,7 @@ and the default max_interval lets Young/Daly reach its optimum when failures are
 
 Hand values for the burst: 5 kills in the first 100 min (20 min apart), then 10 h of quiet
 running. One rate over all: 5 / 700 min; split after the 5th kill: 5 / 100 min and 0 / 600
-min; log-likelihood ratio 5·ln(5/100) − 5·ln(5/700) = 5·ln 7 = 9.73 > 4 + ln 5 = 5.61 (5
+min; log-likelihood ratio 5·ln(5/100) − 5·ln(5/700) = 5·ln 7 = 9.73 > 8 + ln 5 = 9.61 (5
 splits tried): a change. λ then counts the 600 min alone: (0 + ¼) / (600 min + ¼ · 2 h).
 """
 from __future__ import annotations
