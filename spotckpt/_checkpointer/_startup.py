@@ -7,6 +7,7 @@ longest method and the one job of starting up; the rest of the class runs the lo
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from typing import Any
 
@@ -79,19 +80,27 @@ class Startup:
             remote = cfg.lineage_remote
             if d is not None and not remote:  # ranks on one host commit through a shared dir
                 remote = f"file://{local.root.parent}/shared/"
+            claiming = None
             if remote and not sup:
                 store = RemoteStore(remote, cfg.storage_options)
-                store.probe()
-                # A new generation of the job, before the restore: an older instance still
-                # running stops at its next commit (_remote/_fence.py). Ranks share rank 0's claim.
+                # A new generation of the job: an older instance still running stops at its
+                # next commit (_remote/_fence.py). Ranks share rank 0's claim. The claim is a
+                # write, so it proves the remote writable: no write probe where one is made.
                 fence = sv.fence(store)  # ranks under `spotckpt run`: the supervisor's claim
                 if fence is None and d is None:
-                    fence = claim(store)
+                    # beside the restore, whose first byte then waits for its own two requests
+                    # only (issue 25); both end before open() returns, the claim's error first
+                    claiming = _Claim(store)
                 elif fence is None:
+                    if d.rank != 0:
+                        store.probe()
                     f = claim(store) if d.rank == 0 else None
                     g, enforced = d.broadcast((f.generation, f.enforced) if f else None, where="generation claim")
                     fence = Fence(store, g, enforced=enforced)
-                self.generation = fence.generation
+                else:
+                    store.probe()
+                if claiming is None:
+                    self.generation = fence.generation
             self._policy = make_policy(cfg.every_steps, cfg.every_seconds, self.clock)
             lineage_root = LocalDir(cfg.local_dir).lineage(cfg.name).root
             if self.state is not None:  # batches() positions come back with the state
@@ -100,9 +109,16 @@ class Startup:
                 found = resume(self.state, root=lineage_root, local=local, store=store,
                                remote=cfg.lineage_remote, d=d, events=events,
                                files=cfg.name is None)
+            except BaseException:
+                if claiming is not None:
+                    claiming.result()  # its error, if any, says more (a read-only bucket)
+                raise
             finally:
                 if self.state is not None:
                     self.state.pop(_BATCHES_KEY, None)
+            if claiming is not None:
+                fence = claiming.result()
+                self.generation = fence.generation
             if found is not None:
                 step = found[0]
                 if self.state is None:
@@ -152,6 +168,29 @@ class Startup:
         self._auto_durable(step, local_commit=False)
         if self._engine is not None:
             self._engine.retention()
+
+
+class _Claim:
+    """:func:`claim` in a thread of its own, beside the restore."""
+
+    def __init__(self, store: RemoteStore) -> None:
+        self._fence: Fence | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(store,), name="spotckpt-claim", daemon=True)
+        self._thread.start()
+
+    def _run(self, store: RemoteStore) -> None:
+        try:
+            self._fence = claim(store)
+        except BaseException as e:  # noqa: BLE001 - raised in open() by result()
+            self._error = e
+
+    def result(self) -> Fence:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._fence is not None
+        return self._fence
 
 
 def _call(ref: weakref.WeakMethod, *args: Any) -> None:

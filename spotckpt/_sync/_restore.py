@@ -26,7 +26,8 @@ def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest
               prefix: str | None = None) -> Path:
     d = payload_dir(step, generation_of(manifest)) if prefix is None else prefix
     # Every object's real size against its manifest first (a HEAD each, which the download
-    # then reuses), then the free space: a manifest that lies about a size (damaged or
+    # then reuses; an object under the range size: read from its one GET's answer before
+    # its body, so no HEAD), then the free space: a manifest that lies about a size (damaged or
     # hostile) is a damaged checkpoint, quarantined so that restore falls back, never a
     # "free space" error that stops every start; and an object larger than its manifest
     # says must not fill the disk.
@@ -35,6 +36,9 @@ def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest
         key = f"{d}/{check_relpath(e.path)}"  # (CorruptCheckpointError: a path that escapes)
         if store.is_local and os.path.islink(store.path(key)):
             raise CorruptCheckpointError(f"spotckpt: remote {key} is a symlink; refusing it")
+        if store.one_get(e.size):
+            keys.append(key)  # its one GET reads the real size first (no HEAD: issue 25)
+            continue
         try:
             remote_size = store.size(key)
         except FileNotFoundError as err:  # the bucket is there: we just read the manifest
@@ -58,7 +62,7 @@ def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest
                 raise CorruptCheckpointError(f"spotckpt: manifest path {e.path!r} escapes the checkpoint dir")
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                store.get_file(key, target, size=e.size)
+                store.get_file(key, target, expect=e.size)
             except FileNotFoundError as err:  # deleted since its size was read
                 raise CorruptCheckpointError(
                     f"spotckpt: remote {key} is named by its manifest but missing") from err

@@ -52,6 +52,11 @@ class Syncer:
         self._early: tuple[int, Manifest, dict[str, Path]] | None = None
         self._early_done: int | None = None
         self._retention_due: int | None = None  # a step whose remote retention did not complete
+        # The objects under step-*/ as this process knows them (step -> keys): listed at the
+        # first retention, then kept up to date with what it uploads and deletes, so a save
+        # lists nothing (issue 25). None: list again (at start, after an error, under ranks).
+        self._known: dict[int, set[str]] | None = None
+        self._proven = False  # the last commit's own stale check was made just now
         self._uploading: int | None = None
         self._uploading_bytes = 0
         self._uploading_since: float | None = None
@@ -251,8 +256,13 @@ class Syncer:
             return
         t0 = self._started(step, manifest)
         for e in manifest.files:
+            self._know(step, lay.payload_key(step, e.path))  # before: a failed upload leaves it
             self.store.put_file(path / e.path, lay.payload_key(step, e.path))
         self._committed(step, manifest, t0)
+
+    def _know(self, step: int, *rels: str) -> None:
+        if self._known is not None:
+            self._known.setdefault(step, set()).update(rels)
 
     def _started(self, step: int, manifest: Manifest) -> float:
         t0 = time.monotonic()
@@ -280,7 +290,10 @@ class Syncer:
     def _committed(self, step: int, manifest: Manifest, t0: float) -> None:
         """Payload confirmed: write the marker, then account for the durable step."""
         lay = self.layout
+        self._know(step, *(lay.payload_key(step, e.path) for e in manifest.files), f"{step_dirname(step)}/{MANIFEST}")
+        checks = self.fence.checks if self.fence is not None else 0
         lay.write_marker(self.store, step, manifest)  # fenced: proves this generation is the newest
+        self._proven = self.fence is not None and self.fence.checks > checks
         lay.after_marker(self.store, step, manifest)  # rank 0 of many: the combined manifest
         dt = time.monotonic() - t0
         self.bytes_uploaded += manifest.total_bytes
@@ -313,20 +326,33 @@ class Syncer:
         self._retention_due = newest
         # A superseded step's stream may still be sending: done first, so that its payload
         # is in the listing (a late one stayed on the remote after a run's last upload).
-        self.store.streams.drop_before(newest)
-        by_step: dict[int, list[str]] = {}
-        for rel in self.store.step_objects():
+        proven, self._proven = self._proven, False
+        for rel in self.store.streams.drop_before(newest) or []:
             s = parse_step_dirname(rel.split("/", 1)[0])
-            if s is not None and "/" in rel:
-                by_step.setdefault(s, []).append(rel)
+            if s is not None:
+                self._know(s, rel)
+        if self._known is None or type(self.layout) is not SingleLayout:
+            known: dict[int, set[str]] = {}
+            for rel in self.store.step_objects():
+                s = parse_step_dirname(rel.split("/", 1)[0])
+                if s is not None and "/" in rel:
+                    known.setdefault(s, set()).add(rel)
+            # other ranks upload their parts themselves: rank 0 lists them every time
+            self._known = known if type(self.layout) is SingleLayout else None
+        else:
+            known = self._known
+        by_step = {s: sorted(rels) for s, rels in known.items()}
         steps = sorted(s for s, rels in by_step.items() if f"{step_dirname(s)}/{MANIFEST}" in rels)
         keep = set(steps[-self.keep_last:]) | {newest}
         old = [s for s in steps if s not in keep and s < newest]
         doomed = {s: rels for s, rels in by_step.items() if s < newest and s not in keep
                   and f"{step_dirname(s)}/{MANIFEST}.quarantined" not in rels}
         stale = self._stale_payload(newest, {s: rels for s, rels in by_step.items() if s not in doomed})
-        if self.fence is not None and (old or doomed or stale):
-            self.fence.check("retention's deletes")  # never a newer generation's checkpoints
+        if self.fence is not None and (old or doomed or stale) and not proven:
+            # never a newer generation's checkpoints; after a commit, its own check (made just
+            # before its manifest PUT) proves it for the deletes that follow it
+            self.fence.check("retention's deletes")
+        self._known = None  # until the deletes are done (an error: list again next time)
         self.store.rm_many([f"{step_dirname(s)}/{MANIFEST}" for s in old])
         for s in old:
             self.events.emit("remote_deleted", step=s)
@@ -335,6 +361,13 @@ class Syncer:
                            + [rel for rels in stale.values() for rel in rels])
         for s in sorted((set(doomed) - set(old)) | set(stale)):
             self.events.emit("remote_orphan_deleted", step=s)
+        for s in doomed:
+            known.pop(s, None)
+        for s, rels in stale.items():
+            known[s] = known.get(s, set()) - set(rels)
+        for s in set(old) - set(doomed):
+            known[s] = known.get(s, set()) - {f"{step_dirname(s)}/{MANIFEST}"}
+        self._known = known if type(self.layout) is SingleLayout else None
         self._retention_due = None
 
     def _stale_payload(self, newest: int, by_step: dict[int, list[str]]) -> dict[int, list[str]]:
