@@ -29,17 +29,24 @@ MAX_PARTS = 10_000
 MIN_RANGE, MAX_RANGE = 64 << 20, 256 << 20  # ranged GETs of a download
 
 
-# One boto3 client per process and settings (issue 25): building one costs ~0.1 CPU-s (its
-# service model, endpoint rules, credential chain), so every store of a process, the restore's,
-# the Syncer's and the watched dir's, shares it. boto3 clients are thread-safe.
-_CLIENTS: dict[str, Any] = {}
-_CLIENTS_LOCK = threading.Lock()
+# One boto3 session per process and settings (issue 25): a client built from a new session
+# costs ~0.06-0.09 CPU-s (the service model, endpoint rules, credential chain), one more from
+# the same session ~4 ms, so every store of a process, the restore's, the Syncer's and the
+# watched dir's, builds its client from the one session. (Each client keeps its own event
+# hooks: what one store registers does not reach another's requests.)
+_SESSIONS: dict[str, Any] = {}
+_SESSIONS_LOCK = threading.Lock()
 
 
-def _client_key(session_kwargs: dict, client_kwargs: dict, config_kwargs: dict) -> str:
+def _session(session_kwargs: dict) -> Any:
+    import boto3
+
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))  # what boto3 reads too
-    return repr((sorted(session_kwargs.items()), sorted(client_kwargs.items()),
-                 sorted(config_kwargs.items()), env))
+    key = repr((sorted(session_kwargs.items()), env))
+    with _SESSIONS_LOCK:
+        if key not in _SESSIONS:
+            _SESSIONS[key] = boto3.session.Session(**session_kwargs)
+        return _SESSIONS[key]
 
 
 def _part_size(size: int) -> int:
@@ -158,17 +165,13 @@ class S3Fast:
     def client(self) -> Any:
         with self._lock:
             if self._client is None:
-                key = _client_key(self._session_kwargs, self._client_kwargs, self._config_kwargs)
-                with _CLIENTS_LOCK:
-                    if key not in _CLIENTS:
-                        import boto3
-                        from botocore.config import Config
+                from botocore.config import Config
 
-                        cfg = dict(self._config_kwargs)
-                        cfg.setdefault("max_pool_connections", 2 * CONCURRENCY)
-                        session = boto3.session.Session(**self._session_kwargs)
-                        _CLIENTS[key] = session.client("s3", config=Config(**cfg), **self._client_kwargs)
-                    self._client = _CLIENTS[key]
+                cfg = dict(self._config_kwargs)
+                cfg.setdefault("max_pool_connections", 2 * CONCURRENCY)
+                session = _session(self._session_kwargs)
+                with _SESSIONS_LOCK:  # (a botocore session builds one client at a time)
+                    self._client = session.client("s3", config=Config(**cfg), **self._client_kwargs)
             return self._client
 
     def _transfer_manager(self, part: int) -> Any:

@@ -7,6 +7,7 @@ remote's newest never wins over it (:mod:`._stale`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -23,7 +24,7 @@ from ._stale import same_checkpoint, superseded
 
 
 def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest,
-              prefix: str | None = None) -> Path:
+              prefix: str | None = None, into: Path | None = None) -> Path:
     d = payload_dir(step, generation_of(manifest)) if prefix is None else prefix
     # Every object's real size against its manifest first (a HEAD each, which the download
     # then reuses; an object under the range size: read from its one GET's answer before
@@ -53,7 +54,7 @@ def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest
         raise LocalDirError(
             f"spotckpt: restoring step {step} needs {manifest.total_bytes} bytes but "
             f"local_dir '{local.root}' has {free} free; free space or use a bigger local_dir")
-    tmp = local.begin(step)
+    tmp = local.begin(step) if into is None else into
     base = tmp.resolve()
     try:
         for e, key in zip(manifest.files, keys):
@@ -67,7 +68,8 @@ def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest
                 raise CorruptCheckpointError(
                     f"spotckpt: remote {key} is named by its manifest but missing") from err
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if into is None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tmp
 
@@ -201,22 +203,28 @@ def _older_aside(local: LocalDir, restored: int, events: EventLog) -> None:
 
 
 def fetch_all(local: LocalDir, store: RemoteStore, step: int, manifest: Manifest, *,
-              events: EventLog | None = None, rank: int = 0) -> Path:
-    """Every rank's part of the committed multi-rank checkpoint ``step`` (its combined
-    ``manifest``), downloaded and verified into a temp dir of ``local`` that the caller
-    removes: what DCP reads to reshard.
+              events: EventLog | None = None, rank: int = 0, only: Callable[[str], bool] | None = None,
+              into: Path | None = None) -> Path:
+    """The files of the committed multi-rank checkpoint ``step`` (its combined ``manifest``)
+    that ``only(path)`` admits (None: every rank's part), downloaded and verified into a temp
+    dir of ``local`` (``into``: one an earlier call made, added to) that the caller removes:
+    what DCP reads. ``events``: the restore is done with this call (its ``restore`` event
+    counts the bytes of this call).
 
     Raises:
         CorruptCheckpointError: a file is missing or damaged.
     """
-    tmp = _download(store, local, step, manifest)
+    want = manifest if only is None else dataclasses.replace(
+        manifest, files=tuple(e for e in manifest.files if only(e.path)))
+    tmp = _download(store, local, step, want, into=into)
     try:
-        verify_dir(tmp, manifest)
+        verify_dir(tmp, want)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    (events or EventLog(None)).emit("restore", step=step, source="remote", rank=rank,
-                                    bytes=manifest.total_bytes, parts=manifest.world_size)
+    if events is not None:
+        events.emit("restore", step=step, source="remote", rank=rank,
+                    bytes=want.total_bytes, parts=manifest.world_size)
     return tmp
 
 

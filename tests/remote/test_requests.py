@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 
 import pytest
-
-import spotckpt
 from conftest import S3Server
 from faultproxy import FaultProxy, chain
+
+import spotckpt
 
 torch = pytest.importorskip("torch")
 
