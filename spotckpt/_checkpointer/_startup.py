@@ -7,7 +7,6 @@ longest method and the one job of starting up; the rest of the class runs the lo
 from __future__ import annotations
 
 import os
-import threading
 import weakref
 from typing import Any
 
@@ -21,7 +20,7 @@ from spotckpt._sync import BackgroundWriter, Engine, RankLayout, Syncer
 
 from . import _distributed, _lineage
 from ._policies import make_policy
-from ._resume import resume
+from ._resume import InThread, resume
 from ._supervised import supervision
 
 
@@ -90,7 +89,7 @@ class Startup:
                 if fence is None and d is None:
                     # beside the restore, whose first byte then waits for its own two requests
                     # only (issue 25); both end before open() returns, the claim's error first
-                    claiming = _Claim(store)
+                    claiming = InThread(lambda: claim(store), name="spotckpt-claim")
                 elif fence is None:
                     if d.rank != 0:
                         store.probe()
@@ -168,29 +167,6 @@ class Startup:
         self._auto_durable(step, local_commit=False)
         if self._engine is not None:
             self._engine.retention()
-
-
-class _Claim:
-    """:func:`claim` in a thread of its own, beside the restore."""
-
-    def __init__(self, store: RemoteStore) -> None:
-        self._fence: Fence | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(store,), name="spotckpt-claim", daemon=True)
-        self._thread.start()
-
-    def _run(self, store: RemoteStore) -> None:
-        try:
-            self._fence = claim(store)
-        except BaseException as e:  # noqa: BLE001 - raised in open() by result()
-            self._error = e
-
-    def result(self) -> Fence:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._fence is not None
-        return self._fence
 
 
 def _call(ref: weakref.WeakMethod, *args: Any) -> None:
