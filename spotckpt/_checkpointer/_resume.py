@@ -24,7 +24,8 @@ from . import _distributed
 
 def resume(state: dict[str, Any] | None, *, root: Path, local: LocalDir, store: RemoteStore | None,
            remote: str | None, d: _distributed.Dist | None,
-           events: EventLog, files: bool = True) -> tuple[int, Any, bool] | None:
+           events: EventLog, files: bool = True,
+           check: Callable[[], None] | None = None) -> tuple[int, Any, bool] | None:
     """Restore and load the newest checkpoint into ``state`` (None: a job that commits
     directories, :meth:`Checkpointer.commit_dir`; the step's dir is restored, not loaded).
 
@@ -32,6 +33,9 @@ def resume(state: dict[str, Any] | None, *, root: Path, local: LocalDir, store: 
         root: the configured local dir (``local`` is a rank's part of it under ranks).
         remote: the configured remote (None: local only, the ranks sharing ``root/shared/``).
         files: also restore the files the script wrote itself (the unnamed lineage).
+        check: called before a remote checkpoint's files are fetched; raises to stop (the
+            generation claim made beside the restore's listing: waited for, so that a
+            read-only bucket stops the start before a long download).
 
     Returns:
         ``(step, manifest, durable)``, or None for a fresh start.
@@ -53,7 +57,8 @@ def resume(state: dict[str, Any] | None, *, root: Path, local: LocalDir, store: 
     beside = InThread(lambda: restore_files(local, store, events=events)) if store is not None and files else None
     try:
         found = restore_newest(local, store, events=events,
-                               accept=lambda m: (_distributed.check_world(m, where=where, d=None),
+                               accept=lambda m: (check is not None and check(),
+                                                 _distributed.check_world(m, where=where, d=None),
                                                  _check_kind(m, state, where)))
     finally:
         if beside is not None:
@@ -97,6 +102,7 @@ class InThread:
 
     def join(self) -> None:
         self._thread.join()
+
 
     def result(self) -> Any:
         self._thread.join()

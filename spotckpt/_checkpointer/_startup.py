@@ -87,8 +87,8 @@ class Startup:
                 # write, so it proves the remote writable: no write probe where one is made.
                 fence = sv.fence(store)  # ranks under `spotckpt run`: the supervisor's claim
                 if fence is None and d is None:
-                    # beside the restore, whose first byte then waits for its own two requests
-                    # only (issue 25); both end before open() returns, the claim's error first
+                    # beside the restore's listing and manifest read (issue 25); its payload
+                    # waits for the claim (check= below); the claim's error first
                     claiming = InThread(lambda: claim(store), name="spotckpt-claim")
                 elif fence is None:
                     if d.rank != 0:
@@ -107,7 +107,11 @@ class Startup:
             try:
                 found = resume(self.state, root=lineage_root, local=local, store=store,
                                remote=cfg.lineage_remote, d=d, events=events,
-                               files=cfg.name is None)
+                               files=cfg.name is None,
+                               # the payload waits for the claim (made meanwhile): nothing is
+                               # downloaded for a start that cannot write, and a newer
+                               # generation is claimed before its bytes are read
+                               check=None if claiming is None else claiming.result)
             except BaseException:
                 if claiming is not None:
                     claiming.result()  # its error, if any, says more (a read-only bucket)

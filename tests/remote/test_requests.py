@@ -82,3 +82,23 @@ def test_a_64mib_save_and_restore_send_only_what_they_cannot_know(tmp_path: Path
         assert len(payload_gets) == 1, _show(spans)  # 64 MiB and a header: one GET
     figure(f"[requests] 64 MiB: a save sends {save_n} requests (payload parts, manifest, gen/ check, "
            f"retention), a restore waits through {len(path)} round trips before its first payload byte")
+
+
+def test_a_read_only_remote_stops_the_start_in_one_line_without_a_probe(tmp_path: Path, s3_server: S3Server,
+                                                                        s3_env: dict) -> None:
+    """No write probe: the generation claim is the start's first write, beside the restore. A
+    remote that refuses writes stops the start with the claim's error, naming the remote and
+    what to check, and the checkpoint's payload is not downloaded for nothing."""
+    remote = f"s3://{s3_server.new_bucket()}/run/"
+    with spotckpt.Checkpointer({"w": torch.ones(1 << 18)}, local_dir=tmp_path / "a", remote=remote) as ck:
+        ck.save()
+        assert ck.flush(60), ck.last_error
+    with FaultProxy(s3_server.endpoint, rate=1.0, kinds=("leak",), match=lambda m, p: m == "PUT") as proxy:
+        with pytest.raises(spotckpt.SpotckptError) as ei:
+            with spotckpt.Checkpointer({"w": torch.zeros(1 << 18)}, local_dir=tmp_path / "b", remote=remote,
+                                       storage_options={"client_kwargs": {"endpoint_url": proxy.endpoint}}):
+                pass
+        msg = str(ei.value)
+        assert "gen/" in msg and "check AWS credentials" in msg and "\n" not in msg, msg
+        assert not any(m == "PUT" and ".spotckpt-probe-" in p for m, p, _ in proxy.log), proxy.log
+        assert not any(m == "GET" and _payload(p) for m, p, _ in proxy.log), proxy.log
