@@ -50,7 +50,9 @@ class FaultProxy:
 
     Attributes:
         requests: requests seen; ``faults``: a Counter of faults injected by kind;
-        log: ``(method, path, fault or "")`` for every request.
+        log: ``(method, path, fault or "")`` for every request; spans: ``(method, path,
+        start, end)`` (monotonic: the request's arrival, its answer written) for every request
+        answered, to tell which requests waited on which (:func:`chain`).
     """
 
     def __init__(self, upstream: str, *, rate: float = 0.0, kinds: Iterable[str] = KINDS,
@@ -67,6 +69,7 @@ class FaultProxy:
         self.requests = 0
         self.faults: collections.Counter[str] = collections.Counter()
         self.log: list[tuple[str, str, str]] = []
+        self.spans: list[tuple[str, str, float, float]] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()
         proxy = self
@@ -136,6 +139,14 @@ class FaultProxy:
             return fault
 
     def _handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        t0 = time.monotonic()
+        try:
+            self._answer(h)
+        finally:
+            with self._lock:
+                self.spans.append((h.command, h.path, t0, time.monotonic()))
+
+    def _answer(self, h: http.server.BaseHTTPRequestHandler) -> None:
         body = _read_body(h)
         fault = self._draw(h.command, h.path)
         if fault == LEAK:
@@ -230,6 +241,21 @@ def _reset(h: http.server.BaseHTTPRequestHandler) -> None:
         h.connection.close()
     except OSError:
         pass
+
+
+def chain(spans: list[tuple[str, str, float, float]], until: Callable[[str, str], bool]) -> list[str]:
+    """The longest run of requests each sent after the one before it was answered, ending
+    before the first request for which ``until(method, path)`` holds: the round trips that
+    request waited through (requests in flight together count once). Raises if none matches."""
+    spans = sorted(spans, key=lambda s: s[2])
+    first = next(s for s in spans if until(s[0], s[1]))
+    best: dict[int, list[str]] = {}
+    for i, (m, p, t0, t1) in enumerate(spans):
+        if t1 > first[2] or spans[i] is first:
+            continue
+        before = [best[j] for j, s in enumerate(spans[:i]) if j in best and s[3] <= t0]
+        best[i] = max(before, key=len, default=[]) + [f"{m} {p}"]
+    return max(best.values(), key=len, default=[])
 
 
 def wait_until(pred: Callable[[], bool], timeout: float) -> bool:

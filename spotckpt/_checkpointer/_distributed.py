@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from spotckpt._commit import Manifest
+from spotckpt._commit import Manifest, rank_dirname
 from spotckpt._errors import CorruptCheckpointError, SpotckptError, WorldSizeError
 from spotckpt._events import log
 
@@ -201,6 +201,35 @@ def _read(store: Any, step: int) -> Manifest | None:
         return None
 
 
+def _fetch_shards(local: Any, store: Any, step: int, combined: Any, state: dict[str, Any] | None,
+                  d: Dist, events: Any) -> Any:
+    """This rank's share of sharded (DCP) step ``step``, downloaded and verified into a temp
+    dir: DCP's ``.metadata``, the plain part it loads, then only the shard files whose
+    pieces it loads (DCP's load planner says which), not every rank's (issue 25)."""
+    import shutil
+
+    from spotckpt._state import _dcp
+    from spotckpt._sync import fetch_all
+
+    plain = _dcp.plain_part(d.rank, combined.world_size) + "/"
+    meta = f"{rank_dirname(0)}/{_dcp.METADATA}"
+    tree = fetch_all(local, store, step, combined, rank=d.rank,
+                     only=lambda p: p == meta or (p.startswith(plain) and not p.endswith(".distcp")))
+    try:
+        need = _dcp.shard_files(state or {}, tree, d.rank, combined.world_size)
+        log.debug("spotckpt: rank %d of step %d loads its shards from %s", d.rank, step, sorted(need))
+        fetch_all(local, store, step, combined, rank=d.rank, into=tree,
+                  only=lambda p: p in need and not (tree / p).exists())
+    except BaseException:
+        shutil.rmtree(tree, ignore_errors=True)
+        raise
+    if events is not None:
+        got = [f for f in combined.files if (tree / f.path).exists()]
+        events.emit("restore", step=step, source="remote", rank=d.rank, parts=combined.world_size,
+                    bytes=sum(f.size for f in got), files=len(got), of_bytes=combined.total_bytes)
+    return tree
+
+
 def restore(d: Dist, local: Any, store: Any, state: dict[str, Any] | None, *,
             events: Any = None, accept: Any = None) -> tuple[int, Any, bool] | None:
     """Restore the same step on every rank and load it into ``state``: rank 0 lists the
@@ -221,7 +250,7 @@ def restore(d: Dist, local: Any, store: Any, state: dict[str, Any] | None, *,
     from spotckpt._events import redact
     from spotckpt._remote import order  # newest generation first, then newest step
     from spotckpt._state import _snapshot as _state
-    from spotckpt._sync import fetch_all, restore_part
+    from spotckpt._sync import restore_part
 
     candidates = d.broadcast(order(store, store.committed(), store.read_manifest)[::-1] if d.rank == 0 else None,
                              where="restore")
@@ -235,7 +264,7 @@ def restore(d: Dist, local: Any, store: Any, state: dict[str, Any] | None, *,
         manifest = tree = None
         try:
             if combined.serializer == "dcp":
-                tree = fetch_all(local, store, step, combined, events=events, rank=d.rank)
+                tree = _fetch_shards(local, store, step, combined, state, d, events)
             else:
                 manifest = restore_part(local, store, step, d.rank, d.world_size, events=events)
         except CorruptCheckpointError as e:

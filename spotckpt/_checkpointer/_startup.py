@@ -20,7 +20,7 @@ from spotckpt._sync import BackgroundWriter, Engine, RankLayout, Syncer
 
 from . import _distributed, _lineage
 from ._policies import make_policy
-from ._resume import resume
+from ._resume import InThread, resume
 from ._supervised import supervision
 
 
@@ -79,19 +79,27 @@ class Startup:
             remote = cfg.lineage_remote
             if d is not None and not remote:  # ranks on one host commit through a shared dir
                 remote = f"file://{local.root.parent}/shared/"
+            claiming = None
             if remote and not sup:
                 store = RemoteStore(remote, cfg.storage_options)
-                store.probe()
-                # A new generation of the job, before the restore: an older instance still
-                # running stops at its next commit (_remote/_fence.py). Ranks share rank 0's claim.
+                # A new generation of the job: an older instance still running stops at its
+                # next commit (_remote/_fence.py). Ranks share rank 0's claim. The claim is a
+                # write, so it proves the remote writable: no write probe where one is made.
                 fence = sv.fence(store)  # ranks under `spotckpt run`: the supervisor's claim
                 if fence is None and d is None:
-                    fence = claim(store)
+                    # beside the restore's listing and manifest read (issue 25); its payload
+                    # waits for the claim (check= below); the claim's error first
+                    claiming = InThread(lambda: claim(store), name="spotckpt-claim")
                 elif fence is None:
+                    if d.rank != 0:
+                        store.probe()
                     f = claim(store) if d.rank == 0 else None
                     g, enforced = d.broadcast((f.generation, f.enforced) if f else None, where="generation claim")
                     fence = Fence(store, g, enforced=enforced)
-                self.generation = fence.generation
+                else:
+                    store.probe()
+                if claiming is None:
+                    self.generation = fence.generation
             self._policy = make_policy(cfg.every_steps, cfg.every_seconds, self.clock)
             lineage_root = LocalDir(cfg.local_dir).lineage(cfg.name).root
             if self.state is not None:  # batches() positions come back with the state
@@ -99,10 +107,21 @@ class Startup:
             try:
                 found = resume(self.state, root=lineage_root, local=local, store=store,
                                remote=cfg.lineage_remote, d=d, events=events,
-                               files=cfg.name is None)
+                               files=cfg.name is None,
+                               # the payload waits for the claim (made meanwhile): nothing is
+                               # downloaded for a start that cannot write, and a newer
+                               # generation is claimed before its bytes are read
+                               check=None if claiming is None else claiming.result)
+            except BaseException:
+                if claiming is not None:
+                    claiming.result()  # its error, if any, says more (a read-only bucket)
+                raise
             finally:
                 if self.state is not None:
                     self.state.pop(_BATCHES_KEY, None)
+            if claiming is not None:
+                fence = claiming.result()
+                self.generation = fence.generation
             if found is not None:
                 step = found[0]
                 if self.state is None:

@@ -38,10 +38,13 @@ class Checkpoints:
     rm: Callable[..., None]
     put_bytes: Callable[[str, bytes], None]
 
-    def step_objects(self) -> list[str]:
+    def step_objects(self, *, listed: bool = False) -> list[str]:
         """The relative keys of every object under ``step-*/``, in one listing (through
         boto3 for ``s3://``: three s3fs listings cost the Syncer ~15 ms of CPU after every
-        upload, bench/)."""
+        upload, bench/). ``listed``: those :meth:`committed`'s listing just saw, if it was
+        that listing (``s3://``: the same keys; saves a restore a second one)."""
+        if listed and getattr(self, "_step_keys", None) is not None:
+            return list(self._step_keys)
         if self.fast is None:  # the step dirs, then what is in each (not the free-form files)
             def ls() -> list:
                 self.fs.invalidate_cache()
@@ -63,7 +66,9 @@ class Checkpoints:
         def fast_go() -> list[int]:  # exactly the keys step-N/MANIFEST.json, one listing
             key = self._key("step-")
             base = key[: -len("step-")]
-            steps = [_manifest_step(k[len(base):]) for k in self.fast.list_keys(key) if k.startswith(base)]
+            rels = [k[len(base):] for k in self.fast.list_keys(key) if k.startswith(base)]
+            self._step_keys = [r for r in rels if not r.endswith("/")]
+            steps = [_manifest_step(r) for r in rels]
             return sorted({s for s in steps if s is not None})
 
         def go() -> list[int]:

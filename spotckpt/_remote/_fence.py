@@ -239,10 +239,13 @@ def claim(store: RemoteStore) -> Fence:
     sv = _gens.survey(store)
     hist = _gens.history(sv.records)
     g = _next(sv.top, sv.taken)
+    server = _server(store)
+    top = sv.records.get(sv.top) or {}
+    known = server is not None and (server in _ENFORCING or top.get("enforced") == server)
     for _ in range(1000):
         if g > MAX_GEN:
             raise _exhausted(store, sv)
-        data = _gens.body(g, hist, sv.foreign)
+        data = _gens.body(g, hist, sv.foreign, server)
         made = create(store, gen_key(g), data)
         if made is None:
             store.put_bytes(gen_key(g), data)
@@ -254,11 +257,31 @@ def claim(store: RemoteStore) -> Fence:
     else:
         raise RemoteError(f"spotckpt: remote {redact(store.url)}: could not claim a generation")
     enforced = made is not None
-    if made and not store.is_local and create(store, gen_key(g), data):
-        _warn_unfenced(store, "ignores If-None-Match (conditional PUT)")
-        enforced = False
+    # Whether the server enforces If-None-Match: tested once per server and remembered (in
+    # this process, and in the claim record, which the next start reads anyway), so a start
+    # does not pay a round trip for what it already knows (issue 25).
+    if made and not store.is_local and not known:
+        # the same record without the mark: a server that ignores the condition replaces the
+        # body with it, so no later start takes the mark for a test passed
+        if create(store, gen_key(g), _gens.body_unmarked(data)):
+            _warn_unfenced(store, "ignores If-None-Match (conditional PUT)")
+            enforced = False
+        elif server is not None:
+            _ENFORCING.add(server)
     _prune(store, sv)
     return Fence(store, g, enforced=enforced, previous=sv.previous(g), foreign=sv.foreign)
+
+
+_ENFORCING: set[str] = set()  # servers seen refusing a second create of a claim, this process
+
+
+def _server(store: RemoteStore) -> str | None:
+    """Which S3 server ``store`` talks to (its endpoint and bucket): what a remembered test of
+    conditional writes is about. None: not S3."""
+    fast = store.fast
+    if fast is None or store.is_local:
+        return None
+    return f"{fast.client.meta.endpoint_url.rstrip('/')}/{fast.bucket}"
 
 
 def _next(g: int, taken: set[int]) -> int:
@@ -310,7 +333,7 @@ def order(store: RemoteStore, steps: Iterable[int], read: Callable[[int], Manife
     if len(steps) < 2 or (fence is not None and fence.previous <= 1):
         return steps
     bound: dict[int, int] = {}
-    for rel in store.step_objects():
+    for rel in store.step_objects(listed=True):  # the listing that found ``steps``, if it can be
         parts = rel.split("/")
         if len(parts) > 2 and parts[1].startswith("g-") and parts[1][2:].isdigit():
             s = parse_step_dirname(parts[0])

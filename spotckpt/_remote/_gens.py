@@ -209,11 +209,22 @@ def history(records: dict[int, dict]) -> list[list]:
     return [by_g[g] for g in sorted(by_g)[-HISTORY_CAP:]]
 
 
-def body(g: int, hist: list[list], foreign: dict[str, str]) -> bytes:
-    """The claim record of generation ``g`` started now."""
-    return json.dumps({"format": FORMAT, "generation": g, "host": socket.gethostname(), "pid": os.getpid(),
-                       "started": time.time(), "history": hist,
-                       "foreign": dict(sorted(foreign.items())[:HISTORY_CAP])}).encode()
+def body(g: int, hist: list[list], foreign: dict[str, str], enforced: str | None = None) -> bytes:
+    """The claim record of generation ``g`` started now; ``enforced``: the server (its
+    endpoint) that this start or an earlier one saw refuse a second create of a claim, so
+    that the next start need not test it again (:func:`._fence.claim`)."""
+    rec = {"format": FORMAT, "generation": g, "host": socket.gethostname(), "pid": os.getpid(),
+           "started": time.time(), "history": hist, "foreign": dict(sorted(foreign.items())[:HISTORY_CAP])}
+    if enforced is not None:
+        rec["enforced"] = enforced
+    return json.dumps(rec).encode()
+
+
+def body_unmarked(data: bytes) -> bytes:
+    """A :func:`body` without its ``enforced`` mark."""
+    rec = json.loads(data)
+    rec.pop("enforced", None)
+    return json.dumps(rec).encode()
 
 
 def known_foreign(rec: dict | None, objs: Iterable[Obj]) -> dict[str, str]:

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
-from spotckpt._errors import RemoteAccessError, RemoteError, RemoteNotFoundError
+from spotckpt._errors import CorruptCheckpointError, RemoteAccessError, RemoteError, RemoteNotFoundError
 from spotckpt._events import redact  # noqa: F401 - redact: re-exported
 
 from ._checkpoints import Checkpoints, _manifest_step
@@ -218,8 +218,29 @@ class RemoteStore(Checkpoints):
         if step is not None and self.newest_listed is not None:
             self.newest_listed = max(self.newest_listed, step)
 
-    def get_file(self, rel: str, local: str | os.PathLike[str], size: int | None = None) -> None:
-        """Download ``rel``; ``size``: its size, just checked by the caller (saves a HEAD)."""
+    def one_get(self, size: int) -> bool:
+        """Whether :meth:`get_file` with ``expect=size`` needs no HEAD first: one GET of an
+        ``s3://`` object under the range size, which reads the real size from its answer."""
+        return self.fast is not None and self.fast.ranges(size) == 1
+
+    def get_file(self, rel: str, local: str | os.PathLike[str], size: int | None = None, *,
+                 expect: int | None = None) -> None:
+        """Download ``rel``; ``size``: its size, just checked by the caller (saves a HEAD);
+        ``expect``: the size its manifest records, unchecked (:meth:`one_get`: one GET that
+        writes nothing if the object's real size differs).
+
+        Raises:
+            CorruptCheckpointError: the object does not have ``expect`` bytes.
+        """
+        if expect is not None and self.one_get(expect):
+            fast = self.fast
+            got = self._call(f"download of {rel}",
+                             lambda: fast.get_exact(self._key(rel), os.fspath(local), expect, self.progress))
+            if got != expect:
+                raise CorruptCheckpointError(f"spotckpt: remote {rel} has {got} bytes, its manifest says {expect}")
+            return
+        size = expect if size is None else size
+
         def go() -> None:
             if self.fast is not None:
                 self.fast.get_file(self._key(rel), os.fspath(local), self.progress, size=size)

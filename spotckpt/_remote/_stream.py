@@ -255,7 +255,9 @@ class StreamUpload:
             raise OSError(f"{self.path}: streamed {offset} bytes, the writer wrote {self._final}")
         client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
                                          MultipartUpload={"Parts": parts})
-        return "sent"
+        # the object is exactly the parts listed, each answered, which cover the file to its
+        # final size (checked above): confirmed without a HEAD (issue 25)
+        return "confirmed"
 
 
 class StreamRegistry:
@@ -299,10 +301,11 @@ class StreamRegistry:
             self._streams.pop(rel, None)
         return True
 
-    def drop_before(self, step: int, timeout: float = 60.0) -> None:
+    def drop_before(self, step: int, timeout: float = 60.0) -> list[str]:
         """Stop and forget the streams of checkpoints older than ``step`` that nobody took
         (their step was superseded before the Syncer got to it), and wait for them: one that
-        completed meanwhile leaves its payload, which the caller's listing then sees."""
+        completed meanwhile leaves its payload. Returns their keys (relative), which the
+        caller's retention then deletes."""
         from spotckpt._commit import parse_step_dirname
 
         with self._lock:
@@ -313,6 +316,7 @@ class StreamRegistry:
             up.abort()
         for up in ups:
             up.wait(timeout)
+        return old
 
     def checked_absent(self, rel: str) -> bool:
         """Whether a stream's guard just found that ``rel`` does not exist."""

@@ -228,6 +228,49 @@ class _Reader(FileSystemReader):
         return md
 
 
+def plain_part(rank: int, saved_world: int) -> str:
+    """The part dir whose plain values this rank loads: its own, or rank 0's (a rank the
+    saved step did not have)."""
+    return rank_dirname(rank if rank < saved_world else 0)
+
+
+def _targets(state: Mapping[str, Any], saved_sharded: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """The sharded entries to load and the tensors they load into (this job's own shapes and
+    shardings), those the step saved only (:func:`_join` names any saved one missing)."""
+    keys = [k for k in state if saved_sharded.get(k) is not None]  # (None: an unstepped optimizer)
+    targets: dict[str, Any] = {}
+    for k in keys:
+        _split(_get(state, k), k, targets, lambda _p, t: t)
+    saved: set[str] = set()
+    for k in keys:
+        _slots(saved_sharded[k], k, saved)
+    return keys, {p: t for p, t in targets.items() if p in saved}
+
+
+def shard_files(state: Mapping[str, Any], tree: Path, rank: int, saved_world: int) -> set[str]:
+    """The files (paths under ``tree``, ``rank-<R>/__<R>_0.distcp``) holding the pieces of
+    the saved shards this rank loads, from DCP's own load planner over ``.metadata`` and this
+    rank's plain part (both already in ``tree``): what it must download, not the whole step
+    (issue 25). Local: no collective.
+
+    Raises:
+        CorruptCheckpointError: ``.metadata`` cannot be read or names no file for a piece.
+    """
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    plain = _state.read_state(tree / plain_part(rank, saved_world), "torch")
+    _keys, targets = _targets(state, plain.get(SHARDED_KEY, {}))
+    md = _Reader(tree).read_metadata()
+    planner = DefaultLoadPlanner()
+    planner.set_up_planner(targets, md, False)
+    try:
+        return {str(md.storage_data[item.storage_index].relative_path)
+                for item in planner.create_local_plan().items}
+    except (KeyError, AttributeError, TypeError) as e:
+        raise CorruptCheckpointError(f"spotckpt: {tree / rank_dirname(0) / METADATA} names no file "
+                                     f"for a piece of the state: {e}") from e
+
+
 def load(state: dict[str, Any], tree: Path, rank: int, saved_world: int, *, group: Any) -> list[str]:
     """Load a step from ``tree`` (every saved rank's part under ``rank-<R>/``, verified) into
     ``state``, resharding the sharded entries to this job's world size. Collective on ``group``.
@@ -239,18 +282,11 @@ def load(state: dict[str, Any], tree: Path, rank: int, saved_world: int, *, grou
         The state's keys the checkpoint did not have.
     """
     own = rank < saved_world
-    plain = _state.read_state(tree / rank_dirname(rank if own else 0), "torch")
+    plain = _state.read_state(tree / plain_part(rank, saved_world), "torch")
     if not own:
         plain.pop(_state.RNG_KEY, None)
     saved_sharded: dict[str, Any] = plain.pop(SHARDED_KEY, {})
-    keys = [k for k in state if saved_sharded.get(k) is not None]  # (None: an unstepped optimizer)
-    targets: dict[str, Any] = {}
-    for k in keys:  # the tensors this job loads into, in its own shapes and shardings
-        _split(_get(state, k), k, targets, lambda _p, t: t)
-    saved: set[str] = set()
-    for k in keys:
-        _slots(saved_sharded[k], k, saved)
-    targets = {p: t for p, t in targets.items() if p in saved}  # _join names any saved one missing
+    keys, targets = _targets(state, saved_sharded)
     dcp.load(targets, storage_reader=_Reader(tree), process_group=group)
     for k in keys:
         sd = _join(saved_sharded[k], k, targets)

@@ -7,6 +7,7 @@ remote's newest never wins over it (:mod:`._stale`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -23,10 +24,11 @@ from ._stale import same_checkpoint, superseded
 
 
 def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest,
-              prefix: str | None = None) -> Path:
+              prefix: str | None = None, into: Path | None = None) -> Path:
     d = payload_dir(step, generation_of(manifest)) if prefix is None else prefix
     # Every object's real size against its manifest first (a HEAD each, which the download
-    # then reuses), then the free space: a manifest that lies about a size (damaged or
+    # then reuses; an object under the range size: read from its one GET's answer before
+    # its body, so no HEAD), then the free space: a manifest that lies about a size (damaged or
     # hostile) is a damaged checkpoint, quarantined so that restore falls back, never a
     # "free space" error that stops every start; and an object larger than its manifest
     # says must not fill the disk.
@@ -35,6 +37,9 @@ def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest
         key = f"{d}/{check_relpath(e.path)}"  # (CorruptCheckpointError: a path that escapes)
         if store.is_local and os.path.islink(store.path(key)):
             raise CorruptCheckpointError(f"spotckpt: remote {key} is a symlink; refusing it")
+        if store.one_get(e.size):
+            keys.append(key)  # its one GET reads the real size first (no HEAD: issue 25)
+            continue
         try:
             remote_size = store.size(key)
         except FileNotFoundError as err:  # the bucket is there: we just read the manifest
@@ -49,7 +54,7 @@ def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest
         raise LocalDirError(
             f"spotckpt: restoring step {step} needs {manifest.total_bytes} bytes but "
             f"local_dir '{local.root}' has {free} free; free space or use a bigger local_dir")
-    tmp = local.begin(step)
+    tmp = local.begin(step) if into is None else into
     base = tmp.resolve()
     try:
         for e, key in zip(manifest.files, keys):
@@ -58,12 +63,13 @@ def _download(store: RemoteStore, local: LocalDir, step: int, manifest: Manifest
                 raise CorruptCheckpointError(f"spotckpt: manifest path {e.path!r} escapes the checkpoint dir")
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                store.get_file(key, target, size=e.size)
+                store.get_file(key, target, expect=e.size)
             except FileNotFoundError as err:  # deleted since its size was read
                 raise CorruptCheckpointError(
                     f"spotckpt: remote {key} is named by its manifest but missing") from err
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if into is None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tmp
 
@@ -197,22 +203,28 @@ def _older_aside(local: LocalDir, restored: int, events: EventLog) -> None:
 
 
 def fetch_all(local: LocalDir, store: RemoteStore, step: int, manifest: Manifest, *,
-              events: EventLog | None = None, rank: int = 0) -> Path:
-    """Every rank's part of the committed multi-rank checkpoint ``step`` (its combined
-    ``manifest``), downloaded and verified into a temp dir of ``local`` that the caller
-    removes: what DCP reads to reshard.
+              events: EventLog | None = None, rank: int = 0, only: Callable[[str], bool] | None = None,
+              into: Path | None = None) -> Path:
+    """The files of the committed multi-rank checkpoint ``step`` (its combined ``manifest``)
+    that ``only(path)`` admits (None: every rank's part), downloaded and verified into a temp
+    dir of ``local`` (``into``: one an earlier call made, added to) that the caller removes:
+    what DCP reads. ``events``: the restore is done with this call (its ``restore`` event
+    counts the bytes of this call).
 
     Raises:
         CorruptCheckpointError: a file is missing or damaged.
     """
-    tmp = _download(store, local, step, manifest)
+    want = manifest if only is None else dataclasses.replace(
+        manifest, files=tuple(e for e in manifest.files if only(e.path)))
+    tmp = _download(store, local, step, want, into=into)
     try:
-        verify_dir(tmp, manifest)
+        verify_dir(tmp, want)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    (events or EventLog(None)).emit("restore", step=step, source="remote", rank=rank,
-                                    bytes=manifest.total_bytes, parts=manifest.world_size)
+    if events is not None:
+        events.emit("restore", step=step, source="remote", rank=rank,
+                    bytes=want.total_bytes, parts=manifest.world_size)
     return tmp
 
 

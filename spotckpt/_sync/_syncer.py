@@ -17,18 +17,19 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from spotckpt._commit import MANIFEST, LocalDir, Manifest, parse_step_dirname, step_dirname
-from spotckpt._errors import CorruptCheckpointError, RemoteError, StaleGenerationError
+from spotckpt._commit import MANIFEST, LocalDir, Manifest, step_dirname
+from spotckpt._errors import StaleGenerationError
 from spotckpt._events import EventLog, log
-from spotckpt._remote import Fence, Recorder, RemoteStore, generation_of, payload_dir
+from spotckpt._remote import Fence, Recorder, RemoteStore
 from spotckpt._watch import DirRule, Watcher, WriterGate, rules_from_env
 
-from ._layout import SingleLayout, upload_dir
+from ._layout import SingleLayout
+from ._retention import Retention
 
 _IDLE_CPU = 0.005          # share of a core an idle Syncer may spend scanning the local dir
 
 
-class Syncer:
+class Syncer(Retention):
     """Local dir -> remote, in a background thread.
 
     Example:
@@ -52,6 +53,11 @@ class Syncer:
         self._early: tuple[int, Manifest, dict[str, Path]] | None = None
         self._early_done: int | None = None
         self._retention_due: int | None = None  # a step whose remote retention did not complete
+        # The objects under step-*/ as this process knows them (step -> keys): listed at the
+        # first retention, then kept up to date with what it uploads and deletes, so a save
+        # lists nothing (issue 25). None: list again (at start, after an error, under ranks).
+        self._known: dict[int, set[str]] | None = None
+        self._proven = False  # the last commit's own stale check was made just now
         self._uploading: int | None = None
         self._uploading_bytes = 0
         self._uploading_since: float | None = None
@@ -251,6 +257,7 @@ class Syncer:
             return
         t0 = self._started(step, manifest)
         for e in manifest.files:
+            self._know(step, lay.payload_key(step, e.path))  # before: a failed upload leaves it
             self.store.put_file(path / e.path, lay.payload_key(step, e.path))
         self._committed(step, manifest, t0)
 
@@ -280,7 +287,10 @@ class Syncer:
     def _committed(self, step: int, manifest: Manifest, t0: float) -> None:
         """Payload confirmed: write the marker, then account for the durable step."""
         lay = self.layout
+        self._know(step, *(lay.payload_key(step, e.path) for e in manifest.files), f"{step_dirname(step)}/{MANIFEST}")
+        checks = self.fence.checks if self.fence is not None else 0
         lay.write_marker(self.store, step, manifest)  # fenced: proves this generation is the newest
+        self._proven = self.fence is not None and self.fence.checks > checks
         lay.after_marker(self.store, step, manifest)  # rank 0 of many: the combined manifest
         dt = time.monotonic() - t0
         self.bytes_uploaded += manifest.total_bytes
@@ -295,80 +305,6 @@ class Syncer:
             self.history.beat()  # right after the commit whose check proved this generation newest
         if lay.owns_retention:
             self._remote_retention(step)
-
-    def _remote_retention(self, newest: int) -> None:
-        """Un-commit the checkpoints past ``keep_last`` (all manifests in one request), then
-        delete every other payload older than the newest in one more: a few
-        requests whatever the backlog, so a process killed again and again soon after
-        each upload still catches up (one delete after another, it fell behind by one
-        checkpoint per kill). Payload without a manifest there was left by a process killed
-        between payload and manifest upload, or between these two requests: it never was a
-        checkpoint, and nothing else would ever remove it. Quarantined checkpoints stay.
-
-        Above the newest step, and beside the checkpoints kept, payload may be this
-        process's upload in flight, but then it is under this generation's dir: another
-        (older: the fence check proves no newer one) generation's payload there was left by
-        a killed process that had run ahead of the remote, and can never be committed now
-        (:meth:`_stale_payload`)."""
-        self._retention_due = newest
-        # A superseded step's stream may still be sending: done first, so that its payload
-        # is in the listing (a late one stayed on the remote after a run's last upload).
-        self.store.streams.drop_before(newest)
-        by_step: dict[int, list[str]] = {}
-        for rel in self.store.step_objects():
-            s = parse_step_dirname(rel.split("/", 1)[0])
-            if s is not None and "/" in rel:
-                by_step.setdefault(s, []).append(rel)
-        steps = sorted(s for s, rels in by_step.items() if f"{step_dirname(s)}/{MANIFEST}" in rels)
-        keep = set(steps[-self.keep_last:]) | {newest}
-        old = [s for s in steps if s not in keep and s < newest]
-        doomed = {s: rels for s, rels in by_step.items() if s < newest and s not in keep
-                  and f"{step_dirname(s)}/{MANIFEST}.quarantined" not in rels}
-        stale = self._stale_payload(newest, {s: rels for s, rels in by_step.items() if s not in doomed})
-        if self.fence is not None and (old or doomed or stale):
-            self.fence.check("retention's deletes")  # never a newer generation's checkpoints
-        self.store.rm_many([f"{step_dirname(s)}/{MANIFEST}" for s in old])
-        for s in old:
-            self.events.emit("remote_deleted", step=s)
-        self.store.rm_many([rel for s, rels in doomed.items() for rel in rels
-                            if not (s in old and rel.endswith(f"/{MANIFEST}"))]
-                           + [rel for rels in stale.values() for rel in rels])
-        for s in sorted((set(doomed) - set(old)) | set(stale)):
-            self.events.emit("remote_orphan_deleted", step=s)
-        self._retention_due = None
-
-    def _stale_payload(self, newest: int, by_step: dict[int, list[str]]) -> dict[int, list[str]]:
-        """Of the step dirs retention keeps (``step -> objects``), the objects of another
-        generation's upload that no manifest names: everything but this generation's
-        ``g-<G>/`` dir and the manifest, unless the manifest is another generation's (read
-        only where the dir holds two uploads). Nothing while this instance writes where
-        generations 0 and 1 did (``step-N/`` itself, which it cannot tell apart)."""
-        g = self.layout.generation
-        if self.fence is None or g <= 1:
-            return {}
-        out: dict[int, list[str]] = {}
-        for s, rels in by_step.items():
-            d = step_dirname(s)
-            if f"{d}/{MANIFEST}.quarantined" in rels:
-                continue
-            mine = f"{payload_dir(s, g)}/"
-            theirs = [r for r in rels if not r.startswith(mine) and r != f"{d}/{MANIFEST}"]
-            if not theirs:
-                continue
-            if f"{d}/{MANIFEST}" in rels and s != newest:  # (newest: ours, just committed)
-                if len({upload_dir(r) for r in rels if r != f"{d}/{MANIFEST}"}) < 2:
-                    continue  # one upload: the manifest's (the usual case: no request)
-                try:
-                    named = payload_dir(s, generation_of(self.store.read_manifest(s)))
-                except (CorruptCheckpointError, RemoteError):
-                    continue  # unreadable or gone: not ours to judge here
-                if named != d:
-                    theirs = [r for r in theirs if not r.startswith(f"{named}/")]
-                else:  # generations 0 and 1: right in step-N/, beside the others' g-<G>/ dirs
-                    theirs = [r for r in theirs if upload_dir(r) != d]
-            if theirs:
-                out[s] = theirs
-        return out
 
     # -- the watched dir ----------------------------------------------------------------------
     def _idle_interval(self) -> float:

@@ -206,3 +206,50 @@ def test_close_destroys_spotckpts_process_groups_and_joins_their_threads(tmp_pat
     assert "groups registered 0" in p.stdout and "groups alive 0" in p.stdout, out
     assert "threads left 0" in p.stdout, out
     assert "checkpointer alive 0" in p.stdout, out
+
+
+@pytest.mark.slow
+def test_each_rank_downloads_only_the_shards_it_loads(tmp_path: Path, s3_server, s3_remote: str, figure) -> None:
+    """Issue 25 item 6: a sharded (DCP) step restored by 2 ranks on new machines. Each rank
+    downloads DCP's ``.metadata``, its own plain part and the shard files holding the pieces
+    it loads (DCP's load planner over ``.metadata`` says which), not every rank's part (before:
+    each rank the whole step). A file is fetched whole, so that it is verified before it is
+    loaded: a rank whose pieces include a replicated tensor that DCP saved in another rank's
+    file (it spreads them over the ranks) fetches that file too."""
+    import json
+
+    from faultproxy import FaultProxy
+
+    run_ok(2, tmp_path / "local-1", s3_remote, "--steps", "20", "--every-steps", "10", "--out", str(tmp_path / "a.pt"))
+    store = RemoteStore(s3_remote)
+    step = store.committed()[-1]
+    sizes = {f.path: f.size for f in store.read_manifest(step).files}
+    with FaultProxy(s3_server.endpoint, rate=0.0) as proxy:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+             "--master-port", str(free_port()), FSDP, "--steps", "20", "--out-resumed", str(tmp_path / "b.pt")],
+            env=run_env(SPOTCKPT_LOCAL_DIR=str(tmp_path / "local-2"), SPOTCKPT_REMOTE=s3_remote,
+                        GLOO_SOCKET_IFNAME="lo", SPOTCKPT_GRACE_SECONDS="30", AWS_ENDPOINT_URL_S3=proxy.endpoint),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out, _ = proc.communicate(timeout=300)
+        assert ended_ok(proc.returncode, out, 2), out
+        gets = [p.split("?")[0] for mth, p, _ in proxy.log if mth == "GET" and "/step-" in p]
+    assert resumed_at(out) == {str(step)} and out.count("resumed at") == 2, out
+    assert_same(tmp_path / "a.pt", tmp_path / "b.pt")
+    # per rank, from its own event log: the bytes it downloaded
+    per_rank = {}
+    logs = [p for p in tmp_path.rglob("events.jsonl") if "local-2" in str(p)]
+    for log in logs:
+        for line in log.read_text().splitlines():
+            e = json.loads(line)
+            if e["event"] == "restore" and e.get("source") == "remote" and "rank" in e:
+                per_rank[e["rank"]] = e["bytes"]
+    whole = sum(sizes.values())
+    assert sorted(per_rank) == [0, 1] and all(b < whole for b in per_rank.values()), (per_rank, whole, logs)
+    # and at the server: the GETs of payload bytes add up to the same, less than a step per rank
+    fetched = sum(sizes[path] for p in gets for path in sizes if p.endswith("/" + path))
+    assert fetched == sum(per_rank.values()) < 2 * whole, (fetched, per_rank, whole, gets)
+    own = {r: sizes[f"rank-{r:05d}/__{r}_0.distcp"] for r in (0, 1)}
+    assert all(per_rank[r] >= own[r] for r in (0, 1)), (per_rank, own)
+    figure(f"[dcp] 2-rank FSDP restore of a {whole}-byte step: rank 0 downloaded {per_rank[0]} bytes, "
+           f"rank 1 {per_rank[1]} (before: {whole} each)")
