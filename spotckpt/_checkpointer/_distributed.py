@@ -259,7 +259,7 @@ def restore(d: Dist, local: Any, store: Any, state: dict[str, Any] | None, *,
         elif state is None:
             missing = []  # a committed directory: the caller uses it as it is
         else:
-            missing = _state.apply(state, _state.read_state(local.path(step), manifest.serializer))
+            missing = _state.apply(state, _state.read_state(local.path(step), manifest.serializer, manifest))
         if missing:
             log.warning("spotckpt: checkpoint step %d has no entry for %s; left as is", step, missing)
         return step, manifest, True
