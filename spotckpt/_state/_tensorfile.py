@@ -115,11 +115,13 @@ def split(payload: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def write(tmpdir: Path, payload: Any, values_dump: Callable[[Any, Any], None],
-          ready: Callable[[str, int], None] | None = None) -> list[FileEntry]:
+          ready: Callable[..., Any] | None = None) -> list[FileEntry]:
     """Write ``payload`` as :data:`NAME` into ``tmpdir`` (fsynced) and return its entry.
 
     ``values_dump(obj, fileobj)`` writes the non-tensor part (``torch.save``). ``ready(name,
-    size)`` is called once the bytes are in the file, before the fsync."""
+    size, buffers)`` is called before the first byte is written (an upload may send the
+    buffers meanwhile; it returns None or a ``release()``, called before this returns), and
+    ``ready(name, size)`` once the bytes are in the file, before the fsync."""
     rest, tensors = split(payload)
     buf = io.BytesIO()
     values_dump(rest, buf)
@@ -144,17 +146,23 @@ def write(tmpdir: Path, payload: Any, values_dump: Callable[[Any, Any], None],
     size = len(prefix) + off
     h = hasher()
     path = tmpdir / NAME
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    # The upload (a stream, if one was started) sends these very buffers, beside this write.
+    release = ready(NAME, size, [prefix, *blocks]) if ready is not None else None
     try:
-        _put(fd, memoryview(prefix), h)
-        for b in blocks:
-            for i in range(0, len(b), _BLOCK):
-                _put(fd, b[i:i + _BLOCK], h)
-        if ready is not None:
-            ready(NAME, size)
-        os.fsync(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _put(fd, memoryview(prefix), h)
+            for b in blocks:
+                for i in range(0, len(b), _BLOCK):
+                    _put(fd, b[i:i + _BLOCK], h)
+            if ready is not None:
+                ready(NAME, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        if release is not None:
+            release()  # waits for the parts being sent from the buffers: they may change next
         vals.release()
     return [FileEntry(NAME, size, h.hexdigest())]
 
