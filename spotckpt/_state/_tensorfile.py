@@ -80,7 +80,7 @@ def _raw(t: Any) -> Any:
 def _raw_tensor(torch: Any, obj: Any, kinds: dict) -> bool:
     return (type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type == "cpu"
             and obj.layout == torch.strided and not obj.is_quantized and not obj.is_nested
-            and obj.dtype in kinds)
+            and not obj.is_neg() and not obj.is_conj() and obj.dtype in kinds)
 
 
 def split(payload: Any) -> tuple[Any, dict[str, Any]]:
