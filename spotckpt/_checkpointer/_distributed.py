@@ -166,7 +166,7 @@ def check_saved_world(step: int, saved: int, saved_ranked: bool, serializer: str
     now = f"{world} rank(s)" if ranked else "1 process"
     why = ("It is sharded (DCP): a job whose state holds the sharded model (FSDP2 fully_shard, "
            "DTensor) resumes it at any world size." if sharded else
-           "Its state is per rank (state.pt) and cannot be resharded.")
+           "Its state is per rank (state.safetensors or state.pt) and cannot be resharded.")
     raise WorldSizeError(
         f"spotckpt: the newest checkpoint, step {step} ({where}), was written by {was}; this job "
         f"has {now}. {why} Start the job with {saved} rank(s) (torchrun --nproc-per-node {saved}), "
