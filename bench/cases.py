@@ -286,7 +286,8 @@ def case_restore_setup(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def case_restore_base(p: dict[str, Any]) -> dict[str, Any]:
-    """#5 baseline: boto3 ranged parallel download + torch.load, in a fresh process."""
+    """#5 baseline: boto3 ranged parallel download + torch.load (safetensors' ``load_file`` for
+    a ``state.safetensors`` payload), in a fresh process."""
     import torch
 
     torch.set_num_threads(1)
@@ -294,10 +295,17 @@ def case_restore_base(p: dict[str, Any]) -> dict[str, Any]:
     wd = workdir()
     rss0 = proc_status("VmRSS")
     t = now()
-    m.download(p["bucket"], p["key"], str(wd / "state.pt")).result()
-    sd = torch.load(wd / "state.pt", map_location="cpu", weights_only=True)
+    dest = wd / Path(p["key"]).name
+    m.download(p["bucket"], p["key"], str(dest)).result()
+    if dest.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(dest)
+        assert sd
+    else:
+        sd = torch.load(dest, map_location="cpu", weights_only=True)
+        assert sd["model"]
     dt = now() - t
-    assert sd["model"]
     peak = proc_status("VmHWM") - rss0
     m.shutdown()
     shutil.rmtree(wd, ignore_errors=True)
@@ -421,6 +429,7 @@ def case_idle(p: dict[str, Any]) -> dict[str, Any]:
             "startup_requests": start_requests}
 
 
+from cases_cpu import case_savecpu  # noqa: E402,F401 - CPU-s per GiB vs the floor (bench/save_cpu.py)
 from cases_watched import case_watched  # noqa: E402,F401 - row 8, in its own module
 
 CASES = {k[5:]: v for k, v in globals().items() if k.startswith("case_")}

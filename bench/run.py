@@ -239,7 +239,7 @@ def run_restore(b: Bench, res: dict[str, Any], part: int) -> None:
     remote = f"s3://{bucket}/run/"
     b.case("restore_setup", bytes=p["big"], remote=remote)
     key = next(o["Key"] for o in b.server.client().list_objects_v2(Bucket=bucket)["Contents"]
-               if o["Key"].endswith("state.pt"))
+               if o["Key"].endswith(("state.pt", "state.safetensors")))
     # The raw download's best range size (moto copies the whole object for every ranged
     # GET, so fewer, bigger ranges win there), then alternate baseline and spotckpt.
     sweep = {}

@@ -54,7 +54,7 @@ def free_port() -> int:
 RGW_MODULES = {"test_store_contract", "test_commit_restore", "test_e2e_custom_loop", "test_corruption",
                "test_hostile_remote", "test_chaos_crash", "test_fencing",
                "test_gen_prefix", "test_gen_machine", "test_stale_dir", "test_hostile_prefixes", "test_docker_stop",
-               "test_history", "test_requests"}
+               "test_history", "test_requests", "test_tensorfile", "test_stream_memory"}
 # read at import: the autouse _isolated_env removes SPOTCKPT_* variables inside tests
 RGW_REQUIRED = os.environ.get("SPOTCKPT_REQUIRE_RGW") == "1"
 RGW_ENABLED = os.environ.get("SPOTCKPT_TEST_RGW", "1") != "0"

@@ -166,7 +166,7 @@ def check_saved_world(step: int, saved: int, saved_ranked: bool, serializer: str
     now = f"{world} rank(s)" if ranked else "1 process"
     why = ("It is sharded (DCP): a job whose state holds the sharded model (FSDP2 fully_shard, "
            "DTensor) resumes it at any world size." if sharded else
-           "Its state is per rank (state.pt) and cannot be resharded.")
+           "Its state is per rank (state.safetensors or state.pt) and cannot be resharded.")
     raise WorldSizeError(
         f"spotckpt: the newest checkpoint, step {step} ({where}), was written by {was}; this job "
         f"has {now}. {why} Start the job with {saved} rank(s) (torchrun --nproc-per-node {saved}), "
@@ -288,7 +288,7 @@ def restore(d: Dist, local: Any, store: Any, state: dict[str, Any] | None, *,
         elif state is None:
             missing = []  # a committed directory: the caller uses it as it is
         else:
-            missing = _state.apply(state, _state.read_state(local.path(step), manifest.serializer))
+            missing = _state.apply(state, _state.read_state(local.path(step), manifest.serializer, manifest))
         if missing:
             log.warning("spotckpt: checkpoint step %d has no entry for %s; left as is", step, missing)
         return step, manifest, True

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spotckpt._commit import LocalDir, _dircommit
-from spotckpt._errors import ConfigError
+from spotckpt._errors import ConfigError, CorruptCheckpointError
 from spotckpt._events import EventLog, log, redact
 from spotckpt._remote import RemoteStore
 from spotckpt._state import _snapshot as _state
@@ -56,22 +56,36 @@ def resume(state: dict[str, Any] | None, *, root: Path, local: LocalDir, store: 
     # their listings wait for nothing of it (issue 25). Only the paths their set names.
     beside = InThread(lambda: restore_files(local, store, events=events)) if store is not None and files else None
     try:
-        found = restore_newest(local, store, events=events,
-                               accept=lambda m: (check is not None and check(),
-                                                 _distributed.check_world(m, where=where, d=None),
-                                                 _check_kind(m, state, where)))
+        while True:
+            found = restore_newest(local, store, events=events,
+                                   accept=lambda m: (check is not None and check(),
+                                                     _distributed.check_world(m, where=where, d=None),
+                                                     _check_kind(m, state, where)))
+            if found is not None:
+                _check_kind(found[1], state, where)  # a local checkpoint is not seen by `accept`
+            if found is None or state is None:
+                break
+            step, manifest, durable = found
+            try:
+                saved = _state.read_state(local.path(step), manifest.serializer, manifest)
+            except CorruptCheckpointError as e:
+                # It passed its checksums, yet does not load (a payload whose header lies): the
+                # same quarantine as a checksum failure, then the previous checkpoint.
+                log.warning("%s; quarantined, trying an older checkpoint", e)
+                events.emit("quarantine", step=step, where="local", error=str(e))
+                local.quarantine(step)
+                if durable and store is not None:
+                    store.quarantine(step)  # the very same bytes (same manifest): else restored again
+                continue
+            missing = _state.apply(state, saved)
+            if missing:
+                log.warning("spotckpt: checkpoint step %d has no entry for %s; left as is", step, missing)
+            break
     finally:
         if beside is not None:
             beside.join()
     if beside is not None:
         beside.result()
-    if found is not None:
-        _check_kind(found[1], state, where)  # a local checkpoint is not seen by `accept`
-    if found is not None and state is not None:
-        step, manifest, _ = found
-        missing = _state.apply(state, _state.read_state(local.path(step), manifest.serializer))
-        if missing:
-            log.warning("spotckpt: checkpoint step %d has no entry for %s; left as is", step, missing)
     return found
 
 

@@ -11,6 +11,10 @@ it merely finds the payload already there (:meth:`RemoteStore.put_file`).
 Only files their writer produces strictly front to back may be streamed (``torch.save``
 and ``pickle.dump`` into an open file do); a writer that seeks back and patches a header
 would leave the remote copy different from the local one.
+
+A writer that holds the whole file in memory before writing it (the ``safetensors`` payload)
+hands it over with :meth:`StreamUpload.feed`: the parts are then sent from that memory,
+beside the local write rather than after it (:mod:`._memsource`).
 """
 from __future__ import annotations
 
@@ -18,56 +22,14 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from spotckpt._events import log
 
+from ._memsource import Memory, PartReader
 from ._s3fast import CONCURRENCY, PART_SIZE, S3Fast
 
 _POLL = 0.005  # seconds between looks at how far the writer got
-# Bytes per read of a part while it is sent. Kept below glibc's mmap threshold (128 KiB):
-# 1 MiB blocks were mmapped and unmapped per read, and the page faults and mmap-lock
-# traffic slowed the writer thread five-fold (bench/).
-_BLOCK = 64 << 10
-
-
-class _PartReader:
-    """A read-only file over ``length`` bytes of ``fd`` from ``offset``, read with pread
-    (no shared file position, so parts are read by several threads at once)."""
-
-    def __init__(self, fd: int, offset: int, length: int) -> None:
-        self._fd, self._offset, self._len, self._pos = fd, offset, length, 0
-
-    def read(self, amt: int | None = None) -> bytes:
-        # At least _BLOCK bytes per call, whatever ``amt`` asks: http.client's send loop and
-        # botocore's checksum take blocks of any size, and 16 KiB at a time meant a GIL round
-        # trip per 16 KiB, which delays the training thread (bench/ row 2r).
-        left = self._len - self._pos
-        n = left if amt is None or amt < 0 else min(max(amt, _BLOCK), left)
-        if n <= 0:
-            return b""
-        data = os.pread(self._fd, n, self._offset + self._pos)
-        if not data:
-            raise OSError(f"unexpected end of file at {self._offset + self._pos}")
-        self._pos += len(data)
-        return data
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._len}[whence]
-        self._pos = max(0, min(self._len, base + pos))
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def __len__(self) -> int:
-        return self._len
-
-    def seekable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return True
 
 
 class StreamUpload:
@@ -88,6 +50,10 @@ class StreamUpload:
         self._cancel = threading.Event()
         self._wake = threading.Event()         # finish() or abort() happened
         self._upload_id: str | None = None
+        self._mem: Memory | None = None        # set by feed(): the bytes, in memory
+        self._released = threading.Event()     # the writer released them: the file is complete
+        self._file_lock = threading.Lock()
+        self._file_fd: int | None = None       # the complete file, for parts sent after the release
         self._done = threading.Event()
         self.error: BaseException | None = None
         self.identity: tuple[int, int, int] | None = None  # (size, inode, mtime_ns) uploaded
@@ -103,6 +69,24 @@ class StreamUpload:
             return
         self._final = size
         self._wake.set()
+
+    def feed(self, segments: Any, size: int) -> Callable[[], None]:
+        """The file's ``size`` bytes, all in memory (``segments``: buffers, in order), before
+        the writer writes them: the upload sends them from there. Returns ``release``, which
+        the writer must call once the file is complete and before the buffers change (it
+        waits for the parts being sent from them)."""
+        mem = Memory(segments, size)
+        if self._final is not None and self._final != size:
+            self.abort()
+        # (not _final: that says the file is complete, for a stream that opened it already)
+        self._mem = mem
+        self._wake.set()
+
+        def release() -> None:
+            mem.release()
+            self._released.set()
+            self._wake.set()
+        return release
 
     def abort(self) -> None:
         """Give up (the checkpoint was not committed): the stream stops and removes what it
@@ -139,23 +123,38 @@ class StreamUpload:
                     raise FileExistsError(f"{self.guard} exists")
                 except FileNotFoundError:
                     self.guard_absent.set()
-            fd = self._open()
+            fd = self._open(memory=True)
             if fd is None:
                 return
             try:
                 client = self.fast.client
-                sent = self._upload(client, fd)
+                sent = self._upload(client, None if fd < 0 else fd)
                 if sent is None:
                     return  # cancelled before anything was sent
+                if fd < 0:  # sent from memory: the identity is the local copy's, once complete
+                    while not self._released.wait(_POLL * 20):
+                        if self._cancel.is_set():
+                            raise InterruptedError("streaming upload cancelled")
+                    sent_size = self._mem.size if self._mem is not None else None
+                    fd = self._open()
+                    if fd is None:
+                        return
+                    if os.fstat(fd).st_size != sent_size:
+                        raise OSError(f"{self.path} is not the {sent_size} bytes sent from memory")
                 st = os.fstat(fd)
                 # The commit protocol's confirmation, done here: by the PUT's echoed checksum
                 # or by a HEAD.
                 got = st.st_size if sent == "confirmed" else self.fast.size(self.key)
                 if got != st.st_size:
                     raise OSError(f"streamed {self.key} has {got} bytes, expected {st.st_size}")
+                if st.st_size != self._final:
+                    raise OSError(f"{self.path} has {st.st_size} bytes, {self._final} were sent")
                 self.identity = (st.st_size, st.st_ino, st.st_mtime_ns)
             finally:
-                os.close(fd)
+                if fd is not None and fd >= 0:
+                    os.close(fd)
+                if self._file_fd is not None:
+                    os.close(self._file_fd)
         except BaseException as e:  # noqa: BLE001 - the Syncer falls back to a normal upload
             self.error = e
             log.debug("spotckpt: streaming upload of %s failed (%s); the Syncer will upload it", self.key, e)
@@ -173,10 +172,19 @@ class StreamUpload:
                     log.debug("spotckpt: cleanup of streamed %s failed: %s", self.key, e)
             self._done.set()
 
-    def _open(self) -> int | None:
+    def _open(self, memory: bool = False) -> int | None:
+        """The file, opened (-1: the writer fed its bytes in memory first, with ``memory``)."""
         while not self._cancel.is_set():
+            if memory and self._mem is not None:
+                return -1
             try:
-                return os.open(self.path, os.O_RDONLY)
+                fd = os.open(self.path, os.O_RDONLY)
+                if memory and self._mem is not None:
+                    # fed between the look above and the open: a writer feeds before it
+                    # creates the file, so a file that exists was fed if it ever will be
+                    os.close(fd)
+                    return -1
+                return fd
             except FileNotFoundError:
                 if self._final is not None:
                     if self.committed is None:
@@ -195,17 +203,48 @@ class StreamUpload:
     def _written(self, fd: int) -> int:
         return os.fstat(fd).st_size
 
-    def _upload(self, client: Any, fd: int) -> str | None:
-        """Send the file part by part as it grows (one PUT if it stays within a part).
-        Returns None if cancelled before anything was sent, "confirmed" if the PUT's response
-        confirmed the bytes, else "sent"."""
+    def _complete_file(self) -> int:
+        """The complete file (for parts sent after the writer released its memory)."""
+        with self._file_lock:
+            if self._file_fd is None:
+                fd = self._open()
+                if fd is None:
+                    raise InterruptedError("streaming upload cancelled")
+                self._file_fd = fd
+            return self._file_fd
+
+    def _body(self, offset: int, length: int) -> tuple[Any, Memory | None]:
+        """The bytes of a part: from memory while the writer holds it, else from the file."""
+        mem = self._mem
+        r = mem.reader(offset, length) if mem is not None else None
+        if r is not None:
+            return r, mem
+        return PartReader(self._complete_file(), offset, length), None
+
+    def _upload(self, client: Any, fd: int | None) -> str | None:
+        """Send the file part by part as it grows (one PUT if it stays within a part); from
+        memory when ``fd`` is None. Returns None if cancelled before anything was sent,
+        "confirmed" if the PUT's response confirmed the bytes, else "sent"."""
         part = self.part
+        mem_size = self._mem.size if fd is None and self._mem is not None else None
+
+        def final_size() -> int | None:
+            return mem_size if mem_size is not None else self._final
         # Wait until the file is known to need more than one part, or is complete.
-        while self._final is None and self._written(fd) <= part:
+        while final_size() is None and self._written(fd) <= part:
             self._wake.wait(_POLL)
             if self._cancel.is_set():
                 return None
-        if self._final is not None and self._final <= part:
+        last = final_size()
+        if last is not None and last <= part:
+            if fd is None:
+                body, mem = self._body(0, last)
+                try:
+                    data = body.read(last) if mem is None else mem.copy(0, last)
+                finally:
+                    if mem is not None:
+                        mem.done()
+                return "confirmed" if self.fast.put_confirmed(self.key, bytes(data)) else "sent"
             data = os.pread(fd, self._final, 0)
             if len(data) != self._final:
                 raise OSError(f"{self.path}: read {len(data)} of {self._final} bytes")
@@ -221,14 +260,21 @@ class StreamUpload:
         def send(number: int, offset: int, length: int) -> dict[str, Any]:
             # A lazy view of the part, read as botocore sends it (as s3transfer does): a
             # fresh 16 MiB buffer per part pays a page fault per 4 KiB, slow on a VM.
+            mem = None
             try:
+                if fd is None:
+                    body, mem = self._body(offset, length)
+                else:
+                    body = PartReader(fd, offset, length)
                 resp = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                          Body=_PartReader(fd, offset, length), ContentLength=length, **extra)
+                                          Body=body, ContentLength=length, **extra)
                 done = {"PartNumber": number, "ETag": resp["ETag"]}
                 if "ChecksumCRC32" in resp:
                     done["ChecksumCRC32"] = resp["ChecksumCRC32"]
                 return done
             finally:
+                if mem is not None:
+                    mem.done()
                 slots.release()
 
         with ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="spotckpt-part") as pool:
@@ -236,7 +282,7 @@ class StreamUpload:
             while True:
                 if self._cancel.is_set():
                     raise InterruptedError("streaming upload cancelled")
-                final = self._final
+                final = final_size()
                 avail = final if final is not None else self._written(fd)
                 # A part goes once the writer is past it; the last one once the file is closed.
                 if avail - offset > part or (final is not None and avail > offset):
@@ -251,8 +297,8 @@ class StreamUpload:
                     break
                 self._wake.wait(_POLL)
             parts = [f.result() for f in futures]  # raises the first failed part's error
-        if offset != self._final:
-            raise OSError(f"{self.path}: streamed {offset} bytes, the writer wrote {self._final}")
+        if offset != final_size():
+            raise OSError(f"{self.path}: streamed {offset} bytes, the writer wrote {final_size()}")
         client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
                                          MultipartUpload={"Parts": parts})
         # the object is exactly the parts listed, each answered, which cover the file to its

@@ -1,14 +1,17 @@
 """Training state: CPU snapshots, serialisation and loading.
 
 The training thread only calls :func:`snapshot` (tensors copied to CPU memory); writing
-happens in the background. Two serialisers:
+happens in the background. The serialisers:
 
-- ``torch``: ``torch.save``; loaded with ``torch.load(weights_only=True)``. Used whenever torch
-  is imported by the user, so no unpickling can run code.
+- ``safetensors`` (:mod:`._tensorfile`): tensors written raw in one pass into a file that
+  ``safetensors.safe_open`` opens, the rest in ``torch.save``'s encoding inside it. Used
+  whenever torch is imported by the user.
+- ``torch``: ``torch.save``; loaded with ``torch.load(weights_only=True)``, so no unpickling
+  can run code. Written by earlier versions (still restored) and for DCP's per-rank part.
 - ``pickle-safe``: pickle written, and read back with an unpickler that only admits plain
   containers, numbers, strings, bytes and numpy arrays. For users without torch (XGBoost).
 
-Both load plain values only: :func:`snapshot` encodes the other values a state commonly holds
+All load plain values only: :func:`snapshot` encodes the other values a state commonly holds
 (``deque``, ``defaultdict``, ``datetime``, dataclasses, ...) into plain ones and refuses the
 rest at the save; :func:`read_state` rebuilds them (:mod:`spotckpt._state._values_decode`).
 """
@@ -28,7 +31,7 @@ from typing import Any, Callable, Mapping
 from spotckpt._commit import FileEntry, file_digest
 from spotckpt._errors import CorruptCheckpointError
 
-from . import _values
+from . import _tensorfile, _values
 from ._values_decode import decode
 
 RNG_KEY = "__spotckpt_rng__"
@@ -39,7 +42,12 @@ def _torch() -> Any:
 
 
 def serializer_name() -> str:
-    return "torch" if _torch() is not None else "pickle-safe"
+    """What new checkpoints are written with: ``safetensors`` (:mod:`._tensorfile`) where torch
+    is imported, else ``pickle-safe``. (``torch``, one ``torch.save`` file, is what earlier
+    versions wrote and DCP's per-rank part still is: it restores as before.)"""
+    if _torch() is None:
+        return "pickle-safe"
+    return _tensorfile.SERIALIZER if _tensorfile.usable() else "torch"
 
 
 class SnapshotPool:
@@ -227,6 +235,8 @@ def payload_name(serializer: str) -> str:
     """The file :func:`write_state` writes for ``serializer``. It is written strictly front to
     back (``torch.save`` and ``pickle.dump`` into an open file never seek), so it may be
     uploaded while it is being written (``Engine.commit(stream=...)``)."""
+    if serializer == _tensorfile.SERIALIZER:
+        return _tensorfile.NAME
     return "state.pt" if serializer == "torch" else "state.pkl"
 
 
@@ -240,6 +250,8 @@ def write_state(tmpdir: Path, payload: Any, serializer: str,
     the fsync, so the disk flush and the hashing overlap. ``ready(name, size)`` is called as
     soon as the bytes are in the file, before both, so a streamed upload can finish meanwhile.
     """
+    if serializer == _tensorfile.SERIALIZER:
+        return _tensorfile.write(tmpdir, payload, _torch().save, ready=ready)
     name = payload_name(serializer)
     path = tmpdir / name
     with open(path, "wb") as f:
@@ -312,28 +324,42 @@ def _torch_safe_globals() -> list[Any]:
     return out
 
 
-def read_state(ckpt_dir: Path, serializer: str) -> Any:
+def read_state(ckpt_dir: Path, serializer: str, manifest: Any = None) -> Any:
     """Load a payload written by :func:`write_state` without running code from it, and
     rebuild the values :func:`snapshot` encoded (:mod:`spotckpt._state._values_decode`).
+
+    Args:
+        manifest: the checkpoint's; a ``safetensors`` payload is checked against its
+            checksum as it is read (nothing is returned from bytes that do not match).
 
     Raises:
         CorruptCheckpointError: the file cannot be loaded safely.
         UnsupportedStateError: it holds a user class that is not imported.
     """
     try:
-        return decode(_load(ckpt_dir, serializer))
+        return decode(_load(ckpt_dir, serializer, manifest))
     except RecursionError as e:
         raise CorruptCheckpointError(f"spotckpt: cannot load {ckpt_dir}: nested too deeply") from e
 
 
-def _load(ckpt_dir: Path, serializer: str) -> Any:
+def _torch_load(f: Any) -> Any:
+    torch = _torch()
+    if torch is None:
+        import torch  # noqa: F811 - the checkpoint was written by torch
+    with torch.serialization.safe_globals(_torch_safe_globals()):
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def _load(ckpt_dir: Path, serializer: str, manifest: Any = None) -> Any:
     try:
+        if serializer == _tensorfile.SERIALIZER:
+            if _torch() is None:
+                import torch  # noqa: F401 - the checkpoint was written by torch
+            e = next((e for e in getattr(manifest, "files", ()) if e.path == _tensorfile.NAME), None)
+            return _tensorfile.read(ckpt_dir / _tensorfile.NAME, e and e.digest, e.algo if e else "xxh3_128",
+                                    _torch_load)
         if serializer == "torch":
-            torch = _torch()
-            if torch is None:
-                import torch  # noqa: F811 - the checkpoint was written by torch
-            with torch.serialization.safe_globals(_torch_safe_globals()):
-                return torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=True)
+            return _torch_load(ckpt_dir / "state.pt")
         if serializer == "pickle-safe":
             with open(ckpt_dir / "state.pkl", "rb") as f:
                 return _SafeUnpickler(io.BufferedReader(f)).load()

@@ -11,7 +11,7 @@ import errno
 import shutil
 import threading
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from spotckpt._commit import MANIFEST, FileEntry, LocalDir, build_manifest, owned_step_dir, step_dirname
 from spotckpt._errors import LocalDirError, SpotckptError
@@ -51,7 +51,10 @@ class Engine:
         Args:
             write: writes the payload into ``tmpdir``; it may call ``ready(name, size)`` as
                 soon as a streamed file is complete (before its fsync and checksum), so its
-                upload finishes sooner.
+                upload finishes sooner; and ``ready(name, size, buffers)`` before writing a
+                file whose bytes are all in memory: the upload then sends them from there,
+                beside the local write (it returns None, or a ``release()`` to call once the
+                file is complete and before the buffers change).
             stream: names of files ``write`` produces strictly front to back (never seeking
                 back); with an idle ``s3://`` Syncer they are uploaded while being written.
         """
@@ -60,9 +63,14 @@ class Engine:
         tmp = self.local.begin(step)
         ups = self._start_streams(step, tmp, stream)
 
-        def ready(name: str, size: int) -> None:
+        def ready(name: str, size: int, memory: Any = None) -> Callable[[], None] | None:
+            # (with ``memory``, the file's bytes before it is written: the stream sends
+            # them from there; the writer calls the returned ``release`` before it returns)
             if name in ups:
+                if memory is not None:
+                    return ups[name].feed(memory, size)
                 ups[name].finish(size)
+            return None
         try:
             entries = list(write(tmp, ready))
             sizes = {e.path: e.size for e in entries}

@@ -77,7 +77,7 @@ def test_sigterm_one_rank_all_stop_same_step_and_resume_bitwise(tmp_path: Path, 
     assert store.committed()[-1] == stop_step
     m = store.read_manifest(stop_step)
     assert m.world_size == 2 and sorted(f.path for f in m.files) == [
-        "rank-00000/state.pt", "rank-00001/state.pt"]
+        "rank-00000/state.safetensors", "rank-00001/state.safetensors"]
 
     proc = torchrun(tmp_path / "local-2", s3_remote, final)  # new containers: empty local dirs
     out, _ = proc.communicate(timeout=180)

@@ -173,7 +173,7 @@ def test_world_size_change_of_per_rank_state_is_a_clear_error(tmp_path: Path, s3
     assert "fresh start" not in out and "resumed" not in out, out
     assert "WorldSizeError" in out and "step 10" in out, out
     assert "written by 2 rank(s) (torch.distributed); this job has 1 process" in out, out
-    assert "per rank (state.pt) and cannot be resharded" in out, out
+    assert "per rank (state.safetensors or state.pt) and cannot be resharded" in out, out
 
 
 @pytest.mark.slow

@@ -115,10 +115,10 @@ def test_nothing_unchanged_is_uploaded_again(tmp_path: Path, env: S3Server) -> N
         assert puts[1].startswith(f"/{bucket}/run/files/") and puts[1].endswith("/logs/d0/f0.txt")
         assert [p for m, p in one.writes() if m != "PUT"] == [f"/{bucket}"]
     # The payload went up once, part by part while it was written; the Syncer only confirmed it.
-    key = f"/{bucket}/run/step-{step:012d}/state.pt"
+    key = f"/{bucket}/run/step-{step:012d}/state.safetensors"
     parts = [h for m, p, h in first.requests if p == key and m == "PUT"]
     assert len(parts) == 2, [(m, p) for m, p, _ in first.requests]  # no second whole-file upload
-    size = (local / f"step-{step:012d}" / "state.pt").stat().st_size
+    size = (local / f"step-{step:012d}" / "state.safetensors").stat().st_size
     assert sum(int(h.get("Content-Length", 0)) for h in parts) == size
 
     # A restart on the same dir: the checkpoint is durable and the files are mirrored.
@@ -148,17 +148,17 @@ def test_small_checkpoint_is_two_puts_and_no_payload_head(tmp_path: Path, env: S
                 assert ck.flush(60)
             d = f"/{bucket}/run/step-{ck.step:012d}"
             mine = [(m, p) for m, p, _ in rec.requests if p.startswith(d + "/")]
-            assert [x for x in mine if x[0] == "PUT"] == [("PUT", f"{d}/state.pt"), ("PUT", f"{d}/MANIFEST.json")], mine
-            assert ("HEAD", f"{d}/state.pt") not in mine, mine
+            assert [x for x in mine if x[0] == "PUT"] == [("PUT", f"{d}/state.safetensors"), ("PUT", f"{d}/MANIFEST.json")], mine
+            assert ("HEAD", f"{d}/state.safetensors") not in mine, mine
         it.close()
-        payload = tmp_path / "ck" / f"step-{ck.step:012d}" / "state.pt"
+        payload = tmp_path / "ck" / f"step-{ck.step:012d}" / "state.safetensors"
     # The Syncer's own upload (not streamed) of a file within one part: one PUT, no HEAD.
     from spotckpt._remote._store import RemoteStore
 
     store = RemoteStore(f"s3://{bucket}/other/")
     with Recording(env) as rec:
-        assert store.put_file(payload, "state.pt") == payload.stat().st_size
-    assert [(m, p) for m, p, _ in rec.requests] == [("PUT", f"/{bucket}/other/state.pt")]
+        assert store.put_file(payload, "state.safetensors") == payload.stat().st_size
+    assert [(m, p) for m, p, _ in rec.requests] == [("PUT", f"/{bucket}/other/state.safetensors")]
 
 
 def _stalls(ck: spotckpt.Checkpointer, n: int, *, settle: bool) -> list[float]:
@@ -247,7 +247,7 @@ def test_restore_first_byte_waits_for_nothing_needless(tmp_path: Path, env: S3Se
     seen = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("SEEN "))[5:])
     assert seen["step"] == step and seen["ok"], seen
     assert seen["modules"] == [], seen  # s3fs and its async stack: not needed before the first byte
-    payload = f"/{bucket}/run/step-{step:012d}/state.pt"
+    payload = f"/{bucket}/run/step-{step:012d}/state.safetensors"
     first = next(i for i, (m, p, _) in enumerate(rec.requests) if m == "GET" and p == payload)
     # (the watched dir's listings, of run/ and run/files/, run beside the download too)
     before = [(m, p.replace(f"/{bucket}/run/", "") + ("?step-" if "prefix=run%2Fstep-" in q else ""), h)

@@ -1,6 +1,8 @@
 """The public surface survives the package split: the names users import, the entry points,
 and checkpoints written by the code before it (tests/data/pre-split/, made by
-tests/data/make_pre_split.py with spotckpt 0.1.0 as it was before the move)."""
+tests/data/make_pre_split.py with spotckpt 0.1.0 as it was before the move; tests/data/torch-format/,
+the same script with the last code that wrote the ``torch`` serializer, before issue 25's
+``safetensors`` payload)."""
 from __future__ import annotations
 
 import importlib
@@ -13,7 +15,7 @@ import pytest
 
 import spotckpt
 
-DATA = Path(__file__).parents[1] / "data" / "pre-split"
+DATA_DIR = Path(__file__).parents[1] / "data"
 
 PUBLIC = ["Checkpointer", "Notice", "SpotckptError", "ConfigError", "LocalDirError", "RemoteError",
           "NoCheckpointError", "CorruptCheckpointError", "CheckpointLockedError", "MissingDependencyError",
@@ -54,8 +56,10 @@ def test_importing_spotckpt_imports_no_framework() -> None:
     assert out.returncode == 0 and out.stdout.strip() == "[]", out
 
 
-def test_checkpoint_written_before_the_split_restores(tmp_path: Path) -> None:
+@pytest.mark.parametrize("written_by", ["pre-split", "torch-format"])
+def test_checkpoint_written_before_the_split_restores(tmp_path: Path, written_by: str) -> None:
     torch = pytest.importorskip("torch")
+    DATA = DATA_DIR / written_by
     remote = tmp_path / "remote"
     shutil.copytree(DATA / "remote", remote)
     expected = torch.load(DATA / "expected.pt", weights_only=True)
@@ -73,6 +77,6 @@ def test_checkpoint_written_before_the_split_restores(tmp_path: Path) -> None:
                    for a, b in zip(momentum, expected["optim"]["state"].values(), strict=True))
         extra = state["extra"]  # a plain value is replaced in the mapping, not updated in place
         # steps() yields 0..5; checkpoint 6 is the state after six steps, taken with epoch = 5
-        assert extra["epoch"] == 5 and extra["name"] == "pre-split" and extra["history"] == [0.5, 0.25]
+        assert extra["epoch"] == 5 and extra["name"] == "pre-split"  # (both were written by the same script) and extra["history"] == [0.5, 0.25]
         assert extra["array"].tolist() == list(range(6))
     assert (tmp_path / "local" / "notes.txt").read_text() == "written by the script itself\n"

@@ -15,6 +15,7 @@ import spotckpt
 from spotckpt._commit._local import STEP_MARKER, LocalDir
 from spotckpt._commit._manifest import MANIFEST, step_dirname
 from spotckpt._remote._store import RemoteStore
+from spotckpt._state._tensorfile import NAME as PAYLOAD
 
 
 class Counter:
@@ -70,12 +71,12 @@ def test_checkpoint_without_manifest_is_invisible(tmp_path: Path, remote_url: st
     train(tmp_path / "a", remote_url, 10, flush_each=True)
     store = RemoteStore(remote_url)
     # step 15 uploaded its payload, but the manifest never made it (killed mid-upload)
-    data = store.cat(f"{step_dirname(10)}/state.pt")
-    store.put_bytes(f"{step_dirname(15)}/state.pt", data)
+    data = store.cat(f"{step_dirname(10)}/{PAYLOAD}")
+    store.put_bytes(f"{step_dirname(15)}/{PAYLOAD}", data)
     local = tmp_path / "a"
     (local / step_dirname(16)).mkdir()  # renamed into place, killed before its manifest
     (local / step_dirname(16) / STEP_MARKER).write_bytes(b"")
-    (local / step_dirname(16) / "state.pt").write_bytes(data)
+    (local / step_dirname(16) / PAYLOAD).write_bytes(data)
     c, ckpt = train(local, remote_url, 10)
     assert ckpt.restored_step == 10
     assert not (local / step_dirname(16)).exists()  # crash leftover cleaned
@@ -85,7 +86,7 @@ def test_corrupt_local_payload_falls_back(tmp_path: Path) -> None:
     local = tmp_path / "ck"
     train(local, None, 10)
     assert LocalDir(local).committed() == [5, 10]
-    p = local / step_dirname(10) / "state.pt"
+    p = local / step_dirname(10) / PAYLOAD
     b = bytearray(p.read_bytes())
     b[len(b) // 2] ^= 0x01
     p.write_bytes(bytes(b))
@@ -100,7 +101,7 @@ def test_corrupt_local_payload_falls_back(tmp_path: Path) -> None:
 def test_corrupt_remote_payload_falls_back(tmp_path: Path, remote_url: str) -> None:
     train(tmp_path / "a", remote_url, 10, flush_each=True)
     store = RemoteStore(remote_url)
-    key = f"{step_dirname(10)}/state.pt"
+    key = f"{step_dirname(10)}/{PAYLOAD}"
     data = bytearray(store.cat(key))
     data[100] ^= 0xFF
     store.put_bytes(key, bytes(data))

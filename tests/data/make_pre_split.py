@@ -5,6 +5,10 @@ before the package split (run once, with the code of commit 69297d4; kept for th
 
 The result (remote/ a file:// remote, 3 committed steps, keep_last=2; a watched file) is what
 tests/checkpointer/test_public_api.py restores with today's code.
+
+tests/data/torch-format/ is the same script run with the code of commit 5935ee4 (integrate28,
+the last to write the ``torch`` serializer, one ``torch.save`` file, before the
+``safetensors`` payload of issue 25).
 """
 from __future__ import annotations
 

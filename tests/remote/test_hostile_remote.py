@@ -251,10 +251,12 @@ class _RunsCode:
 def test_payload_that_would_run_code_does_not_load(tmp_path: Path, s3_server: S3Server, s3_env: dict,
                                                    serializer: str) -> None:
     """A remote checkpoint whose manifest is valid (sizes and checksums match) but whose
-    payload is a pickle that runs code: loading fails, the code never runs."""
+    payload is a pickle that runs code: loading fails, the code never runs, and the step is
+    quarantined like any other damage: restore falls back to the older one. (It used to stop
+    the job: fixed when a payload that does not load joined the quarantine path, issue 25.)"""
     import hashlib
 
-    bucket, _ = trained_bucket(s3_server, tmp_path)
+    bucket, at5 = trained_bucket(s3_server, tmp_path)
     remote = f"s3://{bucket}/run/"
     marker = tmp_path / "code-ran"
     evil = {"n": _RunsCode(marker), "hist": []}
@@ -272,11 +274,14 @@ def test_payload_that_would_run_code_does_not_load(tmp_path: Path, s3_server: S3
     d["files"] = [{"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}]
     put(s3_server, bucket, f"run/{D10}/{name}", data)
     put(s3_server, bucket, f"run/{D10}/{MANIFEST}", json.dumps(d).encode())
-    with pytest.raises(spotckpt.CorruptCheckpointError) as ei:
-        with spotckpt.Checkpointer({"n": 0, "hist": []}, local_dir=tmp_path / "new", remote=remote):
-            pass
-    assert "spotckpt" in str(ei.value) and "\n" not in str(ei.value)
+    state = {"n": -1, "hist": None}
+    with spotckpt.Checkpointer(state, local_dir=tmp_path / "new", remote=remote) as ckpt:
+        assert ckpt.restored_step == 5
+    assert state == at5
     assert not marker.exists()
+    q = [e for e in events(tmp_path / "new") if e["event"] == "quarantine"]
+    assert q and q[0]["step"] == 10 and q[0]["error"].startswith("spotckpt:") and "\n" not in q[0]["error"], q
+    assert f"{D10}/{MANIFEST}.quarantined" in RemoteStore(remote).find()  # kept, not deleted
 
 
 PLAIN = {"empty-bytes": b"", "frozenset": frozenset({1, 2}), "range": range(3), "slice": slice(1, 5),

@@ -63,7 +63,7 @@ def test_supervised_torchrun_checkpoints_stops_on_sigterm_and_resumes_bitwise(tm
     assert flushes[1][0]["step"] == stop and flushes[0][0]["durable"] and flushes[1][0]["durable"], flushes
     assert 0 < stop < STEPS and store.committed()[-1] == stop
     m = store.read_manifest(stop)
-    assert m.world_size == 2 and sorted(f.path for f in m.files) == ["rank-00000/state.pt", "rank-00001/state.pt"]
+    assert m.world_size == 2 and sorted(f.path for f in m.files) == ["rank-00000/state.safetensors", "rank-00001/state.safetensors"]
     assert f"checkpoint step {stop} (uploaded by the command's 2 ranks)" in p.stderr, p.stderr
     # one generation for the supervisor and the ranks: neither was stopped as stale
     assert "StaleGenerationError" not in p.stderr + p.stdout
