@@ -421,7 +421,7 @@ def case_idle(p: dict[str, Any]) -> dict[str, Any]:
             "startup_requests": start_requests}
 
 
-from cases_watched import case_watched  # noqa: E402,F401 - row 8, in its own module
+from cases_watched import case_files_restore, case_watched  # noqa: E402,F401 - row 8, in its own module
 
 CASES = {k[5:]: v for k, v in globals().items() if k.startswith("case_")}
 
