@@ -122,7 +122,7 @@ class Bench:
         if rc != 0 or not lines:
             raise RuntimeError(f"bench case {name} failed ({rc}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
         out = json.loads(lines[-1][7:])
-        print(f"  {name}: {time.monotonic() - t:.0f} s  {json.dumps(out)[:300]}", flush=True)
+        print(f"  {name}: {time.monotonic() - t:.0f} s  {json.dumps(out)[:1500]}", flush=True)
         return out
 
     def bucket(self) -> str:
