@@ -14,7 +14,7 @@ $(VENV)/bin/python:
 $(STAMP): $(VENV)/bin/python pyproject.toml Makefile
 	$(PIP) --upgrade pip
 	$(PIP) 'torch==2.13.0'
-	$(PIP) -e '.[test,all,docs]' 'torch==2.13.0'
+	$(PIP) -e '.[test,all,docs,bench]' 'torch==2.13.0'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -430,7 +430,7 @@ def case_idle(p: dict[str, Any]) -> dict[str, Any]:
 
 
 from cases_cpu import case_savecpu  # noqa: E402,F401 - CPU-s per GiB vs the floor (bench/save_cpu.py)
-from cases_watched import case_watched  # noqa: E402,F401 - row 8, in its own module
+from cases_watched import case_files_restore, case_watched  # noqa: E402,F401 - row 8, in its own module
 
 CASES = {k[5:]: v for k, v in globals().items() if k.startswith("case_")}
 

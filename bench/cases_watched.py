@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, client, drop_bucket, median, new_bucket, raw_upload, workdir
+from common import REPO, STORAGE_OPTIONS, client, cpu_seconds, drop_bucket, median, new_bucket, now, raw_upload, workdir
 
 # The supervisor's S3 clients get the botocore settings every client here uses
 # (common.CONFIG_KWARGS) the way a user of the CLI sets them: the AWS config file.
@@ -156,11 +157,88 @@ def case_watched(p: dict[str, Any]) -> dict[str, Any]:
         if p.get("log_to"):
             Path(p["log_to"]).write_text(sup_log)
         sup_log = sup_log[-600:]
-        import shutil
-
         shutil.rmtree(wd, ignore_errors=True)
         drop_bucket(bucket)
     b, s = median(base), median(times)
     return {"base": b, "spotckpt": s, "ratio": s / b, "bytes": sizes[-1], "times": times, "bases": base,
             "to_uploaded": to_upload, "set_write": set_write, "part": part, "conc": conc,
             "scan_interval": scan, "supervisor_log": sup_log}
+
+
+def _raw_download_all(bucket: str, prefix: str, dest: Path, threads: int = 8) -> None:
+    """The baseline: list ``prefix`` and GET every object, ``threads`` boto3 threads (one
+    client, as boto3 documents for threads), each written to ``dest``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = client()
+    keys = [o["Key"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", [])]
+
+    def one(k: str) -> None:
+        out = dest / k[len(prefix):]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(c.get_object(Bucket=bucket, Key=k)["Body"].read())
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, keys))
+
+
+def case_files_restore(p: dict[str, Any]) -> dict[str, Any]:
+    """#8b the watched dir's restore: ``files`` files of ``bytes`` each, mirrored by a
+    writer (untimed), then brought into an empty dir by ``restore_files`` (a fresh store:
+    its client built inside the clock) against ``threads`` boto3 threads GETting the same
+    objects (their client built inside the clock too); alternated, ``reps`` times each.
+    Then a writer's start over that remote (restore + the watcher's baseline) counts its
+    LIST requests."""
+    from spotckpt._commit._local import LocalDir
+    from spotckpt._remote._store import RemoteStore
+    from spotckpt._watch._pull import restore_files
+    from spotckpt._watch._watcher import Watcher
+
+    n, size, reps = p["files"], p["bytes"], p["reps"]
+    wd, bucket = workdir(), new_bucket()
+    remote = f"s3://{bucket}/run/"
+    src = wd / "src"
+    blob = os.urandom(size)
+    try:
+        for i in range(n):
+            f = src / f"logs/d{i // 100:03d}/f{i % 100:03d}.txt"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(i.to_bytes(8, "little") + blob[8:])
+        w = Watcher(LocalDir(src, state=wd / "s-src"), RemoteStore(remote, STORAGE_OPTIONS))
+        while not w.run_pass():
+            pass
+        assert w.current is not None and len(w.current.entries) == n
+        base, spot, base_cpu, spot_cpu = [], [], [], []
+        for r in range(reps):
+            d = wd / f"raw{r}"
+            t, c = now(), cpu_seconds()
+            _raw_download_all(bucket, "run/files/", d, p.get("threads", 8))
+            base.append(now() - t)
+            base_cpu.append(cpu_seconds() - c)
+            shutil.rmtree(d)
+            d = wd / f"spot{r}"
+            t, c = now(), cpu_seconds()
+            _, got, _ = restore_files(LocalDir(d, state=wd / f"s-spot{r}"), RemoteStore(remote, STORAGE_OPTIONS))
+            spot.append(now() - t)
+            spot_cpu.append(cpu_seconds() - c)
+            assert len(got) == n, (len(got), n)
+            shutil.rmtree(d)
+
+        class _Lists(RemoteStore):
+            lists = 0
+
+            def list_keys(self, under: str = "") -> list[str]:
+                _Lists.lists += 1
+                return super().list_keys(under)
+        d = wd / "start"
+        store = _Lists(remote, STORAGE_OPTIONS)
+        restore_files(LocalDir(d, state=wd / "s-start"), store)
+        Watcher(LocalDir(d, state=wd / "s-start"), store).load()
+        lists = _Lists.lists
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+        drop_bucket(bucket)
+    b, s = median(base), median(spot)
+    return {"files": n, "bytes": size, "base": b, "spotckpt": s, "ratio": s / b, "min_ratio": min(spot) / min(base),
+            "bases": base, "times": spot, "base_cpu": median(base_cpu), "spot_cpu": median(spot_cpu),
+            "start_lists": lists, "threads": p.get("threads", 8)}

@@ -20,20 +20,33 @@ def run_peers(b: Any, size: int, rounds: int, reps: int, loop: dict[str, float] 
               names: list[str] | None = None, loop_rounds: int | None = None,
               loop_only: bool = False) -> dict[str, Any]:
     names = names or CONTENDERS
-    out: dict[str, Any] = {"bytes": size, "rounds": rounds, "loop": loop, "runs": {n: [] for n in names}}
+    out: dict[str, Any] = {"bytes": size, "rounds": rounds, "loop": loop, "runs": {n: [] for n in names},
+                           "failed": {}}
     bucket = b.bucket()
     try:
         for r in range(rounds):
             for name in names[r % len(names):] + names[: r % len(names)]:
+                if name in out["failed"]:
+                    continue
                 prefix = f"{name}/r{r}"
                 p = {"name": name, "bytes": size, "reps": reps, "bucket": bucket, "prefix": prefix}
                 if loop and r < (rounds if loop_rounds is None else loop_rounds):
                     p.update(loop_seconds=loop["seconds"], interval=loop["interval"], loop_steps=loop.get("steps"),
                              loop_pairs=loop.get("pairs", 1))
-                got = b.case("save", script="peer_cases.py", **p)
-                if not loop_only:
-                    got["restore"] = b.case("restore", script="peer_cases.py", name=name, bytes=size, bucket=bucket,
-                                            prefix=prefix)["seconds"]
+                try:
+                    got = b.case("save", script="peer_cases.py", **p)
+                    if not loop_only:
+                        rest = b.case("restore", script="peer_cases.py", name=name, bytes=size, bucket=bucket,
+                                      prefix=prefix)
+                        got["restore"], got["restore_cpu"] = rest["seconds"], rest.get("cpu")
+                except RuntimeError as e:  # a peer that cannot work with this server: its error, reported
+                    if name == "spotckpt":
+                        raise
+                    last = [x for x in str(e).splitlines() if x.strip()][-1:]
+                    out["failed"][name] = last[0] if last else str(e)[:300]
+                    print(f"  {name} FAILED on this server: {out['failed'][name]}", flush=True)
+                    b.empty(bucket, prefix)
+                    continue
                 out["runs"][name].append(got)
                 b.empty(bucket, prefix)
     finally:
@@ -53,6 +66,9 @@ def summary(res: dict[str, Any]) -> dict[str, dict[str, float]]:
             m["durable"] = med([x for r in runs for x in r["durables"]])
         if all("restore" in r for r in runs):
             m["restore"] = med([r["restore"] for r in runs])
+        if all(r.get("restore_cpu") is not None and r.get("cpus") for r in runs):  # CPU-seconds, all threads
+            m["restore_cpu"] = med([r["restore_cpu"] for r in runs])
+            m["durable_cpu"] = med([x for r in runs for x in r["cpus"]])
         if any("slowdown" in r for r in runs):
             m["slowdown"] = med([r["slowdown"] for r in runs if "slowdown" in r])
             m["saves"] = med([r["loop_saves"] for r in runs if "slowdown" in r])
@@ -80,6 +96,8 @@ def table(res: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
             v = fmt(m, s[n][m])
             if n == top[m]:
                 v = f"**{v}**"
+            if f"{m}_cpu" in s[n]:  # CPU-seconds beside the wall time (every thread of the process)
+                v += f", {s[n][m + '_cpu']:.2f} CPU-s"
             if m == "slowdown" and "saves" in s[n]:
                 v += f" ({s[n]['saves']:.0f} saves)"
             if n == "spotckpt" and m != "slowdown":
@@ -123,7 +141,8 @@ def run_scale(b: Any, sizes: list[int], names: list[str], reps: int = 1) -> dict
 
 
 _COLORS = {"spotckpt": "#d62728", "sagemaker": "#1f77b4", "dcp_local": "#2ca02c", "lightning_local": "#9467bd",
-           "dcp_s3": "#8c564b", "lightning_s3": "#e377c2", "s3fs_save": "#7f7f7f"}
+           "dcp_s3": "#8c564b", "lightning_s3": "#e377c2", "s3fs_save": "#7f7f7f", "s3torch": "#ff7f0e",
+           "s3torch_dcp": "#17becf"}
 
 
 def svg(scale: dict[str, Any], path: Path, title: str) -> None:

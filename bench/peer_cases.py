@@ -23,7 +23,7 @@ import json
 import sys
 from typing import Any
 
-from common import MiB, make_state, median, now, workdir  # noqa: F401
+from common import MiB, cpu_seconds, make_state, median, now, workdir  # noqa: F401
 from peers import SAVERS, Model, remove, restore, s3fs_defaults
 
 
@@ -42,6 +42,10 @@ def prepare(name: str) -> None:
         import lightning.pytorch  # noqa: F401
     elif name == "s3fs_save":
         import fsspec  # noqa: F401
+    elif name.startswith("s3torch"):
+        import s3torchconnector  # noqa: F401
+        if name == "s3torch_dcp":
+            import s3torchconnector.dcp  # noqa: F401
 
 
 def _loop(steps: int, step: Any, peer: Any = None, interval: float = 0.0) -> tuple[float, int]:
@@ -72,16 +76,18 @@ def case_save(p: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"name": name, "bytes": p["bytes"]}
     peer = SAVERS[name](model, p["bucket"], p["prefix"], wd)
     try:
-        stalls, durable = [], []
+        stalls, durable, cpus = [], [], []
         for _ in range(p["reps"] + 1):
-            t = now()
+            t, c = now(), cpu_seconds()  # (every thread of this process: the uploads' too)
             peer.save()
             stalls.append(now() - t)
             peer.wait()
             durable.append(now() - t)
-        out.update(stall_first=stalls[0], durable_first=durable[0], stalls=stalls[1:], durables=durable[1:])
+            cpus.append(cpu_seconds() - c)
+        out.update(stall_first=stalls[0], durable_first=durable[0], stalls=stalls[1:], durables=durable[1:],
+                   cpu_first=cpus[0], cpus=cpus[1:])
         if stalls[1:]:
-            out.update(stall=median(stalls[1:]), durable=median(durable[1:]))
+            out.update(stall=median(stalls[1:]), durable=median(durable[1:]), durable_cpu=median(cpus[1:]))
         if p.get("loop_seconds") or p.get("loop_steps"):
             # the same step count for every contender (given), the loop alone and saving, alternated
             steps = p.get("loop_steps") or max(50, int(p["loop_seconds"] / (_loop(30, _one_step)[0] / 30)))
@@ -118,14 +124,14 @@ def case_restore(p: dict[str, Any]) -> dict[str, Any]:
     # not inside the clock: it is the import's cost, and the imports are before the clock.
     gc.collect()
     try:
-        t = now()
+        t, c = now(), cpu_seconds()
         restore(name, model, p["bucket"], p["prefix"], wd / "dir")
-        dt = now() - t
+        dt, cpu = now() - t, cpu_seconds() - c
     finally:
         remove(wd)
     got = {k: float(v[:4].sum()) for k, v in sd.items()}
     assert got == want, (name, "restored values differ")
-    return {"name": name, "seconds": dt, "bytes": p["bytes"]}
+    return {"name": name, "seconds": dt, "cpu": cpu, "bytes": p["bytes"]}
 
 
 CASES = {"save": case_save, "restore": case_restore}

@@ -103,6 +103,8 @@ def peer_sections(r: dict[str, Any], svg_path: Path, svg_ref: str) -> list[str]:
                                                           f"{loop['seconds']:g} s of steps)" if loop else ""), ""]
         t, _ = table(res)
         lines += t + [""]
+        for name, err in res.get("failed", {}).items():  # could not run against this server
+            lines += [f"- {LABELS[name]}: failed against this server: `{err}`", ""]
     lines += ["### Targets (ratios to the best peer in the same run)", ""]
     rows = []
     for res in r["peers"]:

@@ -8,6 +8,14 @@ spotckpt does (16 MiB parts x 8 up, 64 MiB ranges x 8 down); every s3fs (DCP's f
 writer, Lightning's ``s3://`` paths, ``torch.save`` into an s3fs file) gets the same botocore
 settings through ``fsspec.config.conf``. Each keeps the last two checkpoints on the remote,
 as the Checkpointer does (``keep_last=2``): moto slows down the more it holds.
+
+The Amazon S3 Connector for PyTorch (``s3torchconnector``, the AWS CRT's client in Rust) is
+pointed at the same endpoint with ``endpoint=`` and ``S3ClientConfig(force_path_style=True)``
+(plain http on 127.0.0.1 works: the scheme is taken from the URL); its defaults otherwise
+(8 MiB parts, a 10 Gb/s throughput target), as an AWS user gets them. Its DCP
+``S3StorageWriter``/``S3StorageReader`` (1.5.0) take no endpoint: their ``S3FileSystem``
+builds its ``S3Client(region, ...)`` without one, so here that client is replaced by the
+same class built with the endpoint (:func:`s3torch_dcp`).
 """
 from __future__ import annotations
 
@@ -29,6 +37,8 @@ LABELS = {
     "lightning_local": "Lightning `AsyncCheckpointIO` local + boto3 upload",
     "lightning_s3": "Lightning `AsyncCheckpointIO` to `s3://`",
     "s3fs_save": "`torch.save` straight into an s3fs file",
+    "s3torch": "s3torchconnector: `torch.save` into its `S3Checkpoint` writer",
+    "s3torch_dcp": "s3torchconnector DCP: `async_save` with its `S3StorageWriter`",
 }
 CONTENDERS = list(LABELS)
 KEEP = 2
@@ -274,8 +284,57 @@ class S3fsSave(Peer):
         self.retire(n)
 
 
+def s3torch_config() -> Any:
+    from s3torchconnector import S3ClientConfig
+
+    return S3ClientConfig(force_path_style=True)  # a bucket on 127.0.0.1 has no DNS name
+
+
+def s3torch_dcp(kind: str, path: str) -> Any:
+    """s3torchconnector's DCP writer or reader for ``path``, talking to the bench's endpoint."""
+    from s3torchconnector._s3client import S3Client
+    from s3torchconnector.dcp import S3StorageReader, S3StorageWriter
+
+    cls = S3StorageWriter if kind == "writer" else S3StorageReader
+    io = cls(region="us-east-1", path=path, s3client_config=s3torch_config())
+    # built without an endpoint (it takes none): the same client class, with it
+    io.fs._client = S3Client("us-east-1", endpoint=endpoint(), s3client_config=s3torch_config())
+    return io
+
+
+class S3Torch(Peer):
+    def __init__(self, *a: Any) -> None:
+        super().__init__(*a)
+        from s3torchconnector import S3Checkpoint
+
+        self.ck = S3Checkpoint(region="us-east-1", endpoint=endpoint(), s3client_config=s3torch_config())
+
+    def save(self) -> None:  # no background part: durable when its writer closes
+        import torch
+
+        n = self.n
+        with self.ck.writer(f"s3://{self.bucket}/{self.prefix}/step-{n}.pt") as w:
+            torch.save({"model": self.model.state_dict()}, w)
+        self.n += 1
+        self.retire(n)
+
+
+class S3TorchDcp(Peer):
+    def save(self) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        n = self.n
+        if self.done is not None:
+            self.done.result()  # DCP's rule: resolve the previous save before the next
+        w = s3torch_dcp("writer", f"s3://{self.bucket}/{self.prefix}/step-{n}")
+        fut = dcp.async_save({"model": self.model.state_dict()}, storage_writer=w, no_dist=True)
+        self.n += 1
+        self.background(lambda: (fut.result(), self.retire(n)))
+
+
 SAVERS: dict[str, type[Peer]] = {"spotckpt": Spot, "sagemaker": SageMaker, "dcp_local": DcpLocal, "dcp_s3": DcpS3,
-                                 "lightning_local": Lightning, "lightning_s3": LightningS3, "s3fs_save": S3fsSave}
+                                 "lightning_local": Lightning, "lightning_s3": LightningS3, "s3fs_save": S3fsSave,
+                                 "s3torch": S3Torch, "s3torch_dcp": S3TorchDcp}
 
 
 def restore(name: str, model: Model, bucket: str, prefix: str, wd: Path) -> None:
@@ -289,11 +348,14 @@ def restore(name: str, model: Model, bucket: str, prefix: str, wd: Path) -> None
         assert ck.restored_step is not None
         ck.close()
         return
-    if name in ("dcp_local", "dcp_s3"):
+    if name in ("dcp_local", "dcp_s3", "s3torch_dcp"):
         import torch.distributed.checkpoint as dcp
 
         step = newest(bucket, prefix)
-        if name == "dcp_s3":
+        if name == "s3torch_dcp":
+            dcp.load({"model": model.state_dict()}, storage_reader=s3torch_dcp("reader", f"s3://{bucket}/{prefix}/{step}"),
+                     no_dist=True)
+        elif name == "dcp_s3":
             from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
             dcp.load({"model": model.state_dict()}, storage_reader=FsspecReader(f"s3://{bucket}/{prefix}/{step}"),
@@ -302,7 +364,14 @@ def restore(name: str, model: Model, bucket: str, prefix: str, wd: Path) -> None
             download_prefix(bucket, f"{prefix}/{step}", wd / step)
             dcp.load({"model": model.state_dict()}, checkpoint_id=str(wd / step), no_dist=True)
         return
-    if name in ("lightning_s3", "s3fs_save"):
+    if name == "s3torch":
+        from s3torchconnector import S3Checkpoint
+
+        key = newest(bucket, prefix)
+        ck = S3Checkpoint(region="us-east-1", endpoint=endpoint(), s3client_config=s3torch_config())
+        with ck.reader(f"s3://{bucket}/{prefix}/{key}") as r:
+            sd = torch.load(r, map_location="cpu", weights_only=True)
+    elif name in ("lightning_s3", "s3fs_save"):
         import fsspec
 
         key = newest(bucket, prefix)

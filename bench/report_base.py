@@ -79,6 +79,14 @@ def rows(r: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
             sec(w["spotckpt"]), f"{sec(w['base'])} (boto3 upload of the file written just before, "
             f"{w['part']} MiB parts × {w['conc']})", f"{w['ratio']:.2f}×", "≤ 1.1×",
             human(w["bytes"]) + " `torch.save`", w["ratio"] <= 1.1, why(r, "watched"))
+    for fr in r.get("files_restore", []):
+        row("8b", "watched dir restore: empty dir → every file placed, verified",
+            f"{sec(fr['spotckpt'])}, {fr['spot_cpu']:.2f} CPU-s",
+            f"{sec(fr['base'])}, {fr['base_cpu']:.2f} CPU-s ({fr['threads']} boto3 threads: list + GET each)",
+            f"{fr['ratio']:.2f}×", "≤ 1.2×", f"{fr['files']:,} files × {human(fr['bytes'])}; start lists "
+            f"`files/` {fr['start_lists']}×", fr["ratio"] <= 1.2,
+            f"{fr['files']:,} files: spotckpt " + ", ".join(sec(x) for x in fr["times"]) + "; baseline "
+            + ", ".join(sec(x) for x in fr["bases"]) + ".")
     return out, misses
 
 

@@ -5,6 +5,8 @@
                                    # CPU-bound loop 1 round), the scale curve to 256 MiB, rows 2, 4, 6-8
     python bench/run.py --parts peers,scale --peer-sizes 1024   # one part alone
     python bench/run.py --parts idle                            # row 7 alone (on moto)
+    python bench/run.py --parts watched                         # rows 8, 8b alone (the watched dir)
+    python bench/run.py --parts peers --peer-names spotckpt,s3torch,s3torch_dcp   # some contenders
     python bench/run.py --from-json a.json b.json               # parts run apart, one report
 
 The S3 server (Ceph RGW, brought up by the bench from tests/servers/; moto's when RGW cannot
@@ -38,10 +40,10 @@ from zygote import Zygote  # noqa: E402
 
 FULL = dict(big=GiB, small_big=256 * MiB, slow_bytes=512 * MiB, slow_interval=10.0, slow_seconds=60.0,
             slow_pairs=3, reps=3, stall_reps=5, small=MiB, small_reps=30, files=10_000, idle_seconds=60.0, idle_passes=2,
-            sweep=[[8, 8], [16, 8], [32, 4], [64, 4]], sweep_reps=2)
+            sweep=[[8, 8], [16, 8], [32, 4], [64, 4]], sweep_reps=2, files_restore=[[1000, 4096], [5000, 64 << 10]])
 QUICK = dict(big=256 * MiB, small_big=64 * MiB, slow_bytes=128 * MiB, slow_interval=2.5, slow_seconds=8.0,
              slow_pairs=2, reps=2, stall_reps=4, small=MiB, small_reps=15, files=2_000, idle_seconds=10.0, idle_passes=0,
-             sweep=[[16, 8], [32, 4]], sweep_reps=1)
+             sweep=[[16, 8], [32, 4]], sweep_reps=1, files_restore=[[1000, 4096]])
 
 
 # The peers (bench/peers.py): state sizes with their targets, rounds, the loop's cadence.
@@ -120,7 +122,7 @@ class Bench:
         if rc != 0 or not lines:
             raise RuntimeError(f"bench case {name} failed ({rc}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
         out = json.loads(lines[-1][7:])
-        print(f"  {name}: {time.monotonic() - t:.0f} s  {json.dumps(out)[:300]}", flush=True)
+        print(f"  {name}: {time.monotonic() - t:.0f} s  {json.dumps(out)[:1500]}", flush=True)
         return out
 
     def bucket(self) -> str:
@@ -151,6 +153,7 @@ def warm_memory(nbytes: int) -> None:
 
 
 PARTS = ("base", "peers", "loop", "scale", "schedule")
+EXTRA_PARTS = ("idle", "watched")  # alone: row 7; rows 8 and 8b (the watched dir: close -> durable, restore)
 
 
 def run_schedule(quick: bool) -> dict[str, Any]:
@@ -181,6 +184,8 @@ def run(quick: bool, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
         res["elapsed_peers"] = time.monotonic() - t0
         if "base" in parts:
             run_base(b, res)
+        elif "watched" in parts:  # rows 8, 8b alone
+            run_watched(b, res)
         elif "idle" in parts:  # row 7 alone
             res["idle"] = run_idle(b)
     finally:
@@ -200,13 +205,15 @@ def run_peer_parts(b: Bench, res: dict[str, Any], parts: tuple[str, ...]) -> Non
     small = min(p["peer_sizes"])
     if "peers" in parts:
         print(f"peers on {b.server.name}:", flush=True)
-        res["peers"] = [run_peers(b, size, p["peer_rounds"], reps=2 if size <= 256 * MiB else 1)
+        res["peers"] = [run_peers(b, size, p["peer_rounds"], reps=2 if size <= 256 * MiB else 1,
+                                  names=p.get("peer_names"))
                         for size in p["peer_sizes"]]
         if b.server.name != "moto":
             print("peers on moto (second column):", flush=True)
             mb = Bench(b.quick, server=start_server("moto"), zygotes=b.zygotes)
             try:
-                res["peers_moto"] = run_peers(mb, min(small, 64 * MiB), p["moto_rounds"], reps=2)
+                res["peers_moto"] = run_peers(mb, min(small, 64 * MiB), p["moto_rounds"], reps=2,
+                                              names=p.get("peer_names"))
             finally:
                 mb.close()
     if "loop" in parts:  # every contender runs the same steps, alone and saving, alternated
@@ -268,11 +275,20 @@ def run_idle(b: Bench) -> dict[str, Any]:
         mb.close()
 
 
+def run_watched(b: Bench, res: dict[str, Any]) -> None:
+    """Row 8 (a watched file's close -> durable) and 8b (the watched dir's restore: small
+    files against 8 boto3 threads, and the start's listings)."""
+    p = b.p
+    res["watched"] = b.case("watched", bytes=p["big"], reps=p["reps"])
+    res["files_restore"] = [b.case("files_restore", files=n, bytes=size, reps=max(3, p["reps"]))
+                            for n, size in p["files_restore"]]
+
+
 def run_rest(b: Bench, res: dict[str, Any]) -> None:
     p = b.p
     res["small"] = b.case("small", bytes=p["small"], reps=p["small_reps"])
     res["idle"] = run_idle(b)
-    res["watched"] = b.case("watched", bytes=p["big"], reps=p["reps"])
+    run_watched(b, res)
     res["slowdown"] = b.case("slowdown", bytes=p["slow_bytes"], interval=p["slow_interval"],
                              seconds=p["slow_seconds"], pairs=p["slow_pairs"])
     if not b.quick:
@@ -358,6 +374,8 @@ def main() -> None:
                          "row 7 alone")
     ap.add_argument("--peer-sizes", help="the peers' state sizes in MiB, comma-separated (default: 64,1024; "
                     "quick: 64)")
+    ap.add_argument("--peer-names", help="the contenders, comma-separated (default: all of bench/peers.py)")
+    ap.add_argument("--peer-rounds", type=int, help="rounds of the peers (default: 3; quick: 2)")
     ap.add_argument("--loop-rounds", type=int, help="rounds that also run the CPU-bound loop (default: all; quick: 0)")
     ap.add_argument("--from-json", nargs="+", help="only re-render the report from saved results files "
                     "(several: parts run separately, merged in order)")
@@ -370,6 +388,10 @@ def main() -> None:
         parts = tuple(x for x in a.parts.split(",") if x)
         if a.loop_rounds is not None:
             (QUICK if a.quick else FULL)["loop_rounds"] = a.loop_rounds
+        if a.peer_names:
+            (QUICK if a.quick else FULL)["peer_names"] = a.peer_names.split(",")
+        if a.peer_rounds:
+            (QUICK if a.quick else FULL)["peer_rounds"] = a.peer_rounds
         if a.peer_sizes:
             (QUICK if a.quick else FULL)["peer_sizes"] = [int(x) * MiB for x in a.peer_sizes.split(",")]
         r = run(a.quick, parts)

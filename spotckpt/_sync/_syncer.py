@@ -21,15 +21,14 @@ from spotckpt._commit import MANIFEST, LocalDir, Manifest, step_dirname
 from spotckpt._errors import StaleGenerationError
 from spotckpt._events import EventLog, log
 from spotckpt._remote import Fence, Recorder, RemoteStore
-from spotckpt._watch import DirRule, Watcher, WriterGate, rules_from_env
+from spotckpt._watch import Changes, DirRule, Watcher, WriterGate, rules_from_env
 
 from ._layout import SingleLayout
+from ._mirror import MirrorDriver
 from ._retention import Retention
 
-_IDLE_CPU = 0.005          # share of a core an idle Syncer may spend scanning the local dir
 
-
-class Syncer(Retention):
+class Syncer(Retention, MirrorDriver):
     """Local dir -> remote, in a background thread.
 
     Example:
@@ -78,6 +77,8 @@ class Syncer(Retention):
         self._scan_cost = 0.0     # CPU seconds of the last idle mirror pass
         self._mirror_more = False  # the last pass yielded to a checkpoint: go on at once
         self._last_scan = float("-inf")
+        self._changes: Changes | None = None  # inotify on the watched dir (_watch/_notify.py)
+        self._changed = False     # a file was closed there since the last pass began
         # The watched dir: files the script writes itself, committed as file sets.
         self.watcher: Watcher | None = None
         if mirror:
@@ -97,6 +98,7 @@ class Syncer(Retention):
 
     # -- public ----------------------------------------------------------------------------
     def start(self) -> None:
+        self._changes = Changes(self.local.root, self._on_change) if self.watcher is not None else None
         self._thread = threading.Thread(target=self._run, name="spotckpt-syncer", daemon=True)
         self._thread.start()
 
@@ -182,6 +184,8 @@ class Syncer(Retention):
         ok = self.flush(timeout, bound=bound)
         if self.watcher is not None:
             self.watcher.beat(clean=True)
+        if self._changes is not None:
+            self._changes.close()
         with self._cv:
             self._stop = True
             self._pending = None  # past the flush, nothing new starts
@@ -201,7 +205,7 @@ class Syncer(Retention):
             with self._cv:
                 if (self._pending is None and self._force_scan == self._scan_done and not self._stop
                         and not self._mirror_more):
-                    self._cv.wait(self._idle_interval())
+                    self._cv.wait(max(0.0, self._next_pass_in()) if self.watcher else self.scan_interval)
                 if self._stop and self._pending is None:
                     return
                 step, self._pending = self._pending, None
@@ -211,8 +215,7 @@ class Syncer(Retention):
                 if step is not None:
                     self._upload_checkpoint(step)
                 force = scan_gen > self._scan_done
-                if self.watcher is not None and (force or self._mirror_more or
-                                                 time.monotonic() - self._last_scan >= self._idle_interval()):
+                if self.watcher is not None and (force or self._mirror_more or self._next_pass_in() <= 0):
                     self._mirror_pass(force=force)
             except StaleGenerationError as e:  # a newer instance of the job: stop for good
                 self.stale = self.last_error = e
@@ -306,23 +309,3 @@ class Syncer(Retention):
         if lay.owns_retention:
             self._remote_retention(step)
 
-    # -- the watched dir ----------------------------------------------------------------------
-    def _idle_interval(self) -> float:
-        """Seconds between idle mirror passes: ``scan_interval``, stretched so that scanning
-        a big tree costs at most ``_IDLE_CPU`` of a core (10,000 files: a ~30 ms pass every
-        few seconds instead of every 2 s). A flush always runs a full pass at once."""
-        return max(self.scan_interval, self._scan_cost / _IDLE_CPU)
-
-    def _mirror_pass(self, *, force: bool) -> None:
-        w = self.watcher
-        assert w is not None
-        n0, s0 = w.bytes_uploaded, w.upload_seconds
-        try:
-            w.settle = force  # a flush waits (<= 1 s) for a file emptied just before it
-            self._mirror_more = not w.run_pass()
-        finally:
-            self._last_scan = time.monotonic()
-            if not force:
-                self._scan_cost = w.scan_cpu  # the scan's cost, not the uploads' (bench/ row 8)
-            self.bytes_uploaded += w.bytes_uploaded - n0
-            self.upload_seconds += w.upload_seconds - s0

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from ._baseline import stale_files
 from ._fileset import FileSet, newest_set
+from ._notify import Changes, next_pass_in
 from ._pull import restore_files
 from ._rules import DirRule, WriterGate, rules_from_env
 from ._watcher import Watcher
 
-__all__ = ["DirRule", "FileSet", "Watcher", "WriterGate", "newest_set", "restore_files", "rules_from_env",
+__all__ = ["Changes", "DirRule", "FileSet", "Watcher", "WriterGate", "newest_set", "next_pass_in", "restore_files", "rules_from_env",
            "stale_files"]

@@ -37,7 +37,7 @@ class Baseline:
 def baseline(store: RemoteStore) -> Baseline:
     """List ``files/`` once, quarantine newer sets that do not parse, and say what a writer
     may delete (warnings name what it leaves alone)."""
-    got = list_files(store)
+    got = list_files(store, handed=True)  # (the listing of the restore just before, if any)
     gone: set[str] = set()  # sets that do not parse, quarantined now
     current = newest_set(store, got.sets, on_invalid=quarantiner(store, gone))
     named = {e.key for e in current.entries.values()} if current else set()

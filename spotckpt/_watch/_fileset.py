@@ -26,6 +26,7 @@ import json
 import re
 import time
 import uuid
+import weakref
 from typing import Any, Callable, Iterable
 
 from spotckpt._commit import _MAX_FILE_SIZE, check_relpath, parse_step_dirname
@@ -192,9 +193,31 @@ class Listing:
     foreign: list[str]     # not spotckpt's: left alone
 
 
-def list_files(store: RemoteStore) -> Listing:
+def list_files(store: RemoteStore, *, handed: bool = False) -> Listing:
+    """One listing of ``files/``; with ``handed``, the one a restore of this store just made
+    (:func:`hand_over`, taken once) if there is one."""
+    got = _handed.pop(store, None) if handed else None
+    if got is not None and time.monotonic() - got[0] <= _HANDED_FOR:
+        return got[1]
+    return listing_of(store.list_keys(FILES + "/"))
+
+
+# A restore lists the whole prefix (it names foreign objects); the writer that starts right
+# after it in the same process (Checkpointer, `spotckpt run`) takes that listing instead of
+# listing files/ again: 10,000 files are 10 LIST requests each time (issue 25).
+_handed: weakref.WeakKeyDictionary[Any, tuple[float, Listing]] = weakref.WeakKeyDictionary()
+_HANDED_FOR = 120.0  # seconds a handed-over listing stays usable
+
+
+def hand_over(store: RemoteStore, listing: Listing) -> None:
+    """Give ``listing`` (of ``files/``, just made) to the next :func:`list_files` of ``store``."""
+    _handed[store] = (time.monotonic(), listing)
+
+
+def listing_of(keys: Iterable[str]) -> Listing:
+    """``keys`` (relative to the prefix, all under ``files/``) sorted by :func:`kind`."""
     out = Listing({}, set(), set(), [])
-    for rel in store.list_keys(FILES + "/"):
+    for rel in keys:
         k = kind(rel)
         if k == "set":
             out.sets[int(rel[len(FILES) + 5:len(FILES) + 17])] = rel

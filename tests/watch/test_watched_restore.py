@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -211,14 +212,24 @@ def test_pull_racing_a_commit_restores_the_newer_set_whole(tmp_path: Path, remot
 
     class Reader(RemoteStore):
         n = 0
+        lock = threading.Lock()
 
-        def get_file(self, rel: str, local: str | os.PathLike[str]) -> None:
-            super().get_file(rel, local)
-            Reader.n += 1
-            if Reader.n == 1:  # the first file of set 1 is here; the job commits set 2 now
-                for m in ("a.pt", "b.pt"):
-                    (root / m).write_bytes(b"new " + m.encode() * 100)
-                w.run_pass()
+        def got_one(self) -> None:
+            with Reader.lock:  # (files come down several at a time)
+                Reader.n += 1
+                if Reader.n == 1:  # a download of set 1 has begun; the job commits set 2 now
+                    for m in ("a.pt", "b.pt"):
+                        (root / m).write_bytes(b"new " + m.encode() * 100)
+                    w.run_pass()
+
+        def get_file(self, rel: str, local: str | os.PathLike[str], size: int | None = None) -> None:
+            self.got_one()
+            super().get_file(rel, local, size)
+
+        def cat(self, rel: str) -> bytes:  # a small file is one GET, read into memory
+            if rel.count("/") > 1:  # files/<version>/<path>, not a set
+                self.got_one()
+            return super().cat(rel)
 
     other = tmp_path / "eval"
     other.mkdir()
