@@ -7,7 +7,7 @@ Two kinds of runs, each policy on the same trace:
   sleep, a numpy state) under the real emulator, supervisor and Checkpointer, killed and
   restarted for real on a trace file. Time is scaled so that it runs in minutes: **one
   second stands for four minutes of training** (``SCALE`` = 240); the fixed intervals (1, 5,
-  15, 60 min), every="auto"'s bounds (60 s and 1 h) and prior (one failure per 2 h) are
+  15, 60 min), every="auto"'s bounds (60 s and 2 h) and prior (one failure per 2 h) are
   scaled alike, and the traces are given in seconds of training (``--time-scale 240``).
   What is not scaled is what the machine does: a save's stall, the write and upload, the
   restart (process start, imports, pull: ~2.5 s, so ~10 minutes of training, as a spot
@@ -40,6 +40,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from spotckpt._cadence import DEFAULT_MAX_INTERVAL, DEFAULT_MIN_INTERVAL  # noqa: E402
 from spotckpt._spot import _traces  # noqa: E402
 
 SCALE = 240.0                   # seconds of training one emulated second stands for
@@ -92,8 +93,9 @@ def _env(policy: str, progress: Path) -> dict[str, str]:
     env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", SPOTCKPT_METADATA="off",
                AUTO_STEPS=str(int(round(JOB_HOURS * 3600 / SCALE / STEP_S))), AUTO_STEP_S=str(STEP_S),
                AUTO_STATE_MB=str(STATE_MB), AUTO_PROGRESS=str(progress))
-    if policy == "auto":   # the defaults, scaled: 60 s, 1 h, one failure per 2 h
-        env.update(AUTO_EVERY="auto", AUTO_MIN=str(60 / SCALE), AUTO_MAX=str(3600 / SCALE),
+    if policy == "auto":   # the defaults, scaled: 60 s, 2 h, one failure per 2 h
+        env.update(AUTO_EVERY="auto", AUTO_MIN=str(DEFAULT_MIN_INTERVAL / SCALE),
+                   AUTO_MAX=str(DEFAULT_MAX_INTERVAL / SCALE),
                    AUTO_MTBF=str(2 / SCALE))
     elif policy == "baseline":
         env.update(AUTO_EVERY="1e9")

@@ -66,6 +66,7 @@ def replay(pts: list[_traces.Point], policy: str, costs: Costs, job_s: float, st
     t = 0.0                                      # the trace's clock
     done = durable = 0.0                         # useful seconds of training: run, and durable
     ended: dict[str, int] = {}
+    runs: list[list[Any]] = []                   # the history's [run_s, ended] per incarnation
     run_s = 0.0
     incarnations = saves = 0
     rework = restart = overhead = 0.0
@@ -79,7 +80,8 @@ def replay(pts: list[_traces.Point], policy: str, costs: Costs, job_s: float, st
         t += costs.restart_child if incarnations else 0.0
         clock[0] = t
         t_start = t
-        summ = {"incarnations": incarnations, "run_s": run_s, "ended": dict(ended), "startup_s": costs.restart,
+        summ = {"incarnations": incarnations, "run_s": run_s, "ended": dict(ended), "runs": runs[-32:],
+                "startup_s": costs.restart,
                 "previous": {"generation": incarnations, "decision": prev_decision} if prev_decision else None,
                 "measured": ({"generation": incarnations, "decision": prev_decision}
                              if prev_decision and prev_decision.get("c_s") is not None else measured)}
@@ -111,11 +113,13 @@ def replay(pts: list[_traces.Point], policy: str, costs: Costs, job_s: float, st
                     overhead += costs.notice
                     durable = done
                     how = "notice-saved"
+                    runs.append([t - t_start, how])
                     run_s += t - t_start
                 else:
                     rework += done - durable
                     done = durable
                     how = "hard-kill" if not failure.notice else "notice-late"
+                    runs.append([last_beat - t_start, how])
                     run_s += last_beat - t_start
                 ended[how] = ended.get(how, 0) + 1
                 if policy == "auto":
@@ -198,4 +202,40 @@ def seed_sweep(costs: Costs, seeds: int = 12) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["Costs", "measured_costs", "replay", "replay_check", "run_replayed", "seed_sweep"]
+__all__ = ["Costs", "main", "measured_costs", "replay", "replay_check", "run_replayed", "seed_sweep"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python bench/schedule_replay.py [--seeds N] [--json OUT]``: the replay alone, with the
+    costs a run measured (``bench/results-schedule.json``): the replayed month rows, the
+    emulated traces replayed, and the seed sweep. Seconds, where the full part takes ~20 min."""
+    import argparse
+    import json
+
+    from schedule import REPO
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--seeds", type=int, default=12)
+    p.add_argument("--costs", default=str(REPO / "bench" / "results-schedule.json"))
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    costs = Costs(**json.loads(Path(a.costs).read_text())["schedule"]["costs"])
+    job_s = JOB_HOURS * 3600
+    rows = {tr["title"]: {pol: replay(points(tr, 4 * job_s), pol, costs, job_s, step_s=STEP_S * SCALE,
+                                      grace=GRACE * SCALE) for pol in POLICIES} for tr in EMULATED}
+    rows.update({r["title"]: r["policies"] for r in run_replayed(REPLAYED, costs).values()})
+    print("| trace | " + " | ".join(POLICIES) + " | auto / best |\n|---|" + "---|" * (len(POLICIES) + 1))
+    for title, pols in rows.items():
+        best = min(pols[q]["lost_s"] for q in POLICIES if q != "auto")
+        print(f"| {title} | " + " | ".join(f"{pols[q]['lost_s'] / 60:.0f}" for q in POLICIES)
+              + f" | {pols['auto']['lost_s'] / best:.3f} |")
+    sweep = seed_sweep(costs, a.seeds)
+    print(f"\n| trace family ({a.seeds} seeds) | median | worst | within 1.1x |\n|---|---|---|---|")
+    for s in sweep:
+        print(f"| {s['trace']} | {s['median']:.3f} | {s['worst']:.2f} | {s['within_1.1']}/{s['seeds']} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": rows, "sweep": sweep}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,7 @@ from spotckpt._events import log
 from spotckpt._remote import Recorder, _history
 
 from ._policies import AutoInterval
-from ._schedule import USABLE_NOTICE, CostMeter, Decision, decide, fits, unwarned_rate
+from ._schedule import USABLE_NOTICE, CostMeter, Decision, decide, failure_rate, fits, stretches
 
 SCHEDULE_FILE = "schedule.json"       # the decision in force, in the state dir
 SUPERVISED_HISTORY = "history.json"   # the supervisor's copy of the history, in the state dir
@@ -124,8 +124,8 @@ class _Auto:
             notice = ("a notice save fits the grace: only failures without a usable warning count" if fit else
                       "a notice save does not fit the grace: every preemption counts")
             fit_now = fit
-        ended = summ.get("ended") or {}
-        rate, n = unwarned_rate(ended, t, self.sched.failure_rate, notice_fits=fit_now)
+        est = failure_rate(stretches(summ, ran, notice_fits=fit_now), self.sched.failure_rate)
+        rate = est.rate
         if m.c is not None and m.samples == 0:
             c_src = d_src = f"measured by {self.seeded}, until this incarnation's first durable save"
         elif m.c is not None:
@@ -136,8 +136,8 @@ class _Auto:
         sources = {
             "c": c_src,
             "d": d_src if d is not None else "not measured yet",
-            "rate": (f"{n} failure(s) without usable warning in {t / 3600:.3g} h of running over "
-                     f"{int(summ.get('incarnations') or 0) + 1} incarnation(s) ({self.history_note}), "
+            "rate": (f"{est.note()}, {t / 3600:.3g} h over {int(summ.get('incarnations') or 0) + 1} "
+                     f"incarnation(s) ({self.history_note}), "
                      f"prior: {self.sched.source}, weighted as a quarter of a failure"),
             "grace": self.grace_source, "notice": notice,
             "interval": (f"Young/Daly, clamped to [{self.sched.min_interval:g}, {self.sched.max_interval:g}] s, "

@@ -134,14 +134,17 @@ def _fold(doc: dict[str, Any], rec: dict[str, Any]) -> None:
 
 def summary(doc: dict[str, Any], *, exclude: int | None = None) -> dict[str, Any]:
     """What the schedule reads: the totals of the ended incarnations (every one, including
-    those no longer listed), the previous incarnation's record, the newest decision with a
-    measured C (``measured``: an incarnation killed before its first measurement passes
-    nothing on), the mean start-up seconds."""
+    those no longer listed), the listed ones in order (``runs``: ``[run_s, ended]``, oldest
+    first: when the failures came, so that a change of the rate can be seen), the previous
+    incarnation's record, the newest decision with a measured C (``measured``: an
+    incarnation killed before its first measurement passes nothing on), the mean start-up
+    seconds."""
     t = doc["totals"]
     prev = [r for r in doc["incarnations"] if r["generation"] != exclude]
     measured = next((r for r in reversed(prev) if isinstance(r.get("decision"), dict)
                      and r["decision"].get("c_s") is not None), None)
     return {"incarnations": t["incarnations"], "run_s": round(t["run_s"], 3), "ended": dict(t["ended"]),
+            "runs": [[round(r["run_s"], 3), r["ended"]] for r in prev if r["ended"] != "running"],
             "startup_s": round(t["startup_s"] / t["startups"], 3) if t["startups"] else None,
             "previous": prev[-1] if prev else None,
             "measured": {"generation": measured["generation"], "decision": measured["decision"]} if measured else None}

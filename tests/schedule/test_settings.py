@@ -26,7 +26,7 @@ from spotckpt._checkpointer._policies import AutoInterval, EverySteps
     (dict(every="auto", mtbf=-3), ["mtbf=-3"]),
     (dict(every="auto", mtbf=12, failure_rate=0.1), ["failure_rate and mtbf"]),
     (dict(every="auto", min_interval=600, max_interval=60), ["min_interval=600", "max_interval=60"]),
-    (dict(every="auto", min_interval=7200), ["min_interval=7200", "max_interval=3600 s (the default)"]),
+    (dict(every="auto", min_interval=9000), ["min_interval=9000", "max_interval=7200 s (the default)"]),
     (dict(every="auto", min_interval=-1), ["min_interval=-1"]),
     (dict(every="auto", max_interval=float("inf")), ["max_interval=inf"]),
     (dict(failure_rate=0.2), ["failure_rate=", "every='auto'"]),
@@ -68,7 +68,7 @@ def test_arguments_win_over_the_variables(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("SPOTCKPT_MTBF", "2")
     monkeypatch.delenv("SPOTCKPT_EVERY_STEPS")
     s = resolve_schedule()
-    assert s is not None and s.source == "SPOTCKPT_MTBF=2 h" and s.min_interval == 60 and s.max_interval == 3600
+    assert s is not None and s.source == "SPOTCKPT_MTBF=2 h" and s.min_interval == 60 and s.max_interval == 7200
 
 
 class _Clock:
