@@ -64,10 +64,16 @@ class Recording:
 
     def __exit__(self, *exc: object) -> None:
         self._api("stop-recording")
-        for line in self._api("download-recording").splitlines():
-            if line.strip():
-                r = json.loads(line)
-                self.requests.append((r["method"], urlparse(r["url"]).path, r.get("headers", {})))
+        # one JSON document per request; moto's recorder appends them from several threads,
+        # so two concurrent requests can land on one line (seen with parallel part uploads)
+        text, dec, i = self._api("download-recording"), json.JSONDecoder(), 0
+        while True:
+            while i < len(text) and text[i].isspace():
+                i += 1
+            if i >= len(text):
+                break
+            r, i = dec.raw_decode(text, i)
+            self.requests.append((r["method"], urlparse(r["url"]).path, r.get("headers", {})))
 
     def writes(self) -> list[tuple[str, str]]:
         return [(m, p) for m, p, _ in self.requests if m in ("PUT", "POST", "DELETE")]
