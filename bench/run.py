@@ -1,6 +1,6 @@
 """Run every benchmark against the S3 test server on loopback and write BENCHMARKS.md.
 
-    python bench/run.py            # full sizes (1 GiB states, the scale curve to 4 GiB), ~67 min on 2 cores
+    python bench/run.py            # full sizes (1 GiB states, the scale curve to 4 GiB), ~67 min on 2 cores (+ ~20: schedule)
     python bench/run.py --quick    # scaled-down sizes, 8.3 min on a quiet machine: the peers at 64 MiB (the
                                    # CPU-bound loop 1 round), the scale curve to 256 MiB, rows 2, 4, 6-8
     python bench/run.py --parts peers,scale --peer-sizes 1024   # one part alone
@@ -150,10 +150,22 @@ def warm_memory(nbytes: int) -> None:
     del a
 
 
-PARTS = ("base", "peers", "loop", "scale")
+PARTS = ("base", "peers", "loop", "scale", "schedule")
+
+
+def run_schedule(quick: bool) -> dict[str, Any]:
+    """every="auto" against fixed intervals: the emulator on file:// (no S3 server needed)."""
+    import schedule
+
+    return schedule.run(REPO / "bench" / "out" / "schedule", quick=quick, log=lambda m: print(m, flush=True))
 
 
 def run(quick: bool, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    if set(parts) == {"schedule"}:  # alone: no S3 server, no memory warm-up
+        t0 = time.monotonic()
+        return {"quick": quick, "parts": ["schedule"], "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                "load_before": os.getloadavg(), "schedule": run_schedule(quick), "elapsed": time.monotonic() - t0,
+                "load_after": os.getloadavg()}
     b = Bench(quick)
     p = b.p
     res: dict[str, Any] = {"quick": quick, "params": p, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -173,6 +185,8 @@ def run(quick: bool, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
             res["idle"] = run_idle(b)
     finally:
         b.close()
+    if "schedule" in parts:
+        res["schedule"] = run_schedule(quick)
     res["elapsed"] = time.monotonic() - t0
     res["load_after"] = os.getloadavg()
     return res
@@ -300,6 +314,9 @@ def report(r: dict[str, Any], out: Path, raw: str | None = None) -> str:
     default = out.resolve() == (REPO / "BENCHMARKS.md").resolve()
     svg = REPO / "bench" / "scale.svg" if default else out.with_name(out.stem + "-scale.svg")
     lines += peer_sections(r, svg, os.path.relpath(svg, out.resolve().parent))
+    if r.get("schedule"):
+        from schedule_report import report_lines
+        lines += report_lines(r["schedule"], out)
     if raw is not None:
         lines += ["", "## Raw results", "", f"Every figure above, in full: [`{raw}`]({raw}) (re-render this "
                   f"report with `python bench/run.py --from-json {raw}`).", ""]
@@ -337,7 +354,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", default=os.environ.get("QUICK") not in (None, "", "0"))
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     ap.add_argument("--parts", default=",".join(PARTS),
-                    help="which parts to run: base (rows 1-8), peers, loop, scale (default: all); idle: row 7 alone")
+                    help="which parts to run: base (rows 1-8), peers, loop, scale, schedule (default: all); idle: "
+                         "row 7 alone")
     ap.add_argument("--peer-sizes", help="the peers' state sizes in MiB, comma-separated (default: 64,1024; "
                     "quick: 64)")
     ap.add_argument("--loop-rounds", type=int, help="rounds that also run the CPU-bound loop (default: all; quick: 0)")
@@ -359,6 +377,10 @@ def main() -> None:
         name = "results.json" if set(parts) == set(PARTS) else f"results-{'-'.join(parts)}.json"
         (REPO / "bench" / "out" / name).write_text(json.dumps(r, indent=1))
     out = Path(a.out)
+    if r.get("parts") == ["schedule"] and out.exists():
+        from schedule_report import write_alone  # its own section only: the rest of the report stays
+        print(f"wrote the schedule section of {a.out} and {write_alone(r, out, a.from_json)}")
+        return
     # the raw results, in full, beside the report: bench/results.json for BENCHMARKS.md
     raw = REPO / "bench" / "results.json" if out.resolve() == (REPO / "BENCHMARKS.md").resolve() \
         else out.with_suffix(".json")

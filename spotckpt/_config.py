@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from spotckpt._cadence import CADENCE_ENV as _CADENCE_ENV, Schedule, resolve_schedule
 from spotckpt._errors import ConfigError, LocalDirError
 
 LINEAGE_PREFIX = "ckpt-"  # a named Checkpointer's dir: <local_dir>/ckpt-<name>/, <remote>/ckpt-<name>/
@@ -52,6 +53,7 @@ class Config:
     signals: tuple[int, ...]
     storage_options: dict[str, Any]
     name: str | None = None  # a named lineage: <local_dir>/ckpt-<name>/ and <remote>ckpt-<name>/
+    schedule: Schedule | None = None  # every="auto": its settings (None: a fixed cadence)
 
     @property
     def lineage_remote(self) -> str | None:
@@ -73,6 +75,11 @@ class Config:
         signals: tuple[int | str, ...] | None = None,
         storage_options: Mapping[str, Any] | None = None,
         name: str | None = None,
+        every: str | None = None,
+        failure_rate: float | None = None,
+        mtbf: float | None = None,
+        min_interval: float | None = None,
+        max_interval: float | None = None,
         env: Mapping[str, str] | None = None,
         check_local: bool = True,
     ) -> Config:
@@ -83,6 +90,8 @@ class Config:
                 ``SPOTCKPT_REMOTE``.
             name: a lineage name (``Checkpointer(name=)``, ``--name``); no variable: one
                 value for every Checkpointer of a process would be the collision it avoids.
+            every, failure_rate, mtbf, min_interval, max_interval: ``every="auto"`` and its
+                settings (:func:`resolve_schedule`).
             check_local: create the local dir and probe that it is writable.
 
         Raises:
@@ -98,6 +107,11 @@ class Config:
 
         ld = pick(local_dir, "SPOTCKPT_LOCAL_DIR") or DEFAULT_LOCAL_DIR
         rem = env.get("SPOTCKPT_REMOTE") or None if remote is _UNSET else remote
+        sched = resolve_schedule(every=every, failure_rate=failure_rate, mtbf=mtbf, min_interval=min_interval,
+                                 max_interval=max_interval, every_steps=every_steps,
+                                 every_seconds=every_seconds, env=env)
+        if sched is not None:  # auto: no fixed cadence from the variables (the argument decided)
+            env = {k: v for k, v in env.items() if k not in _CADENCE_ENV}
         cfg = cls(
             local_dir=Path(ld).expanduser().absolute(),
             remote=_check_remote(rem),
@@ -112,6 +126,7 @@ class Config:
             signals=_signals(signals if signals is not None else env.get("SPOTCKPT_SIGNALS")),
             storage_options=dict(storage_options or {}),
             name=_name(name),
+            schedule=sched,
         )
         if check_local:
             probe_local_dir(cfg.local_dir)
@@ -134,17 +149,18 @@ def _int(name: str, value: Any, default: int | None, *, minimum: int) -> int | N
     return n
 
 
-def _float(name: str, value: Any, default: float | None) -> float | None:
+def _float(name: str, value: Any, default: float | None, *, var: str | None = None) -> float | None:
     if value is None:
         return default
+    var = var or f"SPOTCKPT_{name.upper()}"
     try:
         x = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"spotckpt: {name}={value!r} is not a number of seconds; "
-                          f"fix the argument or SPOTCKPT_{name.upper()}") from None
+                          f"fix the argument or {var}") from None
     if not x > 0 or x == float("inf"):
         raise ConfigError(f"spotckpt: {name}={value!r} must be a positive number of seconds; "
-                          f"fix the argument or SPOTCKPT_{name.upper()}")
+                          f"fix the argument or {var}")
     return x
 
 
@@ -267,13 +283,18 @@ def probe_local_dir(path: Path) -> None:
         ) from e
 
 
+# What `spotckpt run` tells its command (JSON: the dir it watches, its remote, the generation
+# of the job it claimed); read by spotckpt/_checkpointer/_supervised.py.
+SUPERVISOR_ENV = "SPOTCKPT_SUPERVISOR"
+
+
 def supervised(env: Mapping[str, str] | None = None) -> bool:
     """True when running under ``spotckpt run``, which owns the uploads."""
     return (os.environ if env is None else env).get("SPOTCKPT_SUPERVISED") == "1"
 
 
 def number(*, gt: float | None = None, ge: float | None = None, lt: float | None = None,
-           integer: bool = False) -> Callable[[str], float]:
+           le: float | None = None, integer: bool = False) -> Callable[[str], float]:
     """An argparse type for a finite number (no NaN, no inf) in the given bounds: a bad
     value is a usage error (one line, exit status 2) before anything starts.
 
@@ -281,7 +302,8 @@ def number(*, gt: float | None = None, ge: float | None = None, lt: float | None
         >>> p.add_argument("--grace", type=number(gt=0))  # doctest: +SKIP
     """
     kind = "a whole number" if integer else "a finite number"
-    bounds = " and ".join(f"{op} {v:g}" for op, v in ((">", gt), (">=", ge), ("<", lt)) if v is not None)
+    bounds = " and ".join(f"{op} {v:g}" for op, v in ((">", gt), (">=", ge), ("<", lt), ("<=", le))
+                          if v is not None)
     rule = f"must be {kind}" + (f" {bounds}" if bounds else "")
 
     def parse(text: str) -> float:
@@ -290,7 +312,8 @@ def number(*, gt: float | None = None, ge: float | None = None, lt: float | None
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if integer else 'a number'}") from None
         if (math.isnan(v) or math.isinf(v) or (gt is not None and not v > gt)
-                or (ge is not None and not v >= ge) or (lt is not None and not v < lt)):
+                or (ge is not None and not v >= ge) or (lt is not None and not v < lt)
+                or (le is not None and not v <= le)):
             raise argparse.ArgumentTypeError(f"{text!r}: {rule}")
         return v
     return parse

@@ -52,6 +52,13 @@ class StaleGenerationError(SpotckptError, RuntimeError):
     process it exits with status 3 (``spotckpt._notices.EXIT_STALE``)."""
 
 
+class StaleLocalError(SpotckptError, RuntimeError):
+    """The local dir is older than the remote (another instance took the job further while it
+    sat out) and the command cannot defer to the remote (``spotckpt push``, ``spotckpt run
+    --no-pull``): it refuses before it writes anything. As a process it exits with status 3
+    (``spotckpt._notices.EXIT_STALE``)."""
+
+
 class MissingDependencyError(SpotckptError, ImportError):
     """An optional dependency is not installed; the message names the extra."""
 

@@ -10,10 +10,15 @@ leg next to ``file`` and ``s3`` (moto), and a test taking ``s3_server`` directly
 ``[moto]`` and ``[rgw]``. If RGW cannot start, its leg is skipped with one ``[rgw]`` line in
 the summary, or fails when ``SPOTCKPT_REQUIRE_RGW=1`` (``make test`` as root sets it);
 ``SPOTCKPT_TEST_RGW=0`` leaves the leg out (skipped, with the same line).
+
+The tests in ``tests/docker/`` run against a real Docker engine (``docker_fixtures.py``, a
+plugin loaded here): skipped with one ``[docker]`` line without root or an engine, failing
+when ``SPOTCKPT_REQUIRE_DOCKER=1``.
 """
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +33,16 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
+pytest_plugins = ["docker_fixtures"]  # the Docker engine's fixtures and its summary line
+
+# A shell starts a background job (`make test &`, nohup, a CI runner without a terminal) with
+# SIGINT ignored, and an ignored signal stays ignored across exec: every process a test starts
+# would ignore the SIGINT the signal tests send it (they saw a training script run on for
+# 300 s). The tests signal their processes as a terminal would, so pytest takes SIGINT's
+# default back; a handler set here is SIG_DFL again in a child after exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -37,7 +52,9 @@ def free_port() -> int:
 
 # Test modules whose S3 tests run against both moto and RGW (see the module docstring).
 RGW_MODULES = {"test_store_contract", "test_commit_restore", "test_e2e_custom_loop", "test_corruption",
-               "test_hostile_remote", "test_chaos_crash", "test_fencing"}
+               "test_hostile_remote", "test_chaos_crash", "test_fencing",
+               "test_gen_prefix", "test_gen_machine", "test_stale_dir", "test_hostile_prefixes", "test_docker_stop",
+               "test_history"}
 # read at import: the autouse _isolated_env removes SPOTCKPT_* variables inside tests
 RGW_REQUIRED = os.environ.get("SPOTCKPT_REQUIRE_RGW") == "1"
 RGW_ENABLED = os.environ.get("SPOTCKPT_TEST_RGW", "1") != "0"
@@ -194,32 +211,41 @@ def _rgw_line() -> str | None:
     return None
 
 
-_WORKER_RGW_LINES: list[str] = []
+def _server_lines() -> list[str]:
+    from docker_fixtures import docker_line
+
+    return [x for x in (_rgw_line(), docker_line()) if x is not None]
+
+
+_WORKER_LINES: list[str] = []
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """On a pytest-xdist worker: hand the RGW line to the controller, which prints the summary."""
+    """On a pytest-xdist worker: hand the RGW and Docker lines to the controller, which prints
+    the summary."""
     out = getattr(session.config, "workeroutput", None)
-    if out is not None and _rgw_line() is not None:
-        out["rgw_line"] = _rgw_line()
+    if out is not None and _server_lines():
+        out["server_lines"] = _server_lines()
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:  # pytest-xdist's hook, on the controller
-    line = getattr(node, "workeroutput", {}).get("rgw_line")
-    if line and line not in _WORKER_RGW_LINES:
-        _WORKER_RGW_LINES.append(line)
+    for line in getattr(node, "workeroutput", {}).get("server_lines", []):
+        if line not in _WORKER_LINES:
+            _WORKER_LINES.append(line)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The figures the tests measured, and one line on the RGW leg whenever a test asked for it
-    (from this process, or from each pytest-xdist worker that brought it up or reused it)."""
+    """The figures the tests measured, and one line on the RGW leg and one on the Docker leg
+    whenever a test asked for them (from this process, or from each pytest-xdist worker that
+    brought them up or reused them)."""
     if _FIGURES:
         terminalreporter.section("figures")
         for line in _FIGURES:
             terminalreporter.write_line(line)
-    for line in filter(None, [_rgw_line(), *_WORKER_RGW_LINES]):
-        terminalreporter.write_line(line, red="NOT RUN" in line, bold="NOT RUN" in line)
+    for line in [*_server_lines(), *_WORKER_LINES]:
+        bad = "NOT RUN" in line or "NOT CLEAN" in line
+        terminalreporter.write_line(line, red=bad, bold=bad)
 
 
 def point_at(server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
@@ -274,8 +300,8 @@ def run_env(**extra: str) -> dict[str, str]:
 
 def remote_files(remote: str) -> dict:
     """The newest committed file set of the watched dir on ``remote``: path -> Entry."""
-    from spotckpt._watch._fileset import newest_set
     from spotckpt._remote._store import RemoteStore
+    from spotckpt._watch._fileset import newest_set
 
     fs = newest_set(RemoteStore(remote))
     return {} if fs is None else dict(fs.entries)

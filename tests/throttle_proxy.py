@@ -19,6 +19,7 @@ class ThrottleProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
         self._next = time.monotonic()
+        self.sent = 0  # bytes forwarded upstream so far (a test can wait for an upload's progress)
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -30,6 +31,8 @@ class ThrottleProxy:
             wait = self._next - now
         if wait > 0:
             time.sleep(wait)
+        with self._lock:
+            self.sent += n
 
     def _accept(self) -> None:
         while not self._closed:

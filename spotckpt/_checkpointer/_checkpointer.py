@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from spotckpt._cadence import resolve_schedule
 from spotckpt._commit import LocalDir, _dircommit
 from spotckpt._config import _UNSET, Config
 from spotckpt._errors import StaleGenerationError
@@ -26,13 +27,14 @@ from spotckpt._state import BATCHES_KEY as _BATCHES_KEY, Batches, Registry, _sna
 from spotckpt._sync import BackgroundWriter, Engine, Syncer
 
 from . import _distributed, _lineage
+from ._autosave import AutoSave
 from ._shutdown import Shutdown
 from ._startup import Startup
 
 __all__ = ["Checkpointer", "EXIT_INTERRUPTED"]
 
 
-class Checkpointer(Startup, Shutdown, Interrupt):
+class Checkpointer(Startup, Shutdown, AutoSave, Interrupt):
     """Checkpoint a training loop locally and to a remote; resume it after an interruption.
 
     Args:
@@ -46,6 +48,14 @@ class Checkpointer(Startup, Shutdown, Interrupt):
             default ``/opt/ml/checkpoints``).
         remote: fsspec URL to sync to (``SPOTCKPT_REMOTE``); ``None`` for local only.
         every_steps, every_seconds: periodic save cadence (either, both or neither).
+        every: ``"auto"`` (or ``SPOTCKPT_EVERY=auto``): the interval chosen from the measured
+            cost of a checkpoint and the job's own interruption history (Young/Daly,
+            ``docs/concepts.md`` "Choosing the interval"); not with ``every_steps`` or
+            ``every_seconds``.
+        failure_rate, mtbf: ``every="auto"``'s prior for failures without a usable warning:
+            per hour of training, or hours between them (one of the two; default one per
+            2 h, weighted as a quarter of a failure). The job's own record soon outweighs it.
+        min_interval, max_interval: ``every="auto"``'s bounds in seconds (default 60, 3600).
         keep_last: committed checkpoints kept locally and remotely (default 2).
         grace_seconds: time from a notice to the deadline (default 30; 120 on SageMaker).
         exit_on_interrupt: leave the ``with`` block by ``SystemExit(143)`` after an
@@ -62,6 +72,9 @@ class Checkpointer(Startup, Shutdown, Interrupt):
         ...         train_one_step(step)
 
     Raises:
+        ConfigError: at construction, for a bad cadence (``every`` other than ``"auto"``,
+            ``every="auto"`` with ``every_steps``/``every_seconds``, a negative rate,
+            ``min_interval`` > ``max_interval``), one line naming the setting.
         ConfigError, LocalDirError, RemoteError: on entry, for a bad setting, before any
             training step runs.
         CheckpointLockedError: on entry, when another Checkpointer of this process writes
@@ -76,12 +89,16 @@ class Checkpointer(Startup, Shutdown, Interrupt):
                  grace_seconds: float | None = None, signals: tuple[int | str, ...] | None = None,
                  storage_options: Mapping[str, Any] | None = None, exit_on_interrupt: bool = True,
                  framework: str = "torch", clock: Callable[[], float] = time.monotonic,
-                 name: str | None = None) -> None:
+                 name: str | None = None, every: str | None = None, failure_rate: float | None = None,
+                 mtbf: float | None = None, min_interval: float | None = None,
+                 max_interval: float | None = None) -> None:
+        cadence = dict(every=every, failure_rate=failure_rate, mtbf=mtbf, min_interval=min_interval,
+                       max_interval=max_interval, every_steps=every_steps, every_seconds=every_seconds)
+        resolve_schedule(**cadence)  # a bad cadence fails here, where it is written
         self.state = state
-        self._args = dict(local_dir=local_dir, remote=remote, every_steps=every_steps,
-                          every_seconds=every_seconds, keep_last=keep_last,
+        self._args = dict(local_dir=local_dir, remote=remote, keep_last=keep_last,
                           grace_seconds=grace_seconds, signals=signals,
-                          storage_options=storage_options, name=name)
+                          storage_options=storage_options, name=name, **cadence)
         self.exit_on_interrupt = exit_on_interrupt
         self.framework = framework
         self.clock = clock
@@ -107,6 +124,7 @@ class Checkpointer(Startup, Shutdown, Interrupt):
         self._codec: Any = None  # _state.PlainCodec, or _dcp.ShardedCodec for a sharded state
         self._batches = Registry()  # the data positions of batches(), saved with the state
         self._open = False
+        self._closing_error = False
         self.save_seconds: float | None = None  # duration of the last background write
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -119,10 +137,12 @@ class Checkpointer(Startup, Shutdown, Interrupt):
             self._leave_stale(exc)
         if exc_type is not None and not issubclass(exc_type, (GeneratorExit, StopIteration)):
             # The loop failed: keep what is committed, flush briefly, and let the error out.
+            self._closing_error = True
             self.close(timeout=min(self.config.grace_seconds if self.config else 30.0, 30.0), raise_errors=False)
             return
-        # Leaving by SystemExit(143): further notice signals must not change that (SignalSource.restore)
-        self._leaving = self.interrupted and self.exit_on_interrupt
+        # Leaving by SystemExit(143) if a notice came by the end of close() (after the last step
+        # boundary, or during close's flush: _shutdown.py); further signals must not change that
+        self._leaving = self.exit_on_interrupt
         self._close_or_leave()  # (exit 3 if a newer instance of the job took over)
         if self.interrupted and self.exit_on_interrupt:
             # uncaught: os._exit at once, not after a teardown that load stretches (_notices/_exit.py)
@@ -134,7 +154,12 @@ class Checkpointer(Startup, Shutdown, Interrupt):
         Raises:
             RemoteError: the last checkpoint could not be made durable (``raise_errors``).
         """
-        self._close(timeout, raise_errors=raise_errors)
+        was_open = self._open
+        try:
+            self._close(timeout, raise_errors=raise_errors)
+        finally:
+            if was_open:  # every="auto": how this incarnation ended, in the job's history
+                self._auto_finish(error=self._closing_error)
 
     # -- the loop ----------------------------------------------------------------------------
     @property
@@ -197,16 +222,20 @@ class Checkpointer(Startup, Shutdown, Interrupt):
         already advanced): handles notices and periodic saves."""
         self.step = _lineage.check_step(self.step, self._last_saved)
         self._check_stale()
-        stop, due, advisories = self._flags()
-        if stop:
-            self._interrupt_save()
-            return
-        if advisories:
-            self.events.emit("advisory", source=",".join(advisories), step=self.step)
-            log.warning("spotckpt: %s: checkpointing early, training goes on", ", ".join(advisories))
-            self.save()
-        elif due:
-            self.save()
+        self._tick_in()
+        try:
+            stop, due, advisories = self._flags()
+            if stop:
+                self._interrupt_save()
+                return
+            if advisories:
+                self.events.emit("advisory", source=",".join(advisories), step=self.step)
+                log.warning("spotckpt: %s: checkpointing early, training goes on", ", ".join(advisories))
+                self.save()
+            elif due:
+                self.save()
+        finally:
+            self._tick_out()
 
     def poll(self) -> tuple[bool, bool]:
         """At a step boundary of a framework that writes its own checkpoints (``self.step``
@@ -214,7 +243,11 @@ class Checkpointer(Startup, Shutdown, Interrupt):
         rebalance advisory) wants a save, agreed by all ranks. Have the framework write its
         checkpoint, :meth:`commit_dir` it, and after a stop call :meth:`boundary`, which makes
         it durable within the deadline."""
-        stop, due, advisories = self._flags()
+        self._tick_in()
+        try:
+            stop, due, advisories = self._flags()
+        finally:
+            self._tick_out()
         if advisories and not stop:
             self.events.emit("advisory", source=",".join(advisories), step=self.step)
         return stop, due or bool(advisories)
@@ -234,7 +267,7 @@ class Checkpointer(Startup, Shutdown, Interrupt):
         step = self.step if step is None else step
         if self._last_saved == step and self._local.is_committed(step):
             return
-        t0 = time.monotonic()
+        c0, t0 = self.clock(), time.monotonic()
         staged = _dircommit.stage(self._local, Path(path), step, only)
         snapshot_s = time.monotonic() - t0
         self._last_saved = step
@@ -252,8 +285,10 @@ class Checkpointer(Startup, Shutdown, Interrupt):
             self._planner.record_save(snapshot_s, self.save_seconds, nbytes)
             self.events.emit("saved", step=step, bytes=nbytes, snapshot_s=round(snapshot_s, 4),
                              write_s=round(self.save_seconds, 4), dir=str(path))
+            self._auto_durable(step, local_commit=True, nbytes=nbytes)
 
         self._writer.submit(job)
+        self._auto_saved(c0, step)
 
     def save(self, *, blocking: bool = False) -> None:
         """Snapshot the state now (CPU copy in this thread); write and upload in the background.
@@ -267,6 +302,7 @@ class Checkpointer(Startup, Shutdown, Interrupt):
         assert self._writer is not None and self._engine is not None
         step = self.step = _lineage.check_step(self.step, self._last_saved)  # before any work
         self._check_stale()
+        c0 = self.clock()  # the stall starts here (every="auto" measures it)
         self._writer.wait()  # at most one snapshot in memory
         if self._last_saved == step and (self._local.is_committed(step) or step == self.restored_step):
             return  # (a step resharded from another world size is committed on the remote only)
@@ -301,8 +337,10 @@ class Checkpointer(Startup, Shutdown, Interrupt):
             self.events.emit("saved", step=payload_step, bytes=nbytes, snapshot_s=round(snapshot_s, 4),
                              write_s=round(self.save_seconds, 4),
                              flush_estimate_s=None if est is None else round(est, 3))
+            self._auto_durable(step, local_commit=True, nbytes=nbytes)
 
         self._writer.submit(job)
+        self._auto_saved(c0, step)
         if blocking:
             self._writer.wait()
 

@@ -148,12 +148,18 @@ def check_world(m: Manifest, *, where: str, d: Dist | None) -> None:
     Raises:
         WorldSizeError: naming the checkpoint's world size and this job's.
     """
-    ranked, world = d is not None, 1 if d is None else d.world_size
     saved_ranked = is_ranked(m)
-    saved = m.world_size if saved_ranked else 1
+    check_saved_world(m.step, m.world_size if saved_ranked else 1, saved_ranked, m.serializer, where=where, d=d)
+
+
+def check_saved_world(step: int, saved: int, saved_ranked: bool, serializer: str, *, where: str,
+                      d: Dist | None) -> None:
+    """:func:`check_world` from what a checkpoint's manifest says: its ``step``, world size
+    ``saved``, whether it has the multi-rank layout, its ``serializer``."""
+    ranked, world = d is not None, 1 if d is None else d.world_size
     if saved_ranked == ranked and saved == world:
         return
-    sharded = m.serializer == "dcp"
+    sharded = serializer == "dcp"
     if saved_ranked and ranked and sharded and d is not None and d.sharded:
         return  # DCP reshards it
     was = f"{saved} rank(s) (torch.distributed)" if saved_ranked else "1 process"
@@ -162,7 +168,7 @@ def check_world(m: Manifest, *, where: str, d: Dist | None) -> None:
            "DTensor) resumes it at any world size." if sharded else
            "Its state is per rank (state.pt) and cannot be resharded.")
     raise WorldSizeError(
-        f"spotckpt: the newest checkpoint, step {m.step} ({where}), was written by {was}; this job "
+        f"spotckpt: the newest checkpoint, step {step} ({where}), was written by {was}; this job "
         f"has {now}. {why} Start the job with {saved} rank(s) (torchrun --nproc-per-node {saved}), "
         "or give it another local_dir/remote to start fresh")
 

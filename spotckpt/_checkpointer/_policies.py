@@ -3,11 +3,15 @@
 Example:
     >>> p = EverySteps(500) | EverySeconds(600, clock=fake_clock)  # doctest: +SKIP
     >>> p.due(step=1000)
+
+:class:`AutoInterval` is ``every="auto"``: an interval in seconds that a ``decide()``
+callable chooses (:mod:`._schedule`), re-evaluated after every save and every ``recheck``
+seconds as the estimates move.
 """
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 
 class Policy:
@@ -44,6 +48,51 @@ class EverySeconds(Policy):
 
     def saved(self, step: int) -> None:
         self._last = self.clock()
+
+
+class AutoInterval(Policy):
+    """Save when ``decide().interval`` seconds of ``clock`` have passed since the last save.
+
+    Args:
+        decide: returns the current :class:`._schedule.Decision` (cheap, no I/O).
+        recheck: seconds between re-evaluations while no save happens (the failure rate
+            falls as the job runs without one); after a save it is re-evaluated at once.
+        on_change: called with each decision made, new or the same.
+
+    Example:
+        >>> t = [0.0]; p = AutoInterval(lambda: decision, clock=lambda: t[0])  # doctest: +SKIP
+        >>> t[0] = decision.interval; p.due(1)
+        True
+    """
+
+    def __init__(self, decide: Callable[[], Any], *, clock: Callable[[], float] = time.monotonic,
+                 recheck: float = 30.0, on_change: Callable[[Any], None] | None = None) -> None:
+        self.decide, self.clock, self.recheck, self.on_change = decide, clock, recheck, on_change
+        self._last = self._checked = clock()
+        self.decision = decide()
+        if on_change is not None:
+            on_change(self.decision)
+
+    def refresh(self) -> None:
+        """Re-evaluate now (the Checkpointer calls it when a new measurement arrives)."""
+        self._checked = self.clock()
+        self.decision = self.decide()
+        if self.on_change is not None:
+            self.on_change(self.decision)
+
+    @property
+    def interval(self) -> float:
+        return float(self.decision.interval)
+
+    def due(self, step: int) -> bool:
+        now = self.clock()
+        if now - self._checked >= self.recheck:
+            self.refresh()
+        return now - self._last >= self.interval
+
+    def saved(self, step: int) -> None:
+        self._last = self.clock()
+        self.refresh()
 
 
 class AnyOf(Policy):

@@ -12,7 +12,7 @@ from typing import Any
 
 from spotckpt._commit import LocalDir, rank_dirname
 from spotckpt._config import Config, supervised
-from spotckpt._events import EventLog, log
+from spotckpt._events import EventLog, log, redact
 from spotckpt._notices import FlushPlanner, LifelineSource, MetadataWatcher, SignalSource, sources_from_env
 from spotckpt._remote import Fence, RemoteStore, claim
 from spotckpt._state import BATCHES_KEY as _BATCHES_KEY
@@ -21,6 +21,7 @@ from spotckpt._sync import BackgroundWriter, Engine, RankLayout, Syncer
 from . import _distributed, _lineage
 from ._policies import make_policy
 from ._resume import resume
+from ._supervised import supervision
 
 
 class Startup:
@@ -32,10 +33,21 @@ class Startup:
         """Validate settings, take the local dir, restore the newest checkpoint, start the
         background threads and the signal handlers."""
         cfg = self.config = Config.resolve(**self._args)
+        self._auto = None
         d = self._dist = _distributed.detect(self.state)
-        # A named lineage has its own dir and remote prefix; under `spotckpt run` it still
-        # uploads itself (the supervisor syncs the unnamed lineage and the script's files).
-        sup = supervised() and cfg.name is None
+        # Under `spotckpt run`: the supervisor uploads one unnamed process's checkpoints in its
+        # dir (`served`); ranks upload their parts in its generation; a named lineage or
+        # another remote uploads itself; another dir to its remote is refused (_supervised.py).
+        try:
+            sv = supervision(cfg, ranked=d is not None)
+        except BaseException:
+            _distributed.release(d)
+            raise
+        sup = sv.served
+        if sv.ranked is not None:  # a torch.distributed checkpoint: never a fresh start beside it
+            r = sv.ranked
+            _distributed.check_saved_world(int(r["step"]), int(r["world_size"]), True, str(r.get("serializer")),
+                                           where=redact(cfg.remote or ""), d=d)
         local = LocalDir(cfg.local_dir).lineage(cfg.name)
         # one rank of many: its own part dir, so ranks sharing a host never collide
         local = self._local = local if d is None else local.part(rank_dirname(d.rank))
@@ -50,6 +62,8 @@ class Startup:
         try:
             if cfg.name is not None:
                 LocalDir(cfg.local_dir).lineage(cfg.name).mark_lineage()
+            if d is not None:
+                local.mark_lineage()  # a rank's part dir is ours: never mirrored as user files
             # Notices first: a SIGTERM during the restore (a big download, a slow load) is
             # recorded, and the first step boundary then does the interruption save instead
             # of the process dying with a local-only checkpoint never uploaded.
@@ -60,7 +74,7 @@ class Startup:
                 if self._lifeline is not None:
                     self._lifeline.start()
             local.clean_temp()
-            events = self.events = EventLog(local.meta / "events.jsonl")
+            events = self.events = EventLog(local.meta / "events.jsonl", role="checkpointer")
             store = fence = None
             remote = cfg.lineage_remote
             if d is not None and not remote:  # ranks on one host commit through a shared dir
@@ -70,9 +84,10 @@ class Startup:
                 store.probe()
                 # A new generation of the job, before the restore: an older instance still
                 # running stops at its next commit (_remote/_fence.py). Ranks share rank 0's claim.
-                if d is None:
+                fence = sv.fence(store)  # ranks under `spotckpt run`: the supervisor's claim
+                if fence is None and d is None:
                     fence = claim(store)
-                else:
+                elif fence is None:
                     f = claim(store) if d.rank == 0 else None
                     g, enforced = d.broadcast((f.generation, f.enforced) if f else None, where="generation claim")
                     fence = Fence(store, g, enforced=enforced)
@@ -123,6 +138,8 @@ class Startup:
                 self._board, sources_from_env(), on_advise=self._board.advise,
                 interval=float(os.environ.get("SPOTCKPT_METADATA_INTERVAL") or 5.0))
             self._watcher.start()
+            if cfg.schedule is not None:  # every="auto": after the restore (its first byte waits for nothing)
+                self._policy = self._auto_open(cfg.schedule, store=store, fence=fence)
             self._open = True
         except BaseException:
             self._teardown()
@@ -132,6 +149,7 @@ class Startup:
         """Syncer thread: learn the upload rate; drop local checkpoints that were kept only
         because they were still uploading."""
         self._planner.record_upload(nbytes, seconds)
+        self._auto_durable(step, local_commit=False)
         if self._engine is not None:
             self._engine.retention()
 

@@ -10,6 +10,7 @@ Layout of the local dir (the dir a script also writes its own files into)::
     checkpoint.pth                free-form user files, mirrored as they are
     ckpt-<name>/                  a named Checkpointer's own local dir (same layout), marked
         .spotckpt-name.sagemaker-ignore   by this file; never mirrored as user files
+    rank-00001/                   one rank's part (torch.distributed), marked the same way
 
 Nothing else of spotckpt's is in it: locks, events.jsonl, quarantine/ and the mirror's
 state live in the *state dir* (:func:`state_dir`), outside the local dir, because scripts
@@ -22,6 +23,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import time
 import uuid
@@ -38,7 +40,8 @@ STEP_MARKER = ".spotckpt-step"     # in each step dir we make, before it is rena
 STATE_ENV = "SPOTCKPT_STATE_DIR"
 LEGACY_META = ".spotckpt.sagemaker-ignore"  # where earlier versions kept their state: in the local dir
 _SCRATCH = "tmp"                   # state dir subdir for transient files, emptied by clean_temp()
-LINEAGE_MARKER = ".spotckpt-name.sagemaker-ignore"  # in <local_dir>/ckpt-<name>/: that dir is ours
+LINEAGE_MARKER = ".spotckpt-name.sagemaker-ignore"  # in <local_dir>/ckpt-<name>/ and rank-<R>/: that dir is ours
+_RANK_DIR = re.compile(r"rank-\d{5}")               # a rank's part dir (_manifest.rank_dirname)
 
 
 def state_dir(root: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Path:
@@ -123,8 +126,9 @@ def is_internal(rel: str, root: str | os.PathLike[str] | None = None) -> bool:
     parts = rel.split("/")
     if any(part.endswith(".sagemaker-ignore") for part in parts):
         return True  # our temp files, and SageMaker's own convention for "not uploaded"
-    if root is not None and parts[0].startswith(LINEAGE_PREFIX):
-        return (Path(root) / parts[0] / LINEAGE_MARKER).is_file()  # a named Checkpointer's dir
+    if root is not None and (parts[0].startswith(LINEAGE_PREFIX) or _RANK_DIR.fullmatch(parts[0])):
+        # a named Checkpointer's dir, or a rank's part dir, once marked as ours
+        return (Path(root) / parts[0] / LINEAGE_MARKER).is_file()
     if parse_step_dirname(parts[0]) is None:
         return False
     if root is None:
@@ -201,7 +205,14 @@ class LocalDir:
             CheckpointLockedError: another live process holds it.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        self.meta.mkdir(parents=True, exist_ok=True)
+        try:
+            self.meta.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a read-only root filesystem: neither beside the dir nor in ~
+            raise LocalDirError(
+                f"spotckpt: cannot create the state dir {self.meta} for local_dir '{self.root}' "
+                f"({e.strerror or e}: {e.filename}); set {STATE_ENV} to a writable dir outside the "
+                "local dir (a read-only container: --tmpfs /tmp and SPOTCKPT_STATE_DIR=/tmp/spotckpt)"
+            ) from e
         path = self.meta / f"{role}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

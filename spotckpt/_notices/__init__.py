@@ -13,8 +13,8 @@ from ._board import LIFELINE_ENV, LifelineSource, Notice, NoticeBoard, SignalSou
 from ._exit import EXIT_INTERRUPTED, EXIT_STALE, EXIT_USAGE
 from ._interrupt import FLUSH_MARGIN, Interrupt
 from ._metadata import MetadataWatcher, sources_from_env
-from ._planner import FlushPlanner
+from ._planner import OVERHEAD as PLAN_OVERHEAD, SAFETY as PLAN_SAFETY, FlushPlanner
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_STALE", "EXIT_USAGE", "FLUSH_MARGIN", "LIFELINE_ENV", "FlushPlanner",
-           "Interrupt", "LifelineSource", "MetadataWatcher", "Notice", "NoticeBoard", "SignalSource", "_exit",
-           "sources_from_env"]
+           "Interrupt", "LifelineSource", "MetadataWatcher", "Notice", "NoticeBoard", "PLAN_OVERHEAD", "PLAN_SAFETY",
+           "SignalSource", "_exit", "sources_from_env"]

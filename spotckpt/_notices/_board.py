@@ -84,8 +84,18 @@ class NoticeBoard:
         return self._event.wait(timeout)
 
 
+# Signals that must not cut an interruption save short once a notice is in hand (a second
+# SIGTERM, a Ctrl-C's SIGINT and its KeyboardInterrupt), notice signals or not.
+SHIELDED = (signal.SIGTERM, signal.SIGINT)
+
+
 class SignalSource:
     """Turns signals into notices on a :class:`NoticeBoard`.
+
+    Once a notice is in hand (this source posted it, or :meth:`shield` was called when the
+    interruption save began), SIGTERM and SIGINT are *shielded*: recorded
+    (:meth:`take_ignored`), never chained, never a ``KeyboardInterrupt``, until
+    :meth:`unshield` or :meth:`restore`.
 
     Example:
         >>> src = SignalSource(board, [signal.SIGTERM], grace_seconds=30)  # doctest: +SKIP
@@ -98,6 +108,9 @@ class SignalSource:
         self.grace = grace_seconds
         self._previous: dict[int, Any] = {}
         self._original: dict[int, Any] = {}
+        self._shield_prev: dict[int, Any] = {}  # shielded signals that are not notice signals
+        self._shielding = False
+        self._ignored: list[int] = []
         self._closed = self._exiting = False
 
     def install(self) -> bool:
@@ -108,12 +121,15 @@ class SignalSource:
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
         self._original = dict(self._previous)
-        self._closed = self._exiting = False
+        self._closed = self._exiting = self._shielding = False
         return True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._exiting:
             return  # the interruption save is done and the process is leaving with 143
+        if self._shielding and not self._closed:
+            self._ignored.append(signum)  # a notice is in hand: this could only cut its save short
+            return
         if self._closed:
             # Someone (e.g. a framework's own signal connector) re-installed this handler
             # after we restored the original: behave as the original would.
@@ -130,9 +146,41 @@ class SignalSource:
         # notice into an exception in the middle of the interruption save.
         if callable(prev) and prev is not self._handle and prev is not signal.default_int_handler:
             prev(signum, frame)
+        self.shield()  # (a signal handler runs on the main thread)
+
+    def shield(self) -> None:
+        """From now on SIGTERM and SIGINT do not interrupt: a notice is in hand and its save
+        must not be cut short. Main thread only (else nothing)."""
+        if self._shielding or self._closed or threading.current_thread() is not threading.main_thread():
+            return
+        self._shielding = True
+        for sig in SHIELDED:
+            if sig in self._previous:
+                continue  # a notice signal: ours already
+            try:
+                self._shield_prev[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+            except (ValueError, OSError):
+                self._shield_prev.pop(sig, None)
+
+    def unshield(self) -> None:
+        """Signals interrupt again (the interruption save is over and the process goes on)."""
+        self._shielding = False
+        for sig, prev in self._shield_prev.items():
+            try:
+                if signal.getsignal(sig) == self._handle:
+                    signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+            except (ValueError, TypeError):  # not on the main thread any more
+                pass
+        self._shield_prev.clear()
+
+    def take_ignored(self) -> list[str]:
+        """Names of the signals shielded since the last call (for one log line)."""
+        out, self._ignored = self._ignored, []
+        return [signal.Signals(s).name for s in out]
 
     def _ignore_at_exit(self) -> None:
-        for sig in self._previous:
+        for sig in [*self._previous, *self._shield_prev]:
             try:
                 if signal.getsignal(sig) == self._handle:
                     signal.signal(sig, signal.SIG_IGN)
@@ -150,6 +198,7 @@ class SignalSource:
             self._exiting = True
             atexit.register(self._ignore_at_exit)
             return
+        self.unshield()
         self._closed = True
         for sig, prev in self._previous.items():
             try:

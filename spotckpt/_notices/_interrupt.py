@@ -57,6 +57,8 @@ class Interrupt:
         notice = self.notice
         assert notice is not None
         self.interrupted = True
+        if self._signals is not None:  # a second SIGTERM, a Ctrl-C: never cut this save short
+            self._signals.shield()
         if self.exit_on_interrupt and threading.current_thread() is threading.main_thread():
             # from here on the process is leaving: gone by the deadline, whatever the load
             _exit.arm(notice.deadline, EXIT_INTERRUPTED, clock=self.clock)
@@ -92,9 +94,24 @@ class Interrupt:
             budget = max(0.0, notice.seconds_left(self.clock) - FLUSH_MARGIN)
             ok = finish_uploads(self._syncer, plan.action, budget, self.config.remote,
                                 current=self.step if saved else None)
+        self._flush_ok = ok
         self.events.emit("flush", action=plan.action, step=self.step, durable=ok,
                          durable_step=self.durable_step, estimate_s=plan.estimate,
                          actual_s=round(self.clock() - t0, 3),
                          seconds_left=round(notice.seconds_left(self.clock), 2))
         if self._dist is not None:  # leave together, so no rank is killed mid-flush
             self._dist.agree_max([0], where="exit after the interruption save")
+        self._after_interrupt_save()
+
+    def _after_interrupt_save(self) -> None:
+        """Say which signals were ignored meanwhile; without ``exit_on_interrupt`` the
+        process goes on, so they interrupt again from now on."""
+        if self._signals is None:
+            return
+        ignored = self._signals.take_ignored()
+        if ignored:
+            log.warning("spotckpt: %s during the interruption save: ignored (the interruption save goes on)",
+                        ", ".join(dict.fromkeys(ignored)))
+            self.events.emit("signal_ignored", signals=ignored, step=self.step)
+        if not self.exit_on_interrupt:
+            self._signals.unshield()

@@ -5,8 +5,9 @@ still runs, and orchestrators launch a job twice. Each start of a writer (a Chec
 ``spotckpt run``) *claims a generation*: it creates ``gen/<G:012d>`` under the lineage's
 prefix with the storage's atomic create (S3 ``PUT`` with ``If-None-Match: *``, which S3,
 MinIO and RGW refuse with 412 when the key exists; ``link()`` of a complete temp file on
-``file://``, which fails when the name exists), G = the highest listed + 1, the next number
-on a refusal. Two starts can never hold one generation, whatever the clocks say.
+``file://``, which fails when the name exists), G = the newest claim + 1 (the next free
+number on a refusal). Two starts can never hold one generation, whatever the clocks say.
+What counts as a claim, and how ``gen/`` stays small: :mod:`._gens`.
 
 Then, per generation G:
 
@@ -14,8 +15,9 @@ Then, per generation G:
   under ``step-N/`` for G <= 1 (the layout from before generations) and ``step-N/g-<G>/``
   above; file-set objects have random version ids anyway;
 - before a commit becomes visible (the manifest, a file set) and before a delete, the writer
-  lists ``gen/`` after its own key (one small request): a newer generation there means this
-  instance is stale, and it stops with :class:`StaleGenerationError` instead;
+  lists ``gen/`` after its own key (one small request; every page, so no foreign key hides a
+  newer claim): a newer claim there means this instance is stale, and it stops with
+  :class:`StaleGenerationError` instead;
 - the manifest records G (``extra.generation``), is created conditionally, and only a newer
   generation replaces an older one's manifest of the same step; restore takes the newest
   generation with a committed checkpoint, then its newest step (:func:`order`).
@@ -27,30 +29,23 @@ by creating the same key again) gets one warning line and runs unfenced.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import socket
-import time
 import uuid
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from spotckpt._commit import Manifest, parse_step_dirname, step_dirname
 from spotckpt._errors import CorruptCheckpointError, RemoteError, StaleGenerationError
 from spotckpt._events import redact
 
+from . import _gens
+from ._gens import GEN_DIR, MAX_GEN, gen_key  # noqa: F401 - re-exported
 from ._store import RemoteStore
 
 log = logging.getLogger("spotckpt")
 
-GEN_DIR = "gen"
-MAX_GEN = 10**12 - 1
 _PRECONDITION = {"PreconditionFailed", "412"}
 _CONFLICT = {"ConditionalRequestConflict", "409"}  # S3: a concurrent conditional write; retried
-
-
-def gen_key(g: int) -> str:
-    return f"{GEN_DIR}/{g:012d}"
 
 
 def payload_dir(step: int, generation: int) -> str:
@@ -126,30 +121,6 @@ def create(store: RemoteStore, rel: str, data: bytes) -> bool | None:
     return store._call(f"write of {rel}", s3)
 
 
-def _generations(store: RemoteStore, after: int = -1) -> list[int]:
-    """Generations claimed on the remote (above ``after``: one small listing)."""
-    fast = store.fast
-    if fast is not None:
-        base = store._key(GEN_DIR + "/")
-
-        def s3() -> list[str]:
-            kw: dict[str, Any] = {"Bucket": fast.bucket, "Prefix": base}
-            if after >= 0:
-                kw.update(StartAfter=store._key(gen_key(after)), MaxKeys=1)
-            return [o["Key"][len(base):] for o in fast.client.list_objects_v2(**kw).get("Contents", [])]
-        names = store._call("listing of generations", lambda: fast._call(s3))
-    elif store.is_local:
-        def ls() -> list[str]:
-            try:
-                return os.listdir(store.path(GEN_DIR))
-            except FileNotFoundError:
-                return []
-        names = store._call("listing of generations", ls)
-    else:
-        names = [k[len(GEN_DIR) + 1:] for k in store.list_keys(GEN_DIR + "/")]
-    return sorted(int(n) for n in names if len(n) == 12 and n.isdigit() and int(n) > after)
-
-
 class Fence:
     """This instance's generation of the lineage at ``store``.
 
@@ -159,18 +130,29 @@ class Fence:
     """
 
     def __init__(self, store: RemoteStore, generation: int, *, enforced: bool = True,
-                 previous: int | None = None) -> None:
+                 previous: int | None = None, foreign: dict[str, str] | None = None) -> None:
         self.store, self.generation, self.enforced = store, generation, enforced
         # the newest generation claimed before this one (None: unknown, e.g. on other ranks)
         self.previous = generation - 1 if previous is None else previous
         store.fence = self  # type: ignore[attr-defined]  # restore's order() reads it
-        self.checks = 0  # requests made to prove this generation is the newest (bench, tests)
+        self.checks = 0  # listings made to prove this generation is the newest (bench, tests)
+        # numbered keys under gen/ whose bodies are not claims (name -> tag): not read again
+        self.foreign = dict(foreign or {})
 
     def newer(self) -> int | None:
-        """The newest generation claimed after this one, or None."""
+        """The newest generation claimed after this one, or None: one listing after the own
+        key (every page: no key, foreign or not, hides what follows it); a body is read only
+        for a numbered key above this generation not known foreign (a newer claim, usually:
+        then this instance is stale; a body that cannot be read counts as a claim)."""
         self.checks += 1
-        found = _generations(self.store, self.generation)
-        return found[-1] if found else None
+        objs = _gens.listing(self.store, after=_gens.gen_name(self.generation))
+        above = [o for n, o in _gens.numbered(objs) if n > self.generation and self.foreign.get(o.name) != o.tag]
+        for o, r in zip(above, _gens.read_many(self.store, above, until=lambda r: r is not None)):
+            if r is None:
+                self.foreign[o.name] = o.tag
+            else:  # a claim, unreadable, or deleted since the listing (pruned by a newer claim)
+                return _gens.number(o.name)
+        return None
 
     def check(self, what: str) -> None:
         """Raises :class:`StaleGenerationError` if a newer generation was claimed."""
@@ -242,29 +224,70 @@ class Fence:
 
 
 def claim(store: RemoteStore) -> Fence:
-    """Claim the next generation of the lineage at ``store``: a listing of ``gen/``, one
-    conditional create (more only if another start took the number meanwhile), and on S3
-    one more create of the same key, which must be refused (a server that accepts it does
-    not enforce conditional writes).
+    """Claim the next generation of the lineage at ``store``: a listing of ``gen/``, the body
+    of the newest claim, one conditional create (more only if another start took the number
+    meanwhile), and on S3 one more create of the same key, which must be refused (a server
+    that accepts it does not enforce conditional writes). Every :data:`._gens.PRUNE_MIN` th
+    start also reads the claims below the newest :data:`._gens.KEEP` before it creates its
+    own (their records go into its history) and deletes them after: ``gen/`` stays a few
+    keys, whatever the job's restart count.
+
+    Raises:
+        RemoteError: no number is left (a claim record at ``gen/999999999999``), or the
+            store refused a thousand creates in a row.
     """
-    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode()
-    previous = g = max(_generations(store), default=0)
-    g += 1
+    sv = _gens.survey(store)
+    hist = _gens.history(sv.records)
+    g = _next(sv.top, sv.taken)
     for _ in range(1000):
-        made = create(store, gen_key(g), body)
+        if g > MAX_GEN:
+            raise _exhausted(store, sv)
+        data = _gens.body(g, hist, sv.foreign)
+        made = create(store, gen_key(g), data)
         if made is None:
-            store.put_bytes(gen_key(g), body)
+            store.put_bytes(gen_key(g), data)
             _warn_unfenced(store, "has no atomic create")
-            return Fence(store, g, enforced=False, previous=previous)
+            break
         if made:
             break
-        g += 1
+        g = _next(g, sv.taken)
     else:
         raise RemoteError(f"spotckpt: remote {redact(store.url)}: could not claim a generation")
-    if not store.is_local and create(store, gen_key(g), body):
+    enforced = made is not None
+    if made and not store.is_local and create(store, gen_key(g), data):
         _warn_unfenced(store, "ignores If-None-Match (conditional PUT)")
-        return Fence(store, g, enforced=False, previous=previous)
-    return Fence(store, g, previous=previous)
+        enforced = False
+    _prune(store, sv)
+    return Fence(store, g, enforced=enforced, previous=sv.previous(g), foreign=sv.foreign)
+
+
+def _next(g: int, taken: set[int]) -> int:
+    """The first number above ``g`` that no key under ``gen/`` holds."""
+    g += 1
+    while g in taken:
+        g += 1
+    return g
+
+
+def _exhausted(store: RemoteStore, sv: _gens.Survey) -> RemoteError:
+    return RemoteError(
+        f"spotckpt: remote {redact(store.url)}: no generation left to claim: {gen_key(sv.top)} holds a "
+        f"claim and no number above it is free (the highest there can be is {MAX_GEN}). A job's starts "
+        "count up by one, so it was put there by another tool or by hand: remove it (and any gen/ key "
+        "far above the others) and start again; the checkpoints are untouched")
+
+
+def _prune(store: RemoteStore, sv: _gens.Survey) -> None:
+    """Delete the claims the new one's history now holds, and name what is foreign."""
+    try:
+        _gens.delete(store, sv.doomed)
+    except RemoteError as e:  # the next prune deletes them
+        log.info("spotckpt: remote %s: old generation claims not pruned: %s", redact(store.url), e)
+    foreign = sorted(_gens.foreign_names(sv.objs) + list(sv.foreign))
+    if foreign:
+        log.warning("spotckpt: remote %s: %d object(s) under gen/ are not generation claims of spotckpt "
+                    "(%s%s): skipped and left in place", redact(store.url), len(foreign),
+                    ", ".join(f"gen/{n}" for n in foreign[:3]), ", ..." if len(foreign) > 3 else "")
 
 
 def _warn_unfenced(store: RemoteStore, why: str) -> None:

@@ -86,13 +86,44 @@ def parse_hyperparameters(items: Sequence[str], files: Sequence[str] = ()) -> di
         if not isinstance(doc, dict):
             raise ConfigError(f"spotckpt: --hyperparameters {path}: must hold a JSON object of KEY: VALUE")
         # SageMaker's API carries strings (the SDK JSON-encodes each value); decode them the same way
-        hps.update({str(k): _decode(v) if isinstance(v, str) else v for k, v in doc.items()})
+        got = {str(k): _decode(v) if isinstance(v, str) else v for k, v in doc.items()}
+        for k, v in got.items():
+            _check_passable(k, v, f"--hyperparameters {path}")
+        hps.update(got)
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not _KEY_RE.fullmatch(key):
             raise ConfigError(f"spotckpt: --hyperparameter {item!r}: use KEY=VALUE, e.g. epochs=10")
         hps[key] = _decode(value)
+        _check_passable(key, hps[key], f"--hyperparameter {key}")
     return hps
+
+
+def _check_passable(key: str, value: Any, where: str) -> None:
+    """Refuse, before anything starts, a hyperparameter that cannot reach the command: the
+    key becomes a variable name ``SM_HP_<KEY>`` (no ``=``, not empty) and an argument
+    ``--KEY``, the value an argument and a variable; none may hold a NUL or a character
+    the system cannot encode (a lone surrogate from JSON's ``\\ud800``). A file is input
+    from elsewhere: one line here, not a traceback after the pull.
+
+    Raises:
+        ConfigError: naming ``where`` and the key.
+    """
+    shown = repr(key)[:60]
+    if not key:
+        raise ConfigError(f"spotckpt: {where}: an empty key; every hyperparameter needs a name")
+    if "=" in key:
+        raise ConfigError(f"spotckpt: {where}: key {shown} holds '=', which no variable name "
+                          "(SM_HP_<KEY>) can; rename it")
+    for what, text in (("key", f"SM_HP_{key.upper()}"), ("value", _arg_value(value)), ("value", _env_value(value))):
+        if "\0" in text:
+            raise ConfigError(f"spotckpt: {where}: the {what} of {shown} holds a NUL character, which "
+                              "no argument or variable can; remove it")
+        try:
+            os.fsencode(text)
+        except UnicodeEncodeError:
+            raise ConfigError(f"spotckpt: {where}: the {what} of {shown} is not valid text for an "
+                              "argument or variable (a lone surrogate such as \\ud800); fix it") from None
 
 
 def _arg_value(v: Any) -> str:

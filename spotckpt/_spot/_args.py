@@ -22,7 +22,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="interrupt at these seconds of training time (all starts together)")
     p.add_argument("--interrupt-rate", type=number(ge=0), default=0.0, metavar="N",
                    help="also interrupt at random, N times per hour of training on average")
-    p.add_argument("--seed", type=int, default=0, help="seed for --interrupt-rate (default 0)")
+    p.add_argument("--kill-at", type=_seconds_list("--kill-at"), metavar="T1,T2", default="",
+                   help="kill the instance without warning (SIGKILL, no SIGTERM) at these seconds of training time")
+    p.add_argument("--kill-rate", type=number(ge=0), default=0.0, metavar="N",
+                   help="also kill without warning at random, N times per hour of training on average")
+    p.add_argument("--interrupt-trace", metavar="FILE",
+                   help="replay the interruptions in FILE: one '<seconds of training> [notice|kill]' per line")
+    from ._traces import BAND_CHOICES
+    p.add_argument("--advisor-band", choices=BAND_CHOICES, metavar="BAND",
+                   help="interrupt at random as an instance of this AWS Spot Instance Advisor band would be: "
+                        f"{', '.join(BAND_CHOICES)} (of instances interrupted per month; see --time-scale)"
+                        .replace("%", "%%"))  # (argparse formats help with %)
+    p.add_argument("--no-notice", type=number(ge=0, le=1), default=0.0, metavar="F",
+                   help="the share of --interrupt-rate and --advisor-band interruptions that come without a "
+                        "notice (SIGKILL at once; default 0)")
+    p.add_argument("--time-scale", type=number(gt=0), default=1.0, metavar="K",
+                   help="one emulated second stands for K seconds of --interrupt-trace's times and of "
+                        "--advisor-band's month (default 1; 3600: a month in 12 minutes)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --interrupt-rate, --kill-rate and --advisor-band "
+                   "(default 0)")
     p.add_argument("--capacity-wait", type=_seconds_list("--capacity-wait", allow_inf=True), default="0.5", metavar="S[,S...]",
                    help="seconds to wait for capacity before each start, the last value repeats; "
                         "'inf' never gets capacity (default 0.5)")

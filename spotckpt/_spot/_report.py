@@ -28,6 +28,31 @@ from typing import Any, TextIO
 from spotckpt._commit import write_atomic
 
 
+class _Events:
+    """Reads one attempt's events.jsonl as it grows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.buf = path, 0, ""
+
+    def new(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path) as f:
+                f.seek(self.offset)
+                data = f.read()
+                self.offset = f.tell()
+        except OSError:
+            return []
+        self.buf += data
+        *lines, self.buf = self.buf.split("\n")
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+
 class Job:
     """Status transitions, times and interruptions of one emulated managed-spot job."""
 
@@ -55,6 +80,7 @@ class Job:
         self.ended: float | None = None
         self.extra = extra or {}   # the SageMaker contract's fields (HyperParameters, InputDataConfig...)
         self.model_artifacts: str | None = None   # model.tar.gz's URL, once uploaded
+        self.history: dict[str, Any] | None = None  # the job's own history.json, at the end
 
     def record(self, e: dict[str, Any]) -> None:
         """Take note of a save or upload event of the attempt's events log."""
@@ -80,13 +106,14 @@ class Job:
         return max(times) if times else None
 
     def interruption(self, *, notice: float, attempt: dict[str, Any], source: str, at_training: float,
-                     status: int, killed: bool) -> dict[str, Any]:
+                     status: int, killed: bool, warned: bool = True) -> dict[str, Any]:
         """Record an interruption; what it lost is resolved in :meth:`describe` (the step the
         next start resumes from, and whether the command uses a Checkpointer, come later)."""
         entry = {
             "Number": len(self.interruptions) + 1, "Time": self.iso(notice), "Source": source,
             "AtTrainingSeconds": round(at_training, 3), "Attempt": attempt["Number"],
-            "ExitStatus": status, "KilledAfterGrace": killed, "ResumedFromStep": None,
+            "ExitStatus": status, "KilledAfterGrace": killed and warned, "Notice": warned,
+            "ResumedFromStep": None,
             "notice": notice, "state_time": self.state_time(), "attempt": attempt,
             "captured": list(self.captured.values()),
         }
@@ -180,14 +207,27 @@ class Job:
             "InterruptionCount": len(self.interruptions),
             "Interruptions": interruptions,
             "WorkLostSeconds": round(sum(i["LostSeconds"] for i in interruptions), 2),
-            "Attempts": [{k: v for k, v in a.items() if k[0].isupper()} for a in self.attempts],
+            "Attempts": [self._attempt(a) for a in self.attempts],
         }
+        if self.history is not None:
+            t = self.history["totals"]
+            d["RecordedHistory"] = {"Incarnations": len(self.history["incarnations"]), "Ended": t["ended"],
+                                    "RunSeconds": round(t["run_s"], 3)}
         d.update(self.extra)
         if self.model_artifacts:
             d["ModelArtifacts"] = {"S3ModelArtifacts": self.model_artifacts}
         if self.failure:
             d["FailureReason"] = self.failure
         return d
+
+    def _attempt(self, a: dict[str, Any]) -> dict[str, Any]:
+        """One attempt as reported; with the job's history, how the job itself recorded its end."""
+        out = {k: v for k, v in a.items() if k[0].isupper()}
+        if self.history is not None and a.get("Generation") is not None:
+            rec = next((r for r in self.history["incarnations"] if r["generation"] == a["Generation"]), None)
+            if rec is not None:
+                out["RecordedEnding"] = rec["ended"]
+        return out
 
     def finish(self, path: Path) -> None:
         """Write the JSON report and print the SageMaker SDK's closing summary."""
@@ -201,8 +241,21 @@ class Job:
               f"Billable seconds: {d['BillableTimeInSeconds']}\n"
               f"Managed Spot Training savings: {pct}\n"
               f"Interruptions: {d['InterruptionCount']} (work lost: {lost})\n"
-              + (f"Model artifact: {self.model_artifacts}\n" if self.model_artifacts else "") +
+              + (f"Model artifact: {self.model_artifacts}\n" if self.model_artifacts else "")
+              + "".join(f"{_schedule_text(a)}\n" for a in d["Attempts"] if a.get("Schedule")) +
               f"Report: {path}", file=self.out, flush=True)
+
+
+def _schedule_text(a: dict[str, Any]) -> str:
+    """every="auto" in one attempt: its last decision."""
+    s = a["Schedule"]
+    rate = s.get("rate_per_hour") or 0.0
+    frac = s.get("fraction_lost")
+    return (f"Attempt {a['Number']}: every='auto' chose {s.get('interval_s')} s ({s.get('how')}) from C "
+            f"{s.get('c_s')} s, time to durable {s.get('d_s')} s, failures without usable warning "
+            + (f"1 per {1 / rate:.3g} h" if rate > 0 else "none expected")
+            + (f", {100 * frac:.2f}% expected lost" if frac is not None else "")
+            + (f" (recorded end: {a['RecordedEnding']})" if a.get("RecordedEnding") else ""))
 
 
 def _lost_text(i: dict[str, Any]) -> str:

@@ -39,34 +39,10 @@ from spotckpt._errors import ConfigError
 from spotckpt._supervisor import resolve_command
 from spotckpt._sync import open_remote
 
-from ._args import _floats, interruption_schedule
+from . import _traces
+from ._args import _floats, interruption_schedule  # noqa: F401 - (imported from here by the tests)
 from ._instance import InstanceML
-from ._report import Job
-
-
-class _Events:
-    """Reads one attempt's events.jsonl as it grows."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset, self.buf = path, 0, ""
-
-    def new(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path) as f:
-                f.seek(self.offset)
-                data = f.read()
-                self.offset = f.tell()
-        except OSError:
-            return []
-        self.buf += data
-        *lines, self.buf = self.buf.split("\n")
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
+from ._report import Job, _Events
 
 
 class SpotEmulator:
@@ -87,8 +63,16 @@ class SpotEmulator:
         if args.grace <= 0:
             raise ConfigError("spotckpt spot: --grace must be a positive number of seconds")
         self.waits = _floats("--capacity-wait", args.capacity_wait, allow_inf=True) or [0.0]
-        self.schedule = interruption_schedule(_floats("--interrupt-at", args.interrupt_at),
-                                              args.interrupt_rate, args.seed, self.max_run)
+        if args.no_notice > 0 and not (args.interrupt_rate > 0 or args.advisor_band):
+            raise ConfigError("spotckpt spot: --no-notice applies to --interrupt-rate and --advisor-band; "
+                              "give one of them (or use --kill-at / --kill-rate for kills without notice)")
+        if args.time_scale != 1.0 and not (args.interrupt_trace or args.advisor_band):
+            raise ConfigError("spotckpt spot: --time-scale scales --interrupt-trace and --advisor-band; "
+                              "give one of them")
+        self.schedule = _traces.schedule(
+            at=_floats("--interrupt-at", args.interrupt_at), kill_at=_floats("--kill-at", args.kill_at),
+            rate=args.interrupt_rate, kill_rate=args.kill_rate, seed=args.seed, horizon=self.max_run,
+            trace=args.interrupt_trace, band=args.advisor_band, scale=args.time_scale, no_notice=args.no_notice)
         self.cmd = resolve_command(cmd)
         name = args.job_name or time.strftime("spotckpt-%Y%m%d-%H%M%S")
         self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix=f"{name}-")).absolute()
@@ -180,6 +164,7 @@ class SpotEmulator:
             self._absorb(events.new(), attempt)
             time.sleep(0.05)
         killed = self.proc.poll() is None
+        attempt["NoticeToExitSeconds"] = round(self.args.grace - max(0.0, end - self._now()), 3)
         self._kill_container()  # the instance is gone: its leftovers too
         self._absorb(events.new(), attempt)
         rc = self.proc.returncode
@@ -209,6 +194,13 @@ class SpotEmulator:
                 attempt["DurableStep"] = max(e.get("step", -1), attempt.get("DurableStep") or -1)
             elif kind == "channel_download":
                 attempt.setdefault("Channels", {})[e.get("channel")] = {"Files": e.get("files"), "Bytes": e.get("bytes")}
+            elif kind == "schedule":  # every="auto": the decision in force in this incarnation
+                attempt["Schedule"] = {k: e.get(k) for k in ("interval_s", "how", "c_s", "d_s", "rate_per_hour",
+                                                              "notice_fits", "overhead", "rework", "fraction_lost",
+                                                              "sources", "step")}
+                attempt["ScheduleDecisions"] = attempt.get("ScheduleDecisions", 0) + 1
+            elif kind == "history_begin":
+                attempt["Generation"] = e.get("generation")
             elif kind == "model_uploaded":
                 self.job.model_artifacts = e.get("url")
             elif kind == "contract_error":
@@ -227,6 +219,17 @@ class SpotEmulator:
                 pass
         return min(times) if times else None
 
+    def _recorded_history(self) -> dict[str, Any] | None:
+        """How each incarnation ended as the job itself recorded it (the remote's
+        ``history.json``, every="auto"'s input), or None."""
+        from spotckpt._remote import _history
+
+        try:
+            doc = _history.read(open_remote(self.cfg.remote, self.cfg.storage_options))
+        except Exception:  # noqa: BLE001 - informational only
+            return None
+        return doc if doc["incarnations"] else None
+
     # -- the lifecycle ---------------------------------------------------------------------
     def run(self) -> int:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -237,6 +240,7 @@ class SpotEmulator:
                 signal.signal(s, h)
             if self.proc is not None and self.proc.poll() is None:
                 self._kill_container()
+        self.job.history = self._recorded_history()
         self.job.finish(self.report_path)
         if self.args.json:
             print(json.dumps(self.job.describe(), indent=1), flush=True)
@@ -268,7 +272,8 @@ class SpotEmulator:
 
     def _attempt(self, n: int, wait: float) -> str:
         job = self.job
-        attempt: dict[str, Any] = {"Number": n + 1, "CapacityWaitSeconds": None if math.isinf(wait) else wait}
+        attempt: dict[str, Any] = {"Number": n + 1, "CapacityWaitSeconds": None if math.isinf(wait) else wait,
+                                   "StartTime": job.iso(time.time())}
         job.attempts.append(attempt)
         events = self._start_container()
         started = self._now()
@@ -308,7 +313,7 @@ class SpotEmulator:
                 job.status("Failed", "Failed", job.failure)
                 return "Failed"
             point = self.schedule[0] if self.schedule else None
-            if point is not None and train_t0 is not None and job.training_seconds >= point[0]:
+            if point is not None and train_t0 is not None and job.training_seconds >= point.at:
                 self.schedule.pop(0)
                 return self._interrupt(attempt, events, started, train_t0, point)
             if instance >= self.max_run:
@@ -323,16 +328,25 @@ class SpotEmulator:
             time.sleep(0.05)
 
     def _interrupt(self, attempt: dict[str, Any], events: _Events, started: float, train_t0: float,
-                   point: tuple[float, str]) -> str:
+                   point: _traces.Point) -> str:
         job = self.job
-        job.status("InProgress", "Interrupted", f"Spot instance interrupted at {point[0]:g} s of training "
-                   f"({point[1]}): SIGTERM sent, {self.args.grace:g} s until SIGKILL")
-        status, killed = self._terminate_container(events, attempt)
+        if point.notice:
+            job.status("InProgress", "Interrupted", f"Spot instance interrupted at {point.at:g} s of training "
+                       f"({point.source}): SIGTERM sent, {self.args.grace:g} s until SIGKILL")
+            status, killed = self._terminate_container(events, attempt)
+        else:  # a failure without warning: the instance is gone at once
+            job.status("InProgress", "Interrupted", f"Instance lost without warning at {point.at:g} s of "
+                       f"training ({point.source}): SIGKILL, no notice")
+            attempt["notice_wall"] = time.time()
+            self._absorb(events.new(), attempt)
+            self._kill_container()
+            self._absorb(events.new(), attempt)
+            status, killed = 128 + int(signal.SIGKILL), True
         job.instance_seconds += self._now() - started
         attempt.update(ExitStatus=status, Killed=killed, InstanceSeconds=round(self._now() - started, 3))
         attempt["checkpointer_opened"] = self._checkpointer_opened()
-        job.interruption(notice=attempt["notice_wall"], attempt=attempt, source=point[1],
-                         at_training=point[0], status=status, killed=killed)
+        job.interruption(notice=attempt["notice_wall"], attempt=attempt, source=point.source,
+                         at_training=point.at, status=status, killed=killed, warned=point.notice)
         return "Interrupted"
 
     def _stop(self, reason: str, events: _Events | None = None, attempt: dict[str, Any] | None = None,

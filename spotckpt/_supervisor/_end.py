@@ -14,12 +14,14 @@ from typing import Any
 
 from spotckpt._commit import LocalDir, is_internal
 from spotckpt._events import EventLog, log
-from spotckpt._notices import EXIT_INTERRUPTED, EXIT_STALE
+from spotckpt._notices import EXIT_INTERRUPTED, EXIT_STALE, FLUSH_MARGIN
 from spotckpt._sync import human_bytes
 
-from . import _proctree as pt
+from . import _history, _proctree as pt
 
-_MARGIN = 0.5                # seconds kept back for our own exit
+# Seconds kept back from the deadline for our own exit: the final flush ends then, as a
+# Checkpointer's interruption flush does; the exit watchdog (_notices._exit) fires at 1 s.
+_MARGIN = FLUSH_MARGIN
 _WRITER_WAIT = 30.0          # without a notice: how long leftover writers get after the command exits
 
 
@@ -27,7 +29,7 @@ class Tap(EventLog):
     """The events log, plus a tally of what reached the remote (for the final report)."""
 
     def __init__(self, local: LocalDir) -> None:
-        super().__init__(local.meta / "events.jsonl")
+        super().__init__(local.meta / "events.jsonl", role="supervisor")
         self.local, self.root = local, local.root
         self.last_upload: dict[str, Any] | None = None
         self.mirrored: dict[str, int] = {}
@@ -81,6 +83,10 @@ class Finish:
             self.syncer.close(timeout=0.0, join=0.0)
             sys.stderr.write(f"spotckpt.StaleGenerationError: {self.syncer.stale}\n")
             return EXIT_STALE
+        if self.history is not None:  # how this incarnation ended, within what is left of the deadline
+            self.history.end(_history.ending(rc=rc, notice=self.notice_at is not None, flushed=self.flushed,
+                                             killed=self.killed),
+                             timeout=self._seconds_left(default=5.0, cap=5.0))
         if rc is not None and status == 0 and self.notice_at is None and self.contract is not None:
             status = self._upload_artifacts()
         if self.notice_at is not None:
@@ -149,6 +155,24 @@ class Finish:
             log.warning("spotckpt run: not uploading %s: %s; the remote keeps its previous version",
                         ", ".join(sorted(rels)), why)
 
+    def _ranks_step(self) -> str | None:
+        """The newest checkpoint on the remote when the command's torch.distributed ranks
+        upload their own parts (their part dirs are in the local dir), for the final line."""
+        ranks = [d for d in self.local.root.glob("rank-*") if is_internal(d.name, self.local.root)]
+        if not ranks or self.store is None:
+            return None
+        try:
+            steps = self.store.committed()
+        except Exception:  # noqa: BLE001 - a report line only
+            return None
+        return f"checkpoint step {steps[-1]} (uploaded by the command's {len(ranks)} ranks)" if steps else None
+
+    def _flush_bound(self) -> float | None:
+        """While the final flush waits: a signal that came meanwhile is a notice too (exit
+        status 143), and the flush ends by its deadline."""
+        self._take_signals()
+        return None if self.deadline is None else self._seconds_left(default=0.0)
+
     def _seconds_left(self, *, default: float, cap: float | None = None) -> float:
         if self.deadline is None:
             return default
@@ -173,20 +197,23 @@ class Finish:
                         "died; the remote keeps its previous version", ", ".join(sorted(torn)))
         timeout = None if self.deadline is None else self._seconds_left(default=0.0)
         t0 = self.clock()
-        ok = self.syncer.flush(timeout)
+        self.events.emit("final_flush_start", seconds_left=None if self.deadline is None else round(timeout, 2))
+        ok = self.syncer.flush(timeout, bound=self._flush_bound)
         if self.syncer.stale is not None:
             return  # a newer instance of the job took over: _finish says so
         self._scan()  # retention, now that uploads are done
         durable = self.syncer.durable_step
-        step_bytes = 0
+        step_bytes = None  # unknown once local retention removed it: not "0 B"
         if durable is not None and self.local.is_committed(durable):
             step_bytes = self.local.read_manifest(durable).total_bytes
         files = {k: v for k, v in self.events.mirrored.items() if k not in torn}
-        what = (f"checkpoint step {durable} ({human_bytes(step_bytes)})" if durable is not None
-                else "no checkpoint")
+        size = f" ({human_bytes(step_bytes)})" if step_bytes is not None else ""
+        what = (f"checkpoint step {durable}{size}" if durable is not None
+                else self._ranks_step() or "no checkpoint")
         what += f", {len(files)} file(s) of the watched dir uploaded this run ({human_bytes(sum(files.values()))})"
         left = "" if self.deadline is None else f"; {max(0.0, self.deadline - self.clock()):.1f} s left before the deadline"
         newest = self.local.committed()[-1:] or [None]
+        self.flushed = ok
         if ok:
             log.warning("spotckpt run: durable at %s: %s%s (final flush %.1f s)", self.cfg.remote, what,
                         left, self.clock() - t0)

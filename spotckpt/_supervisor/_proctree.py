@@ -196,6 +196,32 @@ def alive(p: psutil.Process) -> bool:
         return False
 
 
+_PF_EXITING = 0x4  # include/linux/sched.h: the task has begun to exit
+
+
+def dying(procs: list[psutil.Process], main: int) -> bool:
+    """Whether a process of the tree is in the middle of exiting: past the start of its
+    exit, where the kernel closes its files (a file it was writing is closed torn), but not
+    yet reaped. ``waitpid`` still reports such a process running, so a poll in that window
+    must not count as "the command was alive". A zombie other than ``main`` (an unreaped
+    child of the command) is done exiting and does not count. Linux (``/proc``); False
+    elsewhere."""
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/stat", "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        try:
+            state, flags = fields[0], int(fields[6])
+        except (IndexError, ValueError):
+            continue
+        if flags & _PF_EXITING and (state not in (b"Z", b"X") or p.pid == main):
+            return True
+    return False
+
+
 def writing_under(procs: list[psutil.Process], root: Path) -> set[str]:
     """Files under ``root`` (absolute paths) that ``procs`` hold open for writing."""
     prefix = str(root.resolve()) + os.sep

@@ -29,6 +29,7 @@ are killed, the child gets SIGTERM from the kernel and its Checkpointer saves an
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -36,15 +37,16 @@ import time
 from typing import Any, Callable, Sequence
 
 from spotckpt._commit import LocalDir
-from spotckpt._config import Config
+from spotckpt._config import SUPERVISOR_ENV, Config
 from spotckpt._errors import ConfigError
 from spotckpt._events import log
-from spotckpt._remote import RemoteStore, claim
+from spotckpt._notices import EXIT_INTERRUPTED, _exit
+from spotckpt._remote import Recorder, RemoteStore, claim
 from spotckpt._sagemaker import Contract
-from spotckpt._sync import Engine, Syncer, open_remote, pull
+from spotckpt._sync import Engine, Syncer, check_not_stale, open_remote, pull
 from spotckpt._watch import DirRule, WriterGate
 
-from . import _proctree as pt
+from . import _history, _proctree as pt
 from ._child import Child, resolve_command
 from ._end import _MARGIN, Finish, Tap
 from ._wakeup import Wakeup
@@ -77,13 +79,16 @@ class Supervisor(Finish):
     def __init__(self, cmd: Sequence[str], cfg: Config, *, scope: str = "auto",
                  scan_interval: float = 0.5, rules: tuple[DirRule, ...] | None = None,
                  poll: float = 0.1, pull: bool = True, contract: Contract | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, leave_by_deadline: bool = False) -> None:
         if scope not in pt.SCOPES:
             raise ConfigError(f"spotckpt: --signal-scope {scope!r}: use one of {', '.join(pt.SCOPES)}")
         self.cmd, self.cfg, self.scope = list(cmd), cfg, scope
         self.scan_interval, self.poll, self.do_pull, self.clock = scan_interval, poll, pull, clock
         self.rules = rules
         self.contract = contract  # the SageMaker container contract (:mod:`spotckpt._sagemaker._env`), if asked for
+        # The process ends with this run (the CLI): at a notice, arm the exit watchdog, so
+        # that whatever overruns, the process is gone by the deadline (_notices._exit).
+        self.leave_by_deadline = leave_by_deadline
         self.gate = WriterGate()  # tells the watcher that a closed file's writer was alive
         self.local = LocalDir(cfg.local_dir)
         self.events = Tap(self.local)
@@ -98,11 +103,14 @@ class Supervisor(Finish):
         self.killed = False
         # Every signal that means "interruption coming", here and in a Checkpointer child.
         self.notice_signals = list(dict.fromkeys([signal.SIGTERM, signal.SIGINT, *cfg.signals]))
-        self._pending_signals: list[int] = []
+        self._pending_signals: list[tuple[int, float]] = []  # (signal, when it came)
+        self._ranked: dict | None = None
         self._submitted: int | None = None
         self._writers: set[str] = set()
         self._old_handlers: dict[int, Any] = {}
         self._wake: Wakeup | None = None
+        self.history: Recorder | None = None  # this incarnation's record in the job's history
+        self.flushed = False  # the final flush made everything durable
 
     # -- before the child ------------------------------------------------------------------
     def prepare(self) -> None:
@@ -110,6 +118,7 @@ class Supervisor(Finish):
 
         Raises:
             ConfigError, LocalDirError, CheckpointLockedError, RemoteError: one clear line.
+            StaleLocalError: ``--no-pull`` on a dir older than the remote.
         """
         self.cmd = resolve_command(self.cmd)
         self.local.lock("supervisor")
@@ -121,14 +130,22 @@ class Supervisor(Finish):
             self.cmd += self.contract.user_args()
         if self.cfg.remote:
             self.store = open_remote(self.cfg.remote, self.cfg.storage_options)
+            if not self.do_pull:  # before the claim: a refused start must not stop the newer instance
+                check_not_stale(self.local, self.store, "spotckpt run --no-pull", "Start it without "
+                                "--no-pull (the pull keeps what it replaces in the state dir)")
+            fence = claim(self.store)
+            self.events.emit("claimed", generation=fence.generation, enforced=fence.enforced)
             self.syncer = Syncer(self.local, self.store, keep_last=self.cfg.keep_last,
                                  events=self.events, scan_interval=self.scan_interval,
-                                 gate=self.gate, rules=self.rules, fence=claim(self.store))
+                                 gate=self.gate, rules=self.rules, fence=fence)
             if self.do_pull:
-                res = pull(self.local, self.store, events=self.events)
+                res = pull(self.local, self.store, events=self.events, ranked=False)
                 log.info("spotckpt run: pulled from %s: %s", self.cfg.remote, res.describe())
                 if res.step is not None:
                     self._submitted = res.step
+                self._ranked = res.ranked  # the command's ranks restore it; one process may not
+            assert self.syncer.fence is not None
+            self.history = _history.begin(self.store, self.syncer.fence, self.syncer, self.local, self.events)
         else:
             self.local.clean_temp()
             log.warning("spotckpt run: no remote (set --remote or SPOTCKPT_REMOTE): "
@@ -142,7 +159,9 @@ class Supervisor(Finish):
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self._pending_signals.append(signum)  # the main loop forwards it
+        # the main loop forwards it; the deadline runs from now, not from when it is taken
+        # (the pull at start may take a while: a SIGTERM there must not get a longer grace)
+        self._pending_signals.append((signum, self.clock()))
 
     def _restore_signals(self) -> None:
         for sig, old in self._old_handlers.items():
@@ -150,7 +169,7 @@ class Supervisor(Finish):
 
     def _take_signals(self) -> None:
         while self._pending_signals:
-            sig = self._pending_signals.pop(0)
+            sig, at = self._pending_signals.pop(0)
             name = signal.Signals(sig).name
             now = self.clock()
             if self.deadline is not None:
@@ -160,8 +179,10 @@ class Supervisor(Finish):
                             "forwarded", name, self.notice_source, self.deadline - now)
                 self.events.emit("signal_repeated", signal=name, seconds_left=round(self.deadline - now, 2))
                 continue
-            self.notice_at, self.deadline, self.notice_source = now, now + self.cfg.grace_seconds, name
-            self.events.emit("notice", source=name, by="supervisor", seconds_left=self.cfg.grace_seconds)
+            self.notice_at, self.deadline, self.notice_source = at, at + self.cfg.grace_seconds, name
+            if self.leave_by_deadline:
+                _exit.arm(self.deadline, EXIT_INTERRUPTED, clock=self.clock)
+            self.events.emit("notice", source=name, by="supervisor", seconds_left=round(self.deadline - now, 2))
             if self.child is None or self.child.poll() is not None:
                 continue
             procs = pt.targets(self.child.pid, self.scope)
@@ -179,15 +200,15 @@ class Supervisor(Finish):
         if self.engine is None:
             self.prepare()
         pt.become_subreaper()
-        if self._pending_signals:  # stopped while pulling: nothing to run
-            log.warning("spotckpt run: %s before the command started; not starting it",
-                        signal.Signals(self._pending_signals[0]).name)
-            self._take_signals()
-            return self._finish(None)
-        if self.syncer is not None:
+        if self.syncer is not None:  # also for a notice before the start: it uploads what we have
             self.syncer.start()
             if self._submitted is not None:
                 self.syncer.submit(self._submitted)
+        if self._pending_signals:  # a notice while pulling: do not start the command
+            log.warning("spotckpt run: %s before the command started; not starting it; uploading "
+                        "what the local dir holds", signal.Signals(self._pending_signals[0][0]).name)
+            self._take_signals()
+            return self._finish(None)
         self._wake = Wakeup(self.local.root)  # signals, the child's exit, changes, the gate
         self.gate.on_wait = self._wake.poke
         env = dict(os.environ, SPOTCKPT_SUPERVISED="1", SPOTCKPT_LOCAL_DIR=str(self.cfg.local_dir),
@@ -196,6 +217,7 @@ class Supervisor(Finish):
                    SPOTCKPT_SIGNALS=",".join(signal.Signals(s).name for s in self.notice_signals))
         if self.cfg.remote:
             env["SPOTCKPT_REMOTE"] = self.cfg.remote
+        env[SUPERVISOR_ENV] = self._describe()
         if self.contract is not None:
             env.update(self.contract.env(env))
         try:  # own process group, parent-death signal, lifeline: see _child
@@ -209,6 +231,18 @@ class Supervisor(Finish):
         log.info("spotckpt run: started %s (pid %d)", " ".join(self.cmd), self.child.pid)
         rc = self._supervise()
         return self._finish(rc)
+
+    def _describe(self) -> str:
+        """``SPOTCKPT_SUPERVISOR`` for the command: the dir we watch and upload, our remote,
+        and the generation we claimed, which the ranks of a torch.distributed command share
+        (they upload their own parts: :mod:`spotckpt._checkpointer._supervised`)."""
+        doc: dict[str, Any] = {"dir": os.path.realpath(self.cfg.local_dir), "remote": self.cfg.remote}
+        fence = self.syncer.fence if self.syncer is not None else None
+        if fence is not None:
+            doc.update(generation=fence.generation, previous=fence.previous, enforced=fence.enforced)
+        if self._ranked is not None:
+            doc["ranked"] = self._ranked
+        return json.dumps(doc, sort_keys=True)
 
     def _supervise(self) -> int:
         """Poll the command whenever something happens (a signal, its exit, a change in the
@@ -248,12 +282,15 @@ class Supervisor(Finish):
         before it was closed by a live writer). Returns the command's exit code, or None."""
         assert self.child is not None
         wall, mono = time.time_ns(), time.monotonic()
-        writers = pt.writing_under(pt.tree(self.child.pid), self.local.root)
+        procs = pt.tree(self.child.pid)
+        writers = pt.writing_under(procs, self.local.root)
         w = self.syncer.watcher if self.syncer is not None else None
         files = None
         if snapshot and w is not None:  # after the writers scan; only files nobody writes
             files = {k: v for k, v in w.snapshot().items() if k not in writers}
         rc = self.child.poll()
+        if rc is None and pt.dying(procs, self.child.pid):
+            return None  # killed, its files closing torn: not a sign of life (the next poll sees the end)
         if rc is None:
             self._writers = writers
             self.gate.confirm(mono, wall, writers, files)

@@ -20,6 +20,17 @@ from spotckpt._remote import Fence, RemoteStore, generation_of, payload_dir, wit
 PART = "PART.json"
 
 
+def _generation_dir(name: str) -> bool:
+    """Whether ``name`` (under ``step-N/``) is a generation's payload dir ``g-<G>``."""
+    return len(name) == 14 and name.startswith("g-") and name[2:].isdigit()
+
+
+def upload_dir(rel: str) -> str:
+    """The dir of one generation's upload that ``rel`` (under ``step-N/``) is in."""
+    parts = rel.split("/", 2)
+    return "/".join(parts[:2]) if len(parts) > 2 and _generation_dir(parts[1]) else parts[0]
+
+
 class SingleLayout:
     """One process: the plain commit protocol."""
 
@@ -56,7 +67,7 @@ class SingleLayout:
         try:
             old = Manifest.from_json(store.cat(self.marker_key(step)), expect_step=step)
             generation_of(old)  # (a bad one is replaced)
-            return sorted(old.files) == sorted(manifest.files)
+            return set(old.files) == set(manifest.files)
         except (CorruptCheckpointError, FileNotFoundError):
             return False
 
@@ -92,7 +103,7 @@ class RankLayout(SingleLayout):
             old = Manifest.from_json(store.cat(self.marker_key(step)), expect_step=step)
         except (CorruptCheckpointError, FileNotFoundError):
             return False
-        return sorted(old.files) == sorted(manifest.files)
+        return set(old.files) == set(manifest.files)
 
     def after_marker(self, store: RemoteStore, step: int, manifest: Manifest) -> None:
         if self.rank != 0:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from spotckpt._commit import LocalDir, is_internal
+from spotckpt._commit import LocalDir, Manifest, is_internal
 from spotckpt._errors import CorruptCheckpointError, RemoteError, RemoteNotFoundError
 from spotckpt._events import EventLog
 from spotckpt._remote import RemoteStore
@@ -37,6 +37,9 @@ class PullResult:
     files: list[str] = dataclasses.field(default_factory=list)  # watched-dir files placed
     file_bytes: int = 0
     file_set: int | None = None      # the committed file set restored (its number)
+    # the newest checkpoint, a torch.distributed one, not pulled (pull(ranked=False)): its
+    # step, world_size and serializer
+    ranked: dict | None = None
     seconds: float = 0.0
 
     def describe(self) -> str:
@@ -44,6 +47,8 @@ class PullResult:
         if self.step is not None:
             where = "already local" if self.step_source == "local" else "downloaded"
             parts.append(f"checkpoint step {self.step} ({human_bytes(self.step_bytes)}, {where}, verified)")
+        elif self.step_source == "ranks":
+            parts.append("a torch.distributed checkpoint (not pulled: each rank restores its own part)")
         else:
             parts.append("no committed checkpoint")
         parts.append(f"{len(self.files)} file(s) of the watched dir ({human_bytes(self.file_bytes)})")
@@ -76,13 +81,25 @@ def remote_freeform(store: RemoteStore) -> dict[str, int]:
     return {} if fs is None else {p: e.size for p, e in fs.entries.items() if e.link is None}
 
 
+class _Ranked(Exception):
+    """The newest checkpoint is a torch.distributed one (see :func:`pull`'s ``ranked``)."""
+
+
+def _refuse_ranked(m: Manifest) -> None:
+    if m.files and all(f.path.startswith("rank-") for f in m.files):
+        raise _Ranked(m)
+
+
 def pull(local: LocalDir, store: RemoteStore, *, events: EventLog | None = None,
-         on_total: Callable[[int], None] | None = None) -> PullResult:
+         on_total: Callable[[int], None] | None = None, ranked: bool = True) -> PullResult:
     """Bring the newest verified checkpoint and the newest committed file set into ``local``.
 
     Args:
         on_total: called once with the number of bytes this pull expects to download
             (for a progress bar).
+        ranked: also a torch.distributed checkpoint (every rank's part). ``spotckpt run``
+            says no: the ranks of its command restore their own parts, and a copy of all of
+            them in its dir would cost the download and the disk ``world_size`` times.
 
     Raises:
         RemoteError, CorruptCheckpointError: as :func:`restore_newest`; a damaged file of
@@ -90,6 +107,7 @@ def pull(local: LocalDir, store: RemoteStore, *, events: EventLog | None = None,
     """
     events = events or EventLog(None)
     t0 = time.monotonic()
+    events.emit("pull_start", remote=store.url)
     local.clean_temp()
     expect = 0
     if on_total is not None:
@@ -101,7 +119,13 @@ def pull(local: LocalDir, store: RemoteStore, *, events: EventLog | None = None,
                 pass  # restore_newest reports it properly
     res = PullResult()
     local_before = set(local.committed())
-    found = restore_newest(local, store, events=events)
+    try:
+        found = restore_newest(local, store, events=events, accept=None if ranked else _refuse_ranked)
+    except _Ranked as e:
+        found, m = None, e.args[0]
+        res.step_source, res.ranked = "ranks", {"step": m.step, "world_size": m.world_size, "serializer": m.serializer}
+        events.emit("pull_skipped", step=m.step, world_size=m.world_size,
+                    reason="torch.distributed checkpoint: each rank restores its own part")
     if found is not None:
         res.step, manifest, _ = found
         res.step_bytes = manifest.total_bytes

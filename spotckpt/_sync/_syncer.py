@@ -20,23 +20,12 @@ from typing import Callable
 from spotckpt._commit import MANIFEST, LocalDir, Manifest, parse_step_dirname, step_dirname
 from spotckpt._errors import CorruptCheckpointError, RemoteError, StaleGenerationError
 from spotckpt._events import EventLog, log
-from spotckpt._remote import Fence, RemoteStore, generation_of, payload_dir
+from spotckpt._remote import Fence, Recorder, RemoteStore, generation_of, payload_dir
 from spotckpt._watch import DirRule, Watcher, WriterGate, rules_from_env
 
-from ._layout import SingleLayout
+from ._layout import SingleLayout, upload_dir
 
 _IDLE_CPU = 0.005          # share of a core an idle Syncer may spend scanning the local dir
-
-
-def _generation_dir(name: str) -> bool:
-    """Whether ``name`` (under ``step-N/``) is a generation's payload dir ``g-<G>``."""
-    return len(name) == 14 and name.startswith("g-") and name[2:].isdigit()
-
-
-def _upload_dir(rel: str) -> str:
-    """The dir of one generation's upload that ``rel`` (under ``step-N/``) is in."""
-    parts = rel.split("/", 2)
-    return "/".join(parts[:2]) if len(parts) > 2 and _generation_dir(parts[1]) else parts[0]
 
 
 class Syncer:
@@ -78,6 +67,7 @@ class Syncer:
         self.bytes_uploaded = 0
         self.layout: SingleLayout = SingleLayout()  # RankLayout for one rank of many
         self.on_upload: Callable[[int, int, float], None] | None = None  # (step, bytes, seconds)
+        self.history: Recorder | None = None  # one beat per durable checkpoint (every="auto", _remote/_history.py)
         self.upload_seconds = 0.0
         self._scan_cost = 0.0     # CPU seconds of the last idle mirror pass
         self._mirror_more = False  # the last pass yielded to a checkpoint: go on at once
@@ -155,9 +145,11 @@ class Syncer:
         with self._cv:
             return {s for s in (self._pending, self._uploading) if s is not None}
 
-    def flush(self, timeout: float | None = None, *, mirror: bool = True) -> bool:
+    def flush(self, timeout: float | None = None, *, mirror: bool = True,
+              bound: Callable[[], float | None] | None = None) -> bool:
         """Wait until every submitted checkpoint (and, with ``mirror``, every watched-dir
-        file not open for writing) is durable. Returns False on timeout or upload error."""
+        file not open for writing) is durable. Returns False on timeout or upload error.
+        ``bound()``, asked while waiting: the seconds it may still take (a notice came), or None."""
         end = None if timeout is None else self.clock() + max(0.0, timeout)
         with self._cv:
             self.last_error = self.stale  # (sticky: a stale instance uploads nothing more)
@@ -169,18 +161,19 @@ class Syncer:
                 idle = self._pending is None and self._uploading is None and self._scan_done >= target
                 if idle or self.last_error is not None or not self._alive():
                     break
+                if bound is not None and (cap := bound()) is not None:  # a notice: its deadline
+                    end = min(float("inf") if end is None else end, self.clock() + max(0.0, cap))
                 left = None if end is None else end - self.clock()
                 if left is not None and left <= 0:
                     return False
                 self._cv.wait(0.05 if left is None else min(0.05, left))
             return self.last_error is None and self._pending is None
 
-    def close(self, timeout: float | None = None, *, join: float | None = None) -> bool:
-        """Flush, then stop the thread. Returns whether everything became durable.
-
-        ``join``: seconds to wait for the thread to end (default 5 s, 0.2 s after a failed
-        flush); a process leaving by its deadline passes 0."""
-        ok = self.flush(timeout)
+    def close(self, timeout: float | None = None, *, join: float | None = None,
+              bound: Callable[[], float | None] | None = None) -> bool:
+        """Flush (``bound``: as :meth:`flush`), stop the thread; whether everything is durable.
+        ``join``: seconds to wait for the thread (5 s, 0.2 s after a failed flush; 0 to leave now)."""
+        ok = self.flush(timeout, bound=bound)
         if self.watcher is not None:
             self.watcher.beat(clean=True)
         with self._cv:
@@ -298,6 +291,8 @@ class Syncer:
         self.events.emit("upload_done", step=step, bytes=manifest.total_bytes, seconds=round(dt, 3))
         if self.on_upload is not None:
             self.on_upload(step, manifest.total_bytes, dt)
+        if self.history is not None:
+            self.history.beat()  # right after the commit whose check proved this generation newest
         if lay.owns_retention:
             self._remote_retention(step)
 
@@ -361,7 +356,7 @@ class Syncer:
             if not theirs:
                 continue
             if f"{d}/{MANIFEST}" in rels and s != newest:  # (newest: ours, just committed)
-                if len({_upload_dir(r) for r in rels if r != f"{d}/{MANIFEST}"}) < 2:
+                if len({upload_dir(r) for r in rels if r != f"{d}/{MANIFEST}"}) < 2:
                     continue  # one upload: the manifest's (the usual case: no request)
                 try:
                     named = payload_dir(s, generation_of(self.store.read_manifest(s)))
@@ -370,7 +365,7 @@ class Syncer:
                 if named != d:
                     theirs = [r for r in theirs if not r.startswith(f"{named}/")]
                 else:  # generations 0 and 1: right in step-N/, beside the others' g-<G>/ dirs
-                    theirs = [r for r in theirs if _upload_dir(r) != d]
+                    theirs = [r for r in theirs if upload_dir(r) != d]
             if theirs:
                 out[s] = theirs
         return out

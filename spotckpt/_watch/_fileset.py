@@ -13,7 +13,11 @@ The highest set that parses is the dir's remote state. A set names, for every en
 path in the local dir, size, XXH3-128, mtime and object key, or its symlink target. A new
 version never overwrites an older one's key, so an upload that is torn, abandoned or killed
 cannot replace a complete copy: until the next set is written, the previous set still names
-the previous object. Objects that no set names do not exist; the writer deletes them.
+the previous object. Objects that no set names do not exist; the writer deletes them, and
+only keys of the shapes above (:func:`kind`): anything else under ``files/`` is somebody
+else's. A set that does not parse is quarantined by a writer or a restore, never deleted:
+moved to ``files/SET-<n>.json.quarantined`` with its bytes (:func:`quarantine_set`), and the
+objects it may name are kept (:mod:`._watcher`).
 """
 from __future__ import annotations
 
@@ -21,17 +25,22 @@ import dataclasses
 import json
 import re
 import time
-from typing import Any, Iterable
+import uuid
+from typing import Any, Callable, Iterable
 
 from spotckpt._commit import _MAX_FILE_SIZE, check_relpath, parse_step_dirname
 from spotckpt._config import LINEAGE_PREFIX
 from spotckpt._errors import CorruptCheckpointError, RemoteError, RemoteNotFoundError
 from spotckpt._events import log
-from spotckpt._remote import RemoteStore
+from spotckpt._remote import HISTORY_KEY, RemoteStore
 
 FILES = "files"
 FORMAT = "spotckpt-files/1"
 _SET_RE = re.compile(r"^SET-(\d{12})\.json$")
+_QUARANTINED_RE = re.compile(r"^SET-(\d{12})\.json\.quarantined(?:-[0-9a-f]{8})?$")
+_VID_RE = re.compile(r"^[0-9a-f]{16}$")
+_TEMP_RE = re.compile(r"\.[0-9a-f]{8}\.tmp\.sagemaker-ignore$")  # a killed atomic write's temp file (file://)
+MAX_SEQ = 10**12 - 1   # set numbers keep 12 digits: a wider name would not be listed as a set
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _MAX_MTIME_NS = 2**63  # os.utime takes a signed 64-bit ns count (pre-1970 mtimes are legal)
 _MAX_LINK = 4095       # PATH_MAX less the NUL: os.symlink refuses a longer target
@@ -130,7 +139,15 @@ class FileSet:
 
 def write_set(store: RemoteStore, fence: Any, seq: int, entries: dict[str, Entry]) -> FileSet:
     """Commit ``entries`` as file set ``seq`` (with a ``fence``, :class:`spotckpt._remote._fence.Fence`: as
-    this generation, proven the newest, at the next free number above an older one's set)."""
+    this generation, proven the newest, at the next free number above an older one's set).
+
+    Raises:
+        RemoteError: no 12-digit set number is left above ``seq - 1`` (a hostile set named
+            ``SET-999999999999.json``): a wider name would never be read.
+    """
+    if seq > MAX_SEQ:
+        raise RemoteError(f"spotckpt: remote {store.url}: no file-set number left after {set_key(seq - 1)} "
+                          "(not written by spotckpt at this pace: inspect it, and remove it if it is not yours)")
     gen = fence.generation if fence is not None else 0
     created = time.time()
 
@@ -143,23 +160,94 @@ def write_set(store: RemoteStore, fence: Any, seq: int, entries: dict[str, Entry
     return FileSet(seq=seq, entries=entries, created=created, generation=gen)
 
 
-def list_files_prefix(store: RemoteStore) -> tuple[dict[int, str], set[str]]:
-    """One listing of ``files/``: ``({seq: set key}, {every other object key})``."""
-    sets: dict[int, str] = {}
-    objects: set[str] = set()
+def kind(rel: str) -> str | None:
+    """What a key under the prefix is, if spotckpt writes keys of its shape under ``files/``:
+    ``"set"`` (``files/SET-<12 digits>.json``), ``"quarantined"`` (such a set moved aside),
+    ``"object"`` (``files/<16 hex>/<path>``: one uploaded version), ``"temp"`` (an atomic
+    write's temp file a killed process left on ``file://``), else None: not spotckpt's (a
+    user's ``files/data.csv``), never deleted."""
+    first, sep, rest = rel.partition("/")
+    if first != FILES or not sep:
+        return None
+    if _SET_RE.match(rest):
+        return "set"
+    if _QUARANTINED_RE.match(rest):
+        return "quarantined"
+    vid, sep, path = rest.partition("/")
+    if _VID_RE.match(vid) and sep and path and not path.endswith("/"):
+        return "object"
+    base = _TEMP_RE.sub("", rest)
+    if base != rest and _SET_RE.match(base):
+        return "temp"
+    return None
+
+
+@dataclasses.dataclass
+class Listing:
+    """One listing of ``files/``, by :func:`kind`."""
+
+    sets: dict[int, str]   # seq -> set key
+    objects: set[str]      # uploaded versions and temp leftovers: ours to delete when no set names them
+    quarantined: set[str]  # sets moved aside as damaged: kept, and what they may name too
+    foreign: list[str]     # not spotckpt's: left alone
+
+
+def list_files(store: RemoteStore) -> Listing:
+    out = Listing({}, set(), set(), [])
     for rel in store.list_keys(FILES + "/"):
-        m = _SET_RE.match(rel[len(FILES) + 1:])
-        if m:
-            sets[int(m.group(1))] = rel
+        k = kind(rel)
+        if k == "set":
+            out.sets[int(rel[len(FILES) + 5:len(FILES) + 17])] = rel
+        elif k == "quarantined":
+            out.quarantined.add(rel)
+        elif k is None:
+            out.foreign.append(rel)
         else:
-            objects.add(rel)
-    return sets, objects
+            out.objects.add(rel)
+    out.foreign.sort()
+    return out
 
 
-def newest_set(store: RemoteStore, sets: dict[int, str] | None = None) -> FileSet | None:
+def list_files_prefix(store: RemoteStore) -> tuple[dict[int, str], set[str]]:
+    """One listing of ``files/``: ``({seq: set key}, {every object key of ours that is not a set})``."""
+    got = list_files(store)
+    return got.sets, got.objects
+
+
+def quarantine_set(store: RemoteStore, rel: str, data: bytes, why: object) -> str:
+    """Move the damaged set ``rel`` (its bytes ``data``) aside as ``<rel>.quarantined``
+    (``-<8 hex>`` added when that name is taken): kept for inspection, invisible to readers.
+    With a fence on the store (a writer's start), only while its generation is the newest.
+    Returns the new key."""
+    fence = getattr(store, "fence", None)
+    if fence is not None:
+        fence.check("quarantine of a damaged file set")
+    dest = f"{rel}.quarantined"
+    if store.exists(dest):
+        dest += f"-{uuid.uuid4().hex[:8]}"
+    store.put_bytes(dest, data)
+    store.rm(rel)
+    log.warning("spotckpt: remote file set %s is damaged (%s); quarantined as %s with every object it "
+                "may name (delete it once inspected)", rel, why, dest)
+    return dest
+
+
+def quarantiner(store: RemoteStore, moved: set[str]) -> Callable[[str, bytes, CorruptCheckpointError], None]:
+    """An ``on_invalid`` for :func:`newest_set` that quarantines each invalid set, adding
+    its original key to ``moved``."""
+    def q(rel: str, data: bytes, e: CorruptCheckpointError) -> None:
+        quarantine_set(store, rel, data, e)
+        moved.add(rel)
+    return q
+
+
+def newest_set(store: RemoteStore, sets: dict[int, str] | None = None, *,
+               on_invalid: Callable[[str, bytes, CorruptCheckpointError], None] | None = None) -> FileSet | None:
     """The newest file set that parses, or None when the remote has none.
 
-    A set that is invalid (unparseable, hostile content) is named in a warning and skipped.
+    A set that is invalid (unparseable, hostile content) is skipped: named in a warning, or
+    handed to ``on_invalid(key, bytes, error)`` (a writer's or a restore's start moves it
+    aside: :func:`quarantiner`; ``verify`` reports it).
     A set that vanished between the listing and its read was superseded meanwhile: the
     prefix is listed again (when ``sets``, the caller's listing, was given, the
     RemoteNotFoundError is raised instead: the caller lists again). Any other RemoteError
@@ -172,10 +260,15 @@ def newest_set(store: RemoteStore, sets: dict[int, str] | None = None) -> FileSe
         if sets is None:
             sets = list_files_prefix(store)[0]
         for seq in sorted(sets, reverse=True):
+            data = b""
             try:
-                return FileSet.from_json(store.cat(sets[seq]), expect_seq=seq)
+                data = store.cat(sets[seq])
+                return FileSet.from_json(data, expect_seq=seq)
             except CorruptCheckpointError as e:
-                log.warning("spotckpt: remote file set %s is invalid (%s); trying the one before", sets[seq], e)
+                if on_invalid is None:
+                    log.warning("spotckpt: remote file set %s is invalid (%s); trying the one before", sets[seq], e)
+                else:
+                    on_invalid(sets[seq], data, e)
             except RemoteNotFoundError:
                 if given:
                     raise
@@ -188,19 +281,20 @@ def newest_set(store: RemoteStore, sets: dict[int, str] | None = None) -> FileSe
 
 
 def foreign(keys: Iterable[str]) -> list[str]:
-    """Keys under the prefix that are neither a step checkpoint's, the watched dir's, a
-    named Checkpointer's (``ckpt-<name>/``) nor spotckpt's probe: somebody else's objects,
-    skipped by restore."""
+    """Keys under the prefix that are neither a step checkpoint's, the watched dir's (of a
+    shape :func:`kind` knows), a named Checkpointer's (``ckpt-<name>/``), the job's history nor
+    spotckpt's probe: somebody else's objects, skipped by restore and never deleted by the mirror."""
     out = []
     for k in keys:
         first, sep, _ = k.partition("/")
-        if sep and (first in (FILES, "gen") or parse_step_dirname(first) is not None):
+        if first == FILES and kind(k) is not None:
+            continue  # (a key under files/ of a shape spotckpt never writes is foreign)
+        if sep and (first == "gen" or parse_step_dirname(first) is not None):
             continue
-        if first.startswith(".spotckpt-probe-"):
+        if first.startswith(".spotckpt-probe-") or k == HISTORY_KEY:
             continue
         if sep and first.startswith(LINEAGE_PREFIX):
             continue  # a named Checkpointer's checkpoints: its own lineage
-
         out.append(k)
     return sorted(out)
 

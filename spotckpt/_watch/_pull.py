@@ -14,8 +14,10 @@ already present with the committed size and mtime are kept.
 A local file that differs from the set is kept as newer (the watcher uploads it) unless it
 may be torn: held back by the last supervisor, or modified after the last heartbeat of the
 watcher that was running here minus one interval (that watcher was killed; see
-:class:`._watcher.Watcher.beat`). Such a file is moved to the state dir's ``suspect/`` and
-the committed version takes its place.
+:class:`._watcher.Watcher.beat`), or it is older than the committed version (its mtime is
+before the committed one's: the dir sat out while another instance took the job further).
+Such a file is moved to the state dir's ``suspect/`` (``stale/`` for an older one) and the
+committed version takes its place.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ from spotckpt._errors import CorruptCheckpointError, RemoteError, RemoteNotFound
 from spotckpt._events import EventLog, log
 from spotckpt._remote import RemoteStore
 
+from ._baseline import older
 from ._closed import suspect_test
-from ._fileset import Entry, FileSet, newest_set, warn_foreign
+from ._fileset import Entry, FileSet, newest_set, quarantiner, warn_foreign
 from ._scan import link_inside
 
 _RESTARTS = 5  # the set being restored was superseded: start over with the newer one, this often
@@ -71,13 +74,21 @@ class _Restore:
         except (OSError, ValueError):
             self.name_max = 255
 
-    def set_aside(self, rel: str) -> None:
-        dest = self.local.meta / "suspect" / f"{int(time.time())}-{uuid.uuid4().hex[:6]}" / rel
+    def set_aside(self, rel: str, *, stale: bool = False) -> None:
+        """Move local file ``rel`` into the state dir: ``suspect/`` (may be torn) or, with
+        ``stale``, ``stale/`` (older than its committed version)."""
+        where = "stale" if stale else "suspect"
+        dest = self.local.meta / where / f"{int(time.time())}-{uuid.uuid4().hex[:6]}" / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(self.root / rel), dest)
-        log.warning("spotckpt: %s may be torn (it was being written when the last run was killed); "
-                    "the committed version replaces it, the local one is kept at %s", rel, dest)
-        self.events.emit("file_set_aside", path=rel, to=str(dest))
+        if stale:
+            log.warning("spotckpt: %s here is older than its committed version (this dir sat out while the "
+                        "job went on elsewhere); the committed version replaces it, the local one is kept "
+                        "at %s", rel, dest)
+        else:
+            log.warning("spotckpt: %s may be torn (it was being written when the last run was killed); "
+                        "the committed version replaces it, the local one is kept at %s", rel, dest)
+        self.events.emit("file_set_aside", path=rel, to=str(dest), reason=where)
 
     def refuse(self, name: str, err: object) -> None:
         self.skipped.append(name)
@@ -98,6 +109,9 @@ class _Restore:
             return False
         if _st.S_ISREG(st.st_mode) and self.suspect(e.path, st):
             self.set_aside(e.path)
+            return True
+        if _st.S_ISREG(st.st_mode) and older(st, e):
+            self.set_aside(e.path, stale=True)
             return True
         return False  # newer locally: the watcher uploads it
 
@@ -260,7 +274,7 @@ def restore_files(local: LocalDir, store: RemoteStore, *, events: EventLog | Non
     """
     events = events or EventLog(None)
     warn_foreign(store, store.list_keys())
-    fs = newest_set(store)
+    fs = newest_set(store, on_invalid=quarantiner(store, set()))  # one that does not parse: moved aside, kept
     r = _Restore(local, store, events)
     for attempt in range(_RESTARTS + 1):
         if fs is None:

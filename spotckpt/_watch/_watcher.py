@@ -32,8 +32,9 @@ from spotckpt._errors import RemoteError
 from spotckpt._events import EventLog, log
 from spotckpt._remote import RemoteStore
 
+from ._baseline import baseline, older
 from ._closed import Torn, emptied, open_for_writing, sig, suspect_test, write_beat
-from ._fileset import Entry, FileSet, list_files_prefix, newest_set, object_key, set_key, write_set
+from ._fileset import Entry, FileSet, object_key, set_key, write_set
 from ._rules import BUILTIN_RULES, MTIME_SLOP_NS, DirRule, WriterGate, unit_of, unit_ready, units_of
 from ._scan import scan
 from ._upload import _SMALL, upload_version
@@ -74,6 +75,7 @@ class Watcher:
         self.fence = None  # this job's generation (_fence.Fence), set by the Syncer
         self._loaded = False
         self._orphans: set[str] = set()
+        self._keep: set[str] = set()  # objects never deleted in this run (_baseline.py)
         self._warned: set[str] = set()
         self.backlog_bytes = 0          # changed data not yet committed (the planner counts it)
         self.scan_cpu = 0.0             # CPU seconds of the last pass's scan and comparison
@@ -97,16 +99,14 @@ class Watcher:
         """Read the newest committed set (once): the baseline a pass compares against."""
         if self._loaded:
             return
-        sets, objects = list_files_prefix(self.store)
-        self.current = newest_set(self.store, sets)
-        named = {e.key for e in self.current.entries.values()} if self.current else set()
-        self._orphans = {k for k in objects if k not in named}
-        self._orphans |= {k for s, k in sets.items() if self.current is None or s != self.current.seq}
-        self._seq = max(sets, default=0)
+        base = baseline(self.store)
+        self.current, self._orphans, self._keep, self._seq = base.current, base.orphans, base.keep, base.seq
         self._loaded = True
         # A killed run's torn files (held back, open for writing at its last heartbeat, or
         # modified after it) that differ from the set stay out until they change again: a
         # restore sets them aside, but a run that did not pull (--no-pull) must not upload them.
+        # Files from before this run that are older than their committed version (the dir sat
+        # out while the job went on elsewhere) never replace it either.
         cur = self.current.entries if self.current else {}
         for rel, st in self.scan()[0].items():
             e = cur.get(rel)
@@ -115,6 +115,10 @@ class Watcher:
                 self._suspect[rel] = sig(st)
                 log.warning("spotckpt: not mirroring %s: it may be torn (it was being written when the "
                             "last run on this dir was killed); the remote keeps its version", rel)
+            elif e is not None and e.link is None and st.st_ctime_ns < self._born_ns and older(st, e):
+                self._suspect[rel] = sig(st)
+                log.warning("spotckpt: not mirroring %s: it is older than its committed version (this dir "
+                            "sat out while the job went on elsewhere); the remote keeps its version", rel)
 
     def beat(self, *, clean: bool = False) -> None:
         """Record that this watcher is alive (with ``clean``: that it ended cleanly), the
@@ -375,7 +379,7 @@ class Watcher:
         if not self._orphans:
             return
         named = {e.key for e in self.current.entries.values()} if self.current else set()
-        doomed = sorted(k for k in self._orphans if k not in named
+        doomed = sorted(k for k in self._orphans if k not in named and k not in self._keep
                         and (self.current is None or k != set_key(self.current.seq)))
         (self.store.rm_many if self.fence is None else self.fence.rm_many)(doomed)  # newer: kept
         self._orphans.clear()

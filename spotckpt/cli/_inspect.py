@@ -1,6 +1,7 @@
-"""``spotckpt ls | status | verify | pull | push``: look at and move checkpoints by hand.
+"""``spotckpt ls | verify``: look at checkpoints by hand (``status``: :mod:`._status`;
+``pull``/``push``: :mod:`._move`).
 
-Process layer: thin wrappers over the local dir, the remote store and the events log.
+Entry-point layer: thin wrappers over the local dir, the remote store and the events log.
 Each returns an exit status and prints a table, or one JSON document with ``--json``.
 """
 from __future__ import annotations
@@ -9,15 +10,13 @@ import argparse
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from spotckpt._commit import LINEAGE_MARKER, LocalDir, Manifest, hasher, verify_dir
 from spotckpt._config import _UNSET, LINEAGE_PREFIX, Config, probe_local_dir, require_dir
 from spotckpt._errors import ConfigError, CorruptCheckpointError, RemoteError
-from spotckpt._events import EventLog
 from spotckpt._remote import RemoteStore
-from spotckpt._sync import Progress, Syncer, human_bytes, local_freeform, open_remote, pull, remote_freeform
+from spotckpt._sync import human_bytes, local_freeform, open_remote, remote_freeform
 from spotckpt._watch import FileSet, newest_set
 
 
@@ -138,111 +137,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- status --------------------------------------------------------------------------------
-def _throughput(events_path: Path) -> tuple[float | None, int]:
-    total_b, total_s, n = 0, 0.0, 0
-    try:
-        lines = events_path.read_text().splitlines()[-2000:]
-    except OSError:
-        return None, 0
-    for line in lines:
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if e.get("event") == "upload_done" and e.get("seconds"):
-            total_b += int(e.get("bytes") or 0)
-            total_s += float(e["seconds"])
-            n += 1
-    return (total_b / total_s if total_s > 0 else None), n
-
-
-def _last_events(events_path: Path, names: set[str]) -> dict[str, dict]:
-    """The newest event of each name in ``names``."""
-    out: dict[str, dict] = {}
-    try:
-        lines = events_path.read_text().splitlines()[-2000:]
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if e.get("event") in names:
-            out[e["event"]] = e
-    return out
-
-
-def _holder(local: LocalDir, role: str) -> int | None:
-    import psutil
-
-    try:
-        text = (local.meta / f"{role}.lock").read_text().strip()
-        pid = int(text.split()[-1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if psutil.pid_exists(pid) else None
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    cfg, local, store = _setup(args)
-    now = time.time()
-    loc, rem = _manifests(local, store)
-    durable = max(rem) if rem else None
-    durable_m = rem.get(durable) if durable is not None else None
-    newest = max(loc) if loc else None
-    pending_steps = [s for s in loc if durable is None or s > durable]
-    pending_bytes = sum(loc[s].total_bytes for s in pending_steps[-1:])
-    lf = local_freeform(local.root)
-    rf = remote_freeform(store) if store is not None else {}
-    pending_files = sorted(p for p in lf if rf.get(p) != lf[p])
-    pending_bytes += sum(lf[p] for p in pending_files)
-    since = None
-    if pending_steps or pending_files:
-        since = durable_m.created if durable_m is not None else None
-        if since is None:
-            stamps = [loc[s].created for s in pending_steps]
-            stamps += [(local.root / p).stat().st_mtime for p in pending_files if (local.root / p).exists()]
-            since = min(stamps) if stamps else None
-    rate, n = _throughput(local.meta / "events.jsonl")
-    last = _last_events(local.meta / "events.jsonl", {"saved", "flush"})
-    estimate = last.get("saved", {}).get("flush_estimate_s")
-    flush = last.get("flush")
-    doc = {
-        "local_dir": str(cfg.local_dir), "state_dir": str(local.meta), "remote": cfg.remote,
-        "durable_step": durable, "durable_bytes": durable_m.total_bytes if durable_m else None,
-        "durable_age_seconds": round(now - durable_m.created, 1) if durable_m else None,
-        "newest_local_step": newest,
-        "not_durable_bytes": pending_bytes,
-        "not_durable_seconds": round(now - since, 1) if since else 0.0,
-        "not_durable_files": pending_files,
-        "upload_bytes_per_second": round(rate) if rate else None, "uploads_measured": n,
-        "supervisor_pid": _holder(local, "supervisor"), "trainer_pid": _holder(local, "trainer"),
-        "flush_estimate_seconds": estimate,
-        "last_interruption_flush": flush,
-    }
-    lines = [
-        f"local dir:            {cfg.local_dir}",
-        f"state dir:            {local.meta} (spotckpt's own files: events, locks, quarantine)",
-        f"remote:               {cfg.remote or '(none)'}",
-        f"last durable step:    {durable if durable is not None else '(none)'}"
-        + (f"  ({human_bytes(durable_m.total_bytes)}, {_age(durable_m.created, now)} ago)" if durable_m else ""),
-        f"newest local step:    {newest if newest is not None else '(none)'}",
-        f"not yet durable:      {human_bytes(pending_bytes)}, {doc['not_durable_seconds']:.0f} s of work"
-        + (f" ({len(pending_files)} file(s))" if pending_files else ""),
-        "upload throughput:    " + (f"{human_bytes(rate)}/s over {n} upload(s)" if rate else "(no uploads logged)"),
-        f"running:              supervisor {doc['supervisor_pid'] or '-'}, trainer {doc['trainer_pid'] or '-'}",
-        "flush estimate:       " + (f"{estimate:.1f} s for a full save until durable (planner)"
-                                    if estimate is not None else "(no save with an upload measured yet)"),
-    ]
-    if flush:
-        lines.append(f"last interruption:    plan {flush.get('action')}, estimated {flush.get('estimate_s')} s, "
-                     f"took {flush.get('actual_s')} s, durable step {flush.get('durable_step')}")
-    _emit(args, doc, lines)
-    return 0
-
-
 # -- verify --------------------------------------------------------------------------------
 def _verify_remote(store: RemoteStore, step: int, m: Manifest, quick: bool) -> str | None:
     from spotckpt._remote import generation_of, payload_dir
@@ -302,6 +196,17 @@ def _verify_set(store: RemoteStore, fs: FileSet | None, quick: bool) -> list[dic
     return out
 
 
+def _newest_set(store: RemoteStore) -> tuple[FileSet | None, list[dict]]:
+    """The newest file set that parses, and one result for each newer one that does not
+    (what a start quarantines: a verdict of damage, as for a step manifest)."""
+    damaged: list[dict] = []
+
+    def bad(rel: str, data: bytes, e: CorruptCheckpointError) -> None:
+        damaged.append({"where": "remote", "file": rel, "file_set": int(rel[len("files/SET-"):][:12]),
+                        "ok": False, "error": f"{rel}: the file set does not parse: {e}"})
+    return newest_set(store, on_invalid=bad), damaged
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     cfg, local, store = _setup(args)
     results = []
@@ -319,77 +224,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
             except CorruptCheckpointError as e:
                 err = str(e)
             results.append({"where": "remote", "step": s, "ok": err is None, "error": err})
-        fs = newest_set(store)
+        fs, damaged = _newest_set(store)
         checked = _verify_set(store, fs, args.quick)
         if any(r["error"] and r["error"].endswith(_MISSING) for r in checked):
             # the job may have committed a newer set and deleted this one's objects meanwhile
-            newer = newest_set(store)
+            newer, again = _newest_set(store)
             if newer is not None and fs is not None and newer.seq != fs.seq:
-                checked = _verify_set(store, newer, args.quick)
-        results += checked
+                checked, damaged = _verify_set(store, newer, args.quick), again
+        results += damaged + checked
     bad = [r for r in results if not r["ok"]]
     lines = [f"{r['where']:<6} " + (f"step {r['step']:>12}  " if "step" in r else f"file {r['file']}  ")
              + ("ok" if r["ok"] else f"DAMAGED: {r['error']}")
              for r in results] or ["no committed checkpoints to verify"]
     if bad:
-        lines.append(f"{len(bad)} damaged checkpoint(s) or file(s); a restore skips (and quarantines) "
-                     "a damaged checkpoint and falls back to the next older one, and refuses a damaged "
-                     "file (a whole directory checkpoint) with an error line")
+        lines.append(f"{len(bad)} damaged checkpoint(s), file set(s) or file(s); a restore skips (and "
+                     "quarantines) a damaged checkpoint or file set and falls back to the next older one, "
+                     "and refuses a damaged file (a whole directory checkpoint) with an error line")
     _emit(args, {"ok": not bad, "checked": results}, lines)
     return 1 if bad else 0
 
 
-# -- pull / push ---------------------------------------------------------------------------
-def cmd_pull(args: argparse.Namespace) -> int:
-    cfg, local, store = _setup(args, need_remote=True, create_local=True)
-    assert store is not None
-    local.lock("supervisor")
-    try:
-        bar = Progress("pull", enabled=False if args.json else None)
-        store.progress = bar.add
-        res = pull(local, store, events=EventLog(local.meta / "events.jsonl"), on_total=bar.set_total)
-        bar.close()
-    finally:
-        local.unlock()
-    doc = {"local_dir": str(cfg.local_dir), "remote": cfg.remote, **res.__dict__}
-    _emit(args, doc, [f"pulled from {cfg.remote} into {cfg.local_dir}: {res.describe()}"])
-    return 0
-
-
-def cmd_push(args: argparse.Namespace) -> int:
-    from spotckpt._remote import claim
-    cfg, local, store = _setup(args, need_remote=True, need_local=True)
-    assert store is not None
-    local.lock("supervisor")
-    t0 = time.monotonic()
-    try:
-        events = EventLog(local.meta / "events.jsonl")
-        syncer = Syncer(local, store, keep_last=cfg.keep_last, events=events,  # a new generation:
-                        mirror=getattr(args, "name", None) is None, fence=claim(store))  # (no files: named)
-        steps = local.committed()
-        remote_steps = set(store.committed())
-        lf, rf = local_freeform(local.root), remote_freeform(store)
-        total = sum(v for k, v in lf.items() if rf.get(k) != v)
-        if steps and steps[-1] not in remote_steps:
-            total += local.read_manifest(steps[-1]).total_bytes
-        bar = Progress("push", enabled=False if args.json else None)
-        bar.set_total(total)
-        store.progress = bar.add
-        syncer.start()
-        if steps:
-            syncer.submit(steps[-1])
-        ok = syncer.close()
-        bar.close()
-    finally:
-        local.unlock()
-    doc = {"local_dir": str(cfg.local_dir), "remote": cfg.remote, "ok": ok,
-           "durable_step": syncer.durable_step, "bytes": syncer.bytes_uploaded,
-           "seconds": round(time.monotonic() - t0, 3),
-           "error": str(syncer.last_error) if syncer.last_error else None}
-    line = (f"pushed {human_bytes(syncer.bytes_uploaded)} to {cfg.remote}; durable step: {syncer.durable_step}"
-            if ok else f"spotckpt push: NOT durable: {syncer.last_error}")
-    _emit(args, doc, [line])
-    return 0 if ok else 1
-
-
-__all__ = ["cmd_ls", "cmd_status", "cmd_verify", "cmd_pull", "cmd_push"]
+__all__ = ["cmd_ls", "cmd_verify"]

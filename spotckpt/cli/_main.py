@@ -2,7 +2,8 @@
 
 Exit status: for ``run``, 143 after an interruption notice whatever the command returned,
 else the command's own (128+N if signal N killed it); 0 only for Completed for ``spot``; 1 for damage
-(``verify``) or a failed upload (``push``); 2 for bad input (unknown option, a number out of
+(``verify``) or a failed upload (``push``); 3 for a local dir older than the remote (``push``,
+``run --no-pull``: refused, nothing written); 2 for bad input (unknown option, a number out of
 range, a command that does not exist, max-wait <= max-run, a --local-dir that is a file, an
 unreachable remote, or for the read-only commands a remote that does not exist), always as
 one line. With ``--json`` stdout is one JSON document, errors included.
@@ -17,8 +18,8 @@ import sys
 from typing import Any, NoReturn
 
 from spotckpt._config import number
-from spotckpt._errors import SpotckptError
-from spotckpt._notices import EXIT_USAGE
+from spotckpt._errors import SpotckptError, StaleLocalError
+from spotckpt._notices import EXIT_STALE, EXIT_USAGE, _exit
 from spotckpt._version import __version__
 
 _MAIN = """\
@@ -65,6 +66,8 @@ exit status:
   128+N   CMD was killed by signal N without a notice
   other   CMD's own exit status
   2       bad usage or configuration (one line on stderr)
+  3       --no-pull on a local dir older than the remote (refused before anything
+          started or was written; a pull would defer to the remote)
 """
 
 _SPOT = """\
@@ -157,10 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("cmd", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     for name, text in (("ls", "list committed checkpoints and files, local and remote (step, size, age, durable)"),
-                       ("status", "last durable step, work not yet durable, upload throughput"),
+                       ("status", "last durable step, work not yet durable, upload throughput, the every='auto' "
+                                  "schedule and why"),
                        ("verify", "check sizes and checksums, local and remote; exit 1 on damage"),
                        ("pull", "download the newest verified checkpoint and the watched dir's files"),
-                       ("push", "upload the newest local checkpoint and the watched dir's files")):
+                       ("push", "upload the newest local checkpoint and the watched dir's files "
+                                "(refused with exit status 3 when the remote is newer)")):
         c = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _common(c)
         if name == "verify":
@@ -205,9 +210,16 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                          keep_last=args.keep_last, grace_seconds=args.grace, signals=args.signals)
     sup = Supervisor(cmd, cfg, scope=args.signal_scope, scan_interval=args.scan_interval,
                      rules=rules_from_env(args.dir_checkpoint),
-                     pull=not args.no_pull, contract=contract)
+                     pull=not args.no_pull, contract=contract, leave_by_deadline=True)
     sup.prepare()
-    return sup.run()
+    status = sup.run()
+    if sup.deadline is not None:
+        # Interrupted: gone by the deadline (Docker's SIGKILL would turn 143 into 137). The
+        # interpreter's normal exit (joins of threads still uploading, module teardown) is
+        # stretched by load; atexit handlers still run, then os._exit(status).
+        _exit.arm(sup.deadline, status, clock=sup.clock)
+        raise _exit.Leaving(status)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,16 +241,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "spot":
             from spotckpt._spot import run_spot
             return run_spot(args, _command(args, parser))
-        from . import _inspect as _cli_inspect
-        handler: Any = getattr(_cli_inspect, f"cmd_{args.command}")
+        from . import _inspect as _cli_inspect, _move as _cli_move, _status as _cli_status
+        module = {"pull": _cli_move, "push": _cli_move, "status": _cli_status}.get(args.command, _cli_inspect)
+        handler: Any = getattr(module, f"cmd_{args.command}")
         return handler(args)
     except SpotckptError as e:
-        # Configuration, local dir, lock and remote errors: one line, exit status 2 (with
-        # --json, also as the JSON document on stdout).
+        # Configuration, local dir, lock and remote errors: one line, exit status 2; a local
+        # dir older than the remote (push, run --no-pull): 3 (with --json, also as the JSON
+        # document on stdout).
         line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        error_json(line, EXIT_USAGE)
+        status = EXIT_STALE if isinstance(e, StaleLocalError) else EXIT_USAGE
+        error_json(line, status)
         print(line, file=sys.stderr)
-        return EXIT_USAGE
+        return status
     except KeyboardInterrupt:
         return 130
 

@@ -8,6 +8,7 @@ import os
 from types import ModuleType
 from typing import Any, Mapping
 
+from spotckpt._cadence import resolve_schedule
 from spotckpt._config import _UNSET
 from spotckpt._errors import missing
 from spotckpt._notices import EXIT_INTERRUPTED, _exit
@@ -38,6 +39,24 @@ def checkpointer_options(*, local_dir: str | os.PathLike[str] | None, remote: An
     if remote is not _UNSET:
         opts["remote"] = remote
     return opts
+
+
+def schedule_options(*, every: str | None, failure_rate: float | None, mtbf: float | None,
+                     min_interval: float | None, max_interval: float | None, every_steps: int | None,
+                     every_seconds: float | None, steps_name: str) -> dict[str, Any]:
+    """``every="auto"`` and its settings, checked now (the callback's construction) and
+    passed through to :class:`spotckpt.Checkpointer`.
+
+    Raises:
+        spotckpt.ConfigError: one line naming the setting as the callback calls it
+            (``steps_name``: ``every_n_batches``, ...).
+    """
+    resolve_schedule(every=every, failure_rate=failure_rate, mtbf=mtbf, min_interval=min_interval,
+                     max_interval=max_interval, every_steps=every_steps, every_seconds=every_seconds,
+                     steps_name=steps_name)
+    opts = dict(every=every, failure_rate=failure_rate, mtbf=mtbf, min_interval=min_interval,
+                max_interval=max_interval)
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 UNSET: Any = _UNSET

@@ -49,7 +49,7 @@ from spotckpt._errors import ConfigError
 from spotckpt._events import log
 from spotckpt._state import _snapshot as _state
 
-from ._common import UNSET, checkpointer_options, interrupted_exit, pack_array, require, unpack_array
+from ._common import UNSET, checkpointer_options, interrupted_exit, pack_array, require, schedule_options, unpack_array
 
 __all__ = ["SpotCheckpoint"]
 
@@ -177,6 +177,10 @@ class SpotCheckpoint:
             interruptions and the end of training save).
         local_dir, remote, keep_last, grace_seconds, signals, storage_options: as for
             :class:`spotckpt.Checkpointer` (and their ``SPOTCKPT_*`` variables).
+        every: ``"auto"``: the interval chosen from the measured cost of a checkpoint and
+            the job's interruption history, as for :class:`spotckpt.Checkpointer` (not with
+            ``every_n_batches`` or ``every_seconds``); ``failure_rate``, ``mtbf``,
+            ``min_interval``, ``max_interval``: its settings.
         exit_on_interrupt: after an interruption save, end the process with status 143 when
             ``fit`` ends. With False, ``fit`` returns and :attr:`interrupted` is True.
 
@@ -199,13 +203,19 @@ class SpotCheckpoint:
                  keep_last: int | None = None, grace_seconds: float | None = None,
                  signals: tuple[int | str, ...] | None = None,
                  storage_options: Mapping[str, Any] | None = None,
-                 exit_on_interrupt: bool = True) -> None:
+                 exit_on_interrupt: bool = True, every: str | None = None,
+                 failure_rate: float | None = None, mtbf: float | None = None,
+                 min_interval: float | None = None, max_interval: float | None = None) -> None:
         super().__init__()
         self.every_n_batches, self.every_seconds = every_n_batches, every_seconds
         self.exit_on_interrupt = exit_on_interrupt
         self._options = checkpointer_options(local_dir=local_dir, remote=remote, keep_last=keep_last,
                                              grace_seconds=grace_seconds, signals=signals,
                                              storage_options=storage_options)
+        self._options.update(schedule_options(  # every="auto": a bad setting fails here
+            every=every, failure_rate=failure_rate, mtbf=mtbf, min_interval=min_interval,
+            max_interval=max_interval, every_steps=every_n_batches, every_seconds=every_seconds,
+            steps_name="every_n_batches"))
         self.checkpointer: Checkpointer | None = None
         self.interrupted = False
         self._state = _ModelState()

@@ -66,7 +66,7 @@ from spotckpt._events import log
 from spotckpt._notices import EXIT_INTERRUPTED
 from spotckpt._state import _batches, _snapshot as _state
 
-from ._common import UNSET, checkpointer_options, require
+from ._common import UNSET, checkpointer_options, require, schedule_options
 from ._lightning_data import data_position, plain_loader
 from ._lightning_dist import (
     bypass_sigterm_notifier,
@@ -138,6 +138,10 @@ class SpotCheckpoint:
             interruptions and the end of training save).
         local_dir, remote, keep_last, grace_seconds, signals, storage_options: as for
             :class:`spotckpt.Checkpointer` (and their ``SPOTCKPT_*`` variables).
+        every: ``"auto"``: the interval chosen from the measured cost of a checkpoint and
+            the job's interruption history, as for :class:`spotckpt.Checkpointer` (not with
+            ``every_n_steps`` or ``every_seconds``); ``failure_rate``, ``mtbf``,
+            ``min_interval``, ``max_interval``: its settings.
         exit_on_interrupt: after an interruption save, end the process with status 143 once
             ``fit`` has cleaned up. With False, ``fit`` returns and :attr:`interrupted` is True.
 
@@ -162,13 +166,19 @@ class SpotCheckpoint:
                  keep_last: int | None = None, grace_seconds: float | None = None,
                  signals: tuple[int | str, ...] | None = None,
                  storage_options: Mapping[str, Any] | None = None,
-                 exit_on_interrupt: bool = True) -> None:
+                 exit_on_interrupt: bool = True, every: str | None = None,
+                 failure_rate: float | None = None, mtbf: float | None = None,
+                 min_interval: float | None = None, max_interval: float | None = None) -> None:
         super().__init__(dirpath=str(local_dir or "."), filename="spotckpt-resume")  # type: ignore[call-arg]
         self.every_n_steps, self.every_seconds = every_n_steps, every_seconds
         self.exit_on_interrupt = exit_on_interrupt
         self._options = checkpointer_options(local_dir=local_dir, remote=remote, keep_last=keep_last,
                                              grace_seconds=grace_seconds, signals=signals,
                                              storage_options=storage_options)
+        self._options.update(schedule_options(  # every="auto": a bad setting fails here
+            every=every, failure_rate=failure_rate, mtbf=mtbf, min_interval=min_interval,
+            max_interval=max_interval, every_steps=every_n_steps, every_seconds=every_seconds,
+            steps_name="every_n_steps"))
         self.checkpointer: Checkpointer | None = None
         self._state = _TrainerState()
         self._resume_file: Path | None = None

@@ -1,16 +1,18 @@
-"""docs/deploy/ and docker/: the checks that can run on this machine (no cluster, no cloud,
-no Docker engine): schemas, parsers, `systemd-analyze verify`, `bash -n`, and the rules the
-recipes state (PID 1 in exec form, the graces in the right order, one sync per prefix)."""
+"""docs/deploy/ and docker/: the checks that need no cluster, no cloud and no Docker engine:
+schemas, parsers, `systemd-analyze verify`, `bash -n`, and the rules the recipes state (PID 1
+in exec form, the graces in the right order, one sync per prefix). The image itself runs on a
+real engine in tests/docker/."""
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from proc_helpers import PY
 
@@ -210,11 +212,42 @@ def test_sagemaker_estimator_settings() -> None:
 
 
 # -- Docker -------------------------------------------------------------------------------
+DOCKER = REPO / "docker"
+
+
+def _instruction(name: str) -> list[str]:
+    m = re.search(rf"^{name}\s+(\[.*\])\s*$", (DOCKER / "Dockerfile").read_text(), re.M)
+    assert m, f"Dockerfile has no exec-form {name}"
+    return json.loads(m.group(1))
+
+
+def test_dockerfile_uses_exec_form_entrypoint_through_spotckpt_run() -> None:
+    assert _instruction("ENTRYPOINT") == ["spotckpt", "run", "--"]  # no shell: spotckpt run is PID 1
+    assert _instruction("CMD")[0] == "python"
+
+
+def test_compose_has_minio_bucket_and_trainer_with_endpoint() -> None:
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    assert {"minio", "createbuckets", "trainer"} <= set(services)
+    trainer = services["trainer"]
+    assert trainer["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
+    assert "entrypoint" not in trainer and "command" not in trainer  # the image's: spotckpt run as PID 1
+    assert trainer["environment"]["AWS_ENDPOINT_URL_S3"].startswith("http://minio:")
+    assert trainer["environment"]["SPOTCKPT_REMOTE"].startswith("s3://")
+    assert trainer["depends_on"]["createbuckets"]["condition"] == "service_completed_successfully"
+    script = (DOCKER / "interrupt.sh").read_text()
+    assert "kill -s SIGTERM" in script and os.access(DOCKER / "interrupt.sh", os.X_OK)
+
+
 def test_dockerfile_torch_index_extras_and_ignore() -> None:
     text = (REPO / "docker" / "Dockerfile").read_text()
     args = dict(re.findall(r"^ARG (\w+)=(\S*)$", text, re.M))
     assert args["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"   # CPU unless asked otherwise
-    assert re.search(r'pip install [^\n]*--index-url "\$\{TORCH_INDEX\}" "torch==\$\{TORCH_VERSION\}"', text)
+    torch_run = re.search(r"^RUN .*?(?<!\\)\n", text[text.index("ARG TORCH_INDEX"):], re.M | re.S).group(0)
+    assert '--index-url "${TORCH_INDEX}"' in torch_run and '"torch==${TORCH_VERSION}" numpy' in torch_run
+    # offline: a wheelhouse in the context replaces every index (tests/docker/ build with --network=none)
+    assert args["WHEELHOUSE"] == "" and "--no-index --find-links /tmp/wheelhouse" in torch_run
+    assert args["BASE_IMAGE"] == "python:3.11-slim" and "FROM ${BASE_IMAGE}" in text
     assert 'EXTRAS:+[${EXTRAS}]' in text
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 

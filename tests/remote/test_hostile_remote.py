@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-
-import spotckpt
 from chaoslib import events
 from conftest import S3Server
+
+import spotckpt
 from spotckpt._commit._local import LocalDir
 from spotckpt._commit._manifest import MANIFEST, step_dirname
-from spotckpt._watch._pull import restore_files
 from spotckpt._remote._store import RemoteStore
+from spotckpt._watch._pull import restore_files
 
 D10 = step_dirname(10)
 
@@ -300,3 +300,23 @@ def test_plain_values_restore_under_weights_only(tmp_path: Path, name: str) -> N
         assert ckpt.restored_step == 0
     assert type(state["v"]) is type(value)
     assert np.array_equal(state["v"], value) if isinstance(value, np.ndarray) else state["v"] == value
+
+
+def test_a_manifest_that_lies_about_its_size_is_quarantined_not_a_free_space_error(
+        tmp_path: Path, s3_server: S3Server, s3_env: dict) -> None:
+    """Issue 26, item 13: a payload size edited to 10 TB (below the 16 TiB bound) stopped every
+    start with a "free space" error, because the free-space check trusted the manifest before
+    the object's real size was compared: the step was never quarantined and the intact older
+    step never used. The sizes are compared first now."""
+    bucket, at5 = trained_bucket(s3_server, tmp_path)
+    remote = f"s3://{bucket}/run/"
+    d = manifest_dict(s3_server, bucket)
+    d["files"][0]["size"] = 10 * 10**12
+    put(s3_server, bucket, f"run/{D10}/{MANIFEST}", json.dumps(d).encode())
+    state = {"n": -1, "hist": None}
+    with spotckpt.Checkpointer(state, local_dir=tmp_path / "new", remote=remote) as ckpt:
+        assert ckpt.restored_step == 5
+    assert state == at5
+    q = [e for e in events(tmp_path / "new") if e["event"] == "quarantine"]
+    assert q and q[0]["step"] == 10 and "its manifest says 10000000000000" in q[0]["error"], q
+    assert f"{D10}/{MANIFEST}.quarantined" in RemoteStore(remote).find()

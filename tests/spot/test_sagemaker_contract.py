@@ -23,7 +23,7 @@ from spotckpt._sagemaker._env import Contract, parse_hyperparameters, to_cmd_arg
 
 SCRIPT = str(EXAMPLES / "sagemaker_style_contract.py")
 DATA = "1 2 3 4 5 6 7 8 9 10\n"          # sum 55
-STATUS = re.compile(r"^\[spot\s+[\d.]+s\] (\S+)\s+(\S+)\s+(.*)$", re.M)
+STATUS = re.compile(r"\[spot\s+[\d.]+s\] (\S+)\s+(\S+)\s+(.*)$", re.M)
 RUN = ["Starting", "Downloading", "Training"]
 
 private_ml = pytest.mark.skipif(probe("/opt/ml") is not None,

@@ -217,3 +217,14 @@ def test_a_file_still_open_when_leftovers_are_stopped_is_not_uploaded(tmp_path: 
     r = run(spotckpt("pull", "--local-dir", str(fresh), "--remote", s3_remote), env=run_env())
     assert r.returncode == 0, r.stderr
     assert not (fresh / "model.bin").exists()
+
+
+def test_processes_a_test_starts_take_sigint_by_default() -> None:
+    """The signal tests send SIGINT as a terminal would; a suite started as a background job
+    (SIGINT ignored by the shell, inherited across exec) must not make them ignore it
+    (tests/conftest.py takes SIGINT's default back)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"],
+                         capture_output=True, text=True, timeout=60).stdout.strip()
+    assert out == "False"

@@ -72,3 +72,32 @@ def test_file_torn_by_a_kill_never_reaches_the_remote(tmp_path: Path, s3_remote:
     assert remote_version(s3_remote) == saved
     data = (local / "checkpoint.pth").read_bytes()
     assert xxhash.xxh3_128(data[:-16]).digest() == data[-16:]
+
+
+def test_a_command_in_the_middle_of_its_exit_is_no_sign_of_life() -> None:
+    """The race behind a torn file reaching the remote (seen once under a load average of
+    20): SIGKILL closes the command's files (torn) inside its exit, and until the exit ends
+    ``waitpid`` still reports it running, so a poll in that window confirmed "alive" and
+    the watcher admitted the torn version. A thread-group leader that exits while another
+    thread runs stays in that state (exited, its threads' files open, not reapable):
+    ``dying`` must see it, and a plain running process must not be."""
+    import subprocess
+    import sys
+
+    from spotckpt._supervisor import _proctree as pt
+    code = ("import ctypes, threading, time\n"
+            "threading.Thread(target=time.sleep, args=(120,), daemon=True).start()\n"
+            "print('ready', flush=True)\n"
+            "ctypes.CDLL(None).syscall(60, 0)\n")  # SYS_exit: this thread only, not the group
+    leader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    plain = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(120)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert leader.stdout.readline().strip() == "ready" and plain.stdout.readline().strip() == "ready"
+        wait_until(lambda: pt.dying(pt.tree(leader.pid), leader.pid), 30, "the leader's exit")
+        assert leader.poll() is None  # waitpid: still running
+        assert not pt.dying(pt.tree(plain.pid), plain.pid)
+    finally:
+        for p in (leader, plain):
+            p.kill()
+            p.wait(30)

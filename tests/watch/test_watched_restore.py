@@ -246,8 +246,8 @@ def test_verify_racing_a_commit_checks_the_newer_set(tmp_path: Path, remote_url:
     root, w = _racing(tmp_path, remote_url)
     calls = []
 
-    def racing_newest(store: RemoteStore, *a: object) -> FileSet | None:
-        fs = newest_set(store, *a)
+    def racing_newest(store: RemoteStore, *a: object, **kw: object) -> FileSet | None:
+        fs = newest_set(store, *a, **kw)
         if not calls:  # verify has read set 1; the job commits set 2 (and deletes set 1's objects)
             (root / "a.pt").write_bytes(b"newer")
             (root / "b.pt").write_bytes(b"newer too")
