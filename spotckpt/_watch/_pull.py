@@ -286,6 +286,27 @@ class _Restore:
                     pass
                 self.got.remove(rel)
                 self.skipped.append(rel)
+        self.date_dirs(fs, [e.path for _, pending in done for _, _, e in pending] + placed)
+
+    def date_dirs(self, fs: FileSet, placed: list[str]) -> None:
+        """Give each directory the restore wrote into the mtime of the newest entry of the
+        set under it. Placing dirs in any order (newest unit first, in parallel) stamps them
+        with the restore's own clock, and code that orders its checkpoints by the directory's
+        mtime (the Transformers Trainer's rotation) then deletes the wrong one."""
+        newest: dict[str, int] = {}  # dir -> its subtree's newest entry in the set
+        for rel, e in fs.entries.items():
+            parts = rel.split("/")[:-1]
+            for k in range(1, len(parts) + 1):
+                d = "/".join(parts[:k])
+                newest[d] = max(newest.get(d, 0), e.mtime_ns)
+        written = {"/".join(rel.split("/")[:k]) for rel in placed for k in range(1, rel.count("/") + 1)}
+        newest = {d: ns for d, ns in newest.items() if d in written}
+        for d, ns in sorted(newest.items(), key=lambda kv: -kv[0].count("/")):  # deepest first
+            try:
+                if os.path.isdir(self.root / d) and not os.path.islink(self.root / d):
+                    os.utime(self.root / d, ns=(ns, ns))
+            except OSError:
+                pass  # (a dir the user made read-only: its mtime stays the restore's)
 
     def link(self, e: Entry) -> bool:
         assert e.link is not None

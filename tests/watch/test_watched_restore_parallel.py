@@ -134,3 +134,31 @@ def test_parallel_restore_refuses_a_damaged_file_alone(tmp_path_factory: pytest.
     if victim is not None:
         assert not (dest / victim).exists()
     assert not [p for p in dest.rglob("*") if p.name.startswith(".spotckpt-")], "a temp file was left"
+
+
+def test_restored_dirs_keep_the_order_of_their_checkpoints(tmp_path: Path) -> None:
+    """A restored directory has the mtime of the newest entry of the set under it, so code that
+    orders checkpoint dirs by mtime sees the order they were written in. Before, every dir
+    had the time the restore placed a file in it, newest unit first: a Transformers Trainer
+    resumed on a new machine rotated away ``checkpoint-20`` and kept the older
+    ``checkpoint-10`` (seen in the Trainer test under ``spotckpt run``)."""
+    url = f"file://{tmp_path / 'remote'}/"
+    src = tmp_path / "src"
+    t0 = 1_700_000_000 * 10**9
+    for i, n in enumerate([10, 20, 30, 100]):  # (checkpoint-100 sorts before -20 by name)
+        for name in ["model.bin", "trainer_state.json"]:
+            f = src / "run" / f"checkpoint-{n}" / name
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(os.urandom(64))
+            os.utime(f, ns=(t0 + i * 5 * 10**9, t0 + i * 5 * 10**9))
+    w = Watcher(LocalDir(src, state=tmp_path / "s-src"), RemoteStore(url))
+    while not w.run_pass():
+        pass
+    dest = tmp_path / "dest"
+    _, got, _ = restore_files(LocalDir(dest, state=tmp_path / "s-dest"), RemoteStore(url))
+    assert len(got) == 8
+    dirs = sorted((dest / "run").iterdir(), key=lambda d: d.stat().st_mtime_ns)
+    assert [d.name for d in dirs] == ["checkpoint-10", "checkpoint-20", "checkpoint-30", "checkpoint-100"]
+    for i, d in enumerate(dirs):
+        assert d.stat().st_mtime_ns == t0 + i * 5 * 10**9
+    assert (dest / "run").stat().st_mtime_ns == t0 + 3 * 5 * 10**9
