@@ -24,13 +24,20 @@ _SMALL = 8 << 20     # files up to this size are read once, hashed and PUT from 
 
 
 def upload_version(store: RemoteStore, root: Path, rel: str, key: str, unit: str | None, *,
-                   settle: bool = False) -> tuple[Entry, tuple[int, int, int, int]]:
+                   settle: bool = False, seen: tuple[int, int, int, int] | None = None,
+                   ) -> tuple[Entry, tuple[int, int, int, int]]:
     """Upload the version of ``root/rel`` now in the dir as object ``key``, and return its
     set entry (part of the directory checkpoint ``unit``, if any) and the signature it had
     before its read.
 
     Args:
         settle: wait (up to 1 s) for a just-emptied file to settle, instead of refusing it.
+        seen: the signature the file had before the caller checked that nobody writes it.
+            The version read must still have it: a ``write()`` sets the file's times when
+            it begins, then copies its bytes, so one begun after that check (by a writer
+            that opened the file after it) and still copying during the read leaves the
+            same signature before and after the read, and the writer may have closed by
+            the check after it.
 
     Raises:
         Torn: the file changed while it was read or uploaded, is no longer a regular file,
@@ -45,6 +52,8 @@ def upload_version(store: RemoteStore, root: Path, rel: str, key: str, unit: str
         st1 = os.stat(full, follow_symlinks=False)
     if emptied(st1):
         raise Torn(f"{rel} was just emptied (a writer may be opening it)")
+    if seen is not None and sig(st1) != seen:
+        raise Torn(f"{rel} changed since the check for writers")
     if st1.st_size <= _SMALL:
         fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even on a FIFO
         with open(fd, "rb") as f:

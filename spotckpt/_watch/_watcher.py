@@ -257,7 +257,7 @@ class Watcher:
                     if i and self.should_yield():
                         return False  # a step checkpoint waits: commit what is done, go on later
                     batch = small[i:i + 4 * _PARALLEL]
-                    sent += [r for r in pool.map(lambda gm: self._try_group(gm[0], gm[1], units), batch) if r]
+                    sent += [r for r in pool.map(lambda gm: self._try_group(gm[0], gm[1], units, files), batch) if r]
                     if len(sent) >= _CHECK_EVERY:
                         # Admitted one round late: the writer gate has seen a poll since.
                         for up, at in checked:
@@ -268,7 +268,7 @@ class Watcher:
                 return False
             self.uploading = (sum(files[m].st_size for m in ms), time.monotonic())
             try:
-                sent += [r for r in [self._try_group(g, ms, units)] if r]
+                sent += [r for r in [self._try_group(g, ms, units, files)] if r]
             finally:
                 self.uploading = None
         return True
@@ -319,8 +319,10 @@ class Watcher:
             new.pop(p, None)
         new.update(got)
 
-    def _try_group(self, g: str, members: list[str], units: dict[str, DirRule]) -> _Sent | None:
-        """Upload one unit as a fresh version, or None if it was discarded."""
+    def _try_group(self, g: str, members: list[str], units: dict[str, DirRule],
+                   files: dict[str, os.stat_result]) -> _Sent | None:
+        """Upload one unit as a fresh version, or None if it was discarded. Each file must
+        still have the signature the scan saw (``files``), before the pass's writers check."""
         vid = uuid.uuid4().hex[:16]
         unit = g if g in units else None
         got: dict[str, Entry] = {}
@@ -331,7 +333,7 @@ class Watcher:
             for m in sorted(members):
                 sent.append(object_key(vid, m))
                 got[m], sigs[m] = upload_version(self.store, self.local.root, m, sent[-1], unit,
-                                                 settle=self.settle)
+                                                 settle=self.settle, seen=sig(files[m]))
         except (Torn, FileNotFoundError) as e:
             self._discard(sent, f"{g}: {e}")
             return None

@@ -364,3 +364,50 @@ def test_a_writer_that_opened_the_file_after_the_check_is_caught(tmp_path: Path,
         Watcher(LocalDir(root), store, busy=busy).run_pass()
         assert "model.pt" not in remote_files(store) and len(calls) == 2
     assert list_files_prefix(store)[1] == set()   # its object was deleted again
+
+
+def test_a_write_begun_after_the_check_and_ended_before_the_recheck_is_caught(tmp_path: Path) -> None:
+    """A ``write()`` sets the file's times when it begins, then copies its bytes. A writer that
+    opened the file after the pass's writers check and began one long ``write()`` before the
+    read's first ``stat`` gave a read half new, half old, with the same signature before and
+    after it; by the check after the upload the writer had closed, and that mix was
+    committed (the watched-dir chaos test caught one under load: an in-place rewrite). The
+    read's signature must be the one the scan took before the writers check."""
+    root = tmp_path / "ck"
+    root.mkdir()
+    n = 256 << 20
+    f = root / "state.bin"
+    f.write_bytes(b"\x01" * n)
+    new = b"\x02" * n
+    writer: list[threading.Thread] = []
+
+    def rewrite() -> None:
+        fd = os.open(f, os.O_WRONLY)
+        try:
+            os.pwrite(fd, new, 0)  # one write: its times are set before its bytes are copied
+        finally:
+            os.close(fd)
+
+    def busy(paths: set[str]) -> set[str]:
+        if not writer:  # the check before the reads: nobody writes yet; then the writer opens
+            writer.append(threading.Thread(target=rewrite, daemon=True))
+            writer[0].start()
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                while os.pread(fd, 1, 0) != b"\x02":  # its write has begun
+                    pass
+            finally:
+                os.close(fd)
+            return set()
+        writer[0].join(60)  # the check after the upload: the writer has closed by then
+        return _watch.open_for_writing(paths)
+
+    store = RemoteStore(f"file://{tmp_path / 'remote'}/")
+    w = Watcher(LocalDir(root), store, busy=busy)
+    w.run_pass()
+    writer[0].join(60)
+    for _ in range(3):  # the next passes commit the whole new version
+        w.run_pass()
+    e = remote_files(store)["state.bin"]
+    data = store.cat(e.key)
+    assert set(data[::1 << 16]) == {2} and file_digest(f) == e.xxh3, "a version mixed from two writes was committed"
