@@ -30,6 +30,7 @@ from ._memsource import Memory, PartReader
 from ._s3fast import CONCURRENCY, PART_SIZE, S3Fast
 
 _POLL = 0.005  # seconds between looks at how far the writer got
+_PIN_WAIT = 2.0  # seconds the writer waits, at most, for the stream to take its first parts from memory
 
 
 class StreamUpload:
@@ -52,6 +53,7 @@ class StreamUpload:
         self._upload_id: str | None = None
         self._mem: Memory | None = None        # set by feed(): the bytes, in memory
         self._released = threading.Event()     # the writer released them: the file is complete
+        self._pinned = threading.Event()       # the first parts (or the one PUT) hold the memory
         self._file_lock = threading.Lock()
         self._file_fd: int | None = None       # the complete file, for parts sent after the release
         self._done = threading.Event()
@@ -83,6 +85,11 @@ class StreamUpload:
         self._wake.set()
 
         def release() -> None:
+            # The stream takes its first window of parts from memory, not the file: on a
+            # loaded machine the writer often ended before the stream's first request had
+            # returned, and every part was read back from the file, twice (checksum, send).
+            # Bounded: a remote that does not answer does not hold the writer up.
+            self._pinned.wait(_PIN_WAIT)
             mem.release()
             self._released.set()
             self._wake.set()
@@ -170,6 +177,7 @@ class StreamUpload:
                     self.fast.delete(self.key)  # aborted after it completed
                 except Exception as e:  # noqa: BLE001 - an orphan payload is harmless, just logged
                     log.debug("spotckpt: cleanup of streamed %s failed: %s", self.key, e)
+            self._pinned.set()
             self._done.set()
 
     def _open(self, memory: bool = False) -> int | None:
@@ -244,6 +252,7 @@ class StreamUpload:
                 finally:
                     if mem is not None:
                         mem.done()
+                    self._pinned.set()
                 return "confirmed" if self.fast.put_confirmed(self.key, bytes(data)) else "sent"
             data = os.pread(fd, self._final, 0)
             if len(data) != self._final:
@@ -257,15 +266,10 @@ class StreamUpload:
         slots = threading.Semaphore(CONCURRENCY)  # bounds memory: parts in flight x part size
         futures: list[Future] = []
 
-        def send(number: int, offset: int, length: int) -> dict[str, Any]:
+        def send(number: int, offset: int, length: int, body: Any, mem: Memory | None) -> dict[str, Any]:
             # A lazy view of the part, read as botocore sends it (as s3transfer does): a
             # fresh 16 MiB buffer per part pays a page fault per 4 KiB, slow on a VM.
-            mem = None
             try:
-                if fd is None:
-                    body, mem = self._body(offset, length)
-                else:
-                    body = PartReader(fd, offset, length)
                 resp = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
                                           Body=body, ContentLength=length, **extra)
                 done = {"PartNumber": number, "ETag": resp["ETag"]}
@@ -288,8 +292,21 @@ class StreamUpload:
                 if avail - offset > part or (final is not None and avail > offset):
                     length = min(part, avail - offset)
                     slots.acquire()
-                    futures.append(pool.submit(send, number, offset, length))
+                    # Its bytes are taken now, not when a thread gets to it: a part handed
+                    # to the pool holds the writer's memory (whose release waits for it), so
+                    # a loaded machine does not read parts back from the file that were
+                    # queued while the memory was there (twice each: checksum, then send).
+                    body, mem = self._body(offset, length) if fd is None else (PartReader(fd, offset, length), None)
+                    try:
+                        futures.append(pool.submit(send, number, offset, length, body, mem))
+                    except BaseException:
+                        if mem is not None:
+                            mem.done()
+                        slots.release()
+                        raise
                     offset, number = offset + length, number + 1
+                    if number > CONCURRENCY or offset == final_size():
+                        self._pinned.set()  # (the rest waits for slots: from the file, if released)
                     continue
                 if final is not None and offset >= final:
                     break
