@@ -24,7 +24,8 @@ from spotckpt._events import log
 from spotckpt._remote import Recorder, _history
 
 from ._policies import AutoInterval
-from ._schedule import USABLE_NOTICE, CostMeter, Decision, decide, failure_rate, fits, stretches
+from ._rate import failure_rate, stretches
+from ._schedule import USABLE_NOTICE, CostMeter, Decision, decide, fits
 
 SCHEDULE_FILE = "schedule.json"       # the decision in force, in the state dir
 SUPERVISED_HISTORY = "history.json"   # the supervisor's copy of the history, in the state dir
