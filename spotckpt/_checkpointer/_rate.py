@@ -19,10 +19,13 @@ Why this form: a regime that began at restart ``j`` is believed as much as the r
 since ``j`` is better explained by a rate of its own than by the rate before it (the
 marginal likelihoods of the Gamma-Poisson model, which charge a new regime for its own
 uncertainty, so a steady record keeps one rate). So a burst of kills that stopped stops
-counting as soon as the quiet says so (5 kills in 50 min, then quiet: λ halves after 1.2 h
-and falls tenfold by 2.5 h; the thresholded test before needed ~5 h), and a burst that
-starts after weeks of quiet counts at once. With one regime (no evidence of a change) it
-is ``(n + a) / (T + a / r0)`` over the whole history, as for a steady rate.
+counting as the quiet says so (5 kills in 50 min, then quiet: λ is half the one-rate
+estimate after 1.6 quiet hours and a fifth after 3; the thresholded change-point test
+before dropped them at once after ~5 h), and a burst that starts after weeks of quiet
+counts at once. With one regime (no evidence of a change) it is ``(n + a) / (T + a / r0)``
+over the whole history, as for a steady rate. The price: right after a restart that
+followed a failure, the chance ``h`` of a new rate at the prior's raises λ until this
+incarnation's own running time says more (an hour or two).
 """
 from __future__ import annotations
 
@@ -103,7 +106,7 @@ def regimes(parts: list[tuple[float, int]], prior: float, *, h: float | None = N
 
     Example (5 kills 10 min apart, then 2 h of quiet running):
         >>> [round(w, 2) for w, *_ in regimes([(600.0, 1)] * 5 + [(7200.0, 0)], 1 / 7200)]  # doctest: +SKIP
-        [0.16, 0.0, 0.0, 0.01, 0.03, 0.8]
+        [0.35, 0.0, 0.0, 0.01, 0.03, 0.6]
     """
     h = CHANGE_PRIOR if h is None else h
     b = a / prior
