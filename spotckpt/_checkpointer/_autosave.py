@@ -24,7 +24,8 @@ from spotckpt._events import log
 from spotckpt._remote import Recorder, _history
 
 from ._policies import AutoInterval
-from ._schedule import USABLE_NOTICE, CostMeter, Decision, decide, failure_rate, fits, stretches
+from ._rate import CHANGE_PRIOR, failure_rate, stretches
+from ._schedule import USABLE_NOTICE, CostMeter, Decision, decide, fits
 
 SCHEDULE_FILE = "schedule.json"       # the decision in force, in the state dir
 SUPERVISED_HISTORY = "history.json"   # the supervisor's copy of the history, in the state dir
@@ -138,7 +139,8 @@ class _Auto:
             "d": d_src if d is not None else "not measured yet",
             "rate": (f"{est.note()}, {t / 3600:.3g} h over {int(summ.get('incarnations') or 0) + 1} "
                      f"incarnation(s) ({self.history_note}), "
-                     f"prior: {self.sched.source}, weighted as a quarter of a failure"),
+                     f"prior: {self.sched.source}, weighted as a quarter of a failure; the rate may change at "
+                     f"a restart after a failure ({100 * CHANGE_PRIOR:g}% each)"),
             "grace": self.grace_source, "notice": notice,
             "interval": (f"Young/Daly, clamped to [{self.sched.min_interval:g}, {self.sched.max_interval:g}] s, "
                          "never below the time to durable"),

@@ -54,8 +54,9 @@ class Checkpointer(Startup, Shutdown, AutoSave, Interrupt):
             ``every_seconds``.
         failure_rate, mtbf: ``every="auto"``'s prior for failures without a usable warning:
             per hour of training, or hours between them (one of the two; default one per
-            2 h, weighted as a quarter of a failure). The job's own record soon outweighs it.
-        min_interval, max_interval: ``every="auto"``'s bounds in seconds (default 60, 3600).
+            2 h, weighted as a quarter of a failure; also the rate of a new regime when the
+            record says the rate changed). The job's own record soon outweighs it.
+        min_interval, max_interval: ``every="auto"``'s bounds in seconds (default 60, 7200).
         keep_last: committed checkpoints kept locally and remotely (default 2).
         grace_seconds: time from a notice to the deadline (default 30; 120 on SageMaker).
         exit_on_interrupt: leave the ``with`` block by ``SystemExit(143)`` after an

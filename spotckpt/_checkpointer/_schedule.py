@@ -10,14 +10,16 @@ The inputs:
   save plus the slowdown of the steps that ran while the background write and upload ran
   (their durations against those of the steps outside such a window), a moving average
   (:class:`CostMeter`). **D**, the time from a save's start until it is durable.
-- **λ**, the rate of failures *without a usable warning*, per second of training:
-  ``(n + a) / (T + a / r0)`` where ``n`` counts the earlier incarnations that ended without
-  a completed notice save (killed without notice, or the notice save was too late), ``T``
-  is the job's running time (the history's, plus this incarnation's), ``r0`` the
-  prior rate (``failure_rate=`` / ``mtbf=``; the default, one per 2 h of training, is
-  conservative) and ``a`` = :data:`PRIOR_WEIGHT` its weight in failures (a quarter); ``n``
-  and ``T`` count since the rate last changed (:func:`regime`, a change-point test on the
-  history's incarnations; the whole history when it did not). The prior
+- **λ**, the rate of failures *without a usable warning*, per second of training
+  (:mod:`._rate`): ``(n + a) / (T + a / r0)`` where ``n`` counts the earlier incarnations
+  that ended without a completed notice save (killed without notice, or the notice save was
+  too late), ``T`` is the job's running time (the history's, plus this incarnation's),
+  ``r0`` the prior rate (``failure_rate=`` / ``mtbf=``; the default, one per 2 h of
+  training, is conservative) and ``a`` = :data:`PRIOR_WEIGHT` its weight in failures (a
+  quarter); ``n`` and ``T`` count since the current rate began, averaged over where it may
+  have begun with the posterior weight of each restart (:func:`._rate.failure_rate`, a
+  Bayesian change-point model: the rate may change at a restart after a failure with
+  probability :data:`CHANGE_PRIOR`); with no evidence of a change, the whole history. The prior
   keeps the first intervals short, halves after half an hour without a failure, and the
   job's own record decides within hours. When no failure ever comes, what the prior costs
   is bounded: at most ``a · max_interval / 2`` of extra checkpoint overhead over the whole
@@ -48,9 +50,17 @@ from typing import Any
 
 from spotckpt._notices import FLUSH_MARGIN, PLAN_OVERHEAD, PLAN_SAFETY
 
-PRIOR_WEIGHT = 0.25   # the prior counts as a quarter of a failure: the job's own record soon decides
-CHANGE_LLR = 8.0      # the failure rate changed when two rates explain the history e^8 (~3000) times better
-                      # (times the number of splits tried)
+from ._rate import (
+    CHANGE_PRIOR,
+    PRIOR_WEIGHT,
+    Rate,
+    counted,
+    failure_rate,
+    regimes,
+    stretches,
+    unwarned_rate,
+)
+
 SMOOTHING = 0.3       # moving estimate of C and D: weight of the newest save
 USABLE_NOTICE = 120.0  # a platform notice this long (EC2's two minutes) is taken as usable until D is measured
 
@@ -83,105 +93,6 @@ def fits(d: float | None, grace: float) -> bool | None:
     if d is None:
         return None
     return d * PLAN_SAFETY + PLAN_OVERHEAD < grace - FLUSH_MARGIN
-
-
-def counted(ended: dict[str, int], *, notice_fits: bool) -> int:
-    """The failures without a usable warning among endings ``{how: count}``."""
-    n = ended.get("hard-kill", 0) + ended.get("notice-late", 0)
-    return n + (0 if notice_fits else ended.get("notice-saved", 0))
-
-
-def unwarned_rate(ended: dict[str, int], t: float, prior: float, *, notice_fits: bool) -> tuple[float, int]:
-    """λ (per second) and the number of failures it counts, from the history's endings,
-    ``t`` seconds of running time and the ``prior`` rate (weight :data:`PRIOR_WEIGHT`)."""
-    n = counted(ended, notice_fits=notice_fits)
-    if prior > 0:
-        return (n + PRIOR_WEIGHT) / (t + PRIOR_WEIGHT / prior), n
-    return (n / t if t > 0 else 0.0), n
-
-
-def stretches(summ: dict[str, Any], ran: float, *, notice_fits: bool) -> list[tuple[float, int]]:
-    """The job's running time as ``(seconds, failures counted)`` stretches, oldest first, from
-    a history summary (:func:`spotckpt._remote._history.summary`): the ended incarnations no
-    longer listed as one stretch (their failures taken at its end), then each listed one (a
-    failure ends it), then this one's ``ran`` seconds so far. A summary without ``runs`` (an
-    older version's): the totals as one stretch."""
-    runs = [r for r in (summ.get("runs") or []) if isinstance(r, (list, tuple)) and len(r) == 2]
-    listed = [(max(0.0, float(s)), counted({str(how): 1}, notice_fits=notice_fits)) for s, how in runs
-              if isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)]
-    n_all = counted(summ.get("ended") or {}, notice_fits=notice_fits)
-    t_all = float(summ.get("run_s") or 0.0)
-    older = (max(0.0, t_all - sum(s for s, _ in listed)), max(0, n_all - sum(n for _, n in listed)))
-    return [x for x in (older, *listed) if x[0] > 0 or x[1] > 0] + [(max(0.0, ran), 0)]
-
-
-def _ll(n: float, t: float) -> float:
-    return n * math.log(n / t) if n > 0 and t > 0 else 0.0
-
-
-def regime(parts: list[tuple[float, int]]) -> tuple[int, float]:
-    """Where the current failure rate began: the index into ``parts`` (:func:`stretches`) of
-    the first stretch counted, and the log-likelihood ratio of the change found there (0.0:
-    none; the whole history counts).
-
-    A Poisson change-point test: splitting the history right after a failure, into two
-    stretches each with its own constant rate, is taken to be a change of rate when its
-    likelihood is at least ``k·e^CHANGE_LLR`` (e^8) times that of one rate over all, ``k`` the
-    number of splits tried (a Bonferroni bound: the best of many splits of an unchanged
-    rate is not a change); then the stretch after the best such split is tested again. At
-    least two failures are needed before any split (one failure says nothing about a
-    change). Both ways: a burst that stopped stops counting, and a burst that starts after
-    a long quiet stretch counts without the quiet stretch diluting it."""
-    start, found = 0, 0.0
-    while True:
-        n = sum(f for _, f in parts[start:])
-        t = sum(s for s, _ in parts[start:])
-        if n < 2 or t <= 0:
-            return start, found
-        best, at, n1, t1, tried = 0.0, None, 0, 0.0, 0
-        for i in range(start, len(parts) - 1):
-            t1, n1 = t1 + parts[i][0], n1 + parts[i][1]
-            if parts[i][1] and t1 > 0:
-                tried += 1
-                llr = _ll(n1, t1) + _ll(n - n1, t - t1) - _ll(n, t)
-                if llr > best:
-                    best, at = llr, i + 1
-        if at is None or best < CHANGE_LLR + math.log(tried):
-            return start, found
-        start, found = at, best
-
-
-@dataclasses.dataclass(frozen=True)
-class Rate:
-    """λ and what it counts: ``n`` failures without a usable warning in ``t`` seconds of
-    running since the current rate began; before it, ``n_before`` in ``t_before`` (both 0:
-    no change found, the whole history counts)."""
-
-    rate: float
-    n: int
-    t: float
-    n_before: int = 0
-    t_before: float = 0.0
-
-    def note(self) -> str:
-        if not self.t_before:
-            return f"{self.n} failure(s) without usable warning in {self.t / 3600:.3g} h of running"
-        return (f"{self.n} failure(s) without usable warning in the last {self.t / 3600:.3g} h of running: the "
-                f"rate changed after {self.n_before} in the {self.t_before / 3600:.3g} h before, "
-                f"which count no more")
-
-
-def failure_rate(parts: list[tuple[float, int]], prior: float) -> Rate:
-    """λ (per second): ``(n + a) / (t + a / prior)`` over the stretches since the current
-    rate began (:func:`regime`), ``a`` = :data:`PRIOR_WEIGHT`; without a prior, ``n / t``."""
-    start, _ = regime(parts)
-    n, t = sum(f for _, f in parts[start:]), sum(s for s, _ in parts[start:])
-    nb, tb = sum(f for _, f in parts[:start]), sum(s for s, _ in parts[:start])
-    if prior > 0:
-        lam = (n + PRIOR_WEIGHT) / (t + PRIOR_WEIGHT / prior)
-    else:
-        lam = n / t if t > 0 else 0.0
-    return Rate(lam, n, t, nb, tb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,5 +252,5 @@ class CostMeter:
             self.samples += 1
 
 
-__all__ = ["CHANGE_LLR", "CostMeter", "Decision", "PRIOR_WEIGHT", "Rate", "counted", "daly", "decide", "describe",
-           "failure_rate", "first_interval", "fits", "regime", "stretches", "unwarned_rate", "young"]
+__all__ = ["CHANGE_PRIOR", "CostMeter", "Decision", "PRIOR_WEIGHT", "Rate", "counted", "daly", "decide", "describe",
+           "failure_rate", "first_interval", "fits", "regimes", "stretches", "unwarned_rate", "young"]
