@@ -35,7 +35,8 @@ def section(r: dict[str, Any], svg_path: Path, svg_ref: str, raw: str | None = N
            "--reanalyze`)" if r.get("reanalyzed") else "") + ". Lost time = checkpoint overhead + rework + restarts, in **minutes "
         "of training**; the best fixed interval is chosen in hindsight per trace. every=\"auto\" runs with its defaults "
         "(60 s to 2 h, a prior of one failure without warning per 2 h, weighted as a quarter of a failure; failures counted "
-        "since the rate last changed, by a change-point test on the job's history), scaled like the traces.",
+        "since the rate may have changed, weighed by the posterior over the restart where it began: a 2% chance of a change at "
+        "each restart after a failure), scaled like the traces.",
         "",
         f"- **Emulated** rows: `spotckpt spot` replays the trace against a real job ({r['state_mb']} MiB numpy state, "
         f"steps that sleep) with real saves, kills and restarts, each policy and an uninterrupted baseline started "
