@@ -293,14 +293,13 @@ class _Restore:
         set under it. Placing dirs in any order (newest unit first, in parallel) stamps them
         with the restore's own clock, and code that orders its checkpoints by the directory's
         mtime (the Transformers Trainer's rotation) then deletes the wrong one."""
-        newest: dict[str, int] = {}  # dir -> its subtree's newest entry in the set
+        written = {"/".join(rel.split("/")[:k]) for rel in placed for k in range(1, rel.count("/") + 1)}
+        newest: dict[str, int] = {}  # written dir -> its subtree's newest entry in the set
         for rel, e in fs.entries.items():
             parts = rel.split("/")[:-1]
-            for k in range(1, len(parts) + 1):
-                d = "/".join(parts[:k])
-                newest[d] = max(newest.get(d, 0), e.mtime_ns)
-        written = {"/".join(rel.split("/")[:k]) for rel in placed for k in range(1, rel.count("/") + 1)}
-        newest = {d: ns for d, ns in newest.items() if d in written}
+            for d in ("/".join(parts[:k]) for k in range(1, len(parts) + 1)):
+                if d in written:
+                    newest[d] = max(newest.get(d, 0), e.mtime_ns)
         for d, ns in sorted(newest.items(), key=lambda kv: -kv[0].count("/")):  # deepest first
             try:
                 if os.path.isdir(self.root / d) and not os.path.islink(self.root / d):
